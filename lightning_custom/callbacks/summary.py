@@ -1,0 +1,122 @@
+"""Write the method's artifacts and ``summary.json`` at the end of every fit."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import Callback
+from typing_extensions import override
+
+from lightning_custom.io import write_json
+
+SUMMARY_FILE = "summary.json"
+
+
+class RunSummary(Callback):
+    """Export diffusers-native artifacts and a ``summary.json`` under ``trainer.default_root_dir``.
+
+    The summary holds the method, the model, the stop step and why training stopped, the DVAR settings and its
+    loss history, the wall time and the artifact file names. Every file is written atomically.
+
+    Args:
+        output_dir: where to write; defaults to ``trainer.default_root_dir``.
+        export: also call the module's ``export_artifacts`` (turn off to only write the summary).
+    """
+
+    def __init__(self, output_dir: str | None = None, export: bool = True) -> None:
+        super().__init__()
+        self.output_dir, self.export = output_dir, export
+        self.train_loss_history: list[list[float]] = []
+        self._start: float | None = None
+        self.wall_seconds_before_resume = 0.0
+
+    def resolve_output_dir(self, trainer: L.Trainer) -> Path:
+        """The folder every file of this run goes to."""
+        return Path(self.output_dir or trainer.default_root_dir)
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._start = time.perf_counter()
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        if loss is not None:
+            self.train_loss_history.append([trainer.global_step, float(loss)])
+
+    def wall_seconds(self) -> float:
+        """Seconds spent in fit, including time before a resume."""
+        elapsed = time.perf_counter() - self._start if self._start is not None else 0.0
+        return self.wall_seconds_before_resume + elapsed
+
+    @override
+    def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        wall = self.wall_seconds()
+        if not trainer.is_global_zero:
+            return
+        out = self.resolve_output_dir(trainer)
+        out.mkdir(parents=True, exist_ok=True)
+        artifacts = pl_module.export_artifacts(out) if self.export else []
+        summary = build_summary(trainer, pl_module, wall, artifacts)
+        summary["train_loss_history"] = self.train_loss_history
+        write_json(out / SUMMARY_FILE, summary)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"train_loss_history": self.train_loss_history, "wall_seconds": self.wall_seconds()}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.train_loss_history = [list(p) for p in state_dict.get("train_loss_history", [])]
+        self.wall_seconds_before_resume = float(state_dict.get("wall_seconds", 0.0))
+
+
+def stop_information(trainer: L.Trainer) -> tuple[str, Any]:
+    """``(stopped_by, deciding callback)``: a callback that stopped the run, else the trainer's own limit."""
+    for callback in trainer.callbacks:
+        if getattr(callback, "stopped_by", None):
+            return callback.stopped_by, callback
+    if trainer.max_steps and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        return "max_steps", None
+    if trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs:
+        return "max_epochs", None
+    return "other", None
+
+
+def find_callback(trainer: L.Trainer, name: str) -> Any:
+    """The first callback whose class is called ``name`` (None if absent)."""
+    return next((c for c in trainer.callbacks if type(c).__name__ == name), None)
+
+
+def build_summary(trainer: L.Trainer, pl_module: L.LightningModule, wall_seconds: float,
+                  artifacts: list[str]) -> dict[str, Any]:
+    """The ``summary.json`` contract shared by every method."""
+    stopped_by, _ = stop_information(trainer)
+    dvar = find_callback(trainer, "DVAREarlyStopping")
+    hparams = pl_module.hparams
+    summary: dict[str, Any] = {
+        "method": type(pl_module).__name__,
+        "pretrained_model_name_or_path": hparams.get("pretrained_model_name_or_path"),
+        "placeholder_token": getattr(pl_module, "placeholder_token", None),
+        "stop_step": trainer.global_step,
+        "max_steps": trainer.max_steps,
+        "stopped_by": stopped_by,
+        "stop_reason": getattr(dvar, "stop_reason", "") if stopped_by == "dvar" else "",
+        "dvar_window": getattr(dvar, "window", None),
+        "dvar_threshold": getattr(dvar, "threshold", None),
+        "dvar_eval_every_n_steps": getattr(dvar, "eval_every_n_steps", None),
+        "dvar_history": dvar.history if dvar else [],
+        "wall_seconds": round(wall_seconds, 3),
+        "seconds_per_step": round(wall_seconds / max(1, trainer.global_step), 5),
+        "artifacts": artifacts,
+        "seed": hparams.get("seed"),
+        "prediction_type": getattr(pl_module, "prediction_type", None),
+        "learning_rate": getattr(pl_module, "effective_learning_rate", hparams.get("learning_rate")),
+    }
+    if dvar is not None and len(dvar.histories) > 1:
+        summary["dvar_histories"] = dvar.histories
+    return summary

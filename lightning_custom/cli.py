@@ -1,0 +1,63 @@
+"""``python -m lightning_custom``: a LightningCLI for every method, with DVAR and the run summary built in."""
+
+from __future__ import annotations
+
+import os
+import sys
+from collections.abc import Sequence
+
+from lightning.pytorch.cli import LightningCLI
+
+from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
+from lightning_custom.data.concept import ConceptDataModule
+from lightning_custom.errors import UserInputError
+from lightning_custom.methods.base import PersonalizationModule
+
+# Trainer defaults for personalization: DVAR validates on its own cadence; no sanity check is needed
+# because the evaluation batch is the same before and after the first step.
+TRAINER_DEFAULTS = {
+    "max_steps": 6100,
+    "num_sanity_val_steps": 0,
+    "log_every_n_steps": 10,
+    "default_root_dir": "runs/lightning_custom",
+}
+
+
+class PersonalizationCLI(LightningCLI):
+    """LightningCLI with the DVAR callback (``--dvar.*``) and the summary writer (``--summary.*``) always on.
+
+    The placeholder token is given once, on the model, and linked to the data module's prompts.
+    """
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_lightning_class_args(DVAREarlyStopping, "dvar")
+        parser.add_lightning_class_args(RunSummary, "summary")
+        parser.link_arguments("model.init_args.placeholder_token", "data.init_args.placeholder_token")
+        parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
+
+
+def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
+    """Run the CLI; bad input ends with a one-line ``error: ...`` message and exit status 2.
+
+    Args:
+        args: command-line arguments (``sys.argv[1:]`` when ``None``), e.g. ``["fit", "--config", "x.yaml"]``.
+    """
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    try:
+        return PersonalizationCLI(
+            PersonalizationModule,
+            ConceptDataModule,
+            subclass_mode_model=True,
+            subclass_mode_data=True,
+            seed_everything_default=59,
+            save_config_kwargs={"overwrite": True},
+            args=list(args) if args is not None else None,
+            parser_kwargs={"description": __doc__},
+        )
+    except UserInputError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,235 @@
+"""The shared LightningModule: noise and timestep sampling, the target, the loss, and DVAR's deterministic loss."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+import torch
+from torch import nn
+
+from lightning_custom.components import StableDiffusionComponents, WeightDtype, load_components
+from lightning_custom.data.concept import EvalBatchSpec
+from lightning_custom.diffusion import (
+    add_noise,
+    diffusion_mse,
+    diffusion_target,
+    sample_latents,
+    sample_timesteps,
+    scale_latents,
+    scale_learning_rate,
+)
+
+_RNG_KEY = "lightning_custom_train_rng"
+
+
+class PersonalizationModule(L.LightningModule):
+    """Base class of every personalization method.
+
+    Subclasses implement :meth:`configure_trainable` (unfreeze what they train) and :meth:`export_artifacts`
+    (write diffusers-native files). Everything else, the diffusion loss, DVAR's :meth:`deterministic_loss`, the
+    optimizer and the checkpointed training RNG, is shared.
+
+    Args:
+        pretrained_model_name_or_path: diffusers model: hub id, local folder, or ``"embedded"`` for the
+            small offline model shipped with the package.
+        revision: hub revision (branch, tag or commit).
+        variant: weight file variant, e.g. ``"fp16"``.
+        weight_dtype: dtype of the frozen VAE and UNet; trainable parameters always stay fp32.
+        learning_rate: base learning rate, per sample.
+        scale_lr: multiply the learning rate by batch size x gradient accumulation x devices (as the paper).
+        weight_decay: AdamW weight decay.
+        adam_betas: AdamW betas.
+        adam_epsilon: AdamW epsilon.
+        seed: seed of the training noise, timesteps and VAE samples (offset by the rank under DDP).
+    """
+
+    def __init__(
+        self,
+        pretrained_model_name_or_path: str = "embedded",
+        revision: str | None = None,
+        variant: str | None = None,
+        weight_dtype: WeightDtype = "float32",
+        learning_rate: float = 5e-3,
+        scale_lr: bool = True,
+        weight_decay: float = 1e-2,
+        adam_betas: tuple[float, float] = (0.9, 0.999),
+        adam_epsilon: float = 1e-8,
+        seed: int = 59,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        # Checkpoints hold only trainable weights (see on_save_checkpoint), so loading is non-strict.
+        self.strict_loading = False
+        self._generator: torch.Generator | None = None
+        self._pending_rng_state: torch.Tensor | None = None
+        self.configure_models()
+        self.configure_trainable()
+
+    # ----------------------------------------------------------------------------------------------- models
+    def configure_models(self) -> None:
+        """Load the frozen diffusers components (override to use your own loader)."""
+        parts = self.load_components()
+        self.tokenizer = parts.tokenizer
+        self.text_encoder = parts.text_encoder
+        self.vae = parts.vae
+        self.unet = parts.unet
+        self.noise_scheduler = parts.noise_scheduler
+        self.register_buffer(
+            "alphas_cumprod", torch.as_tensor(self.noise_scheduler.alphas_cumprod, dtype=torch.float32), persistent=False
+        )
+
+    def load_components(self) -> StableDiffusionComponents:
+        """The seam where the model parts come from."""
+        hp = self.hparams
+        return load_components(
+            hp.pretrained_model_name_or_path, revision=hp.revision, variant=hp.variant, weight_dtype=hp.weight_dtype
+        )
+
+    def configure_trainable(self) -> None:
+        """Unfreeze or add the parameters this method trains."""
+        raise NotImplementedError
+
+    def export_artifacts(self, output_dir: Path) -> list[str]:
+        """Write the method's diffusers-native artifacts into ``output_dir``; return their file names."""
+        raise NotImplementedError
+
+    @property
+    def prediction_type(self) -> str:
+        """epsilon or v_prediction, from the model's scheduler config."""
+        return self.noise_scheduler.config.prediction_type
+
+    def eval_batch_spec(self) -> EvalBatchSpec:
+        """Latent shape and schedule length, for the data module's fixed evaluation batch."""
+        vae_config = self.vae.config
+        return EvalBatchSpec(
+            num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
+            latent_channels=vae_config.latent_channels,
+            latent_downsample=2 ** (len(vae_config.block_out_channels) - 1),
+        )
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Parameters the optimizer updates."""
+        return [p for p in self.parameters() if p.requires_grad]
+
+    # --------------------------------------------------------------------------------------------- encoding
+    def prepare_captions(self, captions: list[str]) -> list[str]:
+        """Hook to rewrite captions before tokenizing (e.g. expand a multi-vector placeholder)."""
+        return captions
+
+    def tokenize(self, captions: list[str]) -> torch.Tensor:
+        """Token ids padded to the tokenizer's max length, as SD pipelines do."""
+        return self.tokenizer(
+            self.prepare_captions(list(captions)),
+            padding="max_length",
+            max_length=self.tokenizer.model_max_length,
+            truncation=True,
+            return_tensors="pt",
+        ).input_ids.to(self.device)
+
+    def encode_prompt(self, captions: list[str]) -> torch.Tensor:
+        """Text-encoder hidden states for ``captions`` (the UNet's cross-attention context)."""
+        return self.text_encoder(self.tokenize(captions))[0]
+
+    def unet_conditioning(self, batch: dict[str, Any]) -> dict[str, Any]:
+        """Keyword arguments of the UNet besides the sample and timestep (overridden for SDXL)."""
+        return {"encoder_hidden_states": self.encode_prompt(batch["caption"])}
+
+    def encode_latents(self, pixel_values: torch.Tensor, standard_normal: torch.Tensor | None = None) -> torch.Tensor:
+        """VAE latents, scaled: ``(mean + std * eps) * scaling_factor``.
+
+        ``standard_normal`` fixes ``eps`` (DVAR's fixed latents); otherwise it is drawn from the training generator.
+        """
+        with torch.no_grad():
+            dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+            if standard_normal is None:
+                standard_normal = torch.randn(dist.mean.shape, generator=self.generator, device=self.device)
+            latents = sample_latents(dist.mean.float(), dist.std.float(), standard_normal)
+        cfg = self.vae.config
+        return scale_latents(latents, cfg.scaling_factor, getattr(cfg, "shift_factor", None))
+
+    # ----------------------------------------------------------------------------------------------- losses
+    def denoising_loss(
+        self,
+        latents: torch.Tensor,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        conditioning: dict[str, Any],
+        reduction: str = "mean",
+    ) -> torch.Tensor:
+        """MSE between the UNet prediction on noised latents and the prediction-type target."""
+        noisy = add_noise(self.alphas_cumprod, latents, noise, timesteps)
+        target = diffusion_target(self.prediction_type, self.alphas_cumprod, latents, noise, timesteps)
+        dtype = self.unet.dtype
+        conditioning = {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in conditioning.items()}
+        prediction = self.unet(noisy.to(dtype), timesteps, **conditioning).sample
+        return diffusion_mse(prediction, target, reduction=reduction)
+
+    def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """The ordinary (noisy) diffusion loss: fresh VAE sample, noise and timesteps per step."""
+        latents = self.encode_latents(batch["pixel_values"])
+        noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
+        timesteps = sample_timesteps(
+            latents.shape[0], self.alphas_cumprod.numel(), generator=self.generator, device=self.device
+        )
+        return self.denoising_loss(latents, noise, timesteps, self.unet_conditioning(batch))
+
+    @torch.no_grad()
+    def deterministic_loss(self, batch: dict[str, Any]) -> torch.Tensor:
+        """DVAR's L_det on a fixed evaluation batch (fixed images, captions, latents, noise and timesteps).
+
+        Public so that the DVAR callback works with any module offering it, including your own subclass.
+        """
+        latents = self.encode_latents(batch["pixel_values"], batch["latent_noise"])
+        return self.denoising_loss(latents, batch["noise"].to(latents), batch["timesteps"], self.unet_conditioning(batch))
+
+    # ------------------------------------------------------------------------------------ Lightning hooks
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """One optimizer step's loss."""
+        loss = self.training_loss(batch)
+        self.log("train_loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
+        return loss
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
+        """Log DVAR's deterministic loss as ``dvar_loss`` (averaged over ranks, so every rank sees one value)."""
+        loss = self.deterministic_loss(batch)
+        self.log("dvar_loss", loss, prog_bar=True, sync_dist=True, batch_size=1, add_dataloader_idx=False)
+        return loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        """AdamW over the trainable parameters, learning rate scaled by the effective batch."""
+        hp = self.hparams
+        lr = hp.learning_rate
+        if hp.scale_lr and self._trainer is not None:
+            datamodule = getattr(self.trainer, "datamodule", None)
+            batch_size = getattr(datamodule, "batch_size", 1)
+            lr = scale_learning_rate(lr, batch_size, self.trainer.accumulate_grad_batches, self.trainer.world_size)
+        self.effective_learning_rate = lr
+        return torch.optim.AdamW(
+            self.trainable_parameters(), lr=lr, betas=tuple(hp.adam_betas), eps=hp.adam_epsilon,
+            weight_decay=hp.weight_decay,
+        )
+
+    @property
+    def generator(self) -> torch.Generator:
+        """The training RNG: seeded per rank, saved in checkpoints, never shared with DVAR's fixed batch."""
+        if self._generator is None or self._generator.device != self.device:
+            self._generator = torch.Generator(device=self.device)
+            self._generator.manual_seed(self.hparams.seed + self.global_rank)
+            if self._pending_rng_state is not None:
+                self._generator.set_state(self._pending_rng_state)
+                self._pending_rng_state = None
+        return self._generator
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Keep only trainable weights (a checkpoint of a full SD model per save would be GBs) and the RNG."""
+        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
+        checkpoint[_RNG_KEY] = self.generator.get_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the training RNG so a resumed run draws the same noise as an uninterrupted one."""
+        if _RNG_KEY in checkpoint:
+            self._pending_rng_state = checkpoint[_RNG_KEY]
+            self._generator = None

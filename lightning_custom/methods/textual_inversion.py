@@ -1,0 +1,52 @@
+"""Textual Inversion (Gal et al., 2022): learn only the embedding of a new pseudo-token."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from lightning_custom.io import write_safetensors
+from lightning_custom.methods.base import PersonalizationModule
+from lightning_custom.methods.tokens import expand_placeholder, learn_new_token
+
+
+class TextualInversion(PersonalizationModule):
+    """Textual Inversion: one new token (or ``num_vectors`` of them) in the text encoder; nothing else trains.
+
+    Args:
+        placeholder_token: the new token, e.g. ``"<cat-toy>"``; must not already be in the vocabulary.
+        initializer_token: a single-token word whose embedding initialises the new one, e.g. ``"toy"``.
+        num_vectors: embedding vectors for the placeholder (written ``tok tok_1 ...`` into prompts).
+        **kwargs: see :class:`~lightning_custom.methods.base.PersonalizationModule`.
+    """
+
+    def __init__(
+        self,
+        placeholder_token: str = "<concept>",
+        initializer_token: str = "object",
+        num_vectors: int = 1,
+        **kwargs,
+    ) -> None:
+        self.placeholder_token = placeholder_token
+        self.initializer_token = initializer_token
+        self.num_vectors = num_vectors
+        super().__init__(**kwargs)
+
+    def configure_trainable(self) -> None:
+        """Add the placeholder token(s) and make their vectors the only trainable parameters."""
+        self.placeholder_names, self.token_vectors = learn_new_token(
+            self.tokenizer, self.text_encoder, self.placeholder_token, self.initializer_token, self.num_vectors
+        )
+        self._splice_handle = self.token_vectors.attach(self.text_encoder.get_input_embeddings())
+
+    def prepare_captions(self, captions: list[str]) -> list[str]:
+        """Expand a multi-vector placeholder into its tokens."""
+        return expand_placeholder(captions, self.placeholder_token, self.placeholder_names)
+
+    def learned_embeddings(self) -> dict:
+        """``{placeholder_token: (num_vectors, dim) tensor}``, diffusers' Textual Inversion format."""
+        return {self.placeholder_token: self.token_vectors.vectors.detach().float().cpu()}
+
+    def export_artifacts(self, output_dir: Path) -> list[str]:
+        """Write ``learned_embeds.safetensors`` for ``pipe.load_textual_inversion(path)``."""
+        write_safetensors(Path(output_dir) / "learned_embeds.safetensors", self.learned_embeddings())
+        return ["learned_embeds.safetensors"]

@@ -1,0 +1,102 @@
+"""New-token handling shared by the methods that learn a token embedding (TI, DreamBooth-LoRA, Custom Diffusion)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from lightning_custom.errors import UserInputError
+
+
+def placeholder_names(placeholder_token: str, num_vectors: int) -> list[str]:
+    """Token strings for a ``num_vectors`` embedding, in diffusers' convention: ``tok``, ``tok_1``, ``tok_2``, ..."""
+    return [placeholder_token] + [f"{placeholder_token}_{i}" for i in range(1, num_vectors)]
+
+
+def token_in_vocabulary(tokenizer, token: str) -> bool:
+    """Whether ``token`` already has its own id (a vocabulary word or an added token)."""
+    if token in tokenizer.get_vocab():
+        return True
+    ids = tokenizer.encode(token, add_special_tokens=False)
+    return len(ids) == 1 and tokenizer.convert_ids_to_tokens(ids[0]).replace("</w>", "") == token.lower()
+
+
+def single_token_id(tokenizer, word: str, argument: str) -> int:
+    """The id of a word that must be exactly one token (an initializer), else a one-line error."""
+    ids = tokenizer.encode(word, add_special_tokens=False)
+    if len(ids) != 1:
+        raise UserInputError(
+            f"{argument}: {word!r} is {len(ids)} tokens ({tokenizer.convert_ids_to_tokens(ids)}); "
+            "use a word that is a single token"
+        )
+    return ids[0]
+
+
+def add_placeholder_tokens(tokenizer, text_encoder: nn.Module, tokens: list[str], argument: str) -> list[int]:
+    """Add ``tokens`` to the tokenizer and grow the text encoder's embedding matrix; return their ids.
+
+    The existing rows are copied unchanged; the new rows are filled by the caller.
+    """
+    for token in tokens:
+        if token_in_vocabulary(tokenizer, token):
+            raise UserInputError(f"{argument}: {token!r} is already in the tokenizer's vocabulary; pick a new token")
+    added = tokenizer.add_tokens(tokens)
+    if added != len(tokens):
+        raise UserInputError(f"{argument}: could not add {tokens} to the tokenizer (already present?)")
+    text_encoder.resize_token_embeddings(len(tokenizer), mean_resizing=False)
+    return tokenizer.convert_tokens_to_ids(tokens)
+
+
+class TokenVectors(nn.Module):
+    """Trainable embedding rows for a few new token ids, spliced into a frozen embedding's output.
+
+    A forward hook replaces the output at positions holding ``token_ids``, so gradients reach only these rows and
+    every other row of the embedding matrix stays bit-identical (no restore-after-step needed).
+    """
+
+    def __init__(self, token_ids: list[int], initial: torch.Tensor) -> None:
+        super().__init__()
+        self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.long), persistent=False)
+        self.vectors = nn.Parameter(initial.detach().clone().float())
+
+    def splice(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
+        """``embeddings`` with the rows of the new tokens replaced by the trainable vectors."""
+        out = embeddings
+        for row, token_id in enumerate(self.token_ids.tolist()):
+            mask = (input_ids == token_id).unsqueeze(-1)
+            out = torch.where(mask, self.vectors[row].to(out.dtype), out)
+        return out
+
+    def attach(self, embedding: nn.Embedding) -> torch.utils.hooks.RemovableHandle:
+        """Register the splice as a forward hook of ``embedding``."""
+        return embedding.register_forward_hook(lambda module, args, output: self.splice(args[0], output))
+
+    @torch.no_grad()
+    def write_into(self, embedding: nn.Embedding) -> None:
+        """Copy the learned vectors into the embedding matrix (for export or plain inference)."""
+        embedding.weight[self.token_ids] = self.vectors.to(embedding.weight.dtype)
+
+
+def learn_new_token(
+    tokenizer, text_encoder: nn.Module, placeholder_token: str, initializer_token: str, num_vectors: int,
+    argument_prefix: str = "--model",
+) -> tuple[list[str], TokenVectors]:
+    """Add a (multi-vector) placeholder initialised from ``initializer_token``; return its names and vectors."""
+    if num_vectors < 1:
+        raise UserInputError(f"{argument_prefix}.num_vectors: must be at least 1, got {num_vectors}")
+    init_id = single_token_id(tokenizer, initializer_token, f"{argument_prefix}.initializer_token")
+    names = placeholder_names(placeholder_token, num_vectors)
+    ids = add_placeholder_tokens(tokenizer, text_encoder, names, f"{argument_prefix}.placeholder_token")
+    embedding = text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        initial = embedding.weight[init_id].detach().float().expand(num_vectors, -1).clone()
+        embedding.weight[ids] = initial.to(embedding.weight.dtype)
+    vectors = TokenVectors(ids, initial)
+    return names, vectors
+
+
+def expand_placeholder(captions: list[str], placeholder_token: str, names: list[str]) -> list[str]:
+    """Write a multi-vector placeholder out as its tokens, as diffusers' ``maybe_convert_prompt`` does."""
+    if len(names) == 1:
+        return captions
+    return [c.replace(placeholder_token, " ".join(names)) for c in captions]

@@ -1,0 +1,325 @@
+"""Tiny, fully offline Stable-Diffusion-style components for tests and demos.
+
+Everything here is built in-process (no downloads): a small byte-level BPE
+``CLIPTokenizer``, a tiny ``CLIPTextModel``, ``UNet2DConditionModel``,
+``AutoencoderKL`` and a ``DDPMScheduler``, mirroring diffusers'
+``get_dummy_components()`` test helpers. Also provides procedural example
+concept images for personalization (Textual Inversion / DreamBooth) demos.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import tempfile
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image, ImageDraw
+
+__all__ = [
+    "TEMPLATE_WORDS",
+    "COMMON_WORDS",
+    "bytes_to_unicode",
+    "build_clip_tokenizer",
+    "build_tiny_sd_components",
+    "vae_downsample_factor",
+    "save_tiny_sd",
+    "make_example_concept_images",
+]
+
+BOS_TOKEN = "<|startoftext|>"
+EOS_TOKEN = "<|endoftext|>"
+
+# diffusers examples/textual_inversion: imagenet_templates_small + imagenet_style_templates_small.
+_TI_TEMPLATES = (
+    "a photo of a {} | a rendering of a {} | a cropped photo of the {} | the photo of a {} | "
+    "a photo of a clean {} | a photo of a dirty {} | a dark photo of the {} | a photo of my {} | "
+    "a photo of the cool {} | a close-up photo of a {} | a bright photo of the {} | "
+    "a good photo of the {} | a photo of one {} | a rendition of the {} | a photo of a nice {} | "
+    "a photo of the small {} | a photo of the weird {} | a photo of the large {} | "
+    "a painting in the style of {} | a rendering in the style of {} | a picture in the style of {} | "
+    "a cropped painting in the style of {} | a close-up painting in the style of {} | "
+    "a rendition in the style of {} | a weird painting in the style of {} | "
+    "a large painting in the style of {} | a small painting in the style of {} | "
+    "a good painting in the style of {}"
+)
+TEMPLATE_WORDS: tuple[str, ...] = tuple(dict.fromkeys(re.findall(r"[a-z]+", _TI_TEMPLATES)))
+COMMON_WORDS: tuple[str, ...] = tuple(
+    dict.fromkeys(
+        "dog cat toy object sculpture person man woman child face style art artwork car house tree "
+        "flower bird fish ball box cup bottle chair table book hat shoe bag robot teapot backpack "
+        "red green blue yellow white black grey gray orange purple pink brown gold silver "
+        "star square circle triangle heart cube sphere shape striped stripes dotted plain pattern "
+        "background foreground on with and or at by for from to near under over inside outside "
+        "sks is it an this that there here image picture drawing sketch cartoon toy figure "
+        "high quality detailed simple beautiful colorful sunny snowy beach forest city street "
+        "grass sand water sky wall floor room kitchen garden mountain river night day".split()
+    )
+)
+
+
+def bytes_to_unicode() -> dict[int, str]:
+    """Returns CLIP/GPT-2's reversible mapping from the 256 bytes to printable unicode chars."""
+    bs = list(range(ord("!"), ord("~") + 1)) + list(range(ord("¡"), ord("¬") + 1))
+    bs += list(range(ord("®"), ord("ÿ") + 1))
+    cs = bs[:]
+    n = 0
+    for b in range(256):
+        if b not in bs:
+            bs.append(b)
+            cs.append(256 + n)
+            n += 1
+    return dict(zip(bs, (chr(c) for c in cs)))
+
+
+def _bpe(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
+    """Applies BPE merges (lowest rank first, leftmost on ties) to a symbol list."""
+    symbols = list(symbols)
+    while len(symbols) > 1:
+        pairs = [(ranks.get((a, b), 1 << 30), i) for i, (a, b) in enumerate(zip(symbols, symbols[1:]))]
+        rank, i = min(pairs)
+        if rank == 1 << 30:
+            break
+        symbols[i : i + 2] = [symbols[i] + symbols[i + 1]]
+    return symbols
+
+
+def build_clip_tokenizer(extra_words: Sequence[str] = ()) -> Any:
+    """Builds a small offline CLIP byte-level BPE tokenizer.
+
+    The vocabulary holds the 256 byte-level characters (plain and with ``</w>``),
+    intermediate merge products, one whole-word token per known word
+    (:data:`TEMPLATE_WORDS`, :data:`COMMON_WORDS` and ``extra_words``) and the
+    special tokens ``<|startoftext|>`` / ``<|endoftext|>`` (last two ids, as in
+    CLIP). Unknown words fall back to sub-word / character tokens.
+
+    Args:
+        extra_words: Additional words that should each encode to a single token.
+            Words are lower-cased; words that cannot be single tokens (e.g. they
+            contain spaces or punctuation splits) are dropped.
+
+    Returns:
+        A ``transformers.CLIPTokenizer`` with ``model_max_length=77`` and
+        ``<|endoftext|>`` as pad token (like Stable Diffusion).
+    """
+    from transformers import CLIPTokenizer
+
+    words = [w.strip().lower() for w in (*TEMPLATE_WORDS, *COMMON_WORDS, *extra_words)]
+    # CLIP's pre-tokenizer splits on anything that is not a run of letters.
+    words = list(dict.fromkeys(w for w in words if w.isalpha()))
+    for _ in range(3):
+        vocab, merges = _clip_vocab_and_merges(words)
+        tokenizer = CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+        bad = {w for w in words if len(tokenizer.encode(w, add_special_tokens=False)) != 1}
+        if not bad:
+            break
+        words = [w for w in words if w not in bad]
+    return tokenizer
+
+
+def _clip_vocab_and_merges(words: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """Builds a CLIP-style vocab and merge list making each of ``words`` a single token."""
+    b2u = bytes_to_unicode()
+    chars = list(b2u.values())
+    vocab_list: list[str] = chars + [c + "</w>" for c in chars]
+    vocab_set = set(vocab_list)
+    merges: list[tuple[str, str]] = []
+    ranks: dict[tuple[str, str], int] = {}
+    for word in sorted(words, key=lambda w: (-len(w), w)):
+        symbols = [b2u[b] for b in word.encode("utf-8")]
+        symbols[-1] += "</w>"
+        pieces = _bpe(symbols, ranks)  # new merges are appended, so earlier words never change
+        while len(pieces) > 1:
+            pair = (pieces[0], pieces[1])
+            if pair not in ranks:
+                ranks[pair] = len(merges)
+                merges.append(pair)
+            merged = pieces[0] + pieces[1]
+            if merged not in vocab_set:
+                vocab_set.add(merged)
+                vocab_list.append(merged)
+            pieces = [merged, *pieces[2:]]
+    vocab_list += [BOS_TOKEN, EOS_TOKEN]
+    return {tok: i for i, tok in enumerate(vocab_list)}, merges
+
+
+def build_tiny_sd_components(
+    seed: int = 0,
+    *,
+    sample_size: int = 8,
+    prediction_type: str = "epsilon",
+    cross_attention_dim: int = 32,
+) -> dict[str, Any]:
+    """Builds tiny, randomly initialised Stable Diffusion components.
+
+    The VAE has ``block_out_channels=(32, 64)``, i.e. a spatial downsample factor
+    of ``2 ** (2 - 1) = 2`` (see :func:`vae_downsample_factor`), so images are
+    ``2 * sample_size`` pixels square and latents are ``sample_size`` square.
+
+    Args:
+        seed: Seed applied (``torch.manual_seed``) before each module is built.
+        sample_size: UNet latent resolution (``unet.config.sample_size``).
+        prediction_type: Scheduler prediction type (``"epsilon"``, ``"v_prediction"``...).
+        cross_attention_dim: Text hidden size == UNet cross-attention dim.
+
+    Returns:
+        Dict with keys ``unet``, ``vae``, ``text_encoder``, ``tokenizer``, ``scheduler``
+        (directly usable as ``StableDiffusionPipeline(**components, ...)``).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
+        up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
+        attention_head_dim=(2, 4),
+        norm_num_groups=32,
+        cross_attention_dim=cross_attention_dim,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=32,
+        sample_size=2 * sample_size,
+    )
+    tokenizer = build_clip_tokenizer()
+    torch.manual_seed(seed)
+    text_config = CLIPTextConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cross_attention_dim,
+        intermediate_size=37,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        max_position_embeddings=77,
+        layer_norm_eps=1e-5,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    text_encoder = CLIPTextModel(text_config)
+    scheduler = DDPMScheduler(
+        num_train_timesteps=1000,
+        beta_start=0.00085,
+        beta_end=0.012,
+        beta_schedule="scaled_linear",
+        clip_sample=False,
+        steps_offset=1,
+        prediction_type=prediction_type,
+    )
+    return {
+        "unet": unet.eval(),
+        "vae": vae.eval(),
+        "text_encoder": text_encoder.eval(),
+        "tokenizer": tokenizer,
+        "scheduler": scheduler,
+    }
+
+
+def vae_downsample_factor(vae: Any) -> int:
+    """Returns the VAE's spatial downsample factor, ``2 ** (len(block_out_channels) - 1)``.
+
+    Args:
+        vae: An ``AutoencoderKL`` (or anything with ``config.block_out_channels``).
+
+    Returns:
+        Pixels per latent cell along each spatial axis (2 for the tiny VAE).
+    """
+    return 2 ** (len(vae.config.block_out_channels) - 1)
+
+
+def save_tiny_sd(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
+    """Builds tiny components and saves them as a diffusers pipeline folder.
+
+    Args:
+        path: Output folder (created if needed).
+        seed: Seed passed to :func:`build_tiny_sd_components`.
+        **kwargs: Extra keyword arguments for :func:`build_tiny_sd_components`.
+
+    Returns:
+        The output folder, loadable with ``StableDiffusionPipeline.from_pretrained``.
+    """
+    from diffusers import StableDiffusionPipeline
+
+    path = Path(path)
+    components = build_tiny_sd_components(seed, **kwargs)
+    pipe = StableDiffusionPipeline(
+        **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
+    )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def _concept_sprite(rng: np.random.Generator, px: int) -> Image.Image:
+    """Draws the striped orange/purple cat-toy sprite (RGBA, ``px`` square)."""
+    orange, purple = (255, 140, 20), (120, 40, 170)
+    tex = Image.new("RGB", (px, px), orange)
+    d = ImageDraw.Draw(tex)
+    band = max(2, px // 8)
+    for y in range(0, px, 2 * band):
+        d.rectangle([0, y + band, px, y + 2 * band - 1], fill=purple)
+    eye_r = px // 14
+    for ex in (0.38, 0.62):
+        cx, cy = int(ex * px), int(0.55 * px)
+        d.ellipse([cx - eye_r, cy - eye_r, cx + eye_r, cy + eye_r], fill=(20, 20, 20))
+    mask = Image.new("L", (px, px), 0)
+    m = ImageDraw.Draw(mask)
+    m.ellipse([int(0.15 * px), int(0.3 * px), int(0.85 * px), int(0.92 * px)], fill=255)
+    m.polygon([(0.18 * px, 0.5 * px), (0.22 * px, 0.08 * px), (0.45 * px, 0.33 * px)], fill=255)
+    m.polygon([(0.82 * px, 0.5 * px), (0.78 * px, 0.08 * px), (0.55 * px, 0.33 * px)], fill=255)
+    sprite = tex.convert("RGBA")
+    sprite.putalpha(mask)
+    return sprite.rotate(float(rng.uniform(-30, 30)), resample=Image.BICUBIC)
+
+
+def make_example_concept_images(
+    out_dir: str | Path, n: int = 5, size: int = 64, seed: int = 0
+) -> list[Path]:
+    """Writes ``n`` procedural RGB PNGs of one concept: a striped orange/purple cat toy.
+
+    Each image shows the same toy (cat head with ears, orange/purple stripes,
+    dark eyes) at a random position, scale and rotation on a random plain
+    pastel background. Deterministic given ``seed``.
+
+    Args:
+        out_dir: Output folder (created if needed).
+        n: Number of images.
+        size: Image side length in pixels.
+        seed: Seed for the numpy random generator.
+
+    Returns:
+        Paths of the written ``NN.png`` files, in order.
+    """
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(seed)
+    ss = 4  # supersampling for smooth edges
+    paths = []
+    for i in range(n):
+        bg = tuple(int(c) for c in rng.integers(150, 256, size=3))
+        canvas = Image.new("RGBA", (size * ss, size * ss), bg + (255,))
+        px = int(size * ss * rng.uniform(0.55, 0.95))
+        sprite = _concept_sprite(rng, px)
+        x = int(rng.integers(0, size * ss - px + 1))
+        y = int(rng.integers(0, size * ss - px + 1))
+        canvas.alpha_composite(sprite, (x, y))
+        img = canvas.convert("RGB").resize((size, size), Image.LANCZOS)
+        path = out / f"{i:02d}.png"
+        img.save(path)
+        paths.append(path)
+    return paths
