@@ -9,9 +9,7 @@ concept images for personalization (Textual Inversion / DreamBooth) demos.
 
 from __future__ import annotations
 
-import json
 import re
-import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
