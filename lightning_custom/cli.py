@@ -54,9 +54,23 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
             args=list(args) if args is not None else None,
             parser_kwargs={"description": __doc__},
         )
-    except UserInputError as err:
-        print(f"error: {err}", file=sys.stderr)
+    except Exception as err:  # noqa: BLE001 - re-raised unless it is (or wraps) bad user input
+        user_error = find_user_error(err)
+        if user_error is None:
+            raise
+        print(f"error: {user_error}", file=sys.stderr)
         raise SystemExit(2) from None
+
+
+def find_user_error(err: BaseException | None) -> UserInputError | None:
+    """The :class:`UserInputError` behind ``err``; jsonargparse wraps errors raised while instantiating classes."""
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, UserInputError):
+            return err
+        seen.add(id(err))
+        err = err.__cause__ or err.__context__
+    return None
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -68,8 +68,11 @@ class TokenVectors(nn.Module):
         return out
 
     def attach(self, embedding: nn.Embedding) -> torch.utils.hooks.RemovableHandle:
-        """Register the splice as a forward hook of ``embedding``."""
-        return embedding.register_forward_hook(lambda module, args, output: self.splice(args[0], output))
+        """Register the splice as a forward hook of ``embedding`` (a bound method, so the module pickles for DDP)."""
+        return embedding.register_forward_hook(self._splice_hook)
+
+    def _splice_hook(self, module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+        return self.splice(args[0], output)
 
     @torch.no_grad()
     def write_into(self, embedding: nn.Embedding) -> None:

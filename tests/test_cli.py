@@ -1,0 +1,87 @@
+"""The command line: every shipped config parses, fit runs end to end, bad input is one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_custom.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
+SUMMARY_KEYS = {
+    "method", "pretrained_model_name_or_path", "placeholder_token", "stop_step", "max_steps", "stopped_by",
+    "dvar_window", "dvar_threshold", "dvar_history", "wall_seconds", "artifacts",
+}
+
+
+def test_there_are_configs():
+    assert {"quickstart.yaml", "textual_inversion.yaml"} <= {c.name for c in CONFIGS}
+
+
+@pytest.mark.parametrize("config", CONFIGS, ids=[str(c.relative_to(ROOT / "configs")) for c in CONFIGS])
+def test_every_config_parses(config, capsys):
+    with pytest.raises(SystemExit) as excinfo:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert excinfo.value.code in (None, 0)
+    printed = capsys.readouterr().out
+    assert "class_path: lightning_custom." in printed and "dvar:" in printed
+
+
+def quick_args(tmp_path, concept_dir, model_path, *extra):
+    return [
+        "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+        "--trainer.default_root_dir", str(tmp_path),
+        "--trainer.enable_progress_bar", "false",
+        "--model.init_args.pretrained_model_name_or_path", model_path,
+        "--data.init_args.instance_data_dir", concept_dir,
+        "--data.init_args.resolution", "16",
+        *extra,
+    ]
+
+
+def test_fit_end_to_end_writes_the_summary_contract(tmp_path, tiny_sd, concept_dir):
+    main(quick_args(tmp_path, concept_dir, tiny_sd, "--dvar.window", "15", "--trainer.max_steps", "300"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert SUMMARY_KEYS <= summary.keys()
+    assert summary["method"] == "TextualInversion" and summary["placeholder_token"] == "<cat-toy>"
+    assert summary["stopped_by"] == "dvar" and summary["stop_step"] < 300 == summary["max_steps"]
+    assert summary["dvar_window"] == 15 and summary["dvar_threshold"] == 0.15
+    assert [s for s, _ in summary["dvar_history"]] == list(range(1, summary["stop_step"] + 1))
+    assert summary["artifacts"] == ["learned_embeds.safetensors"]
+    assert (tmp_path / "learned_embeds.safetensors").exists()
+    assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
+
+
+def run_cli(*args, cwd=ROOT):
+    env = dict(os.environ, HF_HUB_OFFLINE="1")
+    return subprocess.run([sys.executable, "-m", "lightning_custom", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=300)
+
+
+def test_help_explains_itself():
+    result = run_cli("fit", "--help")
+    assert result.returncode == 0
+    for words in ("--dvar.window", "window length in optimizer steps", "--summary.output_dir", "--data.help"):
+        assert words in result.stdout
+
+
+@pytest.mark.parametrize("override,needle", [
+    (["--data.init_args.instance_data_dir", "/no/such/folder"], "--data.instance_data_dir: folder /no/such/folder"),
+    (["--model.init_args.pretrained_model_name_or_path", "/no/such/model"], "--model.pretrained_model_name_or_path"),
+    (["--model.init_args.placeholder_token", "toy"], "'toy' is already in the tokenizer's vocabulary"),
+    (["--model.init_args.initializer_token", "zzqx"], "--model.initializer_token: 'zzqx' is 4 tokens"),
+])
+def test_bad_input_is_one_line(tmp_path, override, needle):
+    result = run_cli("fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path),
+                     *override)
+    assert result.returncode == 2
+    assert "Traceback" not in result.stderr
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
+    assert not (tmp_path / "summary.json").exists()
