@@ -166,14 +166,17 @@ class PersonalizationModule(L.LightningModule):
         prediction = self.unet(noisy.to(dtype), timesteps, **conditioning).sample
         return diffusion_mse(prediction, target, reduction=reduction)
 
-    def training_loss(self, batch: dict[str, Any]) -> torch.Tensor:
-        """The ordinary (noisy) diffusion loss: fresh VAE sample, noise and timesteps per step."""
+    def training_loss(self, batch: dict[str, Any], reduction: str = "mean") -> torch.Tensor:
+        """The ordinary (noisy) diffusion loss: fresh VAE sample, noise and timesteps per step.
+
+        ``reduction="none"`` returns one loss per sample (prior preservation splits instance and class samples).
+        """
         latents = self.encode_latents(batch["pixel_values"])
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         timesteps = sample_timesteps(
             latents.shape[0], self.alphas_cumprod.numel(), generator=self.generator, device=self.device
         )
-        return self.denoising_loss(latents, noise, timesteps, self.unet_conditioning(batch))
+        return self.denoising_loss(latents, noise, timesteps, self.unet_conditioning(batch), reduction=reduction)
 
     @torch.no_grad()
     def deterministic_loss(self, batch: dict[str, Any]) -> torch.Tensor:
@@ -192,9 +195,14 @@ class PersonalizationModule(L.LightningModule):
         return loss
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
-        """Log DVAR's deterministic loss as ``dvar_loss`` (averaged over ranks, so every rank sees one value)."""
+        """Log DVAR's deterministic loss as ``dvar_loss`` (averaged over ranks, so every rank sees one value).
+
+        With several concepts each fixed batch carries its concept's name, logged as ``dvar_loss/<name>``.
+        """
         loss = self.deterministic_loss(batch)
-        self.log("dvar_loss", loss, prog_bar=True, sync_dist=True, batch_size=1, add_dataloader_idx=False)
+        name = batch.get("concept")
+        key = f"dvar_loss/{name}" if name else "dvar_loss"
+        self.log(key, loss, prog_bar=True, sync_dist=True, batch_size=1, add_dataloader_idx=False)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
