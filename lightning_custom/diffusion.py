@@ -76,6 +76,16 @@ def diffusion_mse(prediction: torch.Tensor, target: torch.Tensor, reduction: str
     return per_element.mean()
 
 
+def prior_preservation_loss(
+    instance_loss: torch.Tensor, class_loss: torch.Tensor, prior_loss_weight: float
+) -> torch.Tensor:
+    """DreamBooth's prior-preservation objective: ``instance_loss + prior_loss_weight * class_loss``.
+
+    Equation 2 of Ruiz et al. (2023), "DreamBooth": the class term keeps the model's prior for the class noun.
+    """
+    return instance_loss + prior_loss_weight * class_loss
+
+
 def scale_learning_rate(
     learning_rate: float, batch_size: int, accumulate_grad_batches: int = 1, num_devices: int = 1
 ) -> float:

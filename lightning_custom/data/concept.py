@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -11,9 +12,12 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS
 from PIL import Image
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
+from lightning_custom.data.class_images import WithClassSamples
+from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
 from lightning_custom.data.images import crop_box, list_image_files, load_rgb_image, resize_shorter_side, to_tensor
+from lightning_custom.data.prior import PriorPreservationData
 from lightning_custom.data.templates import TEMPLATES, concept_phrase, format_prompt
 from lightning_custom.diffusion import distinct_timesteps
 from lightning_custom.errors import UserInputError
@@ -34,8 +38,11 @@ class EvalBatchSpec:
 class ConceptImages:
     """Concept images decoded and resized once, with a deterministic augmentation per (seed, index)."""
 
-    def __init__(self, folder: str, resolution: int, center_crop: bool, random_flip: bool, argument: str) -> None:
-        self.files = list_image_files(folder, argument)
+    def __init__(
+        self, folder: str, resolution: int, center_crop: bool, random_flip: bool, argument: str,
+        files: Sequence[Path] | None = None,
+    ) -> None:
+        self.files = list(files) if files is not None else list_image_files(folder, argument)
         self.resolution = resolution
         self.center_crop = center_crop
         self.random_flip = random_flip
@@ -142,9 +149,14 @@ class FixedEvalDataset(Dataset):
     Both draws use generators owned by this dataset, never the global RNG, so evaluating cannot change training.
     """
 
-    def __init__(self, datamodule: ConceptDataModule, spec: EvalBatchSpec, resample: Sequence[str]) -> None:
-        self.dm, self.spec, self.resample = datamodule, spec, set(resample)
-        self.fixed = datamodule.draw_eval_parts(spec, torch.Generator().manual_seed(datamodule.eval_seed), EVAL_PARTS)
+    def __init__(
+        self, datamodule: ConceptDataModule, spec: EvalBatchSpec, resample: Sequence[str], concept: int = 0
+    ) -> None:
+        self.dm, self.spec, self.resample, self.concept = datamodule, spec, set(resample), concept
+        generator = torch.Generator().manual_seed(datamodule.eval_seed)
+        self.fixed = datamodule.draw_eval_parts(spec, generator, EVAL_PARTS, concept=concept)
+        if len(datamodule.concept_images) > 1:
+            self.fixed["concept"] = datamodule.concept_names[concept]  # logged as dvar_loss/<name>
         self.resample_generator = torch.Generator().manual_seed(datamodule.eval_seed + 1)
 
     def __len__(self) -> int:
@@ -153,11 +165,13 @@ class FixedEvalDataset(Dataset):
     def __getitem__(self, index: int) -> dict[str, Any]:
         if not self.resample:
             return dict(self.fixed)
-        redrawn = self.dm.draw_eval_parts(self.spec, self.resample_generator, tuple(self.resample), fixed=self.fixed)
+        redrawn = self.dm.draw_eval_parts(
+            self.spec, self.resample_generator, tuple(self.resample), fixed=self.fixed, concept=self.concept
+        )
         return {**self.fixed, **redrawn}
 
 
-class ConceptDataModule(L.LightningDataModule):
+class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
     """Concept images with prompt templates, shared by every personalization method.
 
     Args:
@@ -177,6 +191,19 @@ class ConceptDataModule(L.LightningDataModule):
         eval_seed: seed of the fixed batch (defaults to ``seed``).
         resample: parts of the evaluation batch to redraw at every evaluation (the semi-deterministic study):
             any of ``images``, ``latents``, ``noise``, ``captions``, ``timesteps``.
+        concepts: several concepts in one run (Custom Diffusion): a list of mappings, or the path of a JSON file of
+            one, each with ``instance_data_dir`` and ``placeholder_token``, optionally ``name``, ``class_noun``,
+            ``class_prompt``, ``class_data_dir``. Replaces those single-concept arguments; DVAR then keeps one
+            fixed batch and one loss series (``dvar_loss/<name>``) per concept.
+        with_prior_preservation: pair every training sample with a class image (DreamBooth's prior preservation);
+            the DVAR batch stays instance-only.
+        class_data_dir: folder of class images, used whole; without it they are generated with the base model.
+        class_prompt: prompt of the class images (default ``"a photo of a <class_noun>"``).
+        num_class_images: number of class images to generate.
+        class_cache_dir: cache of generated class images (default ``~/.cache/lightning_custom/class_images``);
+            a folder per generation setting, with a ``manifest.json``, reused by later runs.
+        class_inference_steps: sampling steps per generated class image.
+        class_guidance_scale: classifier-free guidance scale of the generated class images.
     """
 
     def __init__(
@@ -196,14 +223,18 @@ class ConceptDataModule(L.LightningDataModule):
         eval_batch_size: int = 4,
         eval_seed: int | None = None,
         resample: list[EvalPart] | None = None,
+        concepts: list[dict[str, Any]] | str | None = None,
+        with_prior_preservation: bool = False,
+        class_data_dir: str | None = None,
+        class_prompt: str | None = None,
+        num_class_images: int = 100,
+        class_cache_dir: str | None = None,
+        class_inference_steps: int = 25,
+        class_guidance_scale: float = 7.5,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
-        if instance_data_dir in ("embedded", "embedded:cat-toy"):
-            from lightning_custom.components import embedded_concept_path
-
-            instance_data_dir = embedded_concept_path()
-        self.instance_data_dir = instance_data_dir
+        self.instance_data_dir = instance_data_dir = _resolve_instance_dir(instance_data_dir)
         unknown = sorted(set(resample or ()) - set(EVAL_PARTS))
         if unknown:
             raise UserInputError(f"--data.resample: unknown part(s) {unknown}; choose from {list(EVAL_PARTS)}")
@@ -220,7 +251,19 @@ class ConceptDataModule(L.LightningDataModule):
         self.eval_seed = seed if eval_seed is None else eval_seed
         self.resample = list(resample or ())
         # Read and check the images now, so a bad folder fails before any model is loaded.
-        self.images = ConceptImages(instance_data_dir, resolution, center_crop, random_flip, "--data.instance_data_dir")
+        self.concept_specs: list[ConceptSpec] | None = parse_concepts(concepts) if concepts is not None else None
+        if self.concept_specs is None:
+            self.concept_images = [self.read_images(instance_data_dir, "--data.instance_data_dir")]
+        else:
+            self.concept_images = [
+                self.read_images(_resolve_instance_dir(c.instance_data_dir), f"--data.concepts[{i}].instance_data_dir")
+                for i, c in enumerate(self.concept_specs)
+            ]
+        self.images = self.concept_images[0]
+        self.class_prompts: list[str | None] = []
+        self.class_images: list[ConceptImages | None] = []
+        if with_prior_preservation:
+            self.check_class_sources(class_data_dir, class_prompt, num_class_images)
         self._progress = _Progress()
 
     @property
@@ -228,9 +271,47 @@ class ConceptDataModule(L.LightningDataModule):
         """The words for the concept inside a prompt."""
         return concept_phrase(self.placeholder_token, self.class_noun)
 
-    def train_dataset(self) -> ConceptDataset:
-        """The training dataset (a pure function of the seed and the index)."""
-        return ConceptDataset(self.images, self.templates, self.phrase, self.hparams.repeats, self.seed)
+    def read_images(self, folder: str, argument: str, files: list | None = None) -> ConceptImages:
+        """Read and check a folder of images (or the given ``files``) at this module's size and augmentation."""
+        hp = self.hparams
+        return ConceptImages(folder, hp.resolution, hp.center_crop, hp.random_flip, argument, files)
+
+    def setup(self, stage: str) -> None:
+        """Load the cached class images and check the concepts' tokens against the module's."""
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if module is None or stage != "fit":
+            return
+        if any(images is None for images in self.class_images):
+            self.load_class_images(module)
+        tokens = getattr(module, "placeholder_tokens", None)
+        for i, spec in enumerate(self.concept_specs or []):
+            if tokens is not None and spec.placeholder_token not in tokens:
+                raise UserInputError(f"--data.concepts[{i}].placeholder_token: {spec.placeholder_token!r} is not "
+                                     f"one of the model's tokens {tokens}")
+
+    @property
+    def concept_names(self) -> list[str]:
+        """One name per concept (``dvar_loss/<name>``); ``["concept"]`` in single-concept mode."""
+        return [c.name for c in self.concept_specs] if self.concept_specs else ["concept"]
+
+    def concept_phrase(self, index: int) -> str:
+        """The prompt words of concept ``index`` ("<new1> cat")."""
+        if self.concept_specs is None:
+            return self.phrase
+        spec = self.concept_specs[index]
+        return concept_phrase(spec.placeholder_token, spec.class_noun)
+
+    def train_dataset(self) -> Dataset:
+        """The training dataset (a pure function of the seed and the index): concepts in turn, class images added."""
+        parts: list[Dataset] = []
+        for i, images in enumerate(self.concept_images):
+            part = ConceptDataset(images, self.templates, self.concept_phrase(i), self.hparams.repeats, self.seed + i)
+            if self.hparams.with_prior_preservation:
+                if self.class_images[i] is None:
+                    raise RuntimeError("class images are not loaded: call load_class_images(module) or use Trainer.fit")
+                part = WithClassSamples(part, self.class_images[i], self.class_prompts[i], self.seed + i)
+            parts.append(part)
+        return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
     def train_dataloader(self) -> ResumableDataLoader:
         """Shuffled, resumable batches of ``{"pixel_values", "caption", "original_size", "crop_top_left"}``."""
@@ -259,13 +340,16 @@ class ConceptDataModule(L.LightningDataModule):
                                "call build_eval_dataset(spec) yourself when using the data module alone")
         return module.eval_batch_spec()
 
-    def build_eval_dataset(self, spec: EvalBatchSpec) -> FixedEvalDataset:
-        """The one-item dataset holding DVAR's evaluation batch."""
-        return FixedEvalDataset(self, spec, self.resample)
+    def build_eval_dataset(self, spec: EvalBatchSpec, concept: int = 0) -> FixedEvalDataset:
+        """The one-item dataset holding DVAR's evaluation batch (of concept ``concept``)."""
+        return FixedEvalDataset(self, spec, self.resample, concept)
 
     def val_dataloader(self) -> EVAL_DATALOADERS:
-        """DVAR's fixed evaluation batch, served whole (``batch_size=None``)."""
-        return DataLoader(self.build_eval_dataset(self.eval_batch_spec()), batch_size=None, num_workers=0)
+        """DVAR's fixed evaluation batch, served whole (``batch_size=None``); one loader per concept."""
+        spec = self.eval_batch_spec()
+        loaders = [DataLoader(self.build_eval_dataset(spec, i), batch_size=None, num_workers=0)
+                   for i in range(len(self.concept_images))]
+        return loaders[0] if len(loaders) == 1 else loaders
 
     def draw_eval_parts(
         self,
@@ -273,14 +357,17 @@ class ConceptDataModule(L.LightningDataModule):
         generator: torch.Generator,
         parts: Sequence[str],
         fixed: dict[str, Any] | None = None,
+        concept: int = 0,
     ) -> dict[str, Any]:
         """Draw the named parts of the evaluation batch from ``generator`` (PAPER.md, "DVAR").
 
         Fixed images are the first ``eval_batch_size`` concept images (cycling), each with one augmentation;
         captions take templates in order, one per slot; latents are a fixed standard-normal draw for the VAE's
         reparameterisation; timesteps are distinct (``randperm(T)[:B]``). When ``fixed`` is given, the parts are
-        being *resampled*: images and captions are then drawn at random, and timesteps uniformly.
+        being *resampled*: images and captions are then drawn at random, and timesteps uniformly. ``concept``
+        picks the concept's images and prompt words (the fixed batch stays instance-only).
         """
+        images, phrase = self.concept_images[concept], self.concept_phrase(concept)
         size, resample = self.eval_batch_size, fixed is not None
         side = self.hparams.resolution // spec.latent_downsample
         latent_shape = (size, spec.latent_channels, side, side)
@@ -288,10 +375,10 @@ class ConceptDataModule(L.LightningDataModule):
         # Draw in a fixed order regardless of `parts`, so the fixed batch never depends on the resample setting.
         if "images" in parts:
             seeds = torch.randint(0, 2**31 - 1, (size,), generator=generator).tolist()
-            indices = torch.randint(0, len(self.images), (size,), generator=generator).tolist() if resample else list(
+            indices = torch.randint(0, len(images), (size,), generator=generator).tolist() if resample else list(
                 range(size)
             )
-            samples = [self.images.sample(i, np.random.default_rng(s)) for i, s in zip(indices, seeds)]
+            samples = [images.sample(i, np.random.default_rng(s)) for i, s in zip(indices, seeds)]
             out["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
             out["original_size"] = torch.stack([s["original_size"] for s in samples])
             out["crop_top_left"] = torch.stack([s["crop_top_left"] for s in samples])
@@ -300,7 +387,7 @@ class ConceptDataModule(L.LightningDataModule):
                 picks = torch.randint(0, len(self.templates), (size,), generator=generator).tolist()
             else:
                 picks = [i % len(self.templates) for i in range(size)]
-            out["caption"] = [format_prompt(self.templates[i], self.phrase) for i in picks]
+            out["caption"] = [format_prompt(self.templates[i], phrase) for i in picks]
         if "latents" in parts:
             out["latent_noise"] = torch.randn(latent_shape, generator=generator)
         if "noise" in parts:
@@ -311,3 +398,12 @@ class ConceptDataModule(L.LightningDataModule):
             else:
                 out["timesteps"] = distinct_timesteps(size, spec.num_train_timesteps, generator=generator)
         return out
+
+
+def _resolve_instance_dir(folder: str) -> str:
+    """``"embedded"`` -> the example concept shipped with the package."""
+    if folder in ("embedded", "embedded:cat-toy"):
+        from lightning_custom.components import embedded_concept_path
+
+        return embedded_concept_path()
+    return folder
