@@ -3,10 +3,19 @@
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.data.concept import ConceptDataModule
 from lightning_custom.errors import UserInputError
-from lightning_custom.methods import PersonalizationModule, TextualInversion
+from lightning_custom.methods import (
+    CustomDiffusion,
+    DreamBooth,
+    DreamBoothLoRA,
+    PersonalizationModule,
+    TextualInversion,
+)
 
 __all__ = [
     "ConceptDataModule",
+    "CustomDiffusion",
+    "DreamBooth",
+    "DreamBoothLoRA",
     "DVAREarlyStopping",
     "PersonalizationModule",
     "RunSummary",

@@ -22,8 +22,12 @@ def list_image_files(folder: str | Path, argument: str = "--data.instance_data_d
         raise UserInputError(f"{argument}: folder {folder} does not exist")
     if not path.is_dir():
         raise UserInputError(f"{argument}: {folder} is a file, not a folder of images")
+    try:
+        entries = sorted(path.iterdir())
+    except OSError as err:
+        raise UserInputError(f"{argument}: cannot read folder {folder} ({err.strerror or type(err).__name__})") from err
     files, others = [], []
-    for entry in sorted(path.iterdir()):
+    for entry in entries:
         if entry.name.startswith(".") or entry.is_dir():
             continue  # hidden files (.DS_Store) and sub-folders are not part of the concept
         (files if entry.suffix.lower() in IMAGE_SUFFIXES else others).append(entry)

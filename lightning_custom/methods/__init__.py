@@ -1,6 +1,16 @@
 """Personalization methods, one LightningModule each, on a shared base."""
 
 from lightning_custom.methods.base import PersonalizationModule
+from lightning_custom.methods.custom_diffusion import CustomDiffusion
+from lightning_custom.methods.dreambooth import DreamBooth, DreamBoothLoRA
+from lightning_custom.methods.finetuning import FineTuningModule
 from lightning_custom.methods.textual_inversion import TextualInversion
 
-__all__ = ["PersonalizationModule", "TextualInversion"]
+__all__ = [
+    "CustomDiffusion",
+    "DreamBooth",
+    "DreamBoothLoRA",
+    "FineTuningModule",
+    "PersonalizationModule",
+    "TextualInversion",
+]

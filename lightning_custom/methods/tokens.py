@@ -103,3 +103,36 @@ def expand_placeholder(captions: list[str], placeholder_token: str, names: list[
     if len(names) == 1:
         return captions
     return [c.replace(placeholder_token, " ".join(names)) for c in captions]
+
+
+def split_tokens(value: str, argument: str) -> list[str]:
+    """``"<new1>+<new2>"`` -> ``["<new1>", "<new2>"]`` (diffusers' Custom Diffusion ``--modifier_token`` syntax)."""
+    tokens = [t.strip() for t in value.split("+")]
+    if not value.strip() or any(not t for t in tokens):
+        raise UserInputError(f"{argument}: {value!r} has an empty token; write tokens like '<new1>' or '<new1>+<new2>'")
+    if len(set(tokens)) != len(tokens):
+        raise UserInputError(f"{argument}: {value!r} repeats a token")
+    return tokens
+
+
+def learn_new_tokens(
+    tokenizer, text_encoder: nn.Module, tokens: list[str], initializers: list[str], argument_prefix: str = "--model"
+) -> TokenVectors:
+    """Add several single-vector tokens, each initialised from its own initializer word; return their vectors.
+
+    One initializer may serve every token. The vectors are attached by the caller (:meth:`TokenVectors.attach`).
+    """
+    if len(initializers) == 1:
+        initializers = initializers * len(tokens)
+    if len(initializers) != len(tokens):
+        raise UserInputError(
+            f"{argument_prefix}.initializer_token: {len(initializers)} initializers for {len(tokens)} tokens "
+            f"{tokens}; give one, or one per token joined by '+'"
+        )
+    init_ids = [single_token_id(tokenizer, word, f"{argument_prefix}.initializer_token") for word in initializers]
+    ids = add_placeholder_tokens(tokenizer, text_encoder, tokens, f"{argument_prefix}.placeholder_token")
+    embedding = text_encoder.get_input_embeddings()
+    with torch.no_grad():
+        initial = embedding.weight[init_ids].detach().float().clone()
+        embedding.weight[ids] = initial.to(embedding.weight.dtype)
+    return TokenVectors(ids, initial)

@@ -1,0 +1,158 @@
+"""Shared base of the methods that fine-tune the diffusion model itself: DreamBooth (full and LoRA), Custom Diffusion.
+
+What they share beyond :class:`~lightning_custom.methods.base.PersonalizationModule`: identifier tokens in the
+prompts (an existing rare word, or new tokens whose embeddings train), the prior-preservation loss when the data
+module serves class images, gradient-norm clipping, and the Textual-Inversion-format export of learned tokens.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+
+from lightning_custom.data.class_images import merge_class_batch
+from lightning_custom.diffusion import prior_preservation_loss
+from lightning_custom.io import write_safetensors
+from lightning_custom.methods.base import PersonalizationModule
+from lightning_custom.methods.tokens import learn_new_tokens, split_tokens
+
+LEARNED_EMBEDS = "learned_embeds.safetensors"
+_SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9<>_.+-]+$")
+
+
+class FineTuningModule(PersonalizationModule):
+    """Base class of DreamBooth, DreamBooth-LoRA and Custom Diffusion.
+
+    Args:
+        placeholder_token: the identifier in prompts ("sks", or a new token like ``"<new1>"``); several tokens
+            (one per concept) are joined by ``+``: ``"<new1>+<new2>"``.
+        initializer_token: word whose embedding initialises each new token; one for all, or one per token joined
+            by ``+``. Used only with ``train_token_embedding``.
+        train_token_embedding: add the identifier(s) as new tokens and train their embeddings (other rows of the
+            embedding matrix stay bit-identical).
+        prior_loss_weight: weight of the class-image loss when the data module serves class images
+            (``with_prior_preservation``): loss = instance loss + weight x class loss.
+        max_grad_norm: clip the gradient norm to this (``None``: no clipping). The trainer's ``gradient_clip_val``,
+            when set, takes precedence.
+        **kwargs: see :class:`~lightning_custom.methods.base.PersonalizationModule`.
+    """
+
+    #: Write each learned token to ``<token>.safetensors`` (Custom Diffusion's convention) even when there is one.
+    token_file_per_token = False
+
+    def __init__(
+        self,
+        placeholder_token: str = "sks",
+        initializer_token: str = "object",
+        train_token_embedding: bool = False,
+        prior_loss_weight: float = 1.0,
+        max_grad_norm: float | None = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        self.placeholder_token = placeholder_token
+        self.placeholder_tokens = split_tokens(placeholder_token, "--model.placeholder_token")
+        self.initializer_token = initializer_token
+        self.train_token_embedding = train_token_embedding
+        self.prior_loss_weight = prior_loss_weight
+        self.max_grad_norm = max_grad_norm
+        super().__init__(**kwargs)
+
+    # ------------------------------------------------------------------------------------------------ tokens
+    def configure_tokens(self) -> None:
+        """With ``train_token_embedding``, add the identifier tokens and make their vectors trainable."""
+        self.token_vectors = None
+        if self.train_token_embedding:
+            initializers = split_tokens(self.initializer_token, "--model.initializer_token")
+            self.token_vectors = learn_new_tokens(self.tokenizer, self.text_encoder, self.placeholder_tokens,
+                                                  initializers)
+            self._splice_handle = self.token_vectors.attach(self.text_encoder.get_input_embeddings())
+
+    def learned_embeddings(self) -> dict[str, torch.Tensor]:
+        """``{token: (1, dim) tensor}`` for every learned token (empty without ``train_token_embedding``)."""
+        if self.token_vectors is None:
+            return {}
+        vectors = self.token_vectors.vectors.detach().float().cpu()
+        return {token: vectors[i : i + 1].clone() for i, token in enumerate(self.placeholder_tokens)}
+
+    def export_token_embeddings(self, output_dir: Path) -> list[str]:
+        """Write the learned tokens for ``pipe.load_textual_inversion``; return the file names.
+
+        One token goes to ``learned_embeds.safetensors``; several (or with :attr:`token_file_per_token`) go to one
+        ``<token>.safetensors`` each, since diffusers loads one token per file.
+        """
+        embeddings = self.learned_embeddings()
+        if not embeddings:
+            return []
+        if len(embeddings) == 1 and not self.token_file_per_token:
+            write_safetensors(Path(output_dir) / LEARNED_EMBEDS, embeddings)
+            return [LEARNED_EMBEDS]
+        names = []
+        for token, vector in embeddings.items():
+            name = token_file_name(token)
+            write_safetensors(Path(output_dir) / name, {token: vector})
+            names.append(name)
+        return names
+
+    # ------------------------------------------------------------------------------------------------ losses
+    def prior_losses(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(instance loss, class loss)`` of a batch holding class samples, from one UNet forward over both."""
+        merged, num_instances = merge_class_batch(batch)
+        per_sample = super().training_loss(merged, reduction="none")
+        return per_sample[:num_instances].mean(), per_sample[num_instances:].mean()
+
+    def training_loss(self, batch: dict[str, Any], reduction: str = "mean") -> torch.Tensor:
+        """The diffusion loss; with class samples in the batch, ``instance + prior_loss_weight * class``.
+
+        ``reduction="none"`` gives one loss per sample, the instance samples first, then the class samples.
+        """
+        if "class_pixel_values" not in batch:
+            return super().training_loss(batch, reduction)
+        if reduction != "mean":
+            return super().training_loss(merge_class_batch(batch)[0], reduction)
+        return prior_preservation_loss(*self.prior_losses(batch), self.prior_loss_weight)
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        """One optimizer step's loss; with prior preservation the instance and class parts are logged too."""
+        if "class_pixel_values" not in batch:
+            return super().training_step(batch, batch_idx)
+        instance, klass = self.prior_losses(batch)
+        loss = prior_preservation_loss(instance, klass, self.prior_loss_weight)
+        size = batch["pixel_values"].shape[0]
+        self.log("train_loss", loss, prog_bar=True, batch_size=size)
+        self.log_dict({"train_instance_loss": instance.detach(), "train_class_loss": klass.detach()}, batch_size=size)
+        return loss
+
+    def configure_gradient_clipping(
+        self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
+        gradient_clip_algorithm: str | None = None,
+    ) -> None:
+        """Clip to ``max_grad_norm`` unless the trainer sets its own ``gradient_clip_val``."""
+        if gradient_clip_val is None and self.max_grad_norm is not None:
+            gradient_clip_val = self.max_grad_norm
+        self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
+    # ----------------------------------------------------------------------------------------------- loading
+    @staticmethod
+    def load_token_embeddings(pipe: Any, run_dir: str | Path) -> list[str]:
+        """Load every learned-token file of a run into ``pipe`` (``load_textual_inversion``); return the tokens.
+
+        A token file holds one tensor whose key is the token: ``learned_embeds.safetensors`` or ``<token>.safetensors``.
+        """
+        tokens = []
+        for path in sorted(Path(run_dir).glob("*.safetensors")):
+            with safe_open(str(path), framework="pt") as handle:
+                keys = list(handle.keys())
+            if len(keys) == 1 and (path.name == LEARNED_EMBEDS or token_file_name(keys[0]) == path.name):
+                pipe.load_textual_inversion(str(path))
+                tokens.append(keys[0])
+        return tokens
+
+
+def token_file_name(token: str) -> str:
+    """``<new1>.safetensors`` (Custom Diffusion's convention); unsafe characters in the token become ``_``."""
+    stem = token if _SAFE_FILE_NAME.match(token) and token not in (".", "..") else re.sub(r"[^\w.-]+", "_", token)
+    return f"{stem}.safetensors"

@@ -1,0 +1,105 @@
+"""LoRA (Hu et al., 2022) through peft on the UNet and the text encoder, exported in diffusers' LoRA format."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from lightning_custom.components import cast_trainable_to_fp32
+from lightning_custom.errors import UserInputError
+from lightning_custom.io import atomic_path
+
+UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
+TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
+LORA_WEIGHT_NAME = "pytorch_lora_weights.safetensors"
+ADAPTER = "default"
+_LORA_LAYER_TYPES = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Embedding)
+
+
+def lora_layer_names(model: nn.Module) -> list[str]:
+    """Names of the layers peft can wrap with LoRA (linear, convolution, embedding)."""
+    return [name for name, module in model.named_modules() if isinstance(module, _LORA_LAYER_TYPES)]
+
+
+def check_target_modules(model: nn.Module, targets: Sequence[str], argument: str, model_name: str) -> None:
+    """Every target must match a layer the way peft matches names (exact, or a ``.``-separated suffix).
+
+    peft itself only fails when *no* target matches; a misspelt one among several would silently train less.
+    """
+    if not targets:
+        raise UserInputError(f"{argument}: give at least one module name, e.g. {list(UNET_TARGETS)}")
+    names = lora_layer_names(model)
+    for target in targets:
+        if not any(name == target or name.endswith("." + target) for name in names):
+            examples = sorted({".".join(n.split(".")[-2:]) if n.split(".")[-1].isdigit() else n.split(".")[-1]
+                               for n in names})[:8]
+            raise UserInputError(
+                f"{argument}: no layer of the {model_name} is named {target!r}; choose layer names such as {examples}"
+            )
+
+
+def add_lora(
+    model: nn.Module, rank: int, alpha: float, dropout: float, targets: Sequence[str], argument: str, model_name: str
+) -> None:
+    """Inject a trainable LoRA adapter into ``model``'s ``targets``; the wrapped base weights stay untouched.
+
+    Uses ``peft.inject_adapter_in_model`` directly (``transformers``' ``add_adapter`` needs a newer peft), then
+    records the config as ``model.peft_config`` the way diffusers' and transformers' ``add_adapter`` do, so that
+    ``get_peft_model_state_dict`` works. LoRA weights stay fp32; dropout layers are put in training mode.
+    """
+    from peft import LoraConfig, inject_adapter_in_model
+
+    if rank < 1:
+        raise UserInputError(f"--model.rank: must be at least 1, got {rank}")
+    if not 0.0 <= dropout < 1.0:
+        raise UserInputError(f"--model.lora_dropout: must be in [0, 1), got {dropout}")
+    check_target_modules(model, targets, argument, model_name)
+    config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
+                        target_modules=list(targets))
+    inject_adapter_in_model(config, model, ADAPTER)
+    model.peft_config = {ADAPTER: config}
+    model._hf_peft_config_loaded = True
+    for name, module in model.named_modules():
+        if "lora_dropout" in name:
+            module.train()  # the DVAR evaluation runs in eval mode (Lightning restores the modes after it)
+    cast_trainable_to_fp32(model)
+
+
+@contextlib.contextmanager
+def lora_dropout_disabled(*models: nn.Module) -> Iterator[None]:
+    """Turn LoRA dropout off inside the block (restoring each layer's mode after)."""
+    layers = [m for model in models for name, m in model.named_modules() if "lora_dropout" in name]
+    modes = [m.training for m in layers]
+    try:
+        for layer in layers:
+            layer.training = False
+        yield
+    finally:
+        for layer, mode in zip(layers, modes):
+            layer.training = mode
+
+
+def lora_layers(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapter's weights under diffusers' key names, on the CPU."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=ADAPTER))
+    return {key: value.detach().cpu().contiguous() for key, value in state.items()}
+
+
+def save_lora(output_dir: str | Path, unet: nn.Module, text_encoder: nn.Module | None = None) -> str:
+    """Write ``pytorch_lora_weights.safetensors`` (with the adapters' rank/alpha metadata) for ``load_lora_weights``."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs = {"unet_lora_layers": lora_layers(unet), "unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
+    if text_encoder is not None:
+        kwargs["text_encoder_lora_layers"] = lora_layers(text_encoder)
+        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config[ADAPTER].to_dict()
+    with atomic_path(Path(output_dir) / LORA_WEIGHT_NAME) as tmp:
+        StableDiffusionPipeline.save_lora_weights(str(tmp.parent), weight_name=tmp.name, **kwargs)
+    return LORA_WEIGHT_NAME
