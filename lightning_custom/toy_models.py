@@ -27,6 +27,8 @@ __all__ = [
     "vae_downsample_factor",
     "save_tiny_sd",
     "make_example_concept_images",
+    "save_tiny_clip",
+    "save_tiny_dino",
 ]
 
 BOS_TOKEN = "<|startoftext|>"
@@ -321,3 +323,37 @@ def make_example_concept_images(
         img.save(path)
         paths.append(path)
     return paths
+
+
+def save_tiny_clip(path: str | Path, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
+    """Builds a tiny ``CLIPModel`` (width 32, 2 layers per tower) and its tokenizer; saves both to ``path``.
+
+    Loadable with ``CLIPModel.from_pretrained(path)`` / ``CLIPTokenizer.from_pretrained(path)``, like
+    ``openai/clip-vit-base-patch32``; the vocabulary is the offline one of :func:`build_clip_tokenizer`.
+    """
+    from transformers import CLIPConfig, CLIPModel
+
+    path = Path(path)
+    tokenizer = build_clip_tokenizer()
+    text = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=37, num_hidden_layers=2,
+                num_attention_heads=4, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id)
+    vision = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=2, num_attention_heads=4,
+                  image_size=image_size, patch_size=patch_size)
+    torch.manual_seed(seed)
+    model = CLIPModel(CLIPConfig(text_config=text, vision_config=vision, projection_dim=16)).eval()
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def save_tiny_dino(path: str | Path, seed: int = 0, image_size: int = 32, patch_size: int = 8) -> Path:
+    """Builds a tiny ViT with DINO ViT-S/16's layout (a ``ViTModel`` without pooler; width 32) and saves it."""
+    from transformers import ViTConfig, ViTModel
+
+    path = Path(path)
+    torch.manual_seed(seed)
+    config = ViTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=4, intermediate_size=37,
+                       image_size=image_size, patch_size=patch_size)
+    ViTModel(config, add_pooling_layer=False).eval().save_pretrained(path)
+    return path
