@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import time
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,8 @@ from typing_extensions import override
 from lightning_custom.io import write_json
 
 SUMMARY_FILE = "summary.json"
+REPORT_FILE = "report.png"
+log = logging.getLogger(__name__)
 
 
 class RunSummary(Callback):
@@ -24,11 +27,12 @@ class RunSummary(Callback):
     Args:
         output_dir: where to write; defaults to ``trainer.default_root_dir``.
         export: also call the module's ``export_artifacts`` (turn off to only write the summary).
+        report: also draw ``report.png`` (training loss, deterministic loss, variance ratio, stop step).
     """
 
-    def __init__(self, output_dir: str | None = None, export: bool = True) -> None:
+    def __init__(self, output_dir: str | None = None, export: bool = True, report: bool = True) -> None:
         super().__init__()
-        self.output_dir, self.export = output_dir, export
+        self.output_dir, self.export, self.report = output_dir, export, report
         self.train_loss_history: list[list[float]] = []
         self._start: float | None = None
         self.wall_seconds_before_resume = 0.0
@@ -64,6 +68,13 @@ class RunSummary(Callback):
         summary = build_summary(trainer, pl_module, wall, artifacts)
         summary["train_loss_history"] = self.train_loss_history
         write_json(out / SUMMARY_FILE, summary)
+        if self.report:
+            from lightning_custom.report import write_report
+
+            try:
+                write_report(summary, out / REPORT_FILE)
+            except Exception as err:  # noqa: BLE001 - the artifacts and summary are written; a plot must not fail the run
+                log.warning("RunSummary: could not draw %s: %s", REPORT_FILE, err)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -95,28 +106,39 @@ def find_callback(trainer: L.Trainer, name: str) -> Any:
 def build_summary(trainer: L.Trainer, pl_module: L.LightningModule, wall_seconds: float,
                   artifacts: list[str]) -> dict[str, Any]:
     """The ``summary.json`` contract shared by every method."""
-    stopped_by, _ = stop_information(trainer)
+    stopped_by, decider = stop_information(trainer)
     dvar = find_callback(trainer, "DVAREarlyStopping")
     hparams = pl_module.hparams
     summary: dict[str, Any] = {
         "method": type(pl_module).__name__,
+        "method_class_path": f"{type(pl_module).__module__}.{type(pl_module).__qualname__}",
         "pretrained_model_name_or_path": hparams.get("pretrained_model_name_or_path"),
         "placeholder_token": getattr(pl_module, "placeholder_token", None),
         "stop_step": trainer.global_step,
         "max_steps": trainer.max_steps,
         "stopped_by": stopped_by,
-        "stop_reason": getattr(dvar, "stop_reason", "") if stopped_by == "dvar" else "",
+        "stop_reason": getattr(decider, "stop_reason", ""),
         "dvar_window": getattr(dvar, "window", None),
         "dvar_threshold": getattr(dvar, "threshold", None),
         "dvar_eval_every_n_steps": getattr(dvar, "eval_every_n_steps", None),
         "dvar_history": dvar.history if dvar else [],
         "wall_seconds": round(wall_seconds, 3),
         "seconds_per_step": round(wall_seconds / max(1, trainer.global_step), 5),
+        "steps_saved": None,
+        "seconds_saved": None,
         "artifacts": artifacts,
         "seed": hparams.get("seed"),
         "prediction_type": getattr(pl_module, "prediction_type", None),
         "learning_rate": getattr(pl_module, "effective_learning_rate", hparams.get("learning_rate")),
+        "instance_data_dir": getattr(getattr(trainer, "datamodule", None), "instance_data_dir", None),
     }
+    if trainer.max_steps and trainer.max_steps > 0:
+        # Steps not trained against the max_steps budget, and the time they would have cost at the measured rate.
+        summary["steps_saved"] = max(0, trainer.max_steps - trainer.global_step)
+        summary["seconds_saved"] = round(summary["steps_saved"] * summary["seconds_per_step"], 3)
+    for callback in trainer.callbacks:
+        if hasattr(callback, "summary_fields"):
+            summary.update(callback.summary_fields())
     if dvar is not None and len(dvar.histories) > 1:
         summary["dvar_histories"] = dvar.histories
     return summary

@@ -1,0 +1,121 @@
+"""The run report: one PNG with the training loss, DVAR's deterministic loss and the variance ratio over steps.
+
+Drawn from the ``summary.json`` contract alone, so it can be redrawn for any finished run. The ratio series is
+recomputed with :func:`lightning_custom.dvar.ratio_series`, the function the live callback uses.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from lightning_custom.dvar import ratio_series, window_in_values
+from lightning_custom.io import atomic_path
+
+REPORT_FILE = "report.png"
+FIGSIZE = (8.0, 8.0)
+DPI = 100
+
+
+def dvar_ratios(summary: dict[str, Any]) -> list[list[float]]:
+    """``[[step, ratio], ...]`` for the summary's DVAR history (empty without a DVAR window)."""
+    history = summary.get("dvar_history") or []
+    window = summary.get("dvar_window")
+    if not history or not window:
+        return []
+    every = summary.get("dvar_eval_every_n_steps") or 1
+    ratios = ratio_series([loss for _, loss in history], window_in_values(window, every))
+    return [[step, r] for (step, _), r in zip(history, ratios) if r is not None]
+
+
+def moving_average(values: np.ndarray, width: int) -> np.ndarray:
+    """Trailing mean over up to ``width`` values (shorter at the start)."""
+    if len(values) == 0:
+        return values
+    cumsum = np.cumsum(np.insert(values.astype(np.float64), 0, 0.0))
+    index = np.arange(1, len(values) + 1)
+    lower = np.maximum(0, index - width)
+    return (cumsum[index] - cumsum[lower]) / (index - lower)
+
+
+def report_figure(summary: dict[str, Any]):
+    """A matplotlib ``Figure`` (Agg canvas, no pyplot state) of the run's losses and DVAR ratio."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=FIGSIZE, dpi=DPI)
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(3, 1, sharex=True)
+    stop_step = summary.get("stop_step")
+    stopped_by = summary.get("stopped_by") or "?"
+
+    train = np.asarray(summary.get("train_loss_history") or [], dtype=np.float64).reshape(-1, 2)
+    ax = axes[0]
+    if len(train):
+        width = max(1, len(train) // 50)
+        if width > 1:
+            ax.plot(train[:, 0], train[:, 1], color="tab:gray", alpha=0.35, lw=0.8, label="training loss")
+            ax.plot(train[:, 0], moving_average(train[:, 1], width), color="tab:blue", lw=1.4,
+                    label=f"moving mean ({width} steps)")
+            ax.legend(loc="upper right", fontsize=8)
+        else:
+            ax.plot(train[:, 0], train[:, 1], color="tab:blue", lw=1.0)
+    else:
+        ax.text(0.5, 0.5, "no training loss recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel("training loss")
+
+    history = np.asarray(summary.get("dvar_history") or [], dtype=np.float64).reshape(-1, 2)
+    ax = axes[1]
+    if len(history):
+        ax.plot(history[:, 0], history[:, 1], color="tab:orange", lw=1.2)
+    else:
+        ax.text(0.5, 0.5, "no deterministic loss recorded", ha="center", va="center", transform=ax.transAxes)
+    ax.set_ylabel("deterministic loss $L_{det}$")
+
+    ratios = np.asarray(dvar_ratios(summary), dtype=np.float64).reshape(-1, 2)
+    threshold = summary.get("dvar_threshold")
+    ax = axes[2]
+    if len(ratios):
+        positive = ratios[:, 1] > 0
+        ax.plot(ratios[positive, 0], ratios[positive, 1], color="tab:green", lw=1.2, label="variance ratio")
+        ax.set_yscale("log")
+    else:
+        ax.text(0.5, 0.5, "ratio undefined (history shorter than the window)", ha="center", va="center",
+                transform=ax.transAxes)
+    if threshold:
+        ax.axhline(threshold, color="tab:red", ls="--", lw=1.0, label=f"threshold {threshold:g}")
+        below = np.flatnonzero(ratios[:, 1] < threshold) if len(ratios) else []
+        if len(below) and stopped_by != "dvar":
+            # An observing run (dvar.stop=false, a baseline): where DVAR with these settings would have stopped.
+            first = ratios[below[0]]
+            ax.plot([first[0]], [max(first[1], 1e-12)], "v", color="tab:red",
+                    label=f"DVAR would stop: step {first[0]:.0f}")
+    if stop_step is not None:
+        for axis in axes:
+            axis.axvline(stop_step, color="black", ls=":", lw=1.0)
+        ax.lines[-1].set_label(f"stop: step {stop_step} ({stopped_by})")
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(loc="upper right", fontsize=8)
+    ax.set_ylabel(f"var(last W) / var(all)\nW = {summary.get('dvar_window')} steps")
+    ax.set_xlabel("optimizer step")
+
+    for axis in axes:
+        axis.grid(alpha=0.3)
+    title = f"{summary.get('method', 'run')}: stopped at step {stop_step} of {summary.get('max_steps')} by {stopped_by}"
+    saved = summary.get("steps_saved")
+    if saved is not None and summary.get("seconds_saved") is not None:
+        rate = summary.get("seconds_per_step") or 0.0
+        title += f"\n{saved} steps saved, ~{summary['seconds_saved']:.1f} s at {rate:.3g} s/step"
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return fig
+
+
+def write_report(summary: dict[str, Any], path: str | Path) -> Path:
+    """Draw :func:`report_figure` and save it as a ``800 x 800`` PNG, atomically."""
+    fig = report_figure(summary)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=DPI)
+    return Path(path)
