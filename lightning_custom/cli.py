@@ -1,4 +1,9 @@
-"""``python -m lightning_custom``: a LightningCLI for every method, with DVAR and the run summary built in."""
+"""``python -m lightning_custom``: a LightningCLI for every method, with DVAR and the run summary built in.
+
+Besides fit/validate/..., three subcommands work on finished runs (see ``python -m lightning_custom <name> --help``):
+``sample`` (images with the learned concept), ``evaluate`` (CLIP-I, CLIP-T, DINO into metrics.json) and
+``replay`` (where DVAR would have stopped, for a grid of window x threshold).
+"""
 
 from __future__ import annotations
 
@@ -9,6 +14,7 @@ from collections.abc import Sequence
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
+from lightning_custom.commands import COMMANDS, run_command
 from lightning_custom.data.concept import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods.base import PersonalizationModule
@@ -43,7 +49,10 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
         args: command-line arguments (``sys.argv[1:]`` when ``None``), e.g. ``["fit", "--config", "x.yaml"]``.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    argv = list(args) if args is not None else sys.argv[1:]
     try:
+        if argv and argv[0] in COMMANDS:
+            return run_command(argv)
         return PersonalizationCLI(
             PersonalizationModule,
             ConceptDataModule,
@@ -51,7 +60,7 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
             subclass_mode_data=True,
             seed_everything_default=59,
             save_config_kwargs={"overwrite": True},
-            args=list(args) if args is not None else None,
+            args=argv if args is not None else None,
             parser_kwargs={"description": __doc__},
         )
     except Exception as err:  # noqa: BLE001 - re-raised unless it is (or wraps) bad user input

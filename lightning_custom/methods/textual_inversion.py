@@ -50,3 +50,9 @@ class TextualInversion(PersonalizationModule):
         """Write ``learned_embeds.safetensors`` for ``pipe.load_textual_inversion(path)``."""
         write_safetensors(Path(output_dir) / "learned_embeds.safetensors", self.learned_embeddings())
         return ["learned_embeds.safetensors"]
+
+    @staticmethod
+    def load_into_pipeline(pipe, run_dir: str | Path):
+        """Load a finished run's ``learned_embeds.safetensors`` into a diffusers pipeline (for sampling)."""
+        pipe.load_textual_inversion(str(Path(run_dir) / "learned_embeds.safetensors"))
+        return pipe

@@ -1,0 +1,193 @@
+"""Subcommands beside LightningCLI's fit/validate/...: ``sample``, ``evaluate`` and ``replay`` a finished run.
+
+Each is a plain function; its signature is the command line and its docstring the ``--help``. Lists are given
+in YAML/JSON form (``--windows '[100, 200]'``) or one item at a time (``--windows 100 --windows+ 200``).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from lightning_custom.errors import UserInputError
+
+
+def _read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str] | None:
+    """Prompts given inline, or one per line of ``prompts_file`` (blank lines and ``#`` comments skipped)."""
+    if prompts_file is None:
+        return prompts
+    path = Path(prompts_file).expanduser()
+    if not path.is_file():
+        raise UserInputError(f"--prompts_file: no such file {prompts_file!r}")
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    listed = [line for line in lines if line and not line.startswith("#")]
+    if not listed:
+        raise UserInputError(f"--prompts_file: {prompts_file} holds no prompts")
+    return (prompts or []) + listed
+
+
+def sample(
+    run_dir: str,
+    prompts: list[str] | None = None,
+    prompts_file: str | None = None,
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    scheduler: str = "default",
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 4,
+    output_dir: str | None = None,
+    base_model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+) -> dict:
+    """Generate images with the concept a finished run learned; write the PNGs, a labelled grid and samples.json.
+
+    Args:
+        run_dir: the run folder (the fit's default_root_dir, holding summary.json and the artifacts).
+        prompts: prompt templates; '{}' is replaced by the run's placeholder token (default: 8 object prompts).
+        prompts_file: a text file with one prompt template per line (added after --prompts).
+        images_per_prompt: images per prompt; image j of every prompt uses seed + j.
+        seed: the first seed.
+        guidance_scale: classifier-free guidance scale.
+        num_inference_steps: denoising steps.
+        scheduler: sampler: default (the model's own), ddim, dpm++, euler, pndm or ddpm.
+        height: image height in pixels (default: the model's).
+        width: image width in pixels (default: the model's).
+        batch_size: images generated at once.
+        output_dir: where to write (default: <run_dir>/samples).
+        base_model: load this base model instead of the one recorded in summary.json.
+        device: auto, cpu, cuda, cuda:1, ...
+        dtype: auto (float16 on CUDA, else float32), float32, float16 or bfloat16.
+    """
+    from lightning_custom.sampling import sample_run
+
+    manifest = sample_run(
+        run_dir, _read_prompts(prompts, prompts_file), images_per_prompt=images_per_prompt, seed=seed,
+        guidance_scale=guidance_scale, num_inference_steps=num_inference_steps, scheduler=scheduler, height=height,
+        width=width, batch_size=batch_size, output_dir=output_dir, base_model=base_model, device=device, dtype=dtype,
+    )
+    out = Path(output_dir) if output_dir else Path(run_dir) / "samples"
+    print(f"wrote {len(manifest['images'])} images and {out / manifest['grid']} in {manifest['seconds']:.1f} s")
+    return manifest
+
+
+def evaluate(
+    run_dir: str,
+    concept_dir: str | None = None,
+    prompts: list[str] | None = None,
+    prompts_file: str | None = None,
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    scheduler: str = "default",
+    clip_model: str = "openai/clip-vit-base-patch32",
+    dino_model: str = "facebook/dino-vits16",
+    metrics: list[str] | None = None,
+    batch_size: int = 4,
+    device: str = "auto",
+    dtype: str = "auto",
+    base_model: str | None = None,
+    output: str | None = None,
+) -> dict:
+    """Score a finished run: sample N prompts x M images with fixed seeds, then CLIP-I, CLIP-T and DINO.
+
+    Args:
+        run_dir: the run folder (holding summary.json and the artifacts).
+        concept_dir: the concept images (default: the instance_data_dir recorded in summary.json).
+        prompts: prompt templates with '{}' for the concept (default: 8 object prompts).
+        prompts_file: a text file with one prompt template per line.
+        images_per_prompt: images per prompt (M); image j of every prompt uses seed + j.
+        seed: the first seed.
+        guidance_scale: classifier-free guidance scale.
+        num_inference_steps: denoising steps.
+        scheduler: sampler: default, ddim, dpm++, euler, pndm or ddpm.
+        clip_model: CLIP for CLIP-I and CLIP-T: hub id or local folder.
+        dino_model: DINO ViT for the DINO score: hub id or local folder (the paper: ViT-S/16).
+        metrics: any of clip_i, clip_t, dino (default: all three).
+        batch_size: images generated at once.
+        device: auto, cpu, cuda, ...
+        dtype: auto, float32, float16 or bfloat16 (of the diffusion model).
+        base_model: load this base model instead of the one recorded in summary.json.
+        output: where to write the metrics (default: <run_dir>/metrics.json).
+    """
+    from lightning_custom.evaluate import METRIC_NAMES, evaluate_run
+
+    result = evaluate_run(
+        run_dir, concept_dir=concept_dir, prompts=_read_prompts(prompts, prompts_file),
+        images_per_prompt=images_per_prompt, seed=seed, guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps, scheduler=scheduler, clip_model=clip_model, dino_model=dino_model,
+        metrics=metrics or METRIC_NAMES, batch_size=batch_size, device=device, dtype=dtype, base_model=base_model,
+        output=output,
+    )
+    scores = ", ".join(f"{name} {result[name]:.4f}" for name in METRIC_NAMES if name in result)
+    print(f"{result['num_prompts']} prompts x {images_per_prompt} images: {scores}")
+    return result
+
+
+def replay(
+    runs: list[str],
+    windows: list[int] | None = None,
+    thresholds: list[float] | None = None,
+    min_steps: int = 0,
+    output_dir: str | None = None,
+) -> dict:
+    """Where would DVAR have stopped? Replay finished runs' deterministic-loss histories for a grid of settings.
+
+    A full-length run (e.g. --dvar.stop false) gives exactly the stop step a live DVAR run of the same seed would
+    have had; tune window and threshold here without retraining.
+
+    Args:
+        runs: run folders, summary.json files, or folders searched for them recursively.
+        windows: DVAR windows in optimizer steps (default: 50, 100, 200, 310, 440).
+        thresholds: DVAR thresholds (default: 0.05, 0.1, 0.15, 0.2, 0.3, 0.4).
+        min_steps: never stop before this step (as --dvar.min_steps).
+        output_dir: where to write replay.md/.csv/.json/.png (default: <run>/replay for one run, else ./replay).
+    """
+    from lightning_custom.replay import DEFAULT_THRESHOLDS, DEFAULT_WINDOWS, markdown_table, write_replay
+    from lightning_custom.replay import replay as replay_runs
+
+    result = replay_runs(runs, windows or DEFAULT_WINDOWS, thresholds or DEFAULT_THRESHOLDS, min_steps)
+    if output_dir is None:
+        single = len(result.runs) == 1
+        output_dir = str(Path(result.runs[0].path).parent / "replay") if single else "replay"
+    files = write_replay(result, output_dir)
+    print(markdown_table(result))
+    print(f"wrote {', '.join(str(p) for p in files.values())}")
+    return {"result": result, "files": files}
+
+
+COMMANDS: dict[str, Callable] = {"sample": sample, "evaluate": evaluate, "replay": replay}
+_POSITIONAL = {"sample": ("run_dir", None), "evaluate": ("run_dir", None), "replay": ("runs", "+")}
+
+
+def build_parser(name: str):
+    """The jsonargparse parser of one subcommand, from its function's signature and docstring."""
+    from jsonargparse import ArgumentParser
+
+    function = COMMANDS[name]
+    positional, nargs = _POSITIONAL[name]
+    doc = (function.__doc__ or "").strip().split("\n\n")[0]
+    parser = ArgumentParser(prog=f"python -m lightning_custom {name}", description=doc)
+    help_line = next(
+        (line.split(":", 1)[1].strip() for line in (function.__doc__ or "").splitlines()
+         if line.strip().startswith(f"{positional}:")), "",
+    )
+    parser.add_argument(positional, nargs=nargs, help=help_line) if nargs else parser.add_argument(
+        positional, help=help_line
+    )
+    parser.add_function_arguments(function, skip={positional}, as_positional=False)
+    return parser
+
+
+def run_command(args: Sequence[str]):
+    """Run ``args[0]`` (one of :data:`COMMANDS`) with the remaining arguments; return the function's result."""
+    name, rest = args[0], list(args[1:])
+    parser = build_parser(name)
+    config = parser.parse_args(rest)
+    kwargs = {k: v for k, v in vars(config).items() if k != "config"}
+    kwargs = {k.replace("-", "_"): v for k, v in kwargs.items()}
+    return COMMANDS[name](**kwargs)

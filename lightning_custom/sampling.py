@@ -1,0 +1,381 @@
+"""Generate images with a learned concept: from a finished run's artifacts, or from a module while it trains.
+
+A finished run is read through its ``summary.json``: the base model (``pretrained_model_name_or_path``) is loaded
+as a diffusers pipeline, then the method puts its artifacts into it: through the method class's
+``load_into_pipeline(pipe, run_dir) -> pipe`` (a static or class method), else by artifact file name
+(:data:`ARTIFACT_LOADERS`). A run that exported a complete pipeline (DreamBooth) is loaded from it directly.
+
+Every image has its own seed (a CPU ``torch.Generator``), so an image depends only on its prompt and seed, on any
+device and in any batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import textwrap
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from PIL import Image, ImageDraw, ImageFont
+
+from lightning_custom.errors import UserInputError
+from lightning_custom.io import atomic_path, write_json
+from lightning_custom.metrics import without_placeholder
+
+SUMMARY_FILE = "summary.json"
+SAMPLES_FILE = "samples.json"
+GRID_FILE = "grid.png"
+# Object prompts in the style of DreamBooth's evaluation list; "{}" stands for the learned concept.
+DEFAULT_PROMPTS: tuple[str, ...] = (
+    "a photo of {}",
+    "{} on the beach",
+    "{} in the jungle",
+    "{} in the snow",
+    "{} on top of a wooden floor",
+    "{} with a city in the background",
+    "a red {}",
+    "a watercolor painting of {}",
+)
+SCHEDULERS = {
+    "ddim": "DDIMScheduler",
+    "ddpm": "DDPMScheduler",
+    "dpm++": "DPMSolverMultistepScheduler",
+    "euler": "EulerDiscreteScheduler",
+    "pndm": "PNDMScheduler",
+}
+
+
+# ------------------------------------------------------------------------------------------------ run folders
+def read_summary(run_dir: str | Path, argument: str = "run_dir") -> dict[str, Any]:
+    """The run's ``summary.json``, with a one-line error when the folder or the file is missing or broken."""
+    run = Path(run_dir).expanduser()
+    if not run.is_dir():
+        raise UserInputError(f"{argument}: no such run folder {str(run_dir)!r}")
+    file = run / SUMMARY_FILE
+    if not file.is_file():
+        raise UserInputError(f"{argument}: {run} has no {SUMMARY_FILE} (is it the default_root_dir of a finished fit?)")
+    try:
+        summary = json.loads(file.read_text())
+    except json.JSONDecodeError as err:
+        raise UserInputError(f"{argument}: {file} is not valid JSON ({err.msg} at line {err.lineno})") from err
+    if not isinstance(summary, dict):
+        raise UserInputError(f"{argument}: {file} does not hold a JSON object")
+    return summary
+
+
+def fill_prompt(template: str, placeholder_token: str | None) -> str:
+    """``"{} on the beach"`` -> ``"<cat-toy> on the beach"``; a prompt without ``{}`` is kept as written."""
+    if "{}" in template and not placeholder_token:
+        raise UserInputError(f"prompt {template!r}: the run has no placeholder token to put in place of '{{}}'")
+    return template.replace("{}", placeholder_token or "")
+
+
+def make_scheduler(name: str, config: Any) -> Any:
+    """A fresh inference scheduler called ``name`` (see :data:`SCHEDULERS`) built from a scheduler config."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise UserInputError(f"--scheduler: {name!r} is not one of {['default', *SCHEDULERS]}")
+    return getattr(diffusers, SCHEDULERS[name]).from_config(config)
+
+
+# ------------------------------------------------------------------------------------------------ artifacts
+def _load_textual_inversion(pipe: Any, run_dir: Path, file: str) -> Any:
+    pipe.load_textual_inversion(str(run_dir / file))
+    return pipe
+
+
+def _load_lora(pipe: Any, run_dir: Path, file: str) -> Any:
+    pipe.load_lora_weights(str(run_dir), weight_name=file)
+    return pipe
+
+
+def _load_custom_diffusion(pipe: Any, run_dir: Path, file: str) -> Any:
+    # diffusers 0.42 installs the processors only when `_pipeline` is passed (huggingface/diffusers#9320)
+    pipe.unet.load_attn_procs(str(run_dir), weight_name=file, _pipeline=pipe)
+    return pipe
+
+
+# File name -> loader, for methods without their own ``load_into_pipeline`` (diffusers' artifact names).
+ARTIFACT_LOADERS: dict[str, Callable[[Any, Path, str], Any]] = {
+    "learned_embeds.safetensors": _load_textual_inversion,
+    "pytorch_lora_weights.safetensors": _load_lora,
+    "pytorch_custom_diffusion_weights.bin": _load_custom_diffusion,
+    "pytorch_custom_diffusion_weights.safetensors": _load_custom_diffusion,
+}
+
+
+def method_class(summary: dict[str, Any]) -> type | None:
+    """The run's LightningModule class, from ``method_class_path`` or by name in ``lightning_custom.methods``."""
+    path = summary.get("method_class_path")
+    if path and "." in path:
+        module_name, _, name = path.rpartition(".")
+        try:
+            return getattr(importlib.import_module(module_name), name)
+        except (ImportError, AttributeError):
+            pass
+    methods = importlib.import_module("lightning_custom.methods")
+    return getattr(methods, str(summary.get("method")), None)
+
+
+def exported_pipeline(run_dir: Path, summary: dict[str, Any]) -> Path | None:
+    """A complete diffusers pipeline the run exported (DreamBooth's ``pipeline/``), if any."""
+    for candidate in [run_dir, *(run_dir / a for a in summary.get("artifacts", []))]:
+        if (candidate / "model_index.json").is_file():
+            return candidate
+    return None
+
+
+def pipeline_source(run_dir: Path, summary: dict[str, Any], base_model: str | None) -> str:
+    """Where the pipeline loads from: ``base_model``, a full pipeline the run exported, else the base model."""
+    from lightning_custom.components import resolve_model_path
+
+    if base_model:
+        return resolve_model_path(base_model)
+    exported = exported_pipeline(run_dir, summary)
+    if exported is not None:
+        return str(exported)
+    source = summary.get("pretrained_model_name_or_path")
+    if not source:
+        raise UserInputError(f"run_dir: {run_dir / SUMMARY_FILE} names no pretrained_model_name_or_path; pass --base_model")
+    return resolve_model_path(source)
+
+
+def load_run_artifacts(pipe: Any, run_dir: Path, summary: dict[str, Any]) -> Any:
+    """Put the run's learned weights into ``pipe``: the method's own hook, or dispatch on artifact names."""
+    cls = method_class(summary)
+    hook = getattr(cls, "load_into_pipeline", None) if cls is not None else None
+    if hook is not None:
+        return hook(pipe, run_dir)
+    for name in summary.get("artifacts", []):
+        loader = ARTIFACT_LOADERS.get(Path(name).name)
+        if loader is not None:
+            pipe = loader(pipe, run_dir, name)
+    return pipe
+
+
+def resolve_device(device: str) -> torch.device:
+    """``"auto"`` -> CUDA when available, else CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def load_run_pipeline(
+    run_dir: str | Path,
+    *,
+    base_model: str | None = None,
+    scheduler: str = "default",
+    device: str = "auto",
+    dtype: str = "auto",
+) -> tuple[Any, dict[str, Any]]:
+    """A diffusers pipeline with the run's learned concept, and the run's summary.
+
+    Args:
+        run_dir: the folder of a finished fit (holding ``summary.json`` and the artifacts).
+        base_model: load this model instead of the one named in the summary.
+        scheduler: ``"default"`` (the model's own) or a name in :data:`SCHEDULERS`.
+        device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
+        dtype: ``"auto"`` (float16 on CUDA, else float32), ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+    """
+    from diffusers import DiffusionPipeline
+
+    from lightning_custom.components import torch_dtype
+
+    run = Path(run_dir).expanduser()
+    summary = read_summary(run)
+    torch_device = resolve_device(device)
+    dtype = ("float16" if torch_device.type == "cuda" else "float32") if dtype == "auto" else dtype
+    source = pipeline_source(run, summary, base_model)
+    try:
+        pipe = DiffusionPipeline.from_pretrained(
+            source, dtype=torch_dtype(dtype), safety_checker=None, requires_safety_checker=False
+        )
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"--base_model: cannot load the pipeline {source!r}: {first_line}") from err
+    if source != str(exported_pipeline(run, summary)):  # an exported full pipeline already holds everything
+        pipe = load_run_artifacts(pipe, run, summary)
+    if scheduler != "default":
+        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(torch_device), summary
+
+
+def pipeline_from_module(module: Any, scheduler: str = "default") -> Any:
+    """A Stable Diffusion pipeline sharing the (training) module's live components; nothing is copied.
+
+    A method may provide its own ``inference_pipeline()`` (DreamBooth, SDXL, ...). The training noise scheduler is
+    never used for sampling: a fresh one is built from its config.
+    """
+    if hasattr(module, "inference_pipeline"):
+        pipe = module.inference_pipeline()
+        if scheduler != "default":
+            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+    from diffusers import StableDiffusionPipeline
+
+    config = module.noise_scheduler.config
+    sampler = type(module.noise_scheduler).from_config(config) if scheduler == "default" else make_scheduler(
+        scheduler, config
+    )
+    pipe = StableDiffusionPipeline(
+        vae=module.vae, text_encoder=module.text_encoder, tokenizer=module.tokenizer, unet=module.unet,
+        scheduler=sampler, safety_checker=None, feature_extractor=None, image_encoder=None,
+        requires_safety_checker=False,
+    )
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+# ------------------------------------------------------------------------------------------------ generating
+def _mixed_dtype_context(pipe: Any) -> contextlib.AbstractContextManager:
+    """Autocast when the text encoder (fp32 while training) and the UNet (fp16/bf16) differ in dtype."""
+    unet_dtype, text_dtype = pipe.unet.dtype, pipe.text_encoder.dtype
+    if unet_dtype == text_dtype or torch.is_autocast_enabled(pipe.unet.device.type):
+        return contextlib.nullcontext()
+    return torch.autocast(pipe.unet.device.type, dtype=unet_dtype)
+
+
+@torch.no_grad()
+def generate(
+    pipe: Any,
+    prompts: Sequence[str],
+    seeds: Sequence[int],
+    *,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 4,
+    output_type: str = "pil",
+) -> list:
+    """One image per ``(prompt, seed)`` pair, in order; each image's initial noise comes from its own seed.
+
+    Images are PIL images, or ``(H, W, 3)`` float arrays in ``[0, 1]`` with ``output_type="np"``.
+
+    The global RNG is left as it was (sampling during training must not change training).
+    """
+    if len(prompts) != len(seeds):
+        raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
+    if batch_size < 1:
+        raise UserInputError(f"--batch_size: must be at least 1, got {batch_size}")
+    device = pipe.unet.device
+    images: list[Image.Image] = []
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _mixed_dtype_context(pipe):
+        for start in range(0, len(prompts), batch_size):
+            chunk = list(prompts[start : start + batch_size])
+            generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+            out = pipe(
+                prompt=chunk, generator=generators, guidance_scale=guidance_scale,
+                num_inference_steps=num_inference_steps, height=height, width=width, output_type=output_type,
+            )
+            images.extend(list(out.images))
+    return images
+
+
+def write_png(image: Image.Image, path: str | Path) -> Path:
+    """Save ``image`` as PNG, atomically."""
+    with atomic_path(path) as tmp:
+        image.save(tmp, format="PNG")
+    return Path(path)
+
+
+def labelled_grid(images: Sequence[Image.Image], labels: Sequence[str], columns: int, cell: int = 128) -> Image.Image:
+    """One row per label (``columns`` images each), the label written above its row; small images are enlarged."""
+    font = ImageFont.load_default()
+    chars = max(8, (columns * cell) // 7)
+    wrapped = [textwrap.wrap(label, chars)[:3] or [""] for label in labels]
+    line = 12
+    heights = [len(lines) * line + 6 + cell for lines in wrapped]
+    grid = Image.new("RGB", (columns * cell, sum(heights)), "white")
+    draw = ImageDraw.Draw(grid)
+    top = 0
+    for row, lines in enumerate(wrapped):
+        for k, text in enumerate(lines):
+            draw.text((4, top + 2 + k * line), text, fill="black", font=font)
+        band = len(lines) * line + 6
+        for col in range(columns):
+            index = row * columns + col
+            if index >= len(images):
+                break
+            image = images[index]
+            resample = Image.Resampling.NEAREST if max(image.size) < cell else Image.Resampling.LANCZOS
+            grid.paste(image.convert("RGB").resize((cell, cell), resample), (col * cell, top + band))
+        top += heights[row]
+    return grid
+
+
+def sample_run(
+    run_dir: str | Path,
+    prompts: Sequence[str] | None = None,
+    *,
+    images_per_prompt: int = 4,
+    seed: int = 0,
+    guidance_scale: float = 7.5,
+    num_inference_steps: int = 50,
+    scheduler: str = "default",
+    height: int | None = None,
+    width: int | None = None,
+    batch_size: int = 4,
+    output_dir: str | Path | None = None,
+    base_model: str | None = None,
+    device: str = "auto",
+    dtype: str = "auto",
+    pipe: Any = None,
+) -> dict[str, Any]:
+    """Generate ``images_per_prompt`` images per prompt with a finished run's concept; write PNGs and a grid.
+
+    Image ``j`` of every prompt uses seed ``seed + j``. Writes ``<output_dir>/pNN-sSEED.png``, ``grid.png``
+    (one labelled row per prompt) and ``samples.json`` (prompts, seeds, files and settings); returns the latter.
+    ``pipe`` reuses an already loaded pipeline (from :func:`load_run_pipeline`).
+    """
+    start = time.perf_counter()
+    run = Path(run_dir).expanduser()
+    if images_per_prompt < 1:
+        raise UserInputError(f"--images_per_prompt: must be at least 1, got {images_per_prompt}")
+    if num_inference_steps < 1:
+        raise UserInputError(f"--num_inference_steps: must be at least 1, got {num_inference_steps}")
+    if pipe is None:
+        pipe, summary = load_run_pipeline(run, base_model=base_model, scheduler=scheduler, device=device, dtype=dtype)
+    else:
+        summary = read_summary(run)
+    token = summary.get("placeholder_token")
+    templates = list(prompts) if prompts else list(DEFAULT_PROMPTS)
+    filled = [fill_prompt(t, token) for t in templates]
+    jobs = [(i, seed + j) for i in range(len(filled)) for j in range(images_per_prompt)]
+    images = generate(
+        pipe, [filled[i] for i, _ in jobs], [s for _, s in jobs], guidance_scale=guidance_scale,
+        num_inference_steps=num_inference_steps, height=height, width=width, batch_size=batch_size,
+    )
+    out = Path(output_dir) if output_dir is not None else run / "samples"
+    records = []
+    for (i, s), image in zip(jobs, images):
+        name = f"p{i:02d}-s{s}.png"
+        write_png(image, out / name)
+        records.append({"file": name, "prompt_index": i, "seed": s})
+    write_png(labelled_grid(images, filled, images_per_prompt), out / GRID_FILE)
+    manifest = {
+        "run_dir": str(run),
+        "method": summary.get("method"),
+        "placeholder_token": token,
+        "prompts": [
+            {"template": t, "prompt": p, "text": without_placeholder(p, token)} for t, p in zip(templates, filled)
+        ],
+        "images": records,
+        "grid": GRID_FILE,
+        "images_per_prompt": images_per_prompt,
+        "seed": seed,
+        "guidance_scale": guidance_scale,
+        "num_inference_steps": num_inference_steps,
+        "scheduler": scheduler,
+        "seconds": round(time.perf_counter() - start, 3),
+    }
+    write_json(out / SAMPLES_FILE, manifest)
+    return manifest
