@@ -63,7 +63,9 @@ class DreamBooth(FineTuningModule):
     def configure_trainable(self) -> None:
         """Unfreeze the UNet (in fp32) and, optionally, the text encoder; add the identifier token if new."""
         self.configure_tokens()
-        self.unet.to(torch.float32).requires_grad_(True)
+        if self.unet.dtype != torch.float32:
+            self.unet.to(torch.float32)
+        self.unet.requires_grad_(True)
         if self.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if self.train_text_encoder:
