@@ -15,19 +15,25 @@ CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 # The paper's baseline settings (PAPER.md): CLIP ES every 50 steps, 8 images, patience / min improvement;
 # "few iters" budgets.
+CLIP_ES = {"every_n_steps": 50, "num_images": 8}
 BASELINES = [
-    ("textual_inversion_clip_es.yaml", "CLIPEarlyStopping",
-     {"every_n_steps": 50, "num_images": 8, "patience": 6, "min_delta": 0.02}),
-    ("textual_inversion_fixed_budget.yaml", "FixedBudget", {"steps": 475}),
-    ("textual_inversion_full_length.yaml", None, {}),
+    ("textual_inversion_clip_es.yaml", "TextualInversion", 6100, "CLIPEarlyStopping",
+     {**CLIP_ES, "patience": 6, "min_delta": 0.02}),
+    ("textual_inversion_fixed_budget.yaml", "TextualInversion", 6100, "FixedBudget", {"steps": 475}),
+    ("textual_inversion_full_length.yaml", "TextualInversion", 6100, None, {}),
+    ("custom_diffusion_clip_es.yaml", "CustomDiffusion", 500, "CLIPEarlyStopping",
+     {**CLIP_ES, "patience": 6, "min_delta": 0.02}),
+    ("dreambooth_lora_clip_es.yaml", "DreamBoothLoRA", 1000, "CLIPEarlyStopping",
+     {**CLIP_ES, "patience": 3, "min_delta": 0.04}),
+    ("dreambooth_clip_es.yaml", "DreamBooth", 800, "CLIPEarlyStopping", {**CLIP_ES, "patience": 3, "min_delta": 0.04}),
 ]
 
 
-@pytest.mark.parametrize("name,callback,expected", BASELINES, ids=[b[0] for b in BASELINES])
-def test_baseline_configs_carry_the_paper_settings(name, callback, expected):
+@pytest.mark.parametrize("name,method,max_steps,callback,expected", BASELINES, ids=[b[0] for b in BASELINES])
+def test_baseline_configs_carry_the_paper_settings(name, method, max_steps, callback, expected):
     config = yaml.safe_load((CONFIGS / name).read_text())
-    assert config["trainer"]["max_steps"] == 6100 and config["dvar"]["stop"] is False  # DVAR observes for replay
-    assert config["model"]["class_path"] == "lightning_custom.methods.TextualInversion"
+    assert config["trainer"]["max_steps"] == max_steps and config["dvar"]["stop"] is False  # DVAR observes
+    assert config["model"]["class_path"] == f"lightning_custom.methods.{method}"
     listed = config["trainer"].get("callbacks", [])
     if callback is None:
         assert not listed
