@@ -250,3 +250,31 @@ def test_bad_concepts_through_the_cli_are_one_line(tmp_path, tiny_sd, capsys):
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == ["error: --data.concepts[0]: missing field(s) ['instance_data_dir'] (each concept needs "
                       "['instance_data_dir', 'placeholder_token'])"]
+
+
+def test_resume_continues_every_concept_series_exactly(tiny_sd, concept_dir, second_concept_dir, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    concepts = [dict(c, class_data_dir=second_concept_dir) for c in two_concepts(concept_dir, second_concept_dir)]
+
+    def run(root, callbacks, ckpt_path=None):
+        module, dvar = cd_module(tiny_sd), DVAREarlyStopping(window=50)
+        trainer = L.Trainer(max_steps=6, callbacks=[dvar, *callbacks],
+                            **trainer_kwargs(root, enable_checkpointing=bool(callbacks)))
+        trainer.fit(module, datamodule=cd_data(concepts, with_prior_preservation=True), ckpt_path=ckpt_path)
+        return module, dvar
+
+    saver = ModelCheckpoint(dirpath=tmp_path / "ckpt", every_n_train_steps=3, save_top_k=-1)
+    straight, straight_dvar = run(tmp_path / "a", [saver])
+    mid = tmp_path / "ckpt" / "epoch=0-step=3.ckpt"  # 35 batches per epoch: mid-epoch
+    state = torch.load(mid, weights_only=False)["state_dict"]
+    assert set(state) == {n for n, p in straight.named_parameters() if p.requires_grad}
+    assert len(state) == 2 * len(straight.cross_attention_layers()) + 1  # K/V weights and the token vectors
+    resumed, resumed_dvar = run(tmp_path / "b", [], ckpt_path=str(mid))
+    # Lightning's ModelCheckpoint saves before step 3's DVAR evaluation, so the resumed series skips step 3;
+    # every other value continues bit-identically, for both concepts.
+    assert set(resumed_dvar.histories) == {"dvar_loss/a", "dvar_loss/b"}
+    for key, series in straight_dvar.histories.items():
+        assert resumed_dvar.histories[key] == [point for point in series if point[0] != 3], key
+    for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
+        assert torch.equal(a, b), name
