@@ -46,6 +46,7 @@ class CLIPEarlyStopping(Callback):
     Costly by design: it runs the sampler during training. Sampling uses its own seeds (the same ones at every
     check, so only the weights change the score) and leaves every RNG of training untouched. The score is computed
     on rank 0 and broadcast, so all ranks stop together. ``stopped_by`` in ``summary.json`` is ``"clip"``.
+    With several concepts in one run (Custom Diffusion), the data module's first concept is the one scored.
 
     Args:
         clip_model: CLIP model, a hub id or a local folder (the paper: ViT-B/32).
