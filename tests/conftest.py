@@ -7,6 +7,9 @@ import os
 os.environ["HF_HUB_OFFLINE"] = "1"
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# One OpenMP thread per process, inherited by DDP workers and CLI subprocesses: the tiny test models are
+# overhead-bound, and two processes with two spinning threads each on a 2-core machine run 10-70x slower.
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import contextlib  # noqa: E402
 from pathlib import Path  # noqa: E402
