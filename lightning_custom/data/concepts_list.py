@@ -63,7 +63,9 @@ def parse_concepts(value: list[dict[str, Any]] | str, argument: str = "--data.co
     for index, entry in enumerate(value):
         where = f"{source}[{index}]"
         if not isinstance(entry, dict):
-            raise UserInputError(f"{where}: expected a mapping with {list(REQUIRED_FIELDS)}, got {type(entry).__name__}")
+            raise UserInputError(
+                f"{where}: expected a mapping with {list(REQUIRED_FIELDS)}, got {type(entry).__name__}"
+            )
         missing = [f for f in REQUIRED_FIELDS if not entry.get(f)]
         if missing:
             raise UserInputError(f"{where}: missing field(s) {missing} (each concept needs {list(REQUIRED_FIELDS)})")

@@ -153,7 +153,8 @@ class DreamBoothLoRA(FineTuningModule):
         max_grad_norm: float | None = 1.0,
         **kwargs: Any,
     ) -> None:
-        self.rank, self.lora_alpha, self.lora_dropout = rank, lora_alpha if lora_alpha is not None else rank, lora_dropout
+        self.rank, self.lora_dropout = rank, lora_dropout
+        self.lora_alpha = lora_alpha if lora_alpha is not None else rank
         self.target_modules = list(target_modules) if target_modules is not None else list(UNET_TARGETS)
         self.train_text_encoder = train_text_encoder
         self.text_encoder_target_modules = (
