@@ -16,6 +16,7 @@ from typing import Literal
 import torch
 from torch import nn
 
+from lightning_custom.architectures import build_random_components, is_random_architecture
 from lightning_custom.errors import UserInputError
 
 WeightDtype = Literal["float32", "float16", "bfloat16"]
@@ -97,6 +98,8 @@ def load_components(
 ) -> StableDiffusionComponents:
     """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler (SD 1.x / 2.x layout).
 
+    ``random:sd15`` / ``random:sd21`` build the published architecture with random weights instead (benchmarks).
+
     The scheduler's ``prediction_type`` (epsilon or v_prediction) comes from the model's own scheduler config.
     Every part is returned frozen (``requires_grad=False``); the methods unfreeze what they train.
     The VAE and UNet are held in ``weight_dtype``; the text encoder stays fp32 because most methods train inside it.
@@ -104,9 +107,15 @@ def load_components(
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
     from transformers import CLIPTextModel, CLIPTokenizer
 
+    dtype = torch_dtype(weight_dtype)
+    if is_random_architecture(pretrained_model_name_or_path):
+        parts = build_random_components(pretrained_model_name_or_path, dtype=dtype)
+        for module in (parts["text_encoder"], parts["vae"], parts["unet"]):
+            freeze(module)
+        return StableDiffusionComponents(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
+                                         parts["scheduler"])
     source = resolve_model_path(pretrained_model_name_or_path)
     check_model_source(source)
-    dtype = torch_dtype(weight_dtype)
     common = {"revision": revision}
     tokenizer = load_component(CLIPTokenizer, source, "tokenizer", **common)
     text_encoder = load_component(CLIPTextModel, source, "text_encoder", variant=variant, **common)

@@ -62,7 +62,13 @@ def test_resampled_part_changes_and_others_stay(concept_dir, part, keys):
     fixed = ConceptDataModule(**data_kwargs(concept_dir)).build_eval_dataset(SPEC)[0]
     dataset = ConceptDataModule(**data_kwargs(concept_dir, resample=[part])).build_eval_dataset(SPEC)
     draws = [dataset[0] for _ in range(4)]
+    # a resampled part must switch off the module's cache of what depends on it
+    invalidated = {"images": "latents_cache_key", "latents": "latents_cache_key", "captions": "text_cache_key"}
+    for cache_key in ("latents_cache_key", "text_cache_key"):
+        assert (cache_key in draws[0]) == (invalidated.get(part) != cache_key)
     for key in fixed:
+        if key.endswith("_cache_key"):
+            continue
         if key in keys:
             distinct = {str(d[key].tolist() if torch.is_tensor(d[key]) else d[key]) for d in draws}
             assert len(distinct) > 1, f"{part} was not resampled"

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
@@ -36,6 +37,8 @@ class RunSummary(Callback):
         self.train_loss_history: list[list[float]] = []
         self._start: float | None = None
         self.wall_seconds_before_resume = 0.0
+        self.dvar_seconds = 0.0  # wall time inside validation, i.e. computing DVAR's deterministic loss
+        self._validation_start: float | None = None
 
     def resolve_output_dir(self, trainer: L.Trainer) -> Path:
         """The folder every file of this run goes to."""
@@ -52,6 +55,19 @@ class RunSummary(Callback):
         if loss is not None:
             self.train_loss_history.append([trainer.global_step, float(loss)])
 
+    @override
+    def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            _synchronize(pl_module)
+            self._validation_start = time.perf_counter()
+
+    @override
+    def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._validation_start is not None:
+            _synchronize(pl_module)
+            self.dvar_seconds += time.perf_counter() - self._validation_start
+            self._validation_start = None
+
     def wall_seconds(self) -> float:
         """Seconds spent in fit, including time before a resume."""
         elapsed = time.perf_counter() - self._start if self._start is not None else 0.0
@@ -67,6 +83,8 @@ class RunSummary(Callback):
         artifacts = pl_module.export_artifacts(out) if self.export else []
         summary = build_summary(trainer, pl_module, wall, artifacts)
         summary["train_loss_history"] = self.train_loss_history
+        summary["dvar_seconds"] = round(self.dvar_seconds, 3)
+        summary["dvar_share"] = round(self.dvar_seconds / wall, 4) if wall > 0 else 0.0
         write_json(out / SUMMARY_FILE, summary)
         if self.report:
             from lightning_custom.report import write_report
@@ -78,12 +96,20 @@ class RunSummary(Callback):
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"train_loss_history": self.train_loss_history, "wall_seconds": self.wall_seconds()}
+        return {"train_loss_history": self.train_loss_history, "wall_seconds": self.wall_seconds(),
+                "dvar_seconds": self.dvar_seconds}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.train_loss_history = [list(p) for p in state_dict.get("train_loss_history", [])]
         self.wall_seconds_before_resume = float(state_dict.get("wall_seconds", 0.0))
+        self.dvar_seconds = float(state_dict.get("dvar_seconds", 0.0))
+
+
+def _synchronize(pl_module: L.LightningModule) -> None:
+    """Wait for queued GPU work, so wall-clock intervals measure the work itself."""
+    if pl_module.device.type == "cuda":
+        torch.cuda.synchronize(pl_module.device)
 
 
 def stop_information(trainer: L.Trainer) -> tuple[str, Any]:

@@ -65,6 +65,8 @@ class ConceptImages:
             "pixel_values": to_tensor(image, top, left, self.resolution, flip),
             "original_size": torch.tensor(self.original_sizes[index % len(self.images)]),
             "crop_top_left": torch.tensor((top, left)),
+            # Names this exact augmented image, so the module can cache its VAE latent distribution.
+            "latent_key": f"{self.files[index % len(self.images)]}|{top}|{left}|{int(flip)}|{self.resolution}",
         }
 
 
@@ -158,6 +160,11 @@ class FixedEvalDataset(Dataset):
         if len(datamodule.concept_images) > 1:
             self.fixed["concept"] = datamodule.concept_names[concept]  # logged as dvar_loss/<name>
         self.resample_generator = torch.Generator().manual_seed(datamodule.eval_seed + 1)
+        # Keys under which the module may cache what only depends on fixed parts (latents; text states).
+        if not {"images", "latents"} & self.resample:
+            self.fixed["latents_cache_key"] = f"eval{concept}"
+        if "captions" not in self.resample:
+            self.fixed["text_cache_key"] = f"eval{concept}"
 
     def __len__(self) -> int:
         return 1

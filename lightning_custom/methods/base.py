@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -11,6 +11,7 @@ from torch import nn
 
 from lightning_custom.components import StableDiffusionComponents, WeightDtype, load_components
 from lightning_custom.data.concept import EvalBatchSpec
+from lightning_custom.errors import UserInputError
 from lightning_custom.diffusion import (
     add_noise,
     diffusion_mse,
@@ -22,6 +23,15 @@ from lightning_custom.diffusion import (
 )
 
 _RNG_KEY = "lightning_custom_train_rng"
+
+
+def adamw_8bit(params: list[nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
+    """bitsandbytes' 8-bit AdamW (optimizer states in 8 bits), with a one-line error where it is missing."""
+    try:
+        import bitsandbytes as bnb
+    except ImportError as err:
+        raise UserInputError("--model.optimizer adamw_8bit needs bitsandbytes: pip install bitsandbytes") from err
+    return bnb.optim.AdamW8bit(params, **kwargs)
 
 
 class PersonalizationModule(L.LightningModule):
@@ -43,6 +53,14 @@ class PersonalizationModule(L.LightningModule):
         adam_betas: AdamW betas.
         adam_epsilon: AdamW epsilon.
         seed: seed of the training noise, timesteps and VAE samples (offset by the rank under DDP).
+        cache_latents: keep each augmented training image's VAE latent distribution after its first encoding and
+            sample from it, instead of running the VAE encoder every step (the VAE is frozen).
+        cache_eval_batch: compute the fixed evaluation batch's latents once, and its text states once when nothing
+            in the text path trains.
+        channels_last: put the UNet in channels-last memory format (faster convolutions on recent GPUs).
+        compile_unet: ``torch.compile`` the UNet: ``"regional"`` compiles only its repeated transformer blocks
+            (seconds, not minutes, of compile time), ``"full"`` the whole UNet.
+        optimizer: ``"adamw"`` (fused on CUDA) or ``"adamw_8bit"`` (bitsandbytes, where installed).
     """
 
     def __init__(
@@ -57,6 +75,11 @@ class PersonalizationModule(L.LightningModule):
         adam_betas: tuple[float, float] = (0.9, 0.999),
         adam_epsilon: float = 1e-8,
         seed: int = 59,
+        cache_latents: bool = True,
+        cache_eval_batch: bool = True,
+        channels_last: bool = False,
+        compile_unet: Literal["none", "regional", "full"] = "none",
+        optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -64,8 +87,11 @@ class PersonalizationModule(L.LightningModule):
         self.strict_loading = False
         self._generator: torch.Generator | None = None
         self._pending_rng_state: torch.Tensor | None = None
+        self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._eval_cache: dict[tuple[str, str], torch.Tensor] = {}
         self.configure_models()
         self.configure_trainable()
+        self.configure_speed()
 
     # ----------------------------------------------------------------------------------------------- models
     def configure_models(self) -> None:
@@ -86,6 +112,21 @@ class PersonalizationModule(L.LightningModule):
         return load_components(
             hp.pretrained_model_name_or_path, revision=hp.revision, variant=hp.variant, weight_dtype=hp.weight_dtype
         )
+
+    def configure_speed(self) -> None:
+        """Memory format and compilation of the UNet (after the trainable parameters exist)."""
+        hp = self.hparams
+        if hp.channels_last:
+            self.unet.to(memory_format=torch.channels_last)
+        if hp.compile_unet == "regional":
+            self.unet.compile_repeated_blocks()
+        elif hp.compile_unet == "full":
+            self.unet.compile()
+
+    @property
+    def text_path_trains(self) -> bool:
+        """Whether anything outside the UNet and VAE trains (text-encoder weights, LoRA or new token vectors)."""
+        return any(p.requires_grad for n, p in self.named_parameters() if not n.startswith(("unet.", "vae.")))
 
     def configure_trainable(self) -> None:
         """Unfreeze or add the parameters this method trains."""
@@ -136,18 +177,48 @@ class PersonalizationModule(L.LightningModule):
         """Keyword arguments of the UNet besides the sample and timestep (overridden for SDXL)."""
         return {"encoder_hidden_states": self.encode_prompt(batch["caption"])}
 
-    def encode_latents(self, pixel_values: torch.Tensor, standard_normal: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_latents(
+        self,
+        pixel_values: torch.Tensor,
+        standard_normal: torch.Tensor | None = None,
+        cache_keys: list[str] | None = None,
+    ) -> torch.Tensor:
         """VAE latents, scaled: ``(mean + std * eps) * scaling_factor``.
 
         ``standard_normal`` fixes ``eps`` (DVAR's fixed latents); otherwise it is drawn from the training generator.
+        With ``cache_keys`` (one name per augmented image), each image's latent distribution is encoded once, alone,
+        and reused: the VAE is frozen, and encoding one image at a time makes the cached values independent of
+        which images happen to share a batch.
         """
         with torch.no_grad():
-            dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+            if cache_keys is not None:
+                mean, std = self._cached_latent_distribution(pixel_values, cache_keys)
+            else:
+                dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+                mean, std = dist.mean.float(), dist.std.float()
             if standard_normal is None:
-                standard_normal = torch.randn(dist.mean.shape, generator=self.generator, device=self.device)
-            latents = sample_latents(dist.mean.float(), dist.std.float(), standard_normal)
+                standard_normal = torch.randn(mean.shape, generator=self.generator, device=self.device)
+            latents = sample_latents(mean, std, standard_normal)
         cfg = self.vae.config
         return scale_latents(latents, cfg.scaling_factor, getattr(cfg, "shift_factor", None))
+
+    def _cached_latent_distribution(
+        self, pixel_values: torch.Tensor, keys: list[str]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        for index, key in enumerate(keys):
+            if key not in self._latent_cache:
+                dist = self.vae.encode(pixel_values[index : index + 1].to(self.vae.dtype)).latent_dist
+                self._latent_cache[key] = (dist.mean.float()[0], dist.std.float()[0])
+        pairs = [self._latent_cache[key] for key in keys]
+        return torch.stack([m for m, _ in pairs]).to(self.device), torch.stack([s for _, s in pairs]).to(self.device)
+
+    def _eval_cached(self, kind: str, key: str | None, compute) -> Any:
+        """``compute()`` once per ``(kind, key)`` when evaluation caching is on and ``key`` is given."""
+        if key is None or not self.hparams.cache_eval_batch:
+            return compute()
+        if (kind, key) not in self._eval_cache:
+            self._eval_cache[(kind, key)] = compute()
+        return self._eval_cache[(kind, key)]
 
     # ----------------------------------------------------------------------------------------------- losses
     def denoising_loss(
@@ -171,7 +242,8 @@ class PersonalizationModule(L.LightningModule):
 
         ``reduction="none"`` returns one loss per sample (prior preservation splits instance and class samples).
         """
-        latents = self.encode_latents(batch["pixel_values"])
+        keys = batch.get("latent_key") if self.hparams.cache_latents else None
+        latents = self.encode_latents(batch["pixel_values"], cache_keys=list(keys) if keys is not None else None)
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         timesteps = sample_timesteps(
             latents.shape[0], self.alphas_cumprod.numel(), generator=self.generator, device=self.device
@@ -184,8 +256,13 @@ class PersonalizationModule(L.LightningModule):
 
         Public so that the DVAR callback works with any module offering it, including your own subclass.
         """
-        latents = self.encode_latents(batch["pixel_values"], batch["latent_noise"])
-        return self.denoising_loss(latents, batch["noise"].to(latents), batch["timesteps"], self.unet_conditioning(batch))
+        latents = self._eval_cached(
+            "latents", batch.get("latents_cache_key"),
+            lambda: self.encode_latents(batch["pixel_values"], batch["latent_noise"]),
+        )
+        text_key = None if self.text_path_trains else batch.get("text_cache_key")
+        conditioning = self._eval_cached("text", text_key, lambda: self.unet_conditioning(batch))
+        return self.denoising_loss(latents, batch["noise"].to(latents), batch["timesteps"], conditioning)
 
     # ------------------------------------------------------------------------------------ Lightning hooks
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
@@ -214,10 +291,13 @@ class PersonalizationModule(L.LightningModule):
             batch_size = getattr(datamodule, "batch_size", 1)
             lr = scale_learning_rate(lr, batch_size, self.trainer.accumulate_grad_batches, self.trainer.world_size)
         self.effective_learning_rate = lr
-        return torch.optim.AdamW(
-            self.trainable_parameters(), lr=lr, betas=tuple(hp.adam_betas), eps=hp.adam_epsilon,
-            weight_decay=hp.weight_decay,
-        )
+        params = self.trainable_parameters()
+        kwargs = dict(lr=lr, betas=tuple(hp.adam_betas), eps=hp.adam_epsilon, weight_decay=hp.weight_decay)
+        if hp.optimizer == "adamw_8bit":
+            return adamw_8bit(params, **kwargs)
+        # The fused kernel updates every parameter in one launch; it needs all of them on CUDA.
+        fused = all(p.is_cuda and p.dtype == torch.float32 for p in params)
+        return torch.optim.AdamW(params, fused=fused or None, **kwargs)
 
     @property
     def generator(self) -> torch.Generator:
