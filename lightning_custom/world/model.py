@@ -1,0 +1,113 @@
+"""The micro text-to-image model of the world, in diffusers' own classes and folder layout.
+
+A VAE (32 px -> 8 x 8 x 4), a small CLIP text encoder with the world's tokenizer, and a small latent UNet, saved
+with ``save_pretrained`` so every loader and method of the package uses it exactly as a real Stable Diffusion.
+:func:`attribute_bar` measures the issue's bar: how often the samples show the prompted shape, colour and
+background, as judged by the world's encoder.
+"""
+
+from __future__ import annotations
+
+from importlib import resources
+from typing import Any
+
+import numpy as np
+import torch
+
+from lightning_custom.world.render import Attributes, caption, training_combinations, vocabulary
+
+IMAGE_SIZE = 32
+MAX_TOKENS = 32
+TEXT_DIM = 64
+
+
+def staging_model_path() -> str:
+    """Where the trained model is written until it passes the bar (then it becomes the embedded default)."""
+    return str(resources.files("lightning_custom") / "assets" / "world-sd")
+
+
+def build_world_tokenizer() -> Any:
+    """The offline CLIP tokenizer with every world word (and the template words) as one token, 32 tokens long."""
+    from lightning_custom.toy_models import build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(vocabulary())
+    tokenizer.model_max_length = MAX_TOKENS
+    return tokenizer
+
+
+def build_world_vae(seed: int = 0) -> Any:
+    """AutoencoderKL, 32 x 32 x 3 -> 8 x 8 x 4 (about 1M parameters)."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+        up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
+        latent_channels=4, norm_num_groups=16, sample_size=IMAGE_SIZE,
+    )
+
+
+def build_world_text_encoder(tokenizer: Any, seed: int = 0) -> Any:
+    """A 2-layer CLIPTextModel, width 64."""
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    torch.manual_seed(seed)
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=TEXT_DIM, intermediate_size=4 * TEXT_DIM, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=MAX_TOKENS, bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
+    )
+    return CLIPTextModel(config)
+
+
+def build_world_unet(seed: int = 0) -> Any:
+    """A latent UNet on 8 x 8 x 4 with cross-attention at both levels (about 2.8M parameters)."""
+    from diffusers import UNet2DConditionModel
+
+    torch.manual_seed(seed)
+    return UNet2DConditionModel(
+        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(64, 96), layers_per_block=1,
+        down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8, norm_num_groups=32,
+        cross_attention_dim=TEXT_DIM,
+    )
+
+
+def build_world_scheduler() -> Any:
+    """Stable Diffusion 1.x's DDPM training schedule (epsilon prediction)."""
+    from diffusers import DDPMScheduler
+
+    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+                         clip_sample=False, steps_offset=1, prediction_type="epsilon")
+
+
+def assemble_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any | None = None) -> Any:
+    """A ``StableDiffusionPipeline`` from the parts (DDIM sampler unless given), no safety checker."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    scheduler = scheduler or DDIMScheduler.from_config(build_world_scheduler().config)
+    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+                                   scheduler=scheduler, safety_checker=None, feature_extractor=None,
+                                   requires_safety_checker=False)
+
+
+def bar_prompts(n: int, seed: int = 123) -> list[tuple[str, Attributes]]:
+    """``n`` full captions of uniformly drawn training combinations, with their attributes."""
+    rng = np.random.default_rng(seed)
+    combos = training_combinations()
+    picks = [combos[int(i)] for i in rng.integers(len(combos), size=n)]
+    return [(caption(a, int(rng.integers(4))), a) for a in picks]
+
+
+@torch.no_grad()
+def attribute_bar(pipe: Any, encoder: Any, n: int = 64, *, steps: int = 25, guidance_scale: float = 4.0,
+                  seed: int = 123, batch_size: int = 32) -> dict[str, float]:
+    """The issue's bar: the fraction of samples (prompted with seen attribute combinations) whose shape, colour and
+    background the encoder names as prompted; per attribute and ``"all"`` (the bar is ``all >= 0.9``)."""
+    from lightning_custom.sampling import generate
+    from lightning_custom.world.encoder import attribute_accuracy, judge
+
+    pairs = bar_prompts(n, seed)
+    images = generate(pipe, [p for p, _ in pairs], [seed + i for i in range(n)], guidance_scale=guidance_scale,
+                      num_inference_steps=steps, height=IMAGE_SIZE, width=IMAGE_SIZE, batch_size=batch_size)
+    return attribute_accuracy(judge(encoder, images), [a for _, a in pairs])
