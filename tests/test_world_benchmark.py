@@ -1,0 +1,66 @@
+"""benchmarks/table1.py: the replay of the four variants, and its smoke path end to end."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from lightning_custom.world.encoder import WorldEncoder
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_table1():
+    spec = importlib.util.spec_from_file_location("table1", ROOT / "benchmarks" / "table1.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["table1"] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+def fake_summary() -> dict:
+    # L_det falls then flattens: with window 4 and threshold 0.15 DVAR stops at step 8 (replayed below by hand).
+    losses = [1.0, 0.8, 0.6, 0.4, 0.3, 0.29, 0.3, 0.29, 0.3, 0.29, 0.3, 0.29]
+    probes = [[0, 0.5, 0.40, 0.0], [2, 0.6, 0.50, 0.5], [4, 0.7, 0.60, 0.5], [6, 0.71, 0.61, 1.0], [8, 0.7, 0.6, 1.0],
+              [10, 0.7, 0.62, 1.0], [12, 0.7, 0.63, 1.0]]
+    return {"max_steps": 12, "dvar_window": 4, "dvar_threshold": 0.15, "dvar_eval_every_n_steps": 1,
+            "dvar_history": [[i + 1, v] for i, v in enumerate(losses)], "world_probe_history": probes,
+            "world_probe_seconds": 7.0, "wall_seconds": 19.0}
+
+
+def test_replay_variants_reads_each_stop_and_its_quality():
+    from lightning_custom.dvar import first_stop_index
+
+    table1 = load_table1()
+    settings = table1.MethodSettings("x.yaml", 12, 4, 0.15, patience=2, min_delta=0.02)
+    summary = fake_summary()
+    out = table1.replay_variants(summary, settings, few_iters=5)
+    dvar_step = first_stop_index([v for _, v in summary["dvar_history"]], 4, 0.15) + 1
+    assert out["dvar"]["step"] == dvar_step
+    assert out["dvar"]["identity"] == [r for r in summary["world_probe_history"] if r[0] <= dvar_step][-1][2]
+    assert out["full_length"] == {"step": 12, "identity": 0.63, "fidelity": 1.0, "identity_train": 0.7,
+                                  "seconds": 12.0, "probe_step": 12}
+    # Training-prompt identity is best (0.7) at step 4; 0.71 at step 6 and 0.7 at step 8 do not beat it by more than
+    # 0.02, so the rule (patience 2) stops at step 8, having paid for 4 probes at 1 s each.
+    assert out["encoder_es"]["step"] == 8
+    assert out["encoder_es"]["seconds"] == pytest.approx(8 * 1.0 + 4 * 1.0)
+    assert out["few_iters"]["step"] == 5 and out["few_iters"]["probe_step"] == 4
+    assert out["untrained"]["identity"] == 0.40
+
+
+def test_table1_smoke_on_two_concepts(tmp_path):
+    WorldEncoder(width=8, dim=16).save(tmp_path / "encoder")
+    table1 = load_table1()
+    code = table1.main(["--concepts", "2", "--methods", "textual_inversion", "--steps", "12", "--probe-every", "4",
+                        "--probe-images", "1", "--probe-inference-steps", "2", "--live", "1",
+                        "--workdir", str(tmp_path / "work"), "--out", str(tmp_path / "out"),
+                        "--encoder", str(tmp_path / "encoder")])
+    assert code == 0  # the live DVAR run stops where the replay says
+    text = (tmp_path / "out" / "table1.md").read_text()
+    for variant in ("full_length", "dvar", "encoder_es", "few_iters"):
+        assert f"| textual_inversion | {variant} |" in text
+    assert (tmp_path / "out" / "table1_dvar_stops.png").stat().st_size > 0
+    assert (tmp_path / "out" / "table1_quality_vs_step.png").stat().st_size > 0
