@@ -1,7 +1,7 @@
-"""Load and freeze the parts of a diffusers-format Stable Diffusion model.
+"""Load and freeze the parts of a diffusers-format Stable Diffusion model (SD 1.x, SD 2.x or SDXL).
 
-This module is the one seam between the package and the checkpoints: every method gets its tokenizer, text
-encoder, VAE, UNet and noise scheduler from :func:`load_components`, from a hub id or a local folder.
+This module is the one seam between the package and the checkpoints: every method gets its tokenizer(s), text
+encoder(s), VAE, UNet and noise scheduler from :func:`load_components`, from a hub id or a local folder.
 """
 
 from __future__ import annotations
@@ -29,13 +29,20 @@ def embedded_model_path() -> str:
     return str(resources.files("lightning_custom") / "assets" / "tiny-sd")
 
 
+def embedded_sdxl_path() -> str:
+    """Path of the small SDXL-architecture model shipped inside the package (runs offline)."""
+    return str(resources.files("lightning_custom") / "assets" / "tiny-sdxl")
+
+
 def embedded_concept_path() -> str:
     """Path of the example concept images shipped inside the package."""
     return str(resources.files("lightning_custom") / "assets" / "concepts" / "cat-toy")
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Expand the alias ``"embedded"`` to the shipped model; leave hub ids and folders as they are."""
+    """Expand the aliases ``"embedded"`` and ``"embedded:tiny-sdxl"`` to the shipped models; leave others as they are."""
+    if name_or_path == "embedded:tiny-sdxl":
+        return embedded_sdxl_path()
     return embedded_model_path() if name_or_path in ("embedded", "embedded:tiny-sd") else name_or_path
 
 
@@ -48,13 +55,28 @@ def torch_dtype(name: str) -> torch.dtype:
 
 @dataclass
 class StableDiffusionComponents:
-    """The five parts a personalization method trains against."""
+    """The parts a personalization method trains against; SDXL adds a second tokenizer and text encoder.
+
+    ``tokenizer_2`` / ``text_encoder_2`` (OpenCLIP bigG with projection) are ``None`` for SD 1.x and 2.x.
+    """
 
     tokenizer: object
     text_encoder: nn.Module
     vae: nn.Module
     unet: nn.Module
     noise_scheduler: object
+    tokenizer_2: object = None
+    text_encoder_2: nn.Module | None = None
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the UNet takes SDXL's ``text_time`` added conditioning (pooled text + size/crop time ids)."""
+        return is_sdxl_unet(self.unet)
+
+
+def is_sdxl_unet(unet: nn.Module) -> bool:
+    """Whether ``unet`` is an SDXL UNet (``addition_embed_type == "text_time"``)."""
+    return getattr(unet.config, "addition_embed_type", None) == "text_time"
 
 
 def check_model_source(name_or_path: str, subfolders: tuple[str, ...] = ("unet", "vae", "text_encoder")) -> None:
@@ -95,36 +117,96 @@ def load_components(
     revision: str | None = None,
     variant: str | None = None,
     weight_dtype: WeightDtype = "float32",
+    vae_name_or_path: str | None = None,
 ) -> StableDiffusionComponents:
-    """Load tokenizer, text encoder, VAE, UNet and a DDPM training scheduler (SD 1.x / 2.x layout).
+    """Load tokenizer(s), text encoder(s), VAE, UNet and a DDPM training scheduler (SD 1.x, 2.x or SDXL).
 
-    ``random:sd15`` / ``random:sd21`` build the published architecture with random weights instead (benchmarks).
+    SDXL is recognised by its UNet (``addition_embed_type == "text_time"``); its second tokenizer and text encoder
+    (``CLIPTextModelWithProjection``) are then loaded too. ``random:sd15`` / ``random:sd21`` / ``random:sdxl`` build
+    the published architecture with random weights instead (benchmarks).
 
     The scheduler's ``prediction_type`` (epsilon or v_prediction) comes from the model's own scheduler config.
     Every part is returned frozen (``requires_grad=False``); the methods unfreeze what they train.
-    The VAE and UNet are held in ``weight_dtype``; the text encoder stays fp32 because most methods train inside it.
+    The UNet is held in ``weight_dtype``; the text encoders stay fp32 because most methods train inside them. The
+    VAE is held in ``weight_dtype`` too, except SDXL's, which overflows in fp16 and stays fp32 unless
+    ``vae_name_or_path`` names an fp16-safe one (e.g. ``madebyollin/sdxl-vae-fp16-fix``).
     """
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
-    from transformers import CLIPTextModel, CLIPTokenizer
+    from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
     dtype = torch_dtype(weight_dtype)
     if is_random_architecture(pretrained_model_name_or_path):
         parts = build_random_components(pretrained_model_name_or_path, dtype=dtype)
-        for module in (parts["text_encoder"], parts["vae"], parts["unet"]):
-            freeze(module)
-        return StableDiffusionComponents(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
-                                         parts["scheduler"])
+        parts = StableDiffusionComponents(parts["tokenizer"], parts["text_encoder"], parts["vae"], parts["unet"],
+                                          parts["scheduler"], parts.get("tokenizer_2"), parts.get("text_encoder_2"))
+        if parts.is_sdxl:
+            parts.vae.to(torch.float32)
+        return _frozen(parts)
     source = resolve_model_path(pretrained_model_name_or_path)
     check_model_source(source)
     common = {"revision": revision}
+    unet = load_component(UNet2DConditionModel, source, "unet", variant=variant, torch_dtype=dtype, **common)
+    sdxl = is_sdxl_unet(unet)
     tokenizer = load_component(CLIPTokenizer, source, "tokenizer", **common)
     text_encoder = load_component(CLIPTextModel, source, "text_encoder", variant=variant, **common)
-    vae = load_component(AutoencoderKL, source, "vae", variant=variant, torch_dtype=dtype, **common)
-    unet = load_component(UNet2DConditionModel, source, "unet", variant=variant, torch_dtype=dtype, **common)
+    tokenizer_2 = text_encoder_2 = None
+    if sdxl:
+        tokenizer_2 = load_component(CLIPTokenizer, source, "tokenizer_2", **common)
+        text_encoder_2 = load_component(CLIPTextModelWithProjection, source, "text_encoder_2", variant=variant,
+                                        **common)
+    if vae_name_or_path:
+        vae = load_vae(vae_name_or_path, dtype, revision)
+    else:
+        vae_dtype = torch.float32 if sdxl else dtype  # the stock SDXL VAE overflows in fp16
+        vae = load_component(AutoencoderKL, source, "vae", variant=variant, torch_dtype=vae_dtype, **common)
     noise_scheduler = load_component(DDPMScheduler, source, "scheduler", **common)
-    for module in (text_encoder, vae, unet):
-        freeze(module)
-    return StableDiffusionComponents(tokenizer, text_encoder, vae, unet, noise_scheduler)
+    return _frozen(StableDiffusionComponents(tokenizer, text_encoder, vae, unet, noise_scheduler, tokenizer_2,
+                                             text_encoder_2))
+
+
+def load_vae(name_or_path: str, dtype: torch.dtype, revision: str | None = None) -> nn.Module:
+    """A replacement VAE (a standalone VAE folder or hub id, or a model folder with a ``vae`` subfolder)."""
+    from diffusers import AutoencoderKL
+
+    path = Path(name_or_path).expanduser()
+    subfolder = "vae" if (path / "vae").is_dir() else None
+    try:
+        return AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype, revision=revision)
+    except (OSError, ValueError, EnvironmentError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"--model.vae_name_or_path: cannot load a VAE from {name_or_path!r}: {first_line}") from err
+
+
+def _frozen(parts: StableDiffusionComponents) -> StableDiffusionComponents:
+    for module in (parts.text_encoder, parts.text_encoder_2, parts.vae, parts.unet):
+        if module is not None:
+            freeze(module)
+    return parts
+
+
+def assemble_pipeline(parts: object, scheduler: object) -> object:
+    """A diffusers pipeline around live components (nothing is copied), for sampling or ``save_pretrained``.
+
+    ``parts`` is anything with ``tokenizer``, ``text_encoder``, ``vae``, ``unet`` and, for SDXL, ``tokenizer_2`` and
+    ``text_encoder_2`` (a personalization module, :class:`StableDiffusionComponents`): a ``StableDiffusionXLPipeline``
+    for SDXL (no watermarker), else a ``StableDiffusionPipeline`` without safety checker.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    common = dict(vae=parts.vae, text_encoder=parts.text_encoder, tokenizer=parts.tokenizer, unet=parts.unet,
+                  scheduler=scheduler)
+    if getattr(parts, "text_encoder_2", None) is not None:
+        return StableDiffusionXLPipeline(**common, text_encoder_2=parts.text_encoder_2, tokenizer_2=parts.tokenizer_2,
+                                         add_watermarker=False)
+    return StableDiffusionPipeline(**common, safety_checker=None, feature_extractor=None, image_encoder=None,
+                                   requires_safety_checker=False)
+
+
+def pipeline_class_of(folder: str | Path) -> type:
+    """``StableDiffusionXLPipeline`` for a folder holding ``text_encoder_2``, else ``StableDiffusionPipeline``."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+
+    return StableDiffusionXLPipeline if (Path(folder) / "text_encoder_2").is_dir() else StableDiffusionPipeline
 
 
 def freeze(module: nn.Module) -> nn.Module:

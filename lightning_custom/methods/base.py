@@ -9,6 +9,7 @@ import lightning as L
 import torch
 from torch import nn
 
+from lightning_custom import sdxl
 from lightning_custom.components import StableDiffusionComponents, WeightDtype, load_components
 from lightning_custom.data.concept import EvalBatchSpec
 from lightning_custom.errors import UserInputError
@@ -46,7 +47,8 @@ class PersonalizationModule(L.LightningModule):
             small offline model shipped with the package.
         revision: hub revision (branch, tag or commit).
         variant: weight file variant, e.g. ``"fp16"``.
-        weight_dtype: dtype of the frozen VAE and UNet; trainable parameters always stay fp32.
+        weight_dtype: dtype of the frozen VAE and UNet; trainable parameters always stay fp32. (SDXL's VAE stays
+            fp32, since it overflows in fp16, unless ``vae_name_or_path`` gives an fp16-safe one.)
         learning_rate: base learning rate, per sample.
         scale_lr: multiply the learning rate by batch size x gradient accumulation x devices (as the paper).
         weight_decay: AdamW weight decay.
@@ -61,6 +63,8 @@ class PersonalizationModule(L.LightningModule):
         compile_unet: ``torch.compile`` the UNet: ``"regional"`` compiles only its repeated transformer blocks
             (seconds, not minutes, of compile time), ``"full"`` the whole UNet.
         optimizer: ``"adamw"`` (fused on CUDA) or ``"adamw_8bit"`` (bitsandbytes, where installed).
+        vae_name_or_path: another VAE (hub id or folder), e.g. ``madebyollin/sdxl-vae-fp16-fix`` to run SDXL's VAE
+            in ``weight_dtype``.
     """
 
     def __init__(
@@ -80,6 +84,7 @@ class PersonalizationModule(L.LightningModule):
         channels_last: bool = False,
         compile_unet: Literal["none", "regional", "full"] = "none",
         optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
+        vae_name_or_path: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -95,10 +100,15 @@ class PersonalizationModule(L.LightningModule):
 
     # ----------------------------------------------------------------------------------------------- models
     def configure_models(self) -> None:
-        """Load the frozen diffusers components (override to use your own loader)."""
+        """Load the frozen diffusers components (override to use your own loader).
+
+        SDXL models also set ``tokenizer_2`` and ``text_encoder_2``; they are ``None`` for SD 1.x and 2.x.
+        """
         parts = self.load_components()
         self.tokenizer = parts.tokenizer
         self.text_encoder = parts.text_encoder
+        self.tokenizer_2 = parts.tokenizer_2
+        self.text_encoder_2 = parts.text_encoder_2
         self.vae = parts.vae
         self.unet = parts.unet
         self.noise_scheduler = parts.noise_scheduler
@@ -110,7 +120,8 @@ class PersonalizationModule(L.LightningModule):
         """The seam where the model parts come from."""
         hp = self.hparams
         return load_components(
-            hp.pretrained_model_name_or_path, revision=hp.revision, variant=hp.variant, weight_dtype=hp.weight_dtype
+            hp.pretrained_model_name_or_path, revision=hp.revision, variant=hp.variant, weight_dtype=hp.weight_dtype,
+            vae_name_or_path=hp.get("vae_name_or_path"),
         )
 
     def configure_speed(self) -> None:
@@ -122,6 +133,21 @@ class PersonalizationModule(L.LightningModule):
             self.unet.compile_repeated_blocks()
         elif hp.compile_unet == "full":
             self.unet.compile()
+
+    @property
+    def is_sdxl(self) -> bool:
+        """Whether the model is SDXL (two text encoders, pooled embedding and time ids in the UNet conditioning)."""
+        return getattr(self, "text_encoder_2", None) is not None
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoder(s): one for SD 1.x / 2.x, two for SDXL."""
+        return [self.text_encoder] + ([self.text_encoder_2] if self.is_sdxl else [])
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        """The tokenizer of each text encoder."""
+        return [self.tokenizer] + ([self.tokenizer_2] if self.is_sdxl else [])
 
     @property
     def text_path_trains(self) -> bool:
@@ -159,23 +185,46 @@ class PersonalizationModule(L.LightningModule):
         """Hook to rewrite captions before tokenizing (e.g. expand a multi-vector placeholder)."""
         return captions
 
-    def tokenize(self, captions: list[str]) -> torch.Tensor:
-        """Token ids padded to the tokenizer's max length, as SD pipelines do."""
-        return self.tokenizer(
+    def tokenize(self, captions: list[str], tokenizer: Any = None) -> torch.Tensor:
+        """Token ids padded to the tokenizer's max length, as SD pipelines do (``tokenizer``: default the first)."""
+        tokenizer = self.tokenizer if tokenizer is None else tokenizer
+        return tokenizer(
             self.prepare_captions(list(captions)),
             padding="max_length",
-            max_length=self.tokenizer.model_max_length,
+            max_length=tokenizer.model_max_length,
             truncation=True,
             return_tensors="pt",
         ).input_ids.to(self.device)
 
     def encode_prompt(self, captions: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states for ``captions`` (the UNet's cross-attention context)."""
+        """Text-encoder hidden states for ``captions`` (the UNet's cross-attention context).
+
+        For SDXL, both encoders' penultimate hidden states, concatenated (as ``StableDiffusionXLPipeline``).
+        """
+        if self.is_sdxl:
+            return self.encode_text(captions)["encoder_hidden_states"]
         return self.text_encoder(self.tokenize(captions))[0]
 
-    def unet_conditioning(self, batch: dict[str, Any]) -> dict[str, Any]:
-        """Keyword arguments of the UNet besides the sample and timestep (overridden for SDXL)."""
-        return {"encoder_hidden_states": self.encode_prompt(batch["caption"])}
+    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
+        """The text part of the UNet conditioning: ``encoder_hidden_states``, and SDXL's pooled ``text_embeds``."""
+        if not self.is_sdxl:
+            return {"encoder_hidden_states": self.encode_prompt(captions)}
+        ids = [self.tokenize(captions, tokenizer) for tokenizer in self.tokenizers]
+        hidden, pooled = sdxl.encode_prompts(self.text_encoders, ids)
+        return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+
+    def unet_conditioning(self, batch: dict[str, Any], text: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
+        """Keyword arguments of the UNet besides the sample and timestep.
+
+        ``text`` is :meth:`encode_text` of the batch's captions (computed when not given). SDXL adds the pooled
+        embedding and the time ids, per sample from the batch's ``original_size`` and ``crop_top_left`` and the
+        size of its images.
+        """
+        text = self.encode_text(batch["caption"]) if text is None else text
+        if not self.is_sdxl:
+            return {"encoder_hidden_states": text["encoder_hidden_states"]}
+        return sdxl.unet_kwargs(text, batch["original_size"], batch["crop_top_left"],
+                                tuple(batch["pixel_values"].shape[-2:]), device=self.device)
 
     def encode_latents(
         self,
@@ -231,9 +280,9 @@ class PersonalizationModule(L.LightningModule):
     ) -> torch.Tensor:
         """MSE between the UNet prediction on noised latents and the prediction-type target."""
         noisy = add_noise(self.alphas_cumprod, latents, noise, timesteps)
-        target = diffusion_target(self.prediction_type, self.alphas_cumprod, latents, noise, timesteps)
         dtype = self.unet.dtype
-        conditioning = {k: v.to(dtype) if torch.is_tensor(v) else v for k, v in conditioning.items()}
+        conditioning = _to_dtype(conditioning, dtype)
+        target = diffusion_target(self.prediction_type, self.alphas_cumprod, latents, noise, timesteps)
         prediction = self.unet(noisy.to(dtype), timesteps, **conditioning).sample
         return diffusion_mse(prediction, target, reduction=reduction)
 
@@ -261,7 +310,8 @@ class PersonalizationModule(L.LightningModule):
             lambda: self.encode_latents(batch["pixel_values"], batch["latent_noise"]),
         )
         text_key = None if self.text_path_trains else batch.get("text_cache_key")
-        conditioning = self._eval_cached("text", text_key, lambda: self.unet_conditioning(batch))
+        text = self._eval_cached("text", text_key, lambda: self.encode_text(batch["caption"]))
+        conditioning = self.unet_conditioning(batch, text)
         return self.denoising_loss(latents, batch["noise"].to(latents), batch["timesteps"], conditioning)
 
     # ------------------------------------------------------------------------------------ Lightning hooks
@@ -321,3 +371,10 @@ class PersonalizationModule(L.LightningModule):
         if _RNG_KEY in checkpoint:
             self._pending_rng_state = checkpoint[_RNG_KEY]
             self._generator = None
+
+
+def _to_dtype(value: Any, dtype: torch.dtype) -> Any:
+    """Floating tensors in ``value`` (nested dicts too, e.g. SDXL's ``added_cond_kwargs``) cast to ``dtype``."""
+    if isinstance(value, dict):
+        return {k: _to_dtype(v, dtype) for k, v in value.items()}
+    return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value
