@@ -24,8 +24,10 @@ __all__ = [
     "bytes_to_unicode",
     "build_clip_tokenizer",
     "build_tiny_sd_components",
+    "build_tiny_sdxl_components",
     "vae_downsample_factor",
     "save_tiny_sd",
+    "save_tiny_sdxl",
     "make_example_concept_images",
     "save_tiny_clip",
     "save_tiny_dino",
@@ -261,6 +263,106 @@ def save_tiny_sd(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
     pipe = StableDiffusionPipeline(
         **components, safety_checker=None, feature_extractor=None, requires_safety_checker=False
     )
+    pipe.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def build_tiny_sdxl_components(
+    seed: int = 0,
+    *,
+    sample_size: int = 8,
+    prediction_type: str = "epsilon",
+    text_dims: tuple[int, int] = (32, 32),
+    addition_time_embed_dim: int = 8,
+) -> dict[str, Any]:
+    """Builds tiny, randomly initialised Stable Diffusion XL components (as diffusers' SDXL pipeline tests).
+
+    The UNet has SDXL's ``text_time`` added conditioning: six time ids (original size, crop top-left, target size)
+    embedded with ``addition_time_embed_dim`` each, plus the pooled projection of the second text encoder, so
+    ``projection_class_embeddings_input_dim = 6 * addition_time_embed_dim + projection_dim``; its cross-attention
+    width is the two encoders' hidden sizes summed (SDXL: 768 + 1280). The VAE has SDXL's scaling factor 0.13025
+    and a downsample factor of 2, so images are ``2 * sample_size`` pixels square.
+
+    Args:
+        seed: Seed applied (``torch.manual_seed``) before each module is built.
+        sample_size: UNet latent resolution.
+        prediction_type: Scheduler prediction type.
+        text_dims: hidden sizes of the ``CLIPTextModel`` and of the ``CLIPTextModelWithProjection`` (whose
+            projection has the same width).
+        addition_time_embed_dim: width of each time id's sinusoidal embedding.
+
+    Returns:
+        Dict with keys ``unet``, ``vae``, ``text_encoder``, ``text_encoder_2``, ``tokenizer``, ``tokenizer_2``,
+        ``scheduler`` (directly usable as ``StableDiffusionXLPipeline(**components)``).
+    """
+    from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    torch.manual_seed(seed)
+    unet = UNet2DConditionModel(
+        sample_size=sample_size,
+        in_channels=4,
+        out_channels=4,
+        block_out_channels=(32, 64),
+        layers_per_block=1,
+        down_block_types=("DownBlock2D", "CrossAttnDownBlock2D"),
+        up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"),
+        attention_head_dim=(2, 4),
+        use_linear_projection=True,
+        addition_embed_type="text_time",
+        addition_time_embed_dim=addition_time_embed_dim,
+        projection_class_embeddings_input_dim=6 * addition_time_embed_dim + text_dims[1],
+        cross_attention_dim=sum(text_dims),
+        norm_num_groups=32,
+    )
+    torch.manual_seed(seed)
+    vae = AutoencoderKL(
+        in_channels=3,
+        out_channels=3,
+        down_block_types=("DownEncoderBlock2D", "DownEncoderBlock2D"),
+        up_block_types=("UpDecoderBlock2D", "UpDecoderBlock2D"),
+        block_out_channels=(16, 32),
+        layers_per_block=1,
+        latent_channels=4,
+        norm_num_groups=16,
+        sample_size=2 * sample_size,
+        scaling_factor=0.13025,
+    )
+    parts: dict[str, Any] = {"unet": unet.eval(), "vae": vae.eval()}
+    for index, (cls, width) in enumerate(zip((CLIPTextModel, CLIPTextModelWithProjection), text_dims)):
+        tokenizer = build_clip_tokenizer()
+        torch.manual_seed(seed + index)
+        config = CLIPTextConfig(
+            vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+            num_attention_heads=4, max_position_embeddings=77, layer_norm_eps=1e-5, projection_dim=width,
+            hidden_act="gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        suffix = "_2" if index else ""
+        parts[f"text_encoder{suffix}"] = cls(config).eval()
+        parts[f"tokenizer{suffix}"] = tokenizer
+    parts["scheduler"] = DDPMScheduler(
+        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        clip_sample=False, steps_offset=1, prediction_type=prediction_type,
+    )
+    return parts
+
+
+def save_tiny_sdxl(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
+    """Builds tiny SDXL components and saves them as a ``StableDiffusionXLPipeline`` folder.
+
+    Args:
+        path: Output folder (created if needed).
+        seed: Seed passed to :func:`build_tiny_sdxl_components`.
+        **kwargs: Extra keyword arguments for :func:`build_tiny_sdxl_components`.
+
+    Returns:
+        The output folder, loadable with ``StableDiffusionXLPipeline.from_pretrained``.
+    """
+    from diffusers import StableDiffusionXLPipeline
+
+    path = Path(path)
+    pipe = StableDiffusionXLPipeline(**build_tiny_sdxl_components(seed, **kwargs), add_watermarker=False)
     pipe.save_pretrained(path, safe_serialization=True)
     return path
 
