@@ -41,9 +41,11 @@ def write_json(path: str | os.PathLike, data: Any) -> Path:
     return Path(path)
 
 
-def write_safetensors(path: str | os.PathLike, tensors: Mapping[str, torch.Tensor]) -> Path:
-    """Write a safetensors file (contiguous CPU copies of ``tensors``), atomically."""
+def write_safetensors(
+    path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
+) -> Path:
+    """Write a safetensors file (contiguous CPU copies of ``tensors``, optional string ``metadata``), atomically."""
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
-        save_file(cpu, str(tmp))
+        save_file(cpu, str(tmp), metadata=dict(metadata) if metadata else None)
     return Path(path)

@@ -86,7 +86,9 @@ def make_scheduler(name: str, config: Any) -> Any:
 
 # ------------------------------------------------------------------------------------------------ artifacts
 def _load_textual_inversion(pipe: Any, run_dir: Path, file: str) -> Any:
-    pipe.load_textual_inversion(str(run_dir / file))
+    from lightning_custom.methods.tokens import load_embeddings_file
+
+    load_embeddings_file(pipe, run_dir / file)  # diffusers' one-key format, or SDXL's clip_l/clip_g
     return pipe
 
 
@@ -219,17 +221,13 @@ def pipeline_from_module(module: Any, scheduler: str = "default") -> Any:
             pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    from diffusers import StableDiffusionPipeline
+    from lightning_custom.components import assemble_pipeline
 
     config = module.noise_scheduler.config
     sampler = type(module.noise_scheduler).from_config(config) if scheduler == "default" else make_scheduler(
         scheduler, config
     )
-    pipe = StableDiffusionPipeline(
-        vae=module.vae, text_encoder=module.text_encoder, tokenizer=module.tokenizer, unet=module.unet,
-        scheduler=sampler, safety_checker=None, feature_extractor=None, image_encoder=None,
-        requires_safety_checker=False,
-    )
+    pipe = assemble_pipeline(module, sampler)  # StableDiffusionXLPipeline for SDXL modules
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

@@ -128,15 +128,12 @@ def ensure_class_images(
 
 def generation_pipeline(module: Any, device: torch.device | str | None = None,
                         scheduler: str = "DPMSolverMultistepScheduler"):
-    """A ``StableDiffusionPipeline`` sharing the (not yet trained) components of a personalization module."""
+    """A ``StableDiffusion(XL)Pipeline`` sharing the (not yet trained) components of a personalization module."""
     import diffusers
-    from diffusers import StableDiffusionPipeline
 
-    pipe = StableDiffusionPipeline(
-        vae=module.vae, text_encoder=module.text_encoder, tokenizer=module.tokenizer, unet=module.unet,
-        scheduler=getattr(diffusers, scheduler).from_config(module.noise_scheduler.config),
-        safety_checker=None, feature_extractor=None, requires_safety_checker=False,
-    )
+    from lightning_custom.components import assemble_pipeline
+
+    pipe = assemble_pipeline(module, getattr(diffusers, scheduler).from_config(module.noise_scheduler.config))
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe.to(device)

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from lightning_custom.components import resolve_model_path
+from lightning_custom.components import assemble_pipeline, pipeline_class_of, resolve_model_path
 from lightning_custom.io import atomic_path
 from lightning_custom.methods.finetuning import FineTuningModule
 from lightning_custom.methods.lora import (
@@ -29,14 +29,15 @@ PIPELINE_FOLDER = "pipeline"
 class DreamBooth(FineTuningModule):
     """DreamBooth, full fine-tuning: every UNet weight trains (fp32), the text encoder optionally.
 
-    The export is a complete diffusers pipeline folder, ``pipeline/``, for ``StableDiffusionPipeline.from_pretrained``.
+    The export is a complete diffusers pipeline folder, ``pipeline/``, for ``StableDiffusionPipeline.from_pretrained``
+    (``StableDiffusionXLPipeline`` for SDXL).
 
     Args:
         placeholder_token: the identifier, e.g. ``"sks"`` (existing rare token) or ``"<sks>"`` with
             ``train_token_embedding``.
         initializer_token: word initialising a new identifier's embedding.
         train_token_embedding: add the identifier as a new token and train its embedding.
-        train_text_encoder: fine-tune the whole text encoder too.
+        train_text_encoder: fine-tune the whole text encoder too (both, on SDXL).
         gradient_checkpointing: trade compute for memory in the UNet.
         prior_loss_weight: weight of the class-image loss under prior preservation.
         max_grad_norm: gradient-norm clipping (``None``: off).
@@ -69,26 +70,20 @@ class DreamBooth(FineTuningModule):
         if self.gradient_checkpointing:
             self.unet.enable_gradient_checkpointing()
         if self.train_text_encoder:
-            self.text_encoder.requires_grad_(True)
+            for encoder in self.text_encoders:
+                encoder.requires_grad_(True)
 
     def export_artifacts(self, output_dir: Path) -> list[str]:
         """Write ``pipeline/``: the trained UNet and text encoder, the tokenizer and the base model's VAE/scheduler."""
-        if self.token_vectors is not None:
-            self.token_vectors.write_into(self.text_encoder.get_input_embeddings())
+        self.write_token_vectors()
         pipe = self.inference_pipeline()
         with atomic_path(Path(output_dir) / PIPELINE_FOLDER) as tmp:
             pipe.save_pretrained(str(tmp), safe_serialization=True)
         return [PIPELINE_FOLDER]
 
     def inference_pipeline(self):
-        """A ``StableDiffusionPipeline`` of the current weights, with the base model's own sampling scheduler."""
-        from diffusers import StableDiffusionPipeline
-
-        return StableDiffusionPipeline(
-            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer, unet=self.unet,
-            scheduler=self.sampling_scheduler(), safety_checker=None, feature_extractor=None,
-            requires_safety_checker=False,
-        )
+        """A ``StableDiffusion(XL)Pipeline`` of the current weights, with the base model's own sampling scheduler."""
+        return assemble_pipeline(self, self.sampling_scheduler())
 
     def sampling_scheduler(self):
         """The scheduler class named in the base model's ``model_index.json`` (DDPM if unknown), same config."""
@@ -107,12 +102,10 @@ class DreamBooth(FineTuningModule):
     @staticmethod
     def load_into_pipeline(pipe: Any, run_dir: str | Path) -> Any:
         """The run's exported pipeline, in ``pipe``'s dtype and device and with ``pipe``'s scheduler."""
-        from diffusers import StableDiffusionPipeline
-
-        loaded = StableDiffusionPipeline.from_pretrained(
-            str(Path(run_dir) / PIPELINE_FOLDER), dtype=pipe.unet.dtype, scheduler=pipe.scheduler,
-            safety_checker=None, requires_safety_checker=False,
-        )
+        folder = Path(run_dir) / PIPELINE_FOLDER
+        cls = pipeline_class_of(folder)
+        extra = {} if "XL" in cls.__name__ else {"safety_checker": None, "requires_safety_checker": False}
+        loaded = cls.from_pretrained(str(folder), dtype=pipe.unet.dtype, scheduler=pipe.scheduler, **extra)
         return loaded.to(pipe.device)
 
 
@@ -131,7 +124,7 @@ class DreamBoothLoRA(FineTuningModule):
         lora_alpha: LoRA scaling numerator (the update is scaled by ``alpha / rank``); defaults to ``rank``.
         lora_dropout: dropout on the LoRA branch during training.
         target_modules: UNet layers that get LoRA (peft name matching: exact or ``.``-suffix).
-        train_text_encoder: also put LoRA on the text encoder.
+        train_text_encoder: also put LoRA on the text encoder (both text encoders, on SDXL).
         text_encoder_target_modules: text-encoder layers that get LoRA.
         prior_loss_weight: weight of the class-image loss under prior preservation.
         max_grad_norm: gradient-norm clipping (``None``: off).
@@ -170,18 +163,20 @@ class DreamBoothLoRA(FineTuningModule):
         lora = (self.rank, self.lora_alpha, self.lora_dropout)
         add_lora(self.unet, *lora, self.target_modules, "--model.target_modules", "UNet")
         if self.train_text_encoder:
-            add_lora(self.text_encoder, *lora, self.text_encoder_target_modules, "--model.text_encoder_target_modules",
-                     "text encoder")
+            for encoder in self.text_encoders:
+                add_lora(encoder, *lora, self.text_encoder_target_modules, "--model.text_encoder_target_modules",
+                         "text encoder")
 
     @torch.no_grad()
     def deterministic_loss(self, batch: dict[str, Any]) -> torch.Tensor:
         """DVAR's L_det with LoRA dropout off, even when called outside Lightning's evaluation loop."""
-        with lora_dropout_disabled(self.unet, self.text_encoder):
+        with lora_dropout_disabled(self.unet, *self.text_encoders):
             return super().deterministic_loss(batch)
 
     def export_artifacts(self, output_dir: Path) -> list[str]:
         """Write ``pytorch_lora_weights.safetensors`` (and the learned token, if any)."""
-        weights = save_lora(output_dir, self.unet, self.text_encoder if self.train_text_encoder else None)
+        encoders = self.text_encoders if self.train_text_encoder else []
+        weights = save_lora(output_dir, self.unet, *encoders)
         return [weights, *self.export_token_embeddings(Path(output_dir))]
 
     @staticmethod

@@ -18,7 +18,14 @@ from lightning_custom.data.class_images import merge_class_batch
 from lightning_custom.diffusion import prior_preservation_loss
 from lightning_custom.io import write_safetensors
 from lightning_custom.methods.base import PersonalizationModule
-from lightning_custom.methods.tokens import learn_new_tokens, split_tokens
+from lightning_custom.methods.tokens import (
+    SDXL_EMBEDDING_KEYS,
+    TOKEN_METADATA_KEY,
+    learn_new_tokens,
+    load_embeddings_file,
+    sdxl_embeddings,
+    split_tokens,
+)
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
 _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9<>_.+-]+$")
@@ -63,13 +70,27 @@ class FineTuningModule(PersonalizationModule):
 
     # ------------------------------------------------------------------------------------------------ tokens
     def configure_tokens(self) -> None:
-        """With ``train_token_embedding``, add the identifier tokens and make their vectors trainable."""
-        self.token_vectors = None
+        """With ``train_token_embedding``, add the identifier tokens and make their vectors trainable.
+
+        On SDXL each token gets a vector in both text encoders (``token_vectors`` and ``token_vectors_2``).
+        """
+        self.token_vectors = self.token_vectors_2 = None
         if self.train_token_embedding:
             initializers = split_tokens(self.initializer_token, "--model.initializer_token")
             self.token_vectors = learn_new_tokens(self.tokenizer, self.text_encoder, self.placeholder_tokens,
                                                   initializers)
             self._splice_handle = self.token_vectors.attach(self.text_encoder.get_input_embeddings())
+            if self.is_sdxl:
+                self.token_vectors_2 = learn_new_tokens(self.tokenizer_2, self.text_encoder_2,
+                                                        self.placeholder_tokens, initializers)
+                self._splice_handle_2 = self.token_vectors_2.attach(self.text_encoder_2.get_input_embeddings())
+
+    def write_token_vectors(self) -> None:
+        """Copy the learned token vectors into the text encoders' embedding matrices (before a full export)."""
+        pairs = ((self.token_vectors, self.text_encoder), (self.token_vectors_2, self.text_encoder_2))
+        for vectors, encoder in pairs:
+            if vectors is not None:
+                vectors.write_into(encoder.get_input_embeddings())
 
     def learned_embeddings(self) -> dict[str, torch.Tensor]:
         """``{token: (1, dim) tensor}`` for every learned token (empty without ``train_token_embedding``)."""
@@ -82,18 +103,22 @@ class FineTuningModule(PersonalizationModule):
         """Write the learned tokens for ``pipe.load_textual_inversion``; return the file names.
 
         One token goes to ``learned_embeds.safetensors``; several (or with :attr:`token_file_per_token`) go to one
-        ``<token>.safetensors`` each, since diffusers loads one token per file.
+        ``<token>.safetensors`` each, since diffusers loads one token per file. On SDXL a file holds the token's
+        ``clip_l`` and ``clip_g`` vectors, with the token in its metadata.
         """
         embeddings = self.learned_embeddings()
         if not embeddings:
             return []
-        if len(embeddings) == 1 and not self.token_file_per_token:
-            write_safetensors(Path(output_dir) / LEARNED_EMBEDS, embeddings)
-            return [LEARNED_EMBEDS]
+        single = len(embeddings) == 1 and not self.token_file_per_token
+        second = self.token_vectors_2.vectors if self.token_vectors_2 is not None else None
         names = []
-        for token, vector in embeddings.items():
-            name = token_file_name(token)
-            write_safetensors(Path(output_dir) / name, {token: vector})
+        for i, (token, vector) in enumerate(embeddings.items()):
+            name = LEARNED_EMBEDS if single else token_file_name(token)
+            if second is None:
+                write_safetensors(Path(output_dir) / name, {token: vector})
+            else:
+                write_safetensors(Path(output_dir) / name, sdxl_embeddings([vector, second[i : i + 1]]),
+                                  {TOKEN_METADATA_KEY: token})
             names.append(name)
         return names
 
@@ -140,15 +165,19 @@ class FineTuningModule(PersonalizationModule):
     def load_token_embeddings(pipe: Any, run_dir: str | Path) -> list[str]:
         """Load every learned-token file of a run into ``pipe`` (``load_textual_inversion``); return the tokens.
 
-        A token file holds one tensor whose key is the token: ``learned_embeds.safetensors`` or ``<token>.safetensors``.
+        A token file holds one tensor whose key is the token: ``learned_embeds.safetensors`` or ``<token>.safetensors``;
+        or, on SDXL, ``clip_l`` and ``clip_g`` with the token in the metadata.
         """
         tokens = []
         for path in sorted(Path(run_dir).glob("*.safetensors")):
             with safe_open(str(path), framework="pt") as handle:
-                keys = list(handle.keys())
-            if len(keys) == 1 and (path.name == LEARNED_EMBEDS or token_file_name(keys[0]) == path.name):
-                pipe.load_textual_inversion(str(path))
-                tokens.append(keys[0])
+                keys, token = list(handle.keys()), (handle.metadata() or {}).get(TOKEN_METADATA_KEY)
+            if set(keys) == set(SDXL_EMBEDDING_KEYS) and token:
+                keys = [token]
+            elif len(keys) != 1:
+                continue
+            if path.name == LEARNED_EMBEDS or token_file_name(keys[0]) == path.name:
+                tokens.extend(load_embeddings_file(pipe, path))
         return tokens
 
 

@@ -92,14 +92,23 @@ def lora_layers(model: nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.detach().cpu().contiguous() for key, value in state.items()}
 
 
-def save_lora(output_dir: str | Path, unet: nn.Module, text_encoder: nn.Module | None = None) -> str:
-    """Write ``pytorch_lora_weights.safetensors`` (with the adapters' rank/alpha metadata) for ``load_lora_weights``."""
-    from diffusers import StableDiffusionPipeline
+def save_lora(
+    output_dir: str | Path, unet: nn.Module, text_encoder: nn.Module | None = None,
+    text_encoder_2: nn.Module | None = None,
+) -> str:
+    """Write ``pytorch_lora_weights.safetensors`` (with the adapters' rank/alpha metadata) for ``load_lora_weights``.
+
+    With ``text_encoder_2`` (SDXL) the file is written by ``StableDiffusionXLPipeline.save_lora_weights``, whose
+    ``load_lora_weights(folder)`` puts each part back into the UNet and both text encoders.
+    """
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
     kwargs = {"unet_lora_layers": lora_layers(unet), "unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
-    if text_encoder is not None:
-        kwargs["text_encoder_lora_layers"] = lora_layers(text_encoder)
-        kwargs["text_encoder_lora_adapter_metadata"] = text_encoder.peft_config[ADAPTER].to_dict()
+    for prefix, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
+        if encoder is not None:
+            kwargs[f"{prefix}_lora_layers"] = lora_layers(encoder)
+            kwargs[f"{prefix}_lora_adapter_metadata"] = encoder.peft_config[ADAPTER].to_dict()
+    pipeline = StableDiffusionXLPipeline if text_encoder_2 is not None else StableDiffusionPipeline
     with atomic_path(Path(output_dir) / LORA_WEIGHT_NAME) as tmp:
-        StableDiffusionPipeline.save_lora_weights(str(tmp.parent), weight_name=tmp.name, **kwargs)
+        pipeline.save_lora_weights(str(tmp.parent), weight_name=tmp.name, **kwargs)
     return LORA_WEIGHT_NAME

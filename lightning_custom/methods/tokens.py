@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import torch
 from torch import nn
 
@@ -136,3 +139,38 @@ def learn_new_tokens(
         initial = embedding.weight[init_ids].detach().float().clone()
         embedding.weight[ids] = initial.to(embedding.weight.dtype)
     return TokenVectors(ids, initial)
+
+
+# SDXL Textual Inversion files hold one tensor per text encoder under these keys (the community convention that
+# diffusers users load with two ``load_textual_inversion(..., text_encoder=..., tokenizer=...)`` calls).
+SDXL_EMBEDDING_KEYS = ("clip_l", "clip_g")
+TOKEN_METADATA_KEY = "token"
+
+
+def sdxl_embeddings(vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """``{"clip_l": (n, 768), "clip_g": (n, 1280)}`` from the two text encoders' learned vectors."""
+    return {key: v.detach().float().cpu().clone() for key, v in zip(SDXL_EMBEDDING_KEYS, vectors)}
+
+
+def load_embeddings_file(pipe: Any, path: str | Path) -> list[str]:
+    """Load a Textual Inversion file into ``pipe``; return the token(s) it added.
+
+    A one-key file (``{token: (n, dim)}``) goes through ``pipe.load_textual_inversion(path)``; an SDXL file
+    (``clip_l`` and ``clip_g``, the token in the file's metadata) is loaded into both text encoders.
+    """
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as handle:
+        keys, metadata = list(handle.keys()), handle.metadata() or {}
+        tensors = {key: handle.get_tensor(key) for key in keys} if set(keys) == set(SDXL_EMBEDDING_KEYS) else None
+    if tensors is None:
+        pipe.load_textual_inversion(str(path))
+        return keys
+    token = metadata.get(TOKEN_METADATA_KEY)
+    if not token:
+        raise UserInputError(f"{path}: an SDXL embedding file needs its token in the metadata ({TOKEN_METADATA_KEY!r})")
+    pipe.load_textual_inversion(tensors["clip_l"], token=token, text_encoder=pipe.text_encoder,
+                                tokenizer=pipe.tokenizer)
+    pipe.load_textual_inversion(tensors["clip_g"], token=token, text_encoder=pipe.text_encoder_2,
+                                tokenizer=pipe.tokenizer_2)
+    return [token]
