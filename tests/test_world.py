@@ -104,3 +104,27 @@ def test_shipped_encoder_names_unseen_rendered_images():
     accuracy = attribute_accuracy(judge(encoder, images), attrs, heads=tuple(HEADS))
     for head in HEADS:
         assert accuracy[head] >= ENCODER_ACCURACY_BOUND, accuracy
+
+
+@pytest.mark.slow
+def test_world_sd_training_resumes_and_exports_a_diffusers_model(tmp_path):
+    import importlib.util
+    import json
+    import sys
+
+    from lightning_custom.components import load_components
+
+    spec = importlib.util.spec_from_file_location("train_world_sd", Path(__file__).resolve().parents[1] / "scripts"
+                                                  / "train_world_sd.py")
+    script = importlib.util.module_from_spec(spec)
+    sys.modules["train_world_sd"] = script
+    spec.loader.exec_module(script)
+    common = ["--out", str(tmp_path / "model"), "--checkpoint-dir", str(tmp_path / "ckpt"), "--local-dir",
+              str(tmp_path / "local"), "--vae-steps", "2", "--dataset-size", "64", "--batch-size", "4"]
+    script.main([*common, "--max-steps", "3"])
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 3
+    script.main([*common, "--max-steps", "5"])  # resumes at step 3
+    assert json.loads((tmp_path / "ckpt" / "state.json").read_text())["step"] == 5
+    script.main([*common, "--export"])
+    components = load_components(str(tmp_path / "model"))
+    assert components.unet.config.sample_size == 8 and components.tokenizer.model_max_length == 32
