@@ -17,7 +17,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_custom.toy_models import make_example_concept_images, save_tiny_sd  # noqa: E402
+from lightning_custom.toy_models import make_example_concept_images, save_tiny_sd, save_tiny_sdxl  # noqa: E402
 
 # Small enough for many fits per test session on a 2-core CPU: 16 px images, 8x8 latents.
 RESOLUTION = 16
@@ -61,6 +61,12 @@ def tiny_sd(tmp_path_factory) -> str:
 def tiny_sd_v(tmp_path_factory) -> str:
     """A tiny SD 2.x-style (v_prediction) model folder."""
     return str(save_tiny_sd(tmp_path_factory.mktemp("models") / "tiny-sd-v", seed=1, prediction_type="v_prediction"))
+
+
+@pytest.fixture(scope="session")
+def tiny_sdxl(tmp_path_factory) -> str:
+    """A tiny SDXL model folder (two text encoders, a ``text_time`` UNet) written with ``save_pretrained``."""
+    return str(save_tiny_sdxl(tmp_path_factory.mktemp("models") / "tiny-sdxl", seed=0))
 
 
 @pytest.fixture(scope="session")
