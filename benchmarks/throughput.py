@@ -93,7 +93,8 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
         torch.cuda.reset_peak_memory_stats()
     setup_start = time.perf_counter()
     module = cls(pretrained_model_name_or_path=args.arch, weight_dtype=args.weight_dtype, compile_unet=args.compile,
-                 **kwargs)
+                 cache_latents=not args.no_cache, cache_eval_batch=not args.no_cache,
+                 channels_last=args.channels_last, **kwargs)
     data = ConceptDataModule(instance_data_dir=embedded_concept_path(), resolution=args.resolution,
                              batch_size=args.batch_size, eval_batch_size=4, center_crop=True,
                              placeholder_token=kwargs["placeholder_token"],
@@ -109,7 +110,7 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
     trainer.fit(module, datamodule=data)
     warmup = min(args.warmup, len(timer.steps) - 1)
     steady = timer.steps[warmup:]
-    # Training batches include the validation that follows them? No: Lightning validates after on_train_batch_end.
+    # on_train_batch_end comes before the step's validation, so step times exclude DVAR.
     dvar_seconds = sum(timer.validations)
     return {
         "method": name,
@@ -119,6 +120,8 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
         "batch_size": args.batch_size,
         "precision": args.precision,
         "compile": args.compile,
+        "caches": not args.no_cache,
+        "channels_last": args.channels_last,
         "dvar_every": args.dvar_every,
         "steps": trainer.global_step,
         "setup_seconds": round(setup_seconds, 2),
@@ -135,13 +138,13 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
 
 def markdown_table(rows: list[dict]) -> str:
     """The results as a markdown table."""
-    header = ("| method | device | arch | px | batch | precision | compile | DVAR every | ms/step | ms/DVAR eval "
-              "| steps/s (with DVAR) | DVAR share | peak mem GB | first step s |")
-    lines = [header, "|" + "---|" * 14]
+    header = ("| method | device | arch | px | batch | precision | compile | caches | DVAR every | ms/step "
+              "| ms/DVAR eval | steps/s (with DVAR) | DVAR share | peak mem GB | first step s |")
+    lines = [header, "|" + "---|" * 15]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['device']} | {r['arch']} | {r['resolution']} | {r['batch_size']} | {r['precision']} "
-            f"| {r['compile']} | {r['dvar_every']} | {r['ms_per_step']} | {r['ms_per_dvar_eval']} "
+            f"| {r['compile']} | {r['caches']} | {r['dvar_every']} | {r['ms_per_step']} | {r['ms_per_dvar_eval']} "
             f"| {r['steps_per_second']} | {100 * r['dvar_share']:.1f}% | {r['peak_memory_gb']} "
             f"| {r['first_step_seconds']} |"
         )
@@ -163,6 +166,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     parser.add_argument("--weight-dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--compile", default="none", choices=["none", "regional", "full"],
                         help="torch.compile the UNet: its repeated blocks only, or whole")
+    parser.add_argument("--no-cache", action="store_true", help="turn off the latent and evaluation caches")
+    parser.add_argument("--channels-last", action="store_true")
     parser.add_argument("--tag", default=None, help="output file suffix (default: device)")
     parser.add_argument("--out", default=str(Path(__file__).parent / "results"))
     args = parser.parse_args(argv)

@@ -160,8 +160,25 @@ def replay(
     return {"result": result, "files": files}
 
 
-COMMANDS: dict[str, Callable] = {"sample": sample, "evaluate": evaluate, "replay": replay}
-_POSITIONAL = {"sample": ("run_dir", None), "evaluate": ("run_dir", None), "replay": ("runs", "+")}
+def gather(runs: list[str], output: str | None = None) -> list[dict]:
+    """Collect the summary.json of many runs (say, one SLURM array task per concept) into one table.
+
+    Args:
+        runs: run folders, folders holding run folders, or summary.json files.
+        output: also write the table as CSV here.
+
+    Returns:
+        One row per run (method, token, stop step, why it stopped, wall time, ...).
+    """
+    from lightning_custom.gather import gather_table, markdown
+
+    rows = gather_table(list(runs), output)
+    print(markdown(rows), end="")
+    return rows
+
+
+COMMANDS: dict[str, Callable] = {"sample": sample, "evaluate": evaluate, "replay": replay, "gather": gather}
+_POSITIONAL = {"sample": ("run_dir", None), "evaluate": ("run_dir", None), "replay": ("runs", "+"), "gather": ("runs", "+")}
 
 
 def build_parser(name: str):

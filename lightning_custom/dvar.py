@@ -52,3 +52,23 @@ def first_stop_index(values: Sequence[float], window: int, threshold: float, min
         if ratio is not None and ratio < threshold:
             return i
     return None
+
+
+def stop_step_every(
+    history: Sequence[Sequence[float]], window_steps: int, threshold: float, eval_every_n_steps: int = 1
+) -> int | None:
+    """Where DVAR evaluated every ``eval_every_n_steps`` steps would stop, replayed on an every-step history.
+
+    Args:
+        history: ``[[step, loss], ...]`` recorded at every optimizer step (as in ``summary.json``).
+        window_steps: the window in optimizer steps.
+        threshold: the ratio threshold.
+        eval_every_n_steps: the evaluation period k; the values at steps k, 2k, ... are kept.
+
+    Returns:
+        The stop step, or ``None`` if the rule never fires on this history.
+    """
+    kept = [loss for step, loss in history if int(step) % eval_every_n_steps == 0]
+    steps = [int(step) for step, _ in history if int(step) % eval_every_n_steps == 0]
+    index = first_stop_index(kept, window_in_values(window_steps, eval_every_n_steps), threshold)
+    return None if index is None else steps[index]

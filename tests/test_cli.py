@@ -46,13 +46,15 @@ def quick_args(tmp_path, concept_dir, model_path, *extra):
 
 
 def test_fit_end_to_end_writes_the_summary_contract(tmp_path, tiny_sd, concept_dir):
-    main(quick_args(tmp_path, concept_dir, tiny_sd, "--dvar.window", "15", "--trainer.max_steps", "300"))
+    main(quick_args(tmp_path, concept_dir, tiny_sd, "--dvar.window", "25", "--trainer.max_steps", "300"))
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["method"] == "TextualInversion" and summary["placeholder_token"] == "<cat-toy>"
     assert summary["stopped_by"] == "dvar" and summary["stop_step"] < 300 == summary["max_steps"]
-    assert summary["dvar_window"] == 15 and summary["dvar_threshold"] == 0.15
-    assert [s for s, _ in summary["dvar_history"]] == list(range(1, summary["stop_step"] + 1))
+    assert summary["dvar_window"] == 25 and summary["dvar_threshold"] == 0.15
+    # the quickstart evaluates every 5 steps; the window is counted in steps
+    assert summary["dvar_eval_every_n_steps"] == 5 and summary["stop_step"] % 5 == 0
+    assert [s for s, _ in summary["dvar_history"]] == list(range(5, summary["stop_step"] + 1, 5))
     assert summary["artifacts"] == ["learned_embeds.safetensors"]
     assert (tmp_path / "learned_embeds.safetensors").exists()
     assert not [p for p in tmp_path.iterdir() if p.name.endswith(".tmp")]
@@ -62,6 +64,19 @@ def run_cli(*args, cwd=ROOT):
     env = dict(os.environ, HF_HUB_OFFLINE="1")
     return subprocess.run([sys.executable, "-m", "lightning_custom", *args], capture_output=True, text=True, env=env,
                           cwd=cwd, timeout=300)
+
+
+def test_cli_default_evaluation_period(capsys):
+    """Without a config, the CLI evaluates DVAR every 10 steps (the class itself defaults to the paper's 1)."""
+    with pytest.raises(SystemExit):
+        main(["fit", "--model", "lightning_custom.methods.TextualInversion",
+              "--data", "lightning_custom.data.ConceptDataModule", "--print_config"])
+    printed = capsys.readouterr().out
+    dvar_section = printed[printed.index("dvar:"):]
+    assert "eval_every_n_steps: 10" in dvar_section.split("\n\n")[0]
+    from lightning_custom.callbacks import DVAREarlyStopping
+
+    assert DVAREarlyStopping().eval_every_n_steps == 1
 
 
 def test_help_explains_itself():

@@ -167,3 +167,14 @@ def test_state_dict_round_trip():
 def test_bad_settings_are_rejected(kwargs):
     with pytest.raises(ValueError, match="--dvar"):
         DVAREarlyStopping(**kwargs)
+
+
+def test_stop_step_every_replays_a_coarser_evaluation():
+    from lightning_custom.dvar import stop_step_every
+
+    values = decaying_series(600, seed=4)
+    history = [[step, v] for step, v in enumerate(values, start=1)]
+    assert stop_step_every(history, 30, 0.15, 1) == numpy_stop_step(values, 30, 0.15)
+    coarse = values[4::5]  # the values at steps 5, 10, ...
+    assert stop_step_every(history, 30, 0.15, 5) == numpy_stop_step(coarse, 6, 0.15, every=5)
+    assert stop_step_every(history, 30, 0.15, 5) % 5 == 0
