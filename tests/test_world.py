@@ -44,8 +44,8 @@ def test_render_shows_the_background_and_the_object_colour():
 
 
 def test_captions_name_the_attributes_and_are_single_tokens():
-    a = Attributes("hexagon", "purple", "checkered", "yellow")
-    assert caption(a) == "a photo of a purple checkered hexagon on a yellow background"
+    a = Attributes("arrow", "purple", "checkered", "yellow")
+    assert caption(a) == "a photo of a purple checkered arrow on a yellow background"
     assert caption(Attributes("star", "red")) == "a photo of a red star on a grey background"
     tokenizer = build_clip_tokenizer(vocabulary())
     for word in vocabulary():

@@ -14,7 +14,7 @@ from dataclasses import asdict, dataclass, replace
 import numpy as np
 from PIL import Image, ImageDraw
 
-SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "hexagon")
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "heart", "cross", "diamond", "arrow")
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30), "orange": (250, 140, 20), "yellow": (245, 220, 40), "green": (40, 170, 60),
     "blue": (40, 70, 220), "purple": (130, 40, 180), "white": (245, 245, 245), "black": (25, 25, 25),
@@ -98,10 +98,6 @@ def _star_polygon(n: int, inner: float) -> list[tuple[float, float]]:
              * math.cos(math.pi * i / n)) for i in range(2 * n)]
 
 
-def _regular(n: int, phase: float = 0.0) -> list[tuple[float, float]]:
-    return [(math.cos(2 * math.pi * i / n + phase), math.sin(2 * math.pi * i / n + phase)) for i in range(n)]
-
-
 def _heart(points: int = 48) -> list[tuple[float, float]]:
     out = []
     for i in range(points):
@@ -141,8 +137,8 @@ def outline(shape: str) -> list[tuple[float, float]] | None:
                 (-a, -a)]
     if shape == "diamond":
         return [(0.0, -1.0), (0.6, 0.0), (0.0, 1.0), (-0.6, 0.0)]
-    if shape == "hexagon":
-        return _regular(6)
+    if shape == "arrow":
+        return [(-0.95, -0.22), (0.15, -0.22), (0.15, -0.62), (0.95, 0.0), (0.15, 0.62), (0.15, 0.22), (-0.95, 0.22)]
     if shape.startswith("poly:"):
         return random_polygon(int(shape.split(":", 1)[1]))
     raise ValueError(f"unknown shape {shape!r}")
