@@ -17,7 +17,9 @@ early stopping only). ``--live K`` re-trains the first K concepts with DVAR stop
 live stop step equals the replayed one.
 
     OMP_NUM_THREADS=1 python benchmarks/table1.py --concepts 10            # smoke, on the embedded model
-    python benchmarks/table1.py --concepts 100 --model lightning_custom/assets/world-sd --steps 400
+    python benchmarks/table1.py --concepts 100 --model lightning_custom/assets/world-sd
+    # on a many-core machine: N parallel shards first, then the same command without --shard
+    for k in $(seq 0 15); do OMP_NUM_THREADS=1 python benchmarks/table1.py --concepts 100 --shard $k/16 & done; wait
 
 Writes ``<out>/table1.md`` (the table, the live check, the settings and this command), ``table1.csv`` (one row
 per run and variant), ``table1_dvar_stops.png`` and ``table1_quality_vs_step.png``. Runs already finished under
@@ -107,6 +109,8 @@ def run_config(method: str, concept, folder: Path, args, live: bool) -> dict:
         data["num_class_images"] = args.class_images
         data["class_cache_dir"] = str(folder / "class_images")
     run_dir = folder / "runs" / ("live" if live else "full") / method / concept.name
+    if args.accelerator:
+        config["trainer"]["accelerator"] = args.accelerator
     config["trainer"].update(max_steps=steps, default_root_dir=str(run_dir), enable_progress_bar=False,
                              enable_model_summary=False, logger=False, enable_checkpointing=False)
     config["dvar"] = {"window": window, "threshold": settings.threshold, "stop": live, "verbose": False}
@@ -245,6 +249,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-inference-steps", type=int, default=10)
     parser.add_argument("--class-images", type=int, default=4)
     parser.add_argument("--live", type=int, default=1, help="re-train the first K concepts with live DVAR")
+    parser.add_argument("--accelerator", default=None, help="override the configs' trainer.accelerator (cpu, gpu)")
+    parser.add_argument("--shard", default=None, metavar="K/N", help="only train runs K, K+N, K+2N, ... of the "
+                        "(method, concept) list and exit; run once more without --shard to replay and write the table")
     parser.add_argument("--workdir", default="runs/table1")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -259,11 +266,16 @@ def main(argv: list[str] | None = None) -> int:
         if not (work / "concepts" / concept.name).exists():
             concept.write_images(work / "concepts" / concept.name)
     summaries: dict[tuple[str, str], dict] = {}
-    for method in args.methods:
-        for concept in concepts:
-            config = run_config(method, concept, work, args, live=False)
-            summaries[method, concept.name] = fit(config, work / "configs" / method / f"{concept.name}.yaml")
-            print(f"[{time.time() - start:.0f}s] {method} {concept.name} done", flush=True)
+    jobs = [(method, concept) for method in args.methods for concept in concepts]
+    if args.shard:
+        k, n = (int(x) for x in args.shard.split("/"))
+        for method, concept in jobs[k::n]:
+            fit(run_config(method, concept, work, args, live=False), work / "configs" / method / f"{concept.name}.yaml")
+        return 0
+    for method, concept in jobs:
+        config = run_config(method, concept, work, args, live=False)
+        summaries[method, concept.name] = fit(config, work / "configs" / method / f"{concept.name}.yaml")
+        print(f"[{time.time() - start:.0f}s] {method} {concept.name} done", flush=True)
 
     rows: list[dict] = []
     for method in args.methods:
