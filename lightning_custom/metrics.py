@@ -14,7 +14,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -160,6 +160,19 @@ def _features(output: Any) -> torch.Tensor:
     return output if torch.is_tensor(output) else output.pooler_output
 
 
+def _embed_in_batches(
+    model: Any, transform: ImageTransform, images: Sequence[Image.Image], batch_size: int,
+    embed: Callable[[torch.Tensor], torch.Tensor],
+) -> torch.Tensor:
+    """``embed`` applied to the transformed images, ``batch_size`` at a time, as one float32 ``(N, D)`` tensor."""
+    parameter = next(model.parameters())
+    chunks = []
+    for start in range(0, len(images), batch_size):
+        pixels = transform(images[start : start + batch_size]).to(parameter.device, parameter.dtype)
+        chunks.append(embed(pixels).float())
+    return torch.cat(chunks)
+
+
 @dataclass
 class CLIPScorer:
     """A CLIP model with its tokenizer and image transform: image and text embeddings."""
@@ -176,12 +189,10 @@ class CLIPScorer:
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
         """``(N, D)`` projected image embeddings (float32, not normalised)."""
-        chunks = []
-        dtype = next(self.model.parameters()).dtype
-        for start in range(0, len(images), batch_size):
-            pixels = self.transform(images[start : start + batch_size]).to(self.device, dtype)
-            chunks.append(_features(self.model.get_image_features(pixel_values=pixels)).float())
-        return torch.cat(chunks)
+        return _embed_in_batches(
+            self.model, self.transform, images, batch_size,
+            lambda pixels: _features(self.model.get_image_features(pixel_values=pixels)),
+        )
 
     @torch.no_grad()
     def text_embeddings(self, texts: Sequence[str]) -> torch.Tensor:
@@ -205,12 +216,10 @@ class DINOScorer:
     @torch.no_grad()
     def image_embeddings(self, images: Sequence[Image.Image], batch_size: int = 32) -> torch.Tensor:
         """``(N, D)`` CLS embeddings (float32, not normalised)."""
-        chunks = []
-        dtype = next(self.model.parameters()).dtype
-        for start in range(0, len(images), batch_size):
-            pixels = self.transform(images[start : start + batch_size]).to(self.device, dtype)
-            chunks.append(self.model(pixel_values=pixels).last_hidden_state[:, 0].float())
-        return torch.cat(chunks)
+        return _embed_in_batches(
+            self.model, self.transform, images, batch_size,
+            lambda pixels: self.model(pixel_values=pixels).last_hidden_state[:, 0],
+        )
 
 
 def load_clip(name_or_path: str = "openai/clip-vit-base-patch32", device: str | torch.device = "cpu",

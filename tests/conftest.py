@@ -19,6 +19,8 @@ import torch  # noqa: E402
 
 from lightning_custom.toy_models import make_example_concept_images, save_tiny_sd, save_tiny_sdxl  # noqa: E402
 
+torch.set_num_threads(1)  # see OMP_NUM_THREADS above; tests that need more threads ask for them
+
 # Small enough for many fits per test session on a 2-core CPU: 16 px images, 8x8 latents.
 RESOLUTION = 16
 

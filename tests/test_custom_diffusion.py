@@ -26,14 +26,6 @@ from tests.test_dreambooth import check_configs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core CPU run much faster single-threaded
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def second_concept_dir(tmp_path_factory) -> str:
     out = tmp_path_factory.mktemp("concept_b")

@@ -22,14 +22,6 @@ from tests.conftest import data_kwargs, trainer_kwargs
 ROOT = Path(__file__).resolve().parents[1]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core CPU run much faster single-threaded
-    yield
-    torch.set_num_threads(threads)
-
-
 def fit(module, datamodule, root, max_steps=4):
     trainer = L.Trainer(max_steps=max_steps, callbacks=[DVAREarlyStopping(window=50), RunSummary()],
                         **trainer_kwargs(root))

@@ -21,14 +21,6 @@ from tests.conftest import data_kwargs
 SPEC = EvalBatchSpec(num_train_timesteps=1000, latent_channels=4, latent_downsample=2)
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny models on a shared 2-core CPU run much faster single-threaded
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def class_dir(tmp_path_factory) -> str:
     """Three class images, different from the concept's."""

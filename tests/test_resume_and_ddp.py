@@ -6,7 +6,6 @@ import json
 from pathlib import Path
 
 import lightning as L
-import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import Any, Literal
 
@@ -35,7 +36,7 @@ def adamw_8bit(params: list[nn.Parameter], **kwargs: Any) -> torch.optim.Optimiz
     return bnb.optim.AdamW8bit(params, **kwargs)
 
 
-class PersonalizationModule(L.LightningModule):
+class PersonalizationModule(L.LightningModule, ABC):
     """Base class of every personalization method.
 
     Subclasses implement :meth:`configure_trainable` (unfreeze what they train) and :meth:`export_artifacts`
@@ -154,13 +155,13 @@ class PersonalizationModule(L.LightningModule):
         """Whether anything outside the UNet and VAE trains (text-encoder weights, LoRA or new token vectors)."""
         return any(p.requires_grad for n, p in self.named_parameters() if not n.startswith(("unet.", "vae.")))
 
+    @abstractmethod
     def configure_trainable(self) -> None:
         """Unfreeze or add the parameters this method trains."""
-        raise NotImplementedError
 
+    @abstractmethod
     def export_artifacts(self, output_dir: Path) -> list[str]:
         """Write the method's diffusers-native artifacts into ``output_dir``; return their file names."""
-        raise NotImplementedError
 
     @property
     def prediction_type(self) -> str:
