@@ -23,6 +23,7 @@ def encode_prompts(text_encoders: Sequence[nn.Module], input_ids: Sequence[torch
     hidden = []
     pooled = None
     for encoder, ids in zip(text_encoders, input_ids):
+        register_recordable_outputs(encoder)
         out = encoder(ids, output_hidden_states=True)
         if out[0].ndim == 2:  # CLIPTextModelWithProjection: text_embeds first
             pooled = out[0]
@@ -30,6 +31,22 @@ def encode_prompts(text_encoders: Sequence[nn.Module], input_ids: Sequence[torch
     if pooled is None:
         raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for the pooled embedding")
     return torch.cat(hidden, dim=-1), pooled
+
+
+def register_recordable_outputs(encoder: nn.Module) -> None:
+    """Make ``output_hidden_states=True`` work on a text encoder unpickled in another process.
+
+    transformers 5 records hidden states through a per-process registry that a model's ``__init__`` fills; a model
+    sent to a ``ddp_spawn`` worker is unpickled without ``__init__``, is missing from the registry there, and would
+    silently return ``hidden_states=None``. A no-op where the registry does not exist (older transformers).
+    """
+    try:
+        from transformers.utils.output_capturing import _CAN_RECORD_REGISTRY
+    except ImportError:  # pragma: no cover - transformers < 5
+        return
+    outputs = getattr(encoder, "_can_record_outputs", None)
+    if outputs and not _CAN_RECORD_REGISTRY.get(encoder):
+        _CAN_RECORD_REGISTRY[encoder] = outputs
 
 
 def time_ids(

@@ -256,3 +256,37 @@ def test_custom_diffusion_round_trips_on_sdxl(tiny_sdxl, concept_dir, tmp_path):
         assert sorted(handle.keys()) == ["clip_g", "clip_l"]
     pipe = CustomDiffusion.load_into_pipeline(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl), tmp_path)
     assert_same_as_pipeline(module, pipe, ["a photo of a <new1> toy", "a photo of a toy"])
+
+
+class RecordEvalInputs(L.Callback):
+    """Writes, per rank, the UNet inputs of every DVAR evaluation and its loss to rank<k>.json."""
+
+    def __init__(self, out: str):
+        self.out, self.evaluations, self.losses = out, [], []
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0):
+        self.calls, self.handle = record_unet_inputs(pl_module)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0):
+        self.handle.remove()
+        self.evaluations.append({k: v.tolist() for k, v in self.calls[0].items()})
+        self.losses.append(float(outputs))
+
+    def on_fit_end(self, trainer, pl_module):
+        record = {"evaluations": self.evaluations, "losses": self.losses}
+        Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
+
+
+@pytest.mark.slow
+def test_two_process_ddp_ranks_see_the_same_fixed_batch(tmp_path, tiny_sdxl, non_square_dir):
+    module = TextualInversion(**ti_kwargs(tiny_sdxl, learning_rate=0.05))
+    dm = ConceptDataModule(**data_kwargs(non_square_dir, center_crop=False))
+    trainer = L.Trainer(max_steps=3, callbacks=[DVAREarlyStopping(window=50), RecordEvalInputs(str(tmp_path))],
+                        **trainer_kwargs(tmp_path, strategy="ddp_spawn", devices=2))
+    trainer.fit(module, datamodule=dm)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert len(ranks[0]["evaluations"]) == 3 and ranks[0] == ranks[1]
+    first = ranks[0]["evaluations"]
+    for later in first[1:]:  # only the trained token moves between evaluations: sizes, crops and noise stay
+        for key in ("sample", "timestep", "time_ids"):
+            assert later[key] == first[0][key], key
