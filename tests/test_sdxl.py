@@ -139,6 +139,17 @@ def test_time_ids_follow_the_crop_of_non_square_images(tiny_sdxl, non_square_dir
         # the crop the UNet is told about is the crop it sees
         assert torch.equal(batch["pixel_values"][i], to_tensor(resized, top, left, RESOLUTION, False))
     assert True in moved
+    # a mirrored sample reports its crop in the mirrored image, the one the UNet sees
+    flipped = ConceptDataModule(**data_kwargs(non_square_dir, center_crop=False, random_flip=True))
+    items = [flipped.train_dataset()[i] for i in range(8)]
+    assert any(item["crop_top_left"][1] > 0 for item in items)
+    for item in items:
+        top, left = item["crop_top_left"].tolist()
+        name = next(n for n, size in files.items() if size == tuple(item["original_size"].tolist()))
+        resized = resize_shorter_side(load_rgb_image(Path(non_square_dir) / name), RESOLUTION)
+        candidates = [to_tensor(resized, top, left, RESOLUTION, False),
+                      to_tensor(resized.transpose(Image.Transpose.FLIP_LEFT_RIGHT), top, left, RESOLUTION, False)]
+        assert any(torch.allclose(item["pixel_values"], c) for c in candidates)
     # the same order as diffusers' SDXL pipeline: original size + crop top-left + target size
     pipe = StableDiffusionXLPipeline.from_pretrained(module.hparams.pretrained_model_name_or_path)
     row = pipe._get_add_time_ids(tuple(batch["original_size"][0].tolist()), tuple(batch["crop_top_left"][0].tolist()),

@@ -64,7 +64,9 @@ class ConceptImages:
         return {
             "pixel_values": to_tensor(image, top, left, self.resolution, flip),
             "original_size": torch.tensor(self.original_sizes[index % len(self.images)]),
-            "crop_top_left": torch.tensor((top, left)),
+            # The crop in the frame the model sees: a mirrored crop starts at width - left - resolution (as the
+            # crop of the flipped image in diffusers' SDXL training examples).
+            "crop_top_left": torch.tensor((top, image.width - left - self.resolution if flip else left)),
             # Names this exact augmented image, so the module can cache its VAE latent distribution.
             "latent_key": f"{self.files[index % len(self.images)]}|{top}|{left}|{int(flip)}|{self.resolution}",
         }
