@@ -11,6 +11,9 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Sequence
+from typing import Optional
+
+import torch
 
 from lightning.pytorch.cli import LightningCLI
 
@@ -46,6 +49,18 @@ class PersonalizationCLI(LightningCLI):
         # steps (the window still counted in steps) costs ~3% on a GPU and moves the stop by a median 7 steps
         # (benchmarks/results/dvar_frequency.md). --dvar.eval_every_n_steps 1 reproduces the paper exactly.
         parser.set_defaults({"dvar.eval_every_n_steps": DEFAULT_EVAL_EVERY_N_STEPS})
+        parser.add_argument(
+            "--cpu_threads", type=Optional[int], default=None,
+            help="torch intra-op threads for work on the CPU (default: torch's choice). Small models run fastest with "
+                 "1: on a busy machine, spinning OpenMP threads can make each step 10-30x slower.",
+        )
+
+    def before_instantiate_classes(self) -> None:
+        """Apply ``--cpu_threads`` before any model is built."""
+        config = self.config.get(self.subcommand) if self.subcommand else self.config
+        threads = config.get("cpu_threads") if config is not None else None
+        if threads:
+            torch.set_num_threads(threads)
 
 
 def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:

@@ -46,7 +46,11 @@ def quick_args(tmp_path, concept_dir, model_path, *extra):
 
 
 def test_fit_end_to_end_writes_the_summary_contract(tmp_path, tiny_sd, concept_dir):
+    import torch
+
+    torch.set_num_threads(2)  # the quickstart's cpu_threads: 1 must take over
     main(quick_args(tmp_path, concept_dir, tiny_sd, "--dvar.window", "25", "--trainer.max_steps", "300"))
+    assert torch.get_num_threads() == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
     assert summary["method"] == "TextualInversion" and summary["placeholder_token"] == "<cat-toy>"
