@@ -40,7 +40,7 @@ def embedded_concept_path() -> str:
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Expand the aliases ``"embedded"`` and ``"embedded:tiny-sdxl"`` to the shipped models; leave others as they are."""
+    """Expand the aliases ``"embedded"`` and ``"embedded:tiny-sdxl"`` to the shipped models; keep anything else."""
     if name_or_path == "embedded:tiny-sdxl":
         return embedded_sdxl_path()
     return embedded_model_path() if name_or_path in ("embedded", "embedded:tiny-sd") else name_or_path
@@ -172,9 +172,11 @@ def load_vae(name_or_path: str, dtype: torch.dtype, revision: str | None = None)
     subfolder = "vae" if (path / "vae").is_dir() else None
     try:
         return AutoencoderKL.from_pretrained(name_or_path, subfolder=subfolder, torch_dtype=dtype, revision=revision)
-    except (OSError, ValueError, EnvironmentError) as err:
+    except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"--model.vae_name_or_path: cannot load a VAE from {name_or_path!r}: {first_line}") from err
+        raise UserInputError(
+            f"--model.vae_name_or_path: cannot load a VAE from {name_or_path!r}: {first_line}"
+        ) from err
 
 
 def _frozen(parts: StableDiffusionComponents) -> StableDiffusionComponents:

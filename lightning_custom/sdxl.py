@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 
-def encode_prompts(text_encoders: Sequence[nn.Module], input_ids: Sequence[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def encode_prompts(
+    text_encoders: Sequence[nn.Module], input_ids: Sequence[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``(prompt_embeds, pooled_prompt_embeds)`` as SDXL's pipeline computes them.
 
     Each encoder's penultimate hidden states, concatenated along the feature axis (768 + 1280 = 2048 for SDXL), and
@@ -29,7 +31,8 @@ def encode_prompts(text_encoders: Sequence[nn.Module], input_ids: Sequence[torch
             pooled = out[0]
         hidden.append(out.hidden_states[-2])
     if pooled is None:
-        raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for the pooled embedding")
+        raise ValueError("SDXL needs a text encoder with projection (CLIPTextModelWithProjection) for the pooled "
+                         "embedding")
     return torch.cat(hidden, dim=-1), pooled
 
 

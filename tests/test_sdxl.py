@@ -208,7 +208,7 @@ def test_textual_inversion_export_round_trips_through_the_sdxl_pipeline(trained_
     path = root / "learned_embeds.safetensors"
     with safe_open(str(path), framework="pt") as handle:
         assert sorted(handle.keys()) == ["clip_g", "clip_l"] and handle.metadata()["token"] == "<cat-toy>"
-        shapes = {k: tuple(handle.get_tensor(k).shape) for k in handle.keys()}
+        shapes = {k: tuple(handle.get_tensor(k).shape) for k in ("clip_l", "clip_g")}
     assert shapes == {"clip_l": (2, 32), "clip_g": (2, 32)}
     # the README's two loading lines
     from safetensors.torch import load_file
@@ -235,7 +235,7 @@ def test_dreambooth_lora_round_trips_through_load_lora_weights(tiny_sdxl, concep
     assert json.loads((tmp_path / "summary.json").read_text())["artifacts"] == [
         "pytorch_lora_weights.safetensors", "learned_embeds.safetensors"]
     with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
-        prefixes = {key.split(".")[0] for key in handle.keys()}
+        prefixes = {key.split(".")[0] for key in list(handle.keys())}
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
     pipe = DreamBoothLoRA.load_into_pipeline(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl), tmp_path)
     assert_same_as_pipeline(module, pipe, ["a photo of a <cat-toy> toy", "a photo of a toy"])

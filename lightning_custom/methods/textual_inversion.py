@@ -69,7 +69,7 @@ class TextualInversion(PersonalizationModule):
         return {self.placeholder_token: self.token_vectors.vectors.detach().float().cpu()}
 
     def export_artifacts(self, output_dir: Path) -> list[str]:
-        """Write ``learned_embeds.safetensors`` for ``pipe.load_textual_inversion`` (SDXL: the token in its metadata)."""
+        """Write ``learned_embeds.safetensors`` for ``pipe.load_textual_inversion`` (SDXL: token in the metadata)."""
         metadata = {TOKEN_METADATA_KEY: self.placeholder_token} if self.is_sdxl else None
         write_safetensors(Path(output_dir) / "learned_embeds.safetensors", self.learned_embeddings(), metadata)
         return ["learned_embeds.safetensors"]
