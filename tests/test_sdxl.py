@@ -301,3 +301,19 @@ def test_two_process_ddp_ranks_see_the_same_fixed_batch(tmp_path, tiny_sdxl, non
     for later in first[1:]:  # only the trained token moves between evaluations: sizes, crops and noise stay
         for key in ("sample", "timestep", "time_ids"):
             assert later[key] == first[0][key], key
+
+
+def test_sdxl_quickstart_runs_offline_and_its_run_loads_for_sampling(tmp_path):
+    """The shipped quickstart as written (embedded tiny SDXL, embedded concept), then ``load_run_pipeline``."""
+    from lightning_custom.cli import main
+    from lightning_custom.sampling import load_run_pipeline
+
+    with one_thread():
+        main(["fit", "--config", str(ROOT / "configs" / "sdxl" / "quickstart_sdxl.yaml"),
+              "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+              "--trainer.enable_model_summary", "false"])
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped_by"] == "dvar" and summary["stop_step"] < summary["max_steps"]
+    pipe, _ = load_run_pipeline(tmp_path, device="cpu")
+    assert type(pipe).__name__ == "StableDiffusionXLPipeline"
+    assert "<cat-toy>" in pipe.tokenizer.get_vocab() and "<cat-toy>" in pipe.tokenizer_2.get_vocab()
