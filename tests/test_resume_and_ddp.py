@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import lightning as L
+import pytest
 import torch
 from lightning.pytorch.callbacks import Callback
 
@@ -54,7 +55,8 @@ class RecordPerRank(Callback):
     def on_fit_end(self, trainer, pl_module):
         dvar = next(c for c in trainer.callbacks if isinstance(c, DVAREarlyStopping))
         record = {"stop_step": trainer.global_step, "history": dvar.history, "raw": self.raw,
-                  "stopped_by": dvar.stopped_by, "vectors": pl_module.token_vectors.vectors.tolist()}
+                  "stopped_by": dvar.stopped_by, "vectors": pl_module.token_vectors.vectors.tolist(),
+                  "lr": pl_module.effective_learning_rate}
         Path(self.out, f"rank{trainer.global_rank}.json").write_text(json.dumps(record))
 
 
@@ -67,3 +69,12 @@ def test_two_process_ddp_ranks_agree(tmp_path, tiny_sd, concept_dir):
     assert ranks[0]["history"] == ranks[1]["history"]
     assert ranks[0]["raw"] == ranks[1]["raw"]  # the same fixed batch and weights: the same loss on every rank
     assert ranks[0]["vectors"] == ranks[1]["vectors"]
+    # the learning rate is scaled by batch size x accumulation x devices: 0.02 x 2 x 1 x 2
+    assert ranks[0]["lr"] == ranks[1]["lr"] == pytest.approx(0.08)
+
+
+def test_learning_rate_scaling():
+    from lightning_custom.diffusion import scale_learning_rate
+
+    assert scale_learning_rate(5e-3, batch_size=2) == pytest.approx(1e-2)
+    assert scale_learning_rate(5e-3, batch_size=2, accumulate_grad_batches=4, num_devices=8) == pytest.approx(0.32)
