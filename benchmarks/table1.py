@@ -44,6 +44,7 @@ import yaml
 
 ROOT = Path(__file__).resolve().parents[1]
 VARIANTS = ("full_length", "dvar", "encoder_es", "few_iters")
+TRAINED = {"runs": 0}
 
 
 @dataclass(frozen=True)
@@ -133,6 +134,7 @@ def fit(config: dict, path: Path) -> dict:
 
     run_dir = Path(config["trainer"]["default_root_dir"])
     if not (run_dir / "summary.json").exists():
+        TRAINED["runs"] += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(config, sort_keys=False))
         saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv holds this script's arguments
@@ -215,8 +217,9 @@ def plots(rows: list[dict], summaries: dict, methods: list[str], out: Path, curv
         steps = [r["step"] for r in rows if r["method"] == method and r["variant"] == "dvar"]
         max_steps = max([r["step"] for r in rows if r["method"] == method and r["variant"] == "full_length"] or [1])
         ax.hist(steps, bins=np.linspace(0, max_steps, 21), color="tab:blue")
-        ax.set_title(f"{method}: DVAR stop step")
-        ax.set_xlabel("step")
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("DVAR stop step")
+        ax.set_ylabel("concepts")
     fig.tight_layout()
     fig.savefig(out / "table1_dvar_stops.png")
 
@@ -228,8 +231,9 @@ def plots(rows: list[dict], summaries: dict, methods: list[str], out: Path, curv
             line, = ax.plot([p[0] for p in probes], [p[2] for p in probes], label=name.split("-")[0])
             stop = next(r["step"] for r in rows if r["method"] == m and r["concept"] == name and r["variant"] == "dvar")
             ax.axvline(stop, color=line.get_color(), ls="--", lw=0.8)
-        ax.set_title(f"{method}: identity vs step (dashed: DVAR)")
-        ax.set_xlabel("step")
+        ax.set_title(method, fontsize=10)
+        ax.set_xlabel("step (dashed: DVAR stop)")
+        ax.set_ylabel("identity similarity")
         ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(out / "table1_quality_vs_step.png")
@@ -252,6 +256,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--accelerator", default=None, help="override the configs' trainer.accelerator (cpu, gpu)")
     parser.add_argument("--shard", default=None, metavar="K/N", help="only train runs K, K+N, K+2N, ... of the "
                         "(method, concept) list and exit; run once more without --shard to replay and write the table")
+    parser.add_argument("--note", default="", help="a paragraph written under the title (e.g. what the model is)")
     parser.add_argument("--workdir", default="runs/table1")
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
@@ -308,14 +313,15 @@ def main(argv: list[str] | None = None) -> int:
                       f"{METHODS[m].threshold} | {METHODS[m].patience} / {METHODS[m].min_delta} |"
                       for m in args.methods]
     text = "\n".join([
-        "# Table 1 in the micro world", "",
+        "# Table 1 in the micro world", "", *([args.note, ""] if args.note else []),
         f"Command: `{command}`", "",
         f"Model: `{args.model}`; {len(concepts)} held-out concepts; probe every {args.probe_every} steps "
         f"({args.probe_images} images per prompt, {args.probe_inference_steps} DDIM steps). Median ± IQR over concepts. "
         f"Identity: world-encoder cosine similarity of samples from the evaluation prompts (the concept on new "
         f"backgrounds) to the concept images; prompt fidelity: fraction of those samples whose background the encoder "
         f"names as prompted. Seconds: this machine, training + deterministic-loss evaluation at the run's measured "
-        f"rate, plus sampling for encoder early stopping. Total benchmark wall time: {time.time() - start:.0f} s.", "",
+        f"rate, plus sampling for encoder early stopping. Wall time of this invocation: {time.time() - start:.0f} s "
+        f"({TRAINED['runs']} runs trained, the rest reused from `{args.workdir}`).", "",
         markdown(rows, args.methods), "",
         "## Settings", "", "| method | full-length steps | DVAR window | DVAR threshold | encoder ES patience / min delta |",
         "|---|---|---|---|---|", *settings_lines, "",

@@ -38,18 +38,33 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--out", default=default_encoder_path())
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--init", default=None, help="start from this saved encoder (fine-tuning)")
+    parser.add_argument("--vae", default=None, help="diffusers model folder whose VAE reconstructs a share of each "
+                        "batch, so the heads judge a generator's blur as the rendered object")
+    parser.add_argument("--vae-share", type=float, default=0.5)
+    parser.add_argument("--step-offset", type=int, default=0, help="first render seed offset (use new images)")
     args = parser.parse_args(argv)
+    vae = None
+    if args.vae:
+        from diffusers import AutoencoderKL
+
+        vae = AutoencoderKL.from_pretrained(args.vae, subfolder="vae").eval().requires_grad_(False)
 
     torch.manual_seed(args.seed)
     generator = torch.Generator().manual_seed(args.seed)
-    model = WorldEncoder()
+    model = WorldEncoder.load(args.init).train() if args.init else WorldEncoder()
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=args.lr, total_steps=args.steps, pct_start=0.1)
     index = {name: {label: i for i, label in enumerate(labels)} for name, labels in HEADS.items()}
     start = time.time()
     for step in range(args.steps):
-        images, attrs = render_dataset(args.batch_size, seed=10_000 + step)
-        pixels = degrade(to_pixels(images), generator)
+        images, attrs = render_dataset(args.batch_size, seed=10_000 + args.step_offset + step)
+        pixels = to_pixels(images)
+        if vae is not None:
+            k = int(args.batch_size * args.vae_share)
+            with torch.no_grad():
+                pixels[:k] = vae.decode(vae.encode(pixels[:k]).latent_dist.sample(generator)).sample.clamp(-1, 1)
+        pixels = degrade(pixels, generator)
         out = model(pixels)
         loss = sum(F.cross_entropy(out[name], torch.tensor([index[name][getattr(a, name)] for a in attrs]))
                    for name in HEADS)
@@ -63,6 +78,13 @@ def main(argv: list[str] | None = None) -> None:
     images, attrs = render_dataset(2000, seed=1)  # training batches use seeds >= 10000
     acc = attribute_accuracy(judge(model, images), attrs, heads=tuple(HEADS))
     print("held-out rendered accuracy:", {k: round(v, 4) for k, v in acc.items()})
+    if vae is not None:
+        with torch.no_grad():
+            recon = torch.cat([vae.decode(vae.encode(to_pixels(images[i : i + 250])).latent_dist.mean).sample
+                               for i in range(0, len(images), 250)])
+        recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        acc = attribute_accuracy(judge(model, recon), attrs, heads=tuple(HEADS))
+        print("held-out VAE-reconstruction accuracy:", {k: round(v, 4) for k, v in acc.items()})
     model.save(args.out)
     print("saved", args.out)
 
