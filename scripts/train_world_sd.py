@@ -101,9 +101,9 @@ def encode_dataset(vae, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, 
     means, stds = [], []
     with torch.no_grad():
         for start in range(0, n, 256):
-            dist = vae.encode(to_pixels(images[start : start + 256])).latent_dist
-            means.append(dist.mean)
-            stds.append(dist.std)
+            dist = vae.encode(to_pixels(images[start : start + 256]).to(vae.device)).latent_dist
+            means.append(dist.mean.cpu())
+            stds.append(dist.std.cpu())
     mean, std = torch.cat(means), torch.cat(stds)
     LOCAL.mkdir(parents=True, exist_ok=True)
     torch.save({"mean": mean, "std": std, "attrs": attrs}, cache)
@@ -200,6 +200,7 @@ def main(argv: list[str] | None = None) -> None:
             log(f"exported step {state['step']} to {out}")
         return
 
+    vae.to(device)
     mean, std, attrs = encode_dataset(vae, args.dataset_size, args.seed + 100)
     scaling = vae.config.scaling_factor
     scheduler = build_world_scheduler()
