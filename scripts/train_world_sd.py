@@ -193,8 +193,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.bar:
             from lightning_custom.world.encoder import WorldEncoder
 
+            pipe.to(device)
+
             log(f"bar at step {state['step']}: {attribute_bar(pipe, WorldEncoder.load(), n=args.bar)}")
         if args.export:
+            pipe.to("cpu")
             pipe.scheduler = build_world_scheduler()
             pipe.save_pretrained(out, safe_serialization=True)
             log(f"exported step {state['step']} to {out}")
