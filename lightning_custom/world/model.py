@@ -86,9 +86,11 @@ def assemble_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, sc
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
     scheduler = scheduler or DDIMScheduler.from_config(build_world_scheduler().config)
-    return StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
+    pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
 
 
 def bar_prompts(n: int, seed: int = 123) -> list[tuple[str, Attributes]]:
