@@ -54,9 +54,9 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_vae(out: Path, steps: int, batch_size: int, seed: int) -> None:
+def train_vae(out: Path, steps: int, batch_size: int, seed: int, latent_channels: int = 4) -> None:
     """Stage 1: MSE reconstruction with a small KL term; sets ``scaling_factor`` to 1 / std of the latents."""
-    vae = build_world_vae(seed).train()
+    vae = build_world_vae(seed, latent_channels).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
     images, _ = render_dataset(8192, seed=seed + 1)
@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=staging_model_path())
     parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--latent-channels", type=int, default=4, help="VAE latent channels (stage 1 only)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
     parser.add_argument("--dataset-size", type=int, default=30000)
@@ -161,7 +162,7 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
 
     if not (out / "vae" / "config.json").exists():
-        train_vae(out, args.vae_steps, args.batch_size, args.seed)
+        train_vae(out, args.vae_steps, args.batch_size, args.seed, args.latent_channels)
 
     from diffusers import AutoencoderKL
 
@@ -170,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
 
     tokenizer = CLIPTokenizer.from_pretrained(out, subfolder="tokenizer")
     text_encoder = build_world_text_encoder(tokenizer, args.seed)
-    unet = build_world_unet(args.seed)
+    unet = build_world_unet(args.seed, vae.config.latent_channels)
     opt_state, state = None, {"step": 0, "loss_history": [], "bar_history": [], "train_seconds": 0.0}
     if (CKPT / "state.json").exists() and (CKPT / "trainable.safetensors").exists():
         state = json.loads((CKPT / "state.json").read_text())

@@ -35,15 +35,15 @@ def build_world_tokenizer() -> Any:
     return tokenizer
 
 
-def build_world_vae(seed: int = 0) -> Any:
-    """AutoencoderKL, 32 x 32 x 3 -> 8 x 8 x 4 (about 1M parameters)."""
+def build_world_vae(seed: int = 0, latent_channels: int = 4) -> Any:
+    """AutoencoderKL, 32 x 32 x 3 -> 8 x 8 x ``latent_channels`` (about 1M parameters)."""
     from diffusers import AutoencoderKL
 
     torch.manual_seed(seed)
     return AutoencoderKL(
         in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
         up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(32, 64, 64), layers_per_block=1,
-        latent_channels=4, norm_num_groups=16, sample_size=IMAGE_SIZE,
+        latent_channels=latent_channels, norm_num_groups=16, sample_size=IMAGE_SIZE,
     )
 
 
@@ -60,13 +60,13 @@ def build_world_text_encoder(tokenizer: Any, seed: int = 0) -> Any:
     return CLIPTextModel(config)
 
 
-def build_world_unet(seed: int = 0) -> Any:
-    """A latent UNet on 8 x 8 x 4 with cross-attention at both levels (about 2.8M parameters)."""
+def build_world_unet(seed: int = 0, channels: int = 4) -> Any:
+    """A latent UNet on 8 x 8 x ``channels`` with cross-attention at both levels (about 2.8M parameters)."""
     from diffusers import UNet2DConditionModel
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 4, in_channels=4, out_channels=4, block_out_channels=(64, 96), layers_per_block=1,
+        sample_size=IMAGE_SIZE // 4, in_channels=channels, out_channels=channels, block_out_channels=(64, 96), layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8, norm_num_groups=32,
         cross_attention_dim=TEXT_DIM,
