@@ -45,8 +45,9 @@ class PersonalizationCLI(LightningCLI):
         parser.add_lightning_class_args(RunSummary, "summary")
         parser.link_arguments("model.init_args.placeholder_token", "data.init_args.placeholder_token")
         parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
-        # The paper evaluates L_det after every step, which costs about a third of the training time. Every 10
-        # steps (the window still counted in steps) costs ~3% on a GPU and moves the stop by a median 7 steps
+        # The paper evaluates L_det after every step: 30-45% of the wall time. Every 10 steps (the window still
+        # counted in steps) measured 7% on a CPU (an evaluation costs ~0.8 of a step there) and should be ~3% on a
+        # GPU, where it costs ~0.3 of a step; it moves the stop by a median 7 steps
         # (benchmarks/results/dvar_frequency.md). --dvar.eval_every_n_steps 1 reproduces the paper exactly.
         parser.set_defaults({"dvar.eval_every_n_steps": DEFAULT_EVAL_EVERY_N_STEPS})
         parser.add_argument(
