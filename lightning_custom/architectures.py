@@ -37,6 +37,7 @@ OPENCLIP_H = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23
                   projection_dim=1024, hidden_act="gelu")
 OPENCLIP_BIGG = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=20,
                      projection_dim=1280, hidden_act="gelu")
+# Stable Diffusion's training schedule (SD 1.x, 2.x and XL share it); the tiny test models use it too.
 SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
                  clip_sample=False, steps_offset=1)
 

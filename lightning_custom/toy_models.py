@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from lightning_custom.architectures import SCHEDULER as SD_SCHEDULER
+
 __all__ = [
     "TEMPLATE_WORDS",
     "COMMON_WORDS",
@@ -215,15 +217,7 @@ def build_tiny_sd_components(
         pad_token_id=tokenizer.pad_token_id,
     )
     text_encoder = CLIPTextModel(text_config)
-    scheduler = DDPMScheduler(
-        num_train_timesteps=1000,
-        beta_start=0.00085,
-        beta_end=0.012,
-        beta_schedule="scaled_linear",
-        clip_sample=False,
-        steps_offset=1,
-        prediction_type=prediction_type,
-    )
+    scheduler = DDPMScheduler(**SD_SCHEDULER, prediction_type=prediction_type)
     return {
         "unet": unet.eval(),
         "vae": vae.eval(),
@@ -341,10 +335,7 @@ def build_tiny_sdxl_components(
         suffix = "_2" if index else ""
         parts[f"text_encoder{suffix}"] = cls(config).eval()
         parts[f"tokenizer{suffix}"] = tokenizer
-    parts["scheduler"] = DDPMScheduler(
-        num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-        clip_sample=False, steps_offset=1, prediction_type=prediction_type,
-    )
+    parts["scheduler"] = DDPMScheduler(**SD_SCHEDULER, prediction_type=prediction_type)
     return parts
 
 
