@@ -17,6 +17,14 @@ from lightning_custom.errors import UserInputError
 log = logging.getLogger(__name__)
 
 
+def probe_due(step: int, every_n_steps: int, history: Sequence[Sequence[float]]) -> bool:
+    """Whether a periodic probe should run at ``step``: a positive multiple of the period not yet recorded.
+
+    ``history`` holds ``[step, ...]`` rows; Lightning may call batch-end hooks twice for one step on resume.
+    """
+    return step > 0 and step % every_n_steps == 0 and not (history and history[-1][0] >= step)
+
+
 def patience_update(best: float | None, wait: int, value: float, min_delta: float) -> tuple[float, int, bool]:
     """One check of a "maximise with patience" rule: ``(best, wait, improved)`` after seeing ``value``.
 
@@ -166,7 +174,7 @@ class CLIPEarlyStopping(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or (self.history and self.history[-1][0] >= step):
+        if not probe_due(step, self.every_n_steps, self.history):
             return
         start = time.perf_counter()
         value = self.score(trainer, pl_module) if trainer.is_global_zero else 0.0

@@ -16,6 +16,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_custom.callbacks.clip_early_stopping import probe_due
 from lightning_custom.errors import UserInputError
 
 
@@ -107,10 +108,8 @@ class WorldProbe(Callback):
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
-        step = trainer.global_step
-        if step == 0 or step % self.every_n_steps or (self.history and self.history[-1][0] >= step):
-            return
-        self.probe(trainer, pl_module)
+        if probe_due(trainer.global_step, self.every_n_steps, self.history):
+            self.probe(trainer, pl_module)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
