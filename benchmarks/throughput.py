@@ -173,14 +173,15 @@ def main(argv: list[str] | None = None) -> list[dict]:
     args = parser.parse_args(argv)
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     rows = []
+    tag = args.tag or args.device
+    out = Path(args.out)
     for name in args.methods.split(","):
         row = run_method(name.strip(), args)
         print(json.dumps(row), flush=True)
         rows.append(row)
-    tag = args.tag or args.device
-    out = Path(args.out)
-    write_json(out / f"throughput_{tag}.json", {"command": " ".join(sys.argv), "rows": rows})
-    (out / f"throughput_{tag}.md").write_text(f"Command: `python {' '.join(sys.argv)}`\n\n" + markdown_table(rows))
+        # Written after every method, so a run cut short (a device call's time limit) keeps what it measured.
+        write_json(out / f"throughput_{tag}.json", {"command": " ".join(sys.argv), "rows": rows})
+        (out / f"throughput_{tag}.md").write_text(f"Command: `python {' '.join(sys.argv)}`\n\n" + markdown_table(rows))
     print(markdown_table(rows))
     return rows
 

@@ -54,19 +54,22 @@ def to_pixels(images: np.ndarray) -> torch.Tensor:
     return torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
-def train_vae(out: Path, steps: int, batch_size: int, seed: int, latent_channels: int = 4) -> None:
+def train_vae(out: Path, steps: int, batch_size: int, seed: int, latent_channels: int = 4, *,
+              num_images: int = 8192, device: torch.device | str = "cpu") -> None:
     """Stage 1: MSE reconstruction with a small KL term; sets ``scaling_factor`` to 1 / std of the latents."""
-    vae = build_world_vae(seed, latent_channels).train()
+    device = torch.device(device)
+    vae = build_world_vae(seed, latent_channels).to(device).train()
     opt = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=1e-3, total_steps=steps, pct_start=0.05)
-    images, _ = render_dataset(8192, seed=seed + 1)
-    pixels = to_pixels(images)
+    images, _ = render_dataset(num_images, seed=seed + 1)
+    pixels = to_pixels(images).to(device)
     g = torch.Generator().manual_seed(seed)
+    g_device = torch.Generator(device).manual_seed(seed)
     start = time.time()
     for step in range(steps):
-        x = pixels[torch.randint(len(pixels), (batch_size,), generator=g)]
+        x = pixels[torch.randint(len(pixels), (batch_size,), generator=g).to(device)]
         dist = vae.encode(x).latent_dist
-        recon = vae.decode(dist.sample(generator=g)).sample
+        recon = vae.decode(dist.sample(generator=g_device)).sample
         kl = dist.kl().mean() / x[0].numel()
         loss = F.mse_loss(recon, x) + 1e-4 * kl
         opt.zero_grad()
@@ -77,18 +80,19 @@ def train_vae(out: Path, steps: int, batch_size: int, seed: int, latent_channels
             log(f"vae step {step} loss {loss.item():.5f} kl {kl.item():.3f} {time.time() - start:.0f}s")
     vae.eval()
     with torch.no_grad():
-        test = to_pixels(render_dataset(512, seed=seed + 2)[0])
+        test = to_pixels(render_dataset(512, seed=seed + 2)[0]).to(device)
         dist = vae.encode(test).latent_dist
         mse = F.mse_loss(vae.decode(dist.mean).sample, test).item()
         vae.register_to_config(scaling_factor=float(1.0 / dist.mean.std()))
     psnr = 10 * math.log10(4.0 / mse)
     log(f"vae held-out reconstruction: mse {mse:.5f} (pixels in [-1, 1]), PSNR {psnr:.2f} dB, "
         f"scaling_factor {vae.config.scaling_factor:.4f}")
-    vae.save_pretrained(out / "vae")
+    vae.to("cpu").save_pretrained(out / "vae")
     build_world_tokenizer().save_pretrained(out / "tokenizer")
     build_world_scheduler().save_pretrained(out / "scheduler")
     CKPT.mkdir(parents=True, exist_ok=True)
-    (CKPT / "vae_metrics.json").write_text(json.dumps({"mse": mse, "psnr_db": psnr, "steps": steps}, indent=2) + "\n")
+    (CKPT / "vae_metrics.json").write_text(json.dumps({"mse": mse, "psnr_db": psnr, "steps": steps,
+                                                       "batch_size": batch_size, "images": num_images}, indent=2) + "\n")
 
 
 def encode_dataset(vae, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor, list]:
@@ -140,6 +144,8 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", default=staging_model_path())
     parser.add_argument("--vae-steps", type=int, default=1500)
+    parser.add_argument("--vae-batch-size", type=int, default=None, help="default: --batch-size")
+    parser.add_argument("--vae-images", type=int, default=8192, help="rendered images the VAE trains on")
     parser.add_argument("--latent-channels", type=int, default=4, help="VAE latent channels (stage 1 only)")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--lr", type=float, default=5e-4)
@@ -150,6 +156,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--bar-every-min", type=float, default=60)
     parser.add_argument("--bar-samples", type=int, default=64)
     parser.add_argument("--ema", type=float, default=0.999)
+    parser.add_argument("--cosine-minutes", type=float, default=0,
+                        help="decay the learning rate to 0 over this many minutes of this session (0: constant)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--export", action="store_true", help="write the EMA weights as a diffusers folder and exit")
     parser.add_argument("--bar", type=int, default=0, help="measure the bar on this many samples and exit")
@@ -160,9 +168,12 @@ def main(argv: list[str] | None = None) -> None:
     CKPT, LOCAL = Path(args.checkpoint_dir), Path(args.local_dir)
     out = Path(args.out)
     device = torch.device(args.device)
+    torch.backends.cuda.matmul.allow_tf32 = True  # small, launch-bound models: TF32 costs nothing in quality here
+    torch.backends.cudnn.allow_tf32 = True
 
     if not (out / "vae" / "config.json").exists():
-        train_vae(out, args.vae_steps, args.batch_size, args.seed, args.latent_channels)
+        train_vae(out, args.vae_steps, args.vae_batch_size or args.batch_size, args.seed, args.latent_channels,
+                  num_images=args.vae_images, device=device)
 
     from diffusers import AutoencoderKL
 
@@ -216,6 +227,8 @@ def main(argv: list[str] | None = None) -> None:
     unet.train()
     text_encoder.train()
     params = [*unet.parameters(), *text_encoder.parameters()]
+    ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
+    model_params = params
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -263,6 +276,8 @@ def main(argv: list[str] | None = None) -> None:
         pred = unet(noisy.to(device), t.to(device), hidden).sample
         loss = ((pred - noise.to(device)) ** 2).mean(dim=(1, 2, 3)).mul(weight[t].to(device)).mean()
         lr = args.lr * min(1.0, (state["step"] - session_start_step + 1) / warmup) if warmup else args.lr
+        if args.cosine_minutes:
+            lr *= 0.5 * (1 + math.cos(math.pi * min(1.0, (time.time() - start) / (60 * args.cosine_minutes))))
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad()
@@ -271,9 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         with torch.no_grad():
             decay = min(args.ema, (1 + state["step"]) / (10 + state["step"]))
-            for ema, model in ((ema_unet, unet), (ema_text, text_encoder)):
-                for pe, pm in zip(ema.parameters(), model.parameters()):
-                    pe.lerp_(pm, 1 - decay)
+            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
         state["step"] += 1
         window.append(loss.item())
         if state["step"] % 50 == 0:

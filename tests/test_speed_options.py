@@ -7,7 +7,8 @@ import torch
 
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
-from lightning_custom.methods import DreamBooth, TextualInversion
+from lightning_custom.methods import CustomDiffusion, DreamBooth, TextualInversion
+from lightning_custom.methods.base import fused_adamw_applies
 from tests.conftest import data_kwargs, ti_kwargs
 
 
@@ -77,6 +78,37 @@ def test_channels_last_and_optimizer_choices(tiny_sd):
     optimizer = module.configure_optimizers()
     assert isinstance(optimizer, torch.optim.AdamW)
     assert optimizer.param_groups[0]["params"] == [module.token_vectors.vectors]
+
+
+def test_fused_adamw_only_where_nothing_clips_before_it(tiny_sd):
+    # Found on an H100: fused AdamW under 16-mixed made Lightning refuse Custom Diffusion's gradient clipping.
+    from types import SimpleNamespace
+
+    cuda32 = [SimpleNamespace(is_cuda=True, dtype=torch.float32)] * 2
+    assert fused_adamw_applies(cuda32, clips_gradients=False)
+    assert not fused_adamw_applies(cuda32, clips_gradients=True)
+    assert not fused_adamw_applies(cuda32 + [SimpleNamespace(is_cuda=False, dtype=torch.float32)], clips_gradients=False)
+    assert not fused_adamw_applies([SimpleNamespace(is_cuda=True, dtype=torch.float16)], clips_gradients=False)
+    assert not fused_adamw_applies([], clips_gradients=False)
+    assert CustomDiffusion(pretrained_model_name_or_path=tiny_sd, placeholder_token="<v>",
+                           initializer_token="toy").clips_gradients()  # max_grad_norm 1.0, as in the paper
+    assert not CustomDiffusion(pretrained_model_name_or_path=tiny_sd, placeholder_token="<v>", initializer_token="toy",
+                               max_grad_norm=None).clips_gradients()
+    assert not TextualInversion(**ti_kwargs(tiny_sd)).clips_gradients()
+
+
+@pytest.mark.gpu
+def test_clipped_custom_diffusion_trains_in_fp16_mixed_on_cuda(tiny_sd, concept_dir, tmp_path):
+    import lightning as L
+
+    module = CustomDiffusion(pretrained_model_name_or_path=tiny_sd, placeholder_token="<v>", initializer_token="toy")
+    before = module.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.detach().clone()
+    trainer = L.Trainer(accelerator="cuda", devices=1, precision="16-mixed", max_steps=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, limit_val_batches=0,
+                        default_root_dir=tmp_path)
+    trainer.fit(module, datamodule=ConceptDataModule(**data_kwargs(concept_dir, placeholder_token="<v>")))
+    after = module.unet.down_blocks[0].attentions[0].transformer_blocks[0].attn2.to_k.weight.detach().cpu()
+    assert trainer.global_step == 3 and not torch.equal(before.cpu(), after)
 
 
 def test_adamw_8bit_uses_bitsandbytes_or_says_how_to_get_it(tiny_sd, monkeypatch):

@@ -36,6 +36,16 @@ def adamw_8bit(params: list[nn.Parameter], **kwargs: Any) -> torch.optim.Optimiz
     return bnb.optim.AdamW8bit(params, **kwargs)
 
 
+def fused_adamw_applies(params: list[torch.Tensor], *, clips_gradients: bool) -> bool:
+    """Whether to use AdamW's fused kernel, which updates every parameter in one launch.
+
+    It needs every parameter on CUDA in fp32. It also unscales fp16 gradients itself, so Lightning's mixed
+    precision refuses to clip gradients before it ("does not allow for gradient clipping"): clipped runs use the
+    foreach implementation instead.
+    """
+    return bool(params) and not clips_gradients and all(p.is_cuda and p.dtype == torch.float32 for p in params)
+
+
 class PersonalizationModule(L.LightningModule, ABC):
     """Base class of every personalization method.
 
@@ -346,9 +356,12 @@ class PersonalizationModule(L.LightningModule, ABC):
         kwargs = dict(lr=lr, betas=tuple(hp.adam_betas), eps=hp.adam_epsilon, weight_decay=hp.weight_decay)
         if hp.optimizer == "adamw_8bit":
             return adamw_8bit(params, **kwargs)
-        # The fused kernel updates every parameter in one launch; it needs all of them on CUDA.
-        fused = all(p.is_cuda and p.dtype == torch.float32 for p in params)
+        fused = fused_adamw_applies(params, clips_gradients=self.clips_gradients())
         return torch.optim.AdamW(params, fused=fused or None, **kwargs)
+
+    def clips_gradients(self) -> bool:
+        """Whether gradients are clipped before the optimizer step (the trainer's ``gradient_clip_val``)."""
+        return self._trainer is not None and bool(self.trainer.gradient_clip_val)
 
     @property
     def generator(self) -> torch.Generator:

@@ -151,6 +151,10 @@ class FineTuningModule(PersonalizationModule):
         self.log_dict({"train_instance_loss": instance.detach(), "train_class_loss": klass.detach()}, batch_size=size)
         return loss
 
+    def clips_gradients(self) -> bool:
+        """Whether gradients are clipped: always when ``max_grad_norm`` is set."""
+        return self.max_grad_norm is not None or super().clips_gradients()
+
     def configure_gradient_clipping(
         self, optimizer: torch.optim.Optimizer, gradient_clip_val: float | None = None,
         gradient_clip_algorithm: str | None = None,
