@@ -211,6 +211,11 @@ def main(argv: list[str] | None = None) -> None:
         if args.export:
             pipe.to("cpu")
             pipe.scheduler = build_world_scheduler()
+            # fp16 UNet and VAE keep the shipped model a few MB (the package loads them in the weight dtype it
+            # is asked for); the text encoder stays fp32 since transformers loads it in its saved dtype and the
+            # text-side methods train inside it.
+            pipe.unet.half()
+            pipe.vae.half()
             pipe.save_pretrained(out, safe_serialization=True)
             log(f"exported step {state['step']} to {out}")
         return
