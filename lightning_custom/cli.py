@@ -1,9 +1,10 @@
 """``python -m lightning_custom``: a LightningCLI for every method, with DVAR and the run summary built in.
 
-Besides fit/validate/..., four subcommands work on finished runs (see ``python -m lightning_custom <name> --help``):
+Besides fit/validate/..., five subcommands work on finished runs (see ``python -m lightning_custom <name> --help``):
 ``sample`` (images with the learned concept), ``evaluate`` (CLIP-I, CLIP-T, DINO into metrics.json),
-``replay`` (where DVAR would have stopped, for a grid of window x threshold) and ``gather`` (many runs'
-summaries in one table, e.g. after a SLURM job array).
+``replay`` (where DVAR would have stopped, for a grid of window x threshold), ``gather`` (many runs'
+summaries in one table, e.g. after a SLURM job array) and ``before_after`` (on the embedded world model: the
+concept sampled before and after training, with the world encoder's identity similarity).
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Subcommands beside LightningCLI's fit/validate/...: ``sample``, ``evaluate`` and ``replay`` a finished run.
+"""Subcommands beside LightningCLI's fit/validate/...: ``sample``, ``evaluate``, ``replay``, ``gather`` and
+``before_after`` work on finished runs.
 
 Each is a plain function; its signature is the command line and its docstring the ``--help``. Lists are given
 in YAML/JSON form (``--windows '[100, 200]'``) or one item at a time (``--windows 100 --windows+ 200``).
@@ -177,8 +178,72 @@ def gather(runs: list[str], output: str | None = None) -> list[dict]:
     return rows
 
 
-COMMANDS: dict[str, Callable] = {"sample": sample, "evaluate": evaluate, "replay": replay, "gather": gather}
-_POSITIONAL = {"sample": ("run_dir", None), "evaluate": ("run_dir", None), "replay": ("runs", "+"), "gather": ("runs", "+")}
+def before_after(
+    run_dir: str,
+    before_word: str | None = None,
+    prompts: list[str] | None = None,
+    images_per_prompt: int = 4,
+    num_inference_steps: int = 25,
+    guidance_scale: float = 4.0,
+    output: str | None = None,
+    seed: int = 0,
+) -> dict:
+    """Samples a world-model run's concept before and after training side by side, scored by the world encoder.
+
+    For runs on the embedded world model (the quickstart): "before" prompts the base model with the word the
+    concept's token started from, "after" with the learned token. Writes a labelled grid and prints the identity
+    similarity (world-encoder cosine similarity to the concept images) of both sides.
+
+    Args:
+        run_dir: the run folder (the fit's default_root_dir, holding summary.json and the artifacts).
+        before_word: the word standing for the concept before training (default: the run's initializer_token).
+        prompts: templates with '{}' for the concept (default: "a photo of a {}" and "a photo of a {} on a grey
+            background").
+        images_per_prompt: images per prompt and per side; image j uses seed + j on both sides.
+        num_inference_steps: DDIM steps.
+        guidance_scale: classifier-free guidance scale.
+        output: PNG path of the grid (default: <run_dir>/before_after.png).
+        seed: the first seed.
+
+    Returns:
+        ``{"identity_before", "identity_after", "grid"}``.
+    """
+    from lightning_custom.world.quickstart import before_after as sample_before_after
+
+    run = Path(run_dir)
+    if not (run / "summary.json").is_file():
+        raise UserInputError(f"run_dir: {run_dir} holds no summary.json (is it a finished fit's default_root_dir?)")
+    if before_word is None:
+        before_word = _initializer_token(run)
+    result = sample_before_after(run, before_word=before_word,
+                                 prompts=prompts or ["a photo of a {}", "a photo of a {} on a grey background"],
+                                 num_images=images_per_prompt, num_inference_steps=num_inference_steps,
+                                 guidance_scale=guidance_scale, out=output, seed=seed)
+    gain = result["identity_after"] - result["identity_before"]
+    print(f"identity similarity to the concept images: before {result['identity_before']:.3f} -> after "
+          f"{result['identity_after']:.3f} ({gain:+.3f}); grid: {result['grid']}")
+    return result
+
+
+def _initializer_token(run: Path) -> str:
+    """The ``initializer_token`` of the run's saved config.yaml, or a one-line error asking for ``--before_word``."""
+    import yaml
+
+    config = run / "config.yaml"
+    token = None
+    if config.is_file():
+        loaded = yaml.safe_load(config.read_text()) or {}
+        token = ((loaded.get("model") or {}).get("init_args") or {}).get("initializer_token")
+    if not token:
+        raise UserInputError(f"--before_word: {run} has no config.yaml naming an initializer_token; give the word "
+                             f"the concept's token started from")
+    return token
+
+
+COMMANDS: dict[str, Callable] = {"sample": sample, "evaluate": evaluate, "replay": replay, "gather": gather,
+                                 "before_after": before_after}
+_POSITIONAL = {"sample": ("run_dir", None), "evaluate": ("run_dir", None), "replay": ("runs", "+"), "gather": ("runs", "+"),
+               "before_after": ("run_dir", None)}
 
 
 def build_parser(name: str):

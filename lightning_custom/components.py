@@ -24,26 +24,47 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-def embedded_model_path() -> str:
-    """Path of the small SD-architecture model shipped inside the package (runs offline)."""
-    return str(resources.files("lightning_custom") / "assets" / "tiny-sd")
+EMBEDDED_MODELS = ("world-sd", "tiny-sd", "tiny-sdxl")
+EMBEDDED_CONCEPTS = ("striped-star", "cat-toy")
+
+
+def _asset(*parts: str) -> str:
+    return str(resources.files("lightning_custom").joinpath("assets", *parts))
+
+
+def embedded_model_path(name: str = "world-sd") -> str:
+    """Path of a small SD-architecture model shipped inside the package (runs offline).
+
+    Args:
+        name: ``"world-sd"`` (the default: the micro text-to-image model trained on the package's procedural world,
+            see ``lightning_custom.world``), ``"tiny-sd"`` (random weights, the fastest) or ``"tiny-sdxl"``.
+    """
+    return _asset(name)
 
 
 def embedded_sdxl_path() -> str:
     """Path of the small SDXL-architecture model shipped inside the package (runs offline)."""
-    return str(resources.files("lightning_custom") / "assets" / "tiny-sdxl")
+    return embedded_model_path("tiny-sdxl")
 
 
-def embedded_concept_path() -> str:
-    """Path of the example concept images shipped inside the package."""
-    return str(resources.files("lightning_custom") / "assets" / "concepts" / "cat-toy")
+def embedded_concept_path(name: str = "striped-star") -> str:
+    """Path of an example concept shipped inside the package: ``"striped-star"`` (the default: a held-out concept of
+    the world model, a striped star in an off-palette colour) or ``"cat-toy"``."""
+    return _asset("concepts", name)
 
 
 def resolve_model_path(name_or_path: str) -> str:
-    """Expand the aliases ``"embedded"`` and ``"embedded:tiny-sdxl"`` to the shipped models; keep anything else."""
-    if name_or_path == "embedded:tiny-sdxl":
-        return embedded_sdxl_path()
-    return embedded_model_path() if name_or_path in ("embedded", "embedded:tiny-sd") else name_or_path
+    """Expand the aliases ``"embedded"`` (the world model) and ``"embedded:<name>"`` (``world-sd``, ``tiny-sd``,
+    ``tiny-sdxl``) to the shipped models; keep anything else."""
+    if name_or_path == "embedded":
+        return embedded_model_path()
+    if name_or_path.startswith("embedded:"):
+        name = name_or_path.split(":", 1)[1]
+        if name not in EMBEDDED_MODELS:
+            raise UserInputError(f"--model.pretrained_model_name_or_path: unknown embedded model {name!r}; choose "
+                                 f"from {['embedded:' + n for n in EMBEDDED_MODELS]}")
+        return embedded_model_path(name)
+    return name_or_path
 
 
 def torch_dtype(name: str) -> torch.dtype:

@@ -1,4 +1,6 @@
-"""Regenerates the embedded default assets shipped inside ``lightning_custom``.
+"""Regenerates the random tiny-sd assets shipped inside ``lightning_custom`` (``embedded:tiny-sd`` and the
+``embedded:cat-toy`` concept). The embedded default (``embedded``) is the trained world model, written by
+``scripts/train_world_sd.py --export``; its concept ``striped-star`` is ``lightning_custom.world`` concept 2.
 
 Writes (fully offline, deterministic):
 

