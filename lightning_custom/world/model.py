@@ -102,10 +102,14 @@ def bar_prompts(n: int, seed: int = 123) -> list[tuple[str, Attributes]]:
 
 
 @torch.no_grad()
-def attribute_bar(pipe: Any, encoder: Any, n: int = 64, *, steps: int = 25, guidance_scale: float = 4.0,
+def attribute_bar(pipe: Any, encoder: Any, n: int = 64, *, steps: int = 25, guidance_scale: float = 2.5,
                   seed: int = 123, batch_size: int = 32) -> dict[str, float]:
     """The issue's bar: the fraction of samples (prompted with seen attribute combinations) whose shape, colour and
-    background the encoder names as prompted; per attribute and ``"all"`` (the bar is ``all >= 0.9``)."""
+    background the encoder names as prompted; per attribute and ``"all"`` (the bar is ``all >= 0.9``).
+
+    The guidance scale 2.5 was chosen on other prompts (``seed=7``, 256 samples: 2.0 -> 0.926, 2.5 -> 0.953,
+    3.0 -> 0.934, 4.0 -> 0.914, 6.0 -> 0.879, 7.5 -> 0.840 of samples all right): strong guidance distorts
+    this small model's shapes. The default ``seed=123`` prompts are the reported ones."""
     from lightning_custom.sampling import generate
     from lightning_custom.world.encoder import attribute_accuracy, judge
 
