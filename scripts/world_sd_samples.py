@@ -1,6 +1,6 @@
 """Sample a grid from a world-sd model folder and measure the bar on those samples.
 
-    python scripts/world_sd_samples.py /tmp/wsd-now --n 32 --out benchmarks/results/world_sd/samples.png
+    python scripts/world_sd_samples.py lightning_custom/assets/world-sd --n 32 --out benchmarks/results/world_sd/samples.png
 
 Writes the grid (prompts as row labels, every 8th prompt shown) and ``<out>.json`` with the bar per attribute.
 """
@@ -18,7 +18,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("model")
     parser.add_argument("--n", type=int, default=32)
     parser.add_argument("--steps", type=int, default=25)
-    parser.add_argument("--guidance", type=float, default=4.0)
+    parser.add_argument("--guidance", type=float, default=2.5)
     parser.add_argument("--seed", type=int, default=5)
     parser.add_argument("--label", default="", help="e.g. the training step, recorded in the json")
     parser.add_argument("--out", default="benchmarks/results/world_sd/samples.png")
