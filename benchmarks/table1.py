@@ -146,8 +146,12 @@ def fit(config: dict, path: Path) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------ replay
-def replay_variants(summary: dict, settings: MethodSettings, few_iters: int | None) -> dict[str, dict]:
-    """Stop step, quality and seconds of each variant, replayed on one full-length run's logged series."""
+def replay_variants(summary: dict, settings: MethodSettings, few_iters: int | None, *,
+                    dvar_window: int | None = None, dvar_threshold: float | None = None) -> dict[str, dict]:
+    """Stop step, quality and seconds of each variant, replayed on one full-length run's logged series.
+
+    ``dvar_window`` (steps) and ``dvar_threshold`` replace the run's own DVAR settings (for the sensitivity table).
+    """
     from lightning_custom.callbacks.clip_early_stopping import patience_stop_index
     from lightning_custom.dvar import window_in_values
     from lightning_custom.replay import replay_stop_indices
@@ -156,8 +160,9 @@ def replay_variants(summary: dict, settings: MethodSettings, few_iters: int | No
     probes = summary["world_probe_history"]
     every = summary.get("dvar_eval_every_n_steps") or 1
     dvar_steps = [int(s) for s, _ in summary["dvar_history"]]
-    index = replay_stop_indices([[v for _, v in summary["dvar_history"]]],
-                                window_in_values(summary["dvar_window"], every), [summary["dvar_threshold"]])[0]
+    window = window_in_values(dvar_window or summary["dvar_window"], every)
+    index = replay_stop_indices([[v for _, v in summary["dvar_history"]]], window,
+                                [dvar_threshold or summary["dvar_threshold"]])[0]
     checks = [row for row in probes if row[0] > 0]
     es_index = patience_stop_index([row[1] for row in checks], settings.patience, settings.min_delta)
     stops = {
@@ -203,6 +208,24 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
                          f"{median_iqr([r['fidelity'] for r in sel], '.2f')} | "
                          f"{median_iqr([r['step'] for r in sel], '.0f')} | "
                          f"{median_iqr([r['seconds'] for r in sel], '.1f')} | {len(sel)} |")
+    return "\n".join(lines)
+
+
+def sensitivity(summaries: dict, methods: list[str], concepts: list) -> str:
+    """DVAR replayed with other windows (x1, x2, x3) and thresholds (x1, x1/2) on the same logged series: the
+    median stop step and identity, against full length, so the settings can be chosen for a model."""
+    lines = ["| method | DVAR window | threshold | steps | identity | full-length identity |", "|---|---|---|---|---|---|"]
+    for method in methods:
+        settings = METHODS[method]
+        runs = [summaries[method, c.name] for c in concepts]
+        full = np.median([replay_variants(r, settings, None)["full_length"]["identity"] for r in runs])
+        window = runs[0]["dvar_window"]
+        threshold = runs[0]["dvar_threshold"]
+        for w in (window, 2 * window, 3 * window):
+            for t in (threshold, threshold / 2):
+                stops = [replay_variants(r, settings, None, dvar_window=w, dvar_threshold=t)["dvar"] for r in runs]
+                lines.append(f"| {method} | {w} | {t:g} | {np.median([d['step'] for d in stops]):.0f} | "
+                             f"{np.median([d['identity'] for d in stops]):.3f} | {full:.3f} |")
     return "\n".join(lines)
 
 
@@ -325,6 +348,10 @@ def main(argv: list[str] | None = None) -> int:
         markdown(rows, args.methods), "",
         "## Settings", "", "| method | full-length steps | DVAR window | DVAR threshold | encoder ES patience / min delta |",
         "|---|---|---|---|---|", *settings_lines, "",
+        "## DVAR settings, replayed", "",
+        "The same full-length runs, with DVAR replayed at longer windows and a stricter threshold (medians over "
+        "concepts; the first row of each method is the setting above).", "",
+        sensitivity(summaries, args.methods, concepts), "",
         f"## Replay vs live DVAR ({agree}/{len(agreement)} agree)", "",
         "| method | concept | live stop step | live stopped by | replayed stop step |", "|---|---|---|---|---|",
         *[f"| {m} | {c} | {s} | {b} | {r} |" for m, c, s, b, r in agreement], "",

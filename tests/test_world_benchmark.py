@@ -49,6 +49,11 @@ def test_replay_variants_reads_each_stop_and_its_quality():
     assert out["encoder_es"]["seconds"] == pytest.approx(8 * 1.0 + 4 * 1.0)
     assert out["few_iters"]["step"] == 5 and out["few_iters"]["probe_step"] == 4
     assert out["untrained"]["identity"] == 0.40
+    # another window / threshold replaces the run's own, as the rule computes it
+    longer = table1.replay_variants(summary, settings, None, dvar_window=6, dvar_threshold=0.05)["dvar"]
+    index = first_stop_index([v for _, v in summary["dvar_history"]], 6, 0.05)
+    assert longer["step"] == (index + 1 if index is not None else 12)
+    assert longer["step"] != dvar_step
 
 
 def test_table1_smoke_on_two_concepts(tmp_path):
@@ -62,5 +67,7 @@ def test_table1_smoke_on_two_concepts(tmp_path):
     text = (tmp_path / "out" / "table1.md").read_text()
     for variant in ("full_length", "dvar", "encoder_es", "few_iters"):
         assert f"| textual_inversion | {variant} |" in text
+    # 5 variant rows, 6 replayed DVAR settings, 1 settings row, 1 live check
+    assert "## DVAR settings, replayed" in text and text.count("| textual_inversion | ") == 5 + 6 + 1 + 1
     assert (tmp_path / "out" / "table1_dvar_stops.png").stat().st_size > 0
     assert (tmp_path / "out" / "table1_quality_vs_step.png").stat().st_size > 0
