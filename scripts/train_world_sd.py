@@ -232,8 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     unet.train()
     text_encoder.train()
     params = [*unet.parameters(), *text_encoder.parameters()]
-    ema_params = [*ema_unet.parameters(), *ema_text.parameters()]
-    model_params = params
+    ema_params = [*ema_unet.parameters(), *ema_text.parameters()]  # same order as params
     opt = torch.optim.AdamW(params, lr=args.lr, weight_decay=1e-2)
     if opt_state is not None:
         opt.load_state_dict(opt_state)
@@ -291,7 +290,7 @@ def main(argv: list[str] | None = None) -> None:
         opt.step()
         with torch.no_grad():
             decay = min(args.ema, (1 + state["step"]) / (10 + state["step"]))
-            torch._foreach_lerp_(ema_params, model_params, 1 - decay)
+            torch._foreach_lerp_(ema_params, params, 1 - decay)
         state["step"] += 1
         window.append(loss.item())
         if state["step"] % 50 == 0:
