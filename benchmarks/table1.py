@@ -214,7 +214,8 @@ def markdown(rows: list[dict], methods: list[str]) -> str:
 def sensitivity(summaries: dict, methods: list[str], concepts: list) -> str:
     """DVAR replayed with other windows (x1, x2, x3) and thresholds (x1, x1/2) on the same logged series: the
     median stop step and identity, against full length, so the settings can be chosen for a model."""
-    lines = ["| method | DVAR window | threshold | steps | identity | full-length identity |", "|---|---|---|---|---|---|"]
+    lines = ["| method | DVAR window | threshold | steps | identity | full-length identity |",
+             "|---|---|---|---|---|---|"]
     for method in methods:
         settings = METHODS[method]
         runs = [summaries[method, c.name] for c in concepts]

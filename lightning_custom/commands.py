@@ -242,8 +242,8 @@ def _initializer_token(run: Path) -> str:
 
 COMMANDS: dict[str, Callable] = {"sample": sample, "evaluate": evaluate, "replay": replay, "gather": gather,
                                  "before_after": before_after}
-_POSITIONAL = {"sample": ("run_dir", None), "evaluate": ("run_dir", None), "replay": ("runs", "+"), "gather": ("runs", "+"),
-               "before_after": ("run_dir", None)}
+_POSITIONAL = {"sample": ("run_dir", None), "evaluate": ("run_dir", None), "replay": ("runs", "+"),
+               "gather": ("runs", "+"), "before_after": ("run_dir", None)}
 
 
 def build_parser(name: str):

@@ -1,6 +1,7 @@
 """Sample a grid from a world-sd model folder and measure the bar on those samples.
 
-    python scripts/world_sd_samples.py lightning_custom/assets/world-sd --n 32 --out benchmarks/results/world_sd/samples.png
+    python scripts/world_sd_samples.py lightning_custom/assets/world-sd --n 32 \
+        --out benchmarks/results/world_sd/samples.png
 
 Writes the grid (prompts as row labels, every 8th prompt shown) and ``<out>.json`` with the bar per attribute.
 """
@@ -24,15 +25,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/world_sd/samples.png")
     args = parser.parse_args(argv)
 
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
     from lightning_custom.sampling import generate, labelled_grid, write_png
     from lightning_custom.world.encoder import WorldEncoder, attribute_accuracy, judge
-    from lightning_custom.world.model import IMAGE_SIZE, bar_prompts
+    from lightning_custom.world.model import IMAGE_SIZE, bar_prompts, load_world_pipeline
 
-    pipe = StableDiffusionPipeline.from_pretrained(args.model, safety_checker=None, requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
+    pipe = load_world_pipeline(args.model)
     pairs = bar_prompts(args.n, seed=args.seed)
     images = generate(pipe, [p for p, _ in pairs], list(range(args.n)), guidance_scale=args.guidance,
                       num_inference_steps=args.steps, height=IMAGE_SIZE, width=IMAGE_SIZE, batch_size=32)

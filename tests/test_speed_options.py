@@ -87,7 +87,8 @@ def test_fused_adamw_only_where_nothing_clips_before_it(tiny_sd):
     cuda32 = [SimpleNamespace(is_cuda=True, dtype=torch.float32)] * 2
     assert fused_adamw_applies(cuda32, clips_gradients=False)
     assert not fused_adamw_applies(cuda32, clips_gradients=True)
-    assert not fused_adamw_applies(cuda32 + [SimpleNamespace(is_cuda=False, dtype=torch.float32)], clips_gradients=False)
+    on_cpu = SimpleNamespace(is_cuda=False, dtype=torch.float32)
+    assert not fused_adamw_applies(cuda32 + [on_cpu], clips_gradients=False)
     assert not fused_adamw_applies([SimpleNamespace(is_cuda=True, dtype=torch.float16)], clips_gradients=False)
     assert not fused_adamw_applies([], clips_gradients=False)
     assert CustomDiffusion(pretrained_model_name_or_path=tiny_sd, placeholder_token="<v>",

@@ -130,23 +130,11 @@ def test_world_sd_training_resumes_and_exports_a_diffusers_model(tmp_path):
     assert components.unet.config.sample_size == 8 and components.tokenizer.model_max_length == 32
 
 
-def _shipped_world_pipeline():
-    from diffusers import DDIMScheduler, StableDiffusionPipeline
-
-    from lightning_custom.components import embedded_model_path
-
-    pipe = StableDiffusionPipeline.from_pretrained(embedded_model_path(), safety_checker=None,
-                                                   requires_safety_checker=False)
-    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
-    pipe.set_progress_bar_config(disable=True)
-    return pipe
-
-
 def test_shipped_world_model_draws_the_prompted_attributes(single_thread):
     """A quick look at the bar (96 samples): the embedded model draws what it is asked for."""
-    from lightning_custom.world.model import attribute_bar
+    from lightning_custom.world.model import attribute_bar, load_world_pipeline
 
-    result = attribute_bar(_shipped_world_pipeline(), WorldEncoder.load(), n=96)
+    result = attribute_bar(load_world_pipeline(), WorldEncoder.load(), n=96)
     assert result["colour"] >= 0.95 and result["background"] >= 0.95, result
     assert result["all"] >= 0.85, result
 
@@ -155,7 +143,7 @@ def test_shipped_world_model_draws_the_prompted_attributes(single_thread):
 def test_shipped_world_model_passes_the_bar(single_thread):
     """Issue 5's bar on the embedded model: of 512 samples prompted with seen attribute combinations, at least 90%
     show the prompted shape, colour and background (measured: 0.914)."""
-    from lightning_custom.world.model import attribute_bar
+    from lightning_custom.world.model import attribute_bar, load_world_pipeline
 
-    result = attribute_bar(_shipped_world_pipeline(), WorldEncoder.load(), n=512)
+    result = attribute_bar(load_world_pipeline(), WorldEncoder.load(), n=512)
     assert result["all"] >= 0.90, result

@@ -66,7 +66,8 @@ def build_world_unet(seed: int = 0, channels: int = 4) -> Any:
 
     torch.manual_seed(seed)
     return UNet2DConditionModel(
-        sample_size=IMAGE_SIZE // 4, in_channels=channels, out_channels=channels, block_out_channels=(64, 96), layers_per_block=1,
+        sample_size=IMAGE_SIZE // 4, in_channels=channels, out_channels=channels, block_out_channels=(64, 96),
+        layers_per_block=1,
         down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
         up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"), attention_head_dim=8, norm_num_groups=32,
         cross_attention_dim=TEXT_DIM,
@@ -77,8 +78,9 @@ def build_world_scheduler() -> Any:
     """Stable Diffusion 1.x's DDPM training schedule (epsilon prediction)."""
     from diffusers import DDPMScheduler
 
-    return DDPMScheduler(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-                         clip_sample=False, steps_offset=1, prediction_type="epsilon")
+    from lightning_custom.architectures import SCHEDULER
+
+    return DDPMScheduler(**SCHEDULER, prediction_type="epsilon")
 
 
 def assemble_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, scheduler: Any | None = None) -> Any:
@@ -89,6 +91,20 @@ def assemble_pipeline(unet: Any, vae: Any, text_encoder: Any, tokenizer: Any, sc
     pipe = StableDiffusionPipeline(unet=unet, vae=vae, text_encoder=text_encoder, tokenizer=tokenizer,
                                    scheduler=scheduler, safety_checker=None, feature_extractor=None,
                                    requires_safety_checker=False)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def load_world_pipeline(name_or_path: str = "embedded") -> Any:
+    """A saved world model (default: the embedded one) as a ``StableDiffusionPipeline`` with the DDIM sampler, no
+    safety checker and no progress bar, as :func:`attribute_bar` and the quickstart's grid sample it."""
+    from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+    from lightning_custom.components import resolve_model_path
+
+    pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path(name_or_path), safety_checker=None,
+                                                   requires_safety_checker=False)
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe
 
