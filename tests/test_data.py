@@ -12,7 +12,9 @@ from PIL import Image
 from lightning_custom.data import ConceptDataModule, EvalBatchSpec
 from lightning_custom.data.concept import ResumableDataLoader
 from lightning_custom.errors import UserInputError
-from tests.conftest import data_kwargs
+from lightning_custom.methods import TextualInversion
+from lightning_custom.toy_models import make_example_concept_images
+from tests.conftest import data_kwargs, ti_kwargs
 
 SPEC = EvalBatchSpec(num_train_timesteps=1000, latent_channels=4, latent_downsample=2)
 
@@ -77,6 +79,43 @@ def test_resampled_part_changes_and_others_stay(concept_dir, part, keys):
                 assert (torch.equal(d[key], fixed[key]) if torch.is_tensor(d[key]) else d[key] == fixed[key]), key
 
 
+def eval_cache_keys(folder, **overrides) -> tuple[str, str]:
+    batch = ConceptDataModule(**data_kwargs(folder, **overrides)).build_eval_dataset(SPEC)[0]
+    return batch["latents_cache_key"], batch["text_cache_key"]
+
+
+def test_eval_cache_keys_name_what_the_cached_values_depend_on(concept_dir, tmp_path):
+    latents_key, text_key = eval_cache_keys(concept_dir)
+    assert eval_cache_keys(concept_dir) == (latents_key, text_key)  # the same batch: the cache is reused
+    make_example_concept_images(tmp_path, n=4, size=32, seed=4)
+    # what the latents are computed from (images, their augmentation, the latent draw) changes the latents' key
+    for folder, overrides in ((str(tmp_path), {}), (concept_dir, dict(eval_seed=1)),
+                              (concept_dir, dict(resolution=32)), (concept_dir, dict(random_flip=False))):
+        assert eval_cache_keys(folder, **overrides)[0] != latents_key, overrides
+    # the captions alone determine the text states
+    assert eval_cache_keys(str(tmp_path))[1] == text_key
+    assert eval_cache_keys(concept_dir, placeholder_token="<other>")[1] != text_key
+
+
+def test_module_evaluated_on_a_new_concept_does_not_reuse_the_first_ones_latents(tiny_sd, concept_dir, tmp_path):
+    make_example_concept_images(tmp_path, n=4, size=32, seed=4)
+    module = TextualInversion(**ti_kwargs(tiny_sd))
+    first, second = (ConceptDataModule(**data_kwargs(folder)).build_eval_dataset(module.eval_batch_spec())[0]
+                     for folder in (concept_dir, str(tmp_path)))
+    module.deterministic_loss(first)  # fills the evaluation cache
+    fresh = TextualInversion(**ti_kwargs(tiny_sd))
+    assert torch.equal(module.deterministic_loss(second), fresh.deterministic_loss(second))
+
+
+def test_training_latent_keys_follow_image_content(tmp_path):
+    folder = tmp_path / "concept"
+    make_example_concept_images(folder, n=4, size=32, seed=3)
+    keys = {ConceptDataModule(**data_kwargs(str(folder))).train_dataset()[i]["latent_key"] for i in range(8)}
+    make_example_concept_images(folder, n=4, size=32, seed=4)  # the same file names, other pictures
+    edited = {ConceptDataModule(**data_kwargs(str(folder))).train_dataset()[i]["latent_key"] for i in range(8)}
+    assert not keys & edited
+
+
 def test_training_items_are_a_function_of_seed_and_index(concept_dir):
     dm = ConceptDataModule(**data_kwargs(concept_dir))
     a, b = dm.train_dataset(), ConceptDataModule(**data_kwargs(concept_dir)).train_dataset()
@@ -136,9 +175,7 @@ def test_missing_and_empty_folder(tmp_path):
 @pytest.mark.parametrize("name,make,needle", [
     ("notes.txt", lambda p: p.write_text("hello"), "is not an image file"),
     ("broken.png", lambda p: p.write_bytes(b"\x89PNG not really"), "cannot be read as an image"),
-    ("gray.png", lambda p: write(p, "L"), "grayscale"),
-    ("alpha.png", lambda p: write(p, "RGBA"), "alpha channel"),
-    ("deep.png", lambda p: write(p, "I;16"), "16-bit"),
+    # Grayscale, alpha and 16-bit images are converted now (tests/test_image_input.py asserts their pixels).
 ])
 def test_bad_image_files(tmp_path, name, make, needle):
     write(tmp_path / "good.png", "RGB")

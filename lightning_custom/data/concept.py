@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -16,11 +17,24 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
 
 from lightning_custom.data.class_images import WithClassSamples
 from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
-from lightning_custom.data.images import crop_box, list_image_files, load_rgb_image, resize_shorter_side, to_tensor
+from lightning_custom.data.images import (
+    WHITE,
+    BackgroundColour,
+    convert_to_rgb,
+    crop_box,
+    list_image_files,
+    open_image,
+    parse_background,
+    resize_shorter_side,
+    to_tensor,
+    warn_if_small,
+)
 from lightning_custom.data.prior import PriorPreservationData
 from lightning_custom.data.templates import TEMPLATES, concept_phrase, format_prompt
 from lightning_custom.diffusion import distinct_timesteps
 from lightning_custom.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 EvalPart = Literal["images", "latents", "noise", "captions", "timesteps"]
 EVAL_PARTS: tuple[str, ...] = ("images", "latents", "noise", "captions", "timesteps")
@@ -40,7 +54,7 @@ class ConceptImages:
 
     def __init__(
         self, folder: str, resolution: int, center_crop: bool, random_flip: bool, argument: str,
-        files: Sequence[Path] | None = None,
+        files: Sequence[Path] | None = None, background: BackgroundColour = WHITE,
     ) -> None:
         self.files = list(files) if files is not None else list_image_files(folder, argument)
         self.resolution = resolution
@@ -48,10 +62,16 @@ class ConceptImages:
         self.random_flip = random_flip
         self.images: list[Image.Image] = []
         self.original_sizes: list[tuple[int, int]] = []
+        composited = 0
         for file in self.files:
-            image = load_rgb_image(file)
+            image, conversion = convert_to_rgb(open_image(file), background, file)
+            composited += conversion == "alpha"
+            warn_if_small(file, image.size, resolution)
             self.original_sizes.append((image.height, image.width))
             self.images.append(resize_shorter_side(image, resolution))
+        if composited:
+            log.info("%s: %d of %d images have transparency; composited onto the background %s "
+                     "(--data.alpha_background)", folder, composited, len(self.files), "#%02x%02x%02x" % background)
 
     def __len__(self) -> int:
         return len(self.images)
@@ -213,6 +233,7 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             a folder per generation setting, with a ``manifest.json``, reused by later runs.
         class_inference_steps: sampling steps per generated class image.
         class_guidance_scale: classifier-free guidance scale of the generated class images.
+        alpha_background: colour that transparent images are composited onto: ``white``, ``black`` or ``#rrggbb``.
     """
 
     def __init__(
@@ -240,9 +261,11 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         class_cache_dir: str | None = None,
         class_inference_steps: int = 25,
         class_guidance_scale: float = 7.5,
+        alpha_background: str = "white",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        self.alpha_background = parse_background(alpha_background)
         self.instance_data_dir = instance_data_dir = _resolve_instance_dir(instance_data_dir)
         unknown = sorted(set(resample or ()) - set(EVAL_PARTS))
         if unknown:
@@ -283,7 +306,8 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
     def read_images(self, folder: str, argument: str, files: list | None = None) -> ConceptImages:
         """Read and check a folder of images (or the given ``files``) at this module's size and augmentation."""
         hp = self.hparams
-        return ConceptImages(folder, hp.resolution, hp.center_crop, hp.random_flip, argument, files)
+        return ConceptImages(folder, hp.resolution, hp.center_crop, hp.random_flip, argument, files,
+                             background=self.alpha_background)
 
     def setup(self, stage: str) -> None:
         """Load the cached class images and check the concepts' tokens against the module's."""
@@ -407,6 +431,25 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             else:
                 out["timesteps"] = distinct_timesteps(size, spec.num_train_timesteps, generator=generator)
         return out
+
+
+def check_concept_images(init_args: Mapping[str, Any]) -> None:
+    """Open every concept image that these ``ConceptDataModule`` arguments name, without building anything.
+
+    The CLI calls it before the model is instantiated (jsonargparse builds the model, and so loads its weights,
+    before the data module), so an empty folder, a non-image or a truncated file fails in a second, not after the
+    model has loaded.
+    """
+    background = parse_background(init_args.get("alpha_background") or "white")
+    concepts = init_args.get("concepts")
+    if concepts is not None:
+        folders = [(_resolve_instance_dir(spec.instance_data_dir), f"--data.concepts[{i}].instance_data_dir")
+                   for i, spec in enumerate(parse_concepts(concepts))]
+    else:
+        folders = [(_resolve_instance_dir(init_args.get("instance_data_dir") or "embedded"), "--data.instance_data_dir")]
+    for folder, argument in folders:
+        for file in list_image_files(folder, argument):
+            convert_to_rgb(open_image(file), background, file)
 
 
 def _resolve_instance_dir(folder: str) -> str:

@@ -2,17 +2,36 @@
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
 from lightning_custom.errors import UserInputError
 
+log = logging.getLogger(__name__)
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp")
-# 8-bit colour modes that convert to RGB without losing information or dropping an alpha channel.
-_CONVERTIBLE_MODES = {"RGB", "CMYK", "YCbCr"}
+# Modes whose pixels are 16-bit integers (PNG's 16-bit grayscale opens as I;16; "I" is Pillow's 32-bit integer
+# mode, which holds 16-bit data when it comes from an image file).
+_SIXTEEN_BIT_MODES = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Modes with an alpha channel (premultiplied "La"/"RGBa" included), composited onto the background.
+_ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
+# Everything else Pillow decodes from png/jpg/webp converts to RGB directly: RGB, L, 1, P, CMYK, YCbCr.
+_DIRECT_MODES = ("RGB", "L", "1", "P", "CMYK", "YCbCr")
+
+BackgroundColour = tuple[int, int, int]
+WHITE: BackgroundColour = (255, 255, 255)
+
+
+def parse_background(colour: str, argument: str = "--data.alpha_background") -> BackgroundColour:
+    """``"white"``, ``"black"``, ``"#rrggbb"`` or any CSS colour name Pillow knows, as an RGB triple."""
+    try:
+        return ImageColor.getrgb(colour)[:3]
+    except (ValueError, AttributeError) as err:
+        raise UserInputError(f"{argument}: {colour!r} is not a colour (use white, black or #rrggbb)") from err
 
 
 def list_image_files(folder: str | Path, argument: str = "--data.instance_data_dir") -> list[Path]:
@@ -40,33 +59,66 @@ def list_image_files(folder: str | Path, argument: str = "--data.instance_data_d
     return files
 
 
-def load_rgb_image(path: str | Path) -> Image.Image:
-    """Open an 8-bit RGB image, applying its EXIF orientation.
+def load_rgb_image(path: str | Path, background: BackgroundColour = WHITE) -> Image.Image:
+    """Open an image as 8-bit RGB, as forgivingly as diffusers' training scripts.
+
+    The EXIF orientation is applied; grayscale, palette, CMYK and 16-bit images are converted (16-bit values
+    scaled by 255/65535); transparent images are composited onto ``background``. Use :func:`convert_to_rgb` to learn
+    which conversion was made.
 
     Raises:
-        UserInputError: the file is unreadable, not an image, grayscale, has an alpha channel or is 16-bit.
+        UserInputError: the file is unreadable, truncated or not an image.
     """
+    return convert_to_rgb(open_image(path), background, path)[0]
+
+
+def open_image(path: str | Path) -> Image.Image:
+    """Decode ``path`` fully and apply its EXIF orientation; a one-line error for what cannot be read."""
     path = Path(path)
     try:
         with Image.open(path) as image:
-            image.load()
-            image = ImageOps.exif_transpose(image)
+            image.load()  # decode now: a truncated file fails here, naming the file, not later in a worker
+            return ImageOps.exif_transpose(image)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as err:
-        raise UserInputError(f"concept image {path}: cannot be read as an image ({type(err).__name__})") from err
+        reason = "truncated" if "truncated" in str(err) else type(err).__name__
+        raise UserInputError(f"concept image {path}: cannot be read as an image ({reason})") from err
+
+
+def convert_to_rgb(
+    image: Image.Image, background: BackgroundColour = WHITE, path: str | Path = "image"
+) -> tuple[Image.Image, str | None]:
+    """``image`` as 8-bit RGB and what was done to it: ``None``, ``"alpha"`` (composited), ``"16-bit"`` or ``"mode X"``.
+
+    Raises:
+        UserInputError: a mode no concept image can have (floating point, LAB, HSV).
+    """
     mode = image.mode
-    if mode == "P":
-        if "transparency" in image.info:
-            raise UserInputError(f"concept image {path}: has transparency (RGBA); save it as 8-bit RGB without alpha")
-        image = image.convert("RGB")
-    elif mode in ("L", "1", "LA", "La"):
-        raise UserInputError(f"concept image {path}: is grayscale (mode {mode}); save it as 8-bit RGB")
-    elif mode in ("RGBA", "RGBa", "PA"):
-        raise UserInputError(f"concept image {path}: has an alpha channel (mode {mode}); save it as 8-bit RGB")
-    elif mode.startswith("I") or mode == "F" or mode.endswith(("16", "16B", "16L")):
-        raise UserInputError(f"concept image {path}: is 16-bit or floating point (mode {mode}); save it as 8-bit RGB")
-    elif mode not in _CONVERTIBLE_MODES:
-        raise UserInputError(f"concept image {path}: unsupported mode {mode}; save it as 8-bit RGB")
-    return image.convert("RGB")
+    if mode == "RGB":
+        return image, None
+    if mode == "P" and "transparency" in image.info:
+        mode, image = "PA", image.convert("RGBA")
+    if mode in _ALPHA_MODES:
+        rgba = image.convert("RGBA")
+        canvas = Image.new("RGBA", rgba.size, (*background, 255))
+        return Image.alpha_composite(canvas, rgba).convert("RGB"), "alpha"
+    if mode in _SIXTEEN_BIT_MODES:
+        # 65535 -> 255 exactly: divide by 257 (= 65535 / 255), rounding; Pillow's own I;16 -> L conversion clips.
+        values = np.clip(np.asarray(image, dtype=np.float64), 0, 65535)
+        gray = np.rint(values / 257.0).astype(np.uint8)
+        return Image.fromarray(gray, mode="L").convert("RGB"), "16-bit"
+    if mode in _DIRECT_MODES:
+        return image.convert("RGB"), f"mode {mode}"
+    raise UserInputError(f"concept image {path}: unsupported pixel format (mode {mode}); save it as 8-bit RGB")
+
+
+def warn_if_small(path: str | Path, size: tuple[int, int], resolution: int) -> bool:
+    """Log a warning naming ``path`` when its shorter side is under half of the training ``resolution``."""
+    shorter = min(size)
+    if shorter * 2 >= resolution:
+        return False
+    log.warning("concept image %s: %dx%d px is far smaller than the training resolution %d (upscaled %.1fx)",
+                path, size[0], size[1], resolution, resolution / shorter)
+    return True
 
 
 def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
