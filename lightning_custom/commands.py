@@ -161,6 +161,40 @@ def replay(
     return {"result": result, "files": files}
 
 
+def calibrate(
+    runs: list[str],
+    target: float = 0.97,
+    windows: list[int] | None = None,
+    thresholds: list[float] | None = None,
+    eval_every: list[int] | None = None,
+    output: str = "dvar_calibrated.yaml",
+) -> dict:
+    """Recommend DVAR's (window, threshold, eval period) from finished full-length runs that carry quality probes.
+
+    The pick has the fewest mean steps among the settings whose median retention of the converged identity is at
+    least --target (see lightning_custom.calibrate for the definitions). Prints the trade-off table.
+
+    Args:
+        runs: full-length run folders (DVAR observing, a WorldProbe attached), or folders searched for them.
+        target: the share of the converged identity to keep (median over runs).
+        windows: DVAR windows in optimizer steps (default: 20, 40, 60, 80, 120, 160, 240, 320, 440).
+        thresholds: DVAR thresholds (default: 0.05, 0.1, 0.15, 0.2, 0.3, 0.4).
+        eval_every: evaluation periods in steps, multiples of the runs' own (default: 5, 10, 20).
+        output: where to write the YAML snippet (the dvar: block to paste into a config).
+    """
+    from lightning_custom import calibrate as cal
+
+    probed = cal.load_probed_runs(runs)
+    result = cal.calibrate(probed, target, windows or cal.DEFAULT_WINDOWS, thresholds or cal.DEFAULT_THRESHOLDS,
+                           eval_every or cal.DEFAULT_EVAL_EVERY)
+    snippet = cal.yaml_snippet(result, len(probed))
+    Path(output).write_text(snippet)
+    print(f"{len(probed)} runs, converged length {result.converged_length} steps, target {target:g}\n")
+    print(cal.trade_off_table(result))
+    print(f"\n{snippet}\nwrote {output}")
+    return {"result": result, "snippet": snippet}
+
+
 def gather(runs: list[str], output: str | None = None) -> list[dict]:
     """Collect the summary.json of many runs (say, one SLURM array task per concept) into one table.
 
@@ -241,9 +275,9 @@ def _initializer_token(run: Path) -> str:
 
 
 COMMANDS: dict[str, Callable] = {"sample": sample, "evaluate": evaluate, "replay": replay, "gather": gather,
-                                 "before_after": before_after}
+                                 "before_after": before_after, "calibrate": calibrate}
 _POSITIONAL = {"sample": ("run_dir", None), "evaluate": ("run_dir", None), "replay": ("runs", "+"),
-               "gather": ("runs", "+"), "before_after": ("run_dir", None)}
+               "gather": ("runs", "+"), "before_after": ("run_dir", None), "calibrate": ("runs", "+")}
 
 
 def build_parser(name: str):

@@ -71,3 +71,52 @@ def test_table1_smoke_on_two_concepts(tmp_path):
     assert "## DVAR settings, replayed" in text and text.count("| textual_inversion | ") == 5 + 6 + 1 + 1
     assert (tmp_path / "out" / "table1_dvar_stops.png").stat().st_size > 0
     assert (tmp_path / "out" / "table1_quality_vs_step.png").stat().st_size > 0
+
+
+def load_table1_v2():
+    load_table1()  # table1_v2 imports the first edition as "table1"
+    spec = importlib.util.spec_from_file_location("table1_v2", ROOT / "benchmarks" / "table1_v2.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules["table1_v2"] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
+    """Quality read from the snapshot of step 15 of a 20-step run = the probe of a run that stopped at step 15."""
+    import argparse
+    import json
+
+    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.world.probe import probe_snapshots, snapshot_steps
+
+    WorldEncoder(width=8, dim=16).save(tmp_path / "encoder")
+    v2 = load_table1_v2()
+    work = tmp_path / "work"
+    argv = ["run", "--concepts", "0", "--methods", "textual_inversion", "--steps", "20", "--probe-every", "10",
+            "--probe-images", "1", "--probe-inference-steps", "2", "--workdir", str(work),
+            "--results", str(tmp_path / "results"), "--encoder", str(tmp_path / "encoder")]
+    assert v2.main(argv) == 0
+    concept = heldout_concepts(1)[0]
+    run_dir, config_file = v2.run_paths(work, "textual_inversion", concept.name)
+    assert snapshot_steps(run_dir / "snapshots") == [5, 10, 15, 20]  # one per L_det evaluation
+    summary = json.loads((tmp_path / "results" / "runs" / "textual_inversion" / concept.name / "summary.json")
+                         .read_text())
+    assert [row[0] for row in summary["world_probe_history"]] == [0, 10, 20]
+    # The snapshot of a probed step scores what the live probe scored there (same seeds: paired).
+    assert probe_snapshots(config_file, run_dir / "snapshots", [20])[20][0] == pytest.approx(
+        summary["world_probe_history"][-1][1:], abs=1e-5)
+
+    # A live run of the same config, stopped at step 15 by DVAR's step cap, probes step 15 when it ends.
+    args = argparse.Namespace(steps=20, probe_every=10, probe_images=1, probe_inference_steps=2,
+                              workdir=str(tmp_path / "live"), model="embedded", encoder=str(tmp_path / "encoder"),
+                              class_images=4, accelerator=None)
+    live = v2.long_config("textual_inversion", concept, args)
+    live["data"]["init_args"]["instance_data_dir"] = str(work / "concepts" / concept.name)
+    live["trainer"]["callbacks"] = live["trainer"]["callbacks"][:1]  # the probe only
+    live["dvar"]["max_steps"] = 15
+    live_summary = v2.v1.fit(live, tmp_path / "live.yaml")
+    assert live_summary["stop_step"] == 15 and live_summary["world_probe_history"][-1][0] == 15
+    exact = probe_snapshots(config_file, run_dir / "snapshots", [15])[15][0]
+    assert exact == pytest.approx(live_summary["world_probe_history"][-1][1:], abs=1e-5)
+    assert exact != pytest.approx(summary["world_probe_history"][1][1:], abs=1e-5)  # not the probe of step 10

@@ -9,6 +9,7 @@ variant's quality at its stop step from this series. Sampling forks the RNG, so 
 
 from __future__ import annotations
 
+import sys
 import time
 from typing import Any
 
@@ -59,33 +60,44 @@ class WorldProbe(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self.prepare(trainer.datamodule)
+        if not self.history:
+            self.probe(trainer, pl_module)
+
+    def prepare(self, datamodule: Any) -> None:
+        """Load the encoder and the concept images (what :meth:`scores` compares samples with)."""
         from lightning_custom.data.images import load_rgb_image
         from lightning_custom.world.encoder import WorldEncoder
 
         self._encoder = WorldEncoder.load(self.encoder_path)
-        files = getattr(getattr(trainer.datamodule, "images", None), "files", None)
+        files = getattr(getattr(datamodule, "images", None), "files", None)
         if not files:
             raise UserInputError("WorldProbe: the data module exposes no training images (datamodule.images.files)")
         self._references = [load_rgb_image(f) for f in files]
-        if not self.history:
-            self.probe(trainer, pl_module)
 
-    def scores(self, trainer: L.Trainer, pl_module: L.LightningModule) -> list[float]:
-        """``[identity (train prompt), identity (eval prompts), fidelity (eval prompts)]`` for the current weights."""
+    def scores(self, pl_module: L.LightningModule, phrase: str, seed: int | None = None) -> list[float]:
+        """``[identity (train prompt), identity (eval prompts), fidelity (eval prompts)]`` for the current weights.
+
+        Args:
+            pl_module: the module whose weights are scored (its live components are sampled, nothing is copied).
+            phrase: the words for the concept inside a prompt.
+            seed: image ``i`` is sampled with seed ``seed + i`` (default: this probe's ``seed``). Every check with
+                the same seed uses the same noise, so differences between steps or variants are paired.
+        """
         import numpy as np
 
         from lightning_custom.data.templates import format_prompt
         from lightning_custom.sampling import generate, pipeline_from_module
         from lightning_custom.world.encoder import identity_similarity, judge
 
-        phrase = getattr(trainer.datamodule, "phrase", None) or pl_module.placeholder_token
+        first = self.seed if seed is None else seed
         n = self.num_images
         prompts = [format_prompt(self.train_prompt, phrase)] * n
         for template in self.eval_prompts:
             prompts += [format_prompt(template, phrase)] * n
         size = self._references[0].size[0]
         pipe = pipeline_from_module(pl_module, "ddim")
-        images = generate(pipe, prompts, [self.seed + i for i in range(len(prompts))], height=size, width=size,
+        images = generate(pipe, prompts, [first + i for i in range(len(prompts))], height=size, width=size,
                           guidance_scale=self.guidance_scale, num_inference_steps=self.num_inference_steps,
                           batch_size=len(prompts))
         identity_train = identity_similarity(self._encoder, images[:n], self._references)
@@ -100,7 +112,8 @@ class WorldProbe(Callback):
     def probe(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         start = time.perf_counter()
         was_training = pl_module.training
-        values = self.scores(trainer, pl_module)
+        phrase = getattr(trainer.datamodule, "phrase", None) or pl_module.placeholder_token
+        values = self.scores(pl_module, phrase)
         pl_module.train(was_training)
         self.seconds += time.perf_counter() - start
         self.history.append([trainer.global_step, *values])
@@ -129,3 +142,111 @@ class WorldProbe(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.history = [list(r) for r in state_dict.get("history", [])]
         self.seconds = float(state_dict.get("seconds", 0.0))
+
+
+SNAPSHOT_PATTERN = "step-{:06d}.safetensors"
+
+
+class TrainableSnapshots(Callback):
+    """Saves the trainable weights at every deterministic-loss evaluation, one safetensors file per step.
+
+    With these, quality can be read at any step where a (replayed) stopping rule could stop, after the run
+    (:func:`probe_snapshots`), instead of at the last periodic probe before it. The files hold only parameters with
+    ``requires_grad`` (a token embedding, LoRA or Custom Diffusion weights: small; full DreamBooth: the whole UNet).
+
+    Args:
+        dirpath: folder of the ``step-NNNNNN.safetensors`` files.
+        every_n_evaluations: keep every this many evaluations (1: all of them).
+    """
+
+    def __init__(self, dirpath: str, every_n_evaluations: int = 1) -> None:
+        super().__init__()
+        if every_n_evaluations < 1:
+            raise UserInputError("TrainableSnapshots: every_n_evaluations must be at least 1")
+        self.dirpath, self.every_n_evaluations = dirpath, every_n_evaluations
+        self.evaluations = 0
+
+    def save(self, pl_module: L.LightningModule, step: int) -> None:
+        """Write the trainable weights of ``pl_module`` as the snapshot of ``step``."""
+        from pathlib import Path
+
+        from safetensors.torch import save_file
+
+        from lightning_custom.io import atomic_path
+
+        tensors = {name: p.detach().to("cpu", copy=True).contiguous()
+                   for name, p in pl_module.named_parameters() if p.requires_grad}
+        folder = Path(self.dirpath)
+        folder.mkdir(parents=True, exist_ok=True)
+        with atomic_path(folder / SNAPSHOT_PATTERN.format(step)) as tmp:
+            save_file(tensors, str(tmp))
+
+    @override
+    def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
+            return
+        self.evaluations += 1
+        if (self.evaluations - 1) % self.every_n_evaluations == 0:
+            self.save(pl_module, trainer.global_step)
+
+    @override
+    def state_dict(self) -> dict[str, Any]:
+        return {"evaluations": self.evaluations}
+
+    @override
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.evaluations = int(state_dict.get("evaluations", 0))
+
+
+def snapshot_steps(dirpath: str | Any) -> list[int]:
+    """The steps that have a snapshot in ``dirpath`` (sorted; empty if the folder does not exist)."""
+    from pathlib import Path
+
+    folder = Path(dirpath)
+    return sorted(int(f.name[5:11]) for f in folder.glob("step-*.safetensors")) if folder.is_dir() else []
+
+
+def probe_snapshots(config_file: str | Any, snapshot_dir: str | Any, steps: list[int],
+                    seeds: list[int] | None = None) -> dict[int, list[list[float]]]:
+    """Score saved trainable weights with the run's own :class:`WorldProbe` settings, after the run.
+
+    The model, data module and probe are rebuilt from the run's config (``config_file``, as ``fit --config`` reads
+    it); for each step the snapshot's weights are loaded and sampled with each seed (default: the probe's own seed,
+    so the scores equal the live probe's at that step).
+
+    Returns:
+        ``{step: [[identity_train, identity_eval, fidelity] per seed]}``.
+    """
+    from pathlib import Path
+
+    from safetensors.torch import load_file
+
+    from lightning_custom.cli import PersonalizationCLI
+    from lightning_custom.data.concept import ConceptDataModule
+    from lightning_custom.methods.base import PersonalizationModule
+
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv holds the caller's arguments
+    try:
+        cli = PersonalizationCLI(PersonalizationModule, ConceptDataModule, subclass_mode_model=True,
+                                 subclass_mode_data=True, seed_everything_default=59, run=False,
+                                 args=["--config", str(config_file)])
+    finally:
+        sys.argv = saved
+    probes = [c for c in cli.trainer.callbacks if isinstance(c, WorldProbe)]
+    if not probes:
+        raise UserInputError(f"{config_file}: the run's config has no WorldProbe callback to score with")
+    probe, module, data = probes[0], cli.model, cli.datamodule
+    probe.prepare(data)
+    phrase = getattr(data, "phrase", None) or module.placeholder_token
+    trainable = {name for name, p in module.named_parameters() if p.requires_grad}
+    out: dict[int, list[list[float]]] = {}
+    for step in steps:
+        path = Path(snapshot_dir) / SNAPSHOT_PATTERN.format(step)
+        if not path.is_file():
+            raise UserInputError(f"{snapshot_dir}: no snapshot of step {step} ({path.name})")
+        weights = load_file(str(path))
+        if set(weights) != trainable:
+            raise UserInputError(f"{path}: its weights are not this config's trainable parameters")
+        module.load_state_dict(weights, strict=False)
+        out[step] = [probe.scores(module, phrase, seed) for seed in (seeds or [None])]
+    return out

@@ -1,0 +1,120 @@
+"""lightning_custom.calibrate and ``python -m lightning_custom calibrate``: the recommended DVAR setting on synthetic
+runs whose best setting is known by construction."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from lightning_custom import calibrate as cal
+from lightning_custom.cli import main
+from lightning_custom.errors import UserInputError
+
+# L_det falls linearly until step 100, then is exactly constant. With a tiny threshold DVAR stops at the first
+# evaluation whose window holds only the constant tail: at step 100 + window - period. Over the grid below:
+#   period 5:  W20 -> 115, W40 -> 135, W80 -> 175;   period 10: W20 -> 110, W40 -> 130, W80 -> 170;
+#   period 20: W20 -> 120, W40 -> 120, W80 -> 160.
+# Identity is 0.5 before the concept is learned, 1.0 after: learned at step 130 for three runs, 150 for two.
+# So (40, 1e-6, 10) at 130 steps is the cheapest setting whose median retention is 1; its worst decile is 0.5.
+WINDOWS, THRESHOLDS, PERIODS = (20, 40, 80), (1e-6,), (5, 10, 20)
+
+
+def synthetic_run(learned_at: int, name: str = "run", max_steps: int = 300) -> cal.ProbedRun:
+    losses = [(s, max(0.0, 1.0 - s / 100)) for s in range(5, max_steps + 1, 5)]
+    probes = {s: [0.0, 1.0 if s >= learned_at else 0.5, 1.0] for s in range(0, max_steps + 1, 5)}
+    return cal.ProbedRun(name, max_steps, 5, losses, probes)
+
+
+def synthetic_runs() -> list[cal.ProbedRun]:
+    return [synthetic_run(130, "a"), synthetic_run(130, "b"), synthetic_run(130, "c"), synthetic_run(150, "d"),
+            synthetic_run(150, "e")]
+
+
+def test_stop_steps_follow_window_and_period():
+    run = synthetic_run(130)
+    assert [cal.stop_steps(run, w, THRESHOLDS, 5)[0] for w in WINDOWS] == [115, 135, 175]
+    assert [cal.stop_steps(run, w, THRESHOLDS, 10)[0] for w in WINDOWS] == [110, 130, 170]
+    assert [cal.stop_steps(run, w, THRESHOLDS, 20)[0] for w in WINDOWS] == [120, 120, 160]
+    assert cal.grid_stop_steps(run, WINDOWS, THRESHOLDS, PERIODS) == {110, 115, 120, 130, 135, 160, 170, 175}
+    with pytest.raises(UserInputError, match="--eval_every"):
+        cal.stop_steps(run, 40, THRESHOLDS, 7)
+
+
+def test_calibrate_picks_the_known_best_setting():
+    result = cal.calibrate(synthetic_runs(), 0.97, WINDOWS, THRESHOLDS, PERIODS)
+    assert result.converged_length == 130  # the median run has learned the concept from step 130 on
+    assert result.recommended == (40, 1e-6, 10)
+    best = result.outcomes[result.best]
+    assert best.steps == (130, 130, 130, 130, 130)
+    assert best.median_retention == 1.0 and best.worst_decile_retention == 0.5
+    assert best.exact == 5
+    # A stricter target (every run, i.e. the worst one too, at 0.97) is not what the objective asks: the median.
+    # An unreachable target recommends nothing, and the snippet says so instead of a dvar block.
+    impossible = cal.calibrate(synthetic_runs(), 1.2, WINDOWS, THRESHOLDS, PERIODS)
+    assert impossible.recommended is None
+    assert "dvar:" not in cal.yaml_snippet(impossible, 5)
+    assert "window: 40" in cal.yaml_snippet(result, 5) and "eval_every_n_steps: 10" in cal.yaml_snippet(result, 5)
+    table = cal.trade_off_table(result)
+    assert "| 40 | 1e-06 | 10 | 130.0 | 1.000 | 0.500 | 5/5 | **recommended** |" in table
+
+
+def test_quality_prefers_the_exact_probe_and_marks_the_fallback():
+    run = synthetic_run(130)
+    run.probes = {s: row for s, row in run.probes.items() if s % 25 == 0}
+    assert run.quality(135) == ([0.0, 0.5, 1.0], False)  # the probe of step 125: before the concept was learned
+    assert run.identity(135) == 0.5 and run.quality(150) == ([0.0, 1.0, 1.0], True)
+    run.exact[135] = [0.0, 0.9, 1.0]
+    assert run.quality(135) == ([0.0, 0.9, 1.0], True)
+
+
+def test_converged_length_is_the_plateau_or_the_peak():
+    rising = synthetic_run(130)
+    assert cal.converged_length([rising]) == 130
+    peaked = synthetic_run(130)
+    peaked.probes = {s: [0.0, 1.0 - 0.001 * max(0, s - 200) if s >= 130 else 0.5, 1.0] for s in peaked.probes}
+    peaked.probes[200][1] = 1.05  # a peak at 200, within 1% of nothing after it
+    assert cal.converged_length([peaked]) == 200
+    slow = [synthetic_run(130)]
+    slow[0].probes = {s: [0.0, 0.5 + s / 600, 1.0] for s in slow[0].probes}  # +0.8% per probe at the end
+    assert cal.converged_length(slow, tolerance=0.01) == 300 - 5 * 1  # the last probe that gains < 1% to the end
+    assert cal.worst_decile([0.2, 0.9, 0.8, 1.0, 0.95, 0.96, 0.97, 0.98, 0.99, 1.0, 0.3]) == pytest.approx(0.25)
+    assert cal.oracle_step(rising, reference=1.0, share=0.97) == 130
+
+
+def write_run(folder, run: cal.ProbedRun, exact: dict | None = None) -> None:
+    folder.mkdir(parents=True)
+    summary = {"max_steps": run.max_steps, "stopped_by": "max_steps", "dvar_eval_every_n_steps": 5,
+               "dvar_history": [[s, v] for s, v in run.losses],
+               "world_probe_history": [[s, *row] for s, row in sorted(run.probes.items())]}
+    (folder / "summary.json").write_text(json.dumps(summary))
+    if exact:
+        (folder / cal.EXACT_PROBES_FILE).write_text(json.dumps({"steps": exact}))
+
+
+def test_calibrate_command_writes_the_snippet(tmp_path, capsys):
+    for run in synthetic_runs():
+        write_run(tmp_path / "runs" / run.name, run)
+    out = tmp_path / "dvar.yaml"
+    main(["calibrate", str(tmp_path / "runs"), "--windows", "[20, 40, 80]", "--thresholds", "[1e-6]",
+          "--eval_every", "[5, 10, 20]", "--output", str(out)])
+    import yaml
+
+    assert yaml.safe_load(out.read_text())["dvar"] == {"window": 40, "threshold": 1e-6, "eval_every_n_steps": 10}
+    assert "**recommended**" in capsys.readouterr().out
+    loaded = cal.load_probed_runs([tmp_path / "runs"])
+    assert sorted(r.name for r in loaded) == ["a", "b", "c", "d", "e"]
+
+
+def test_calibrate_rejects_runs_without_probes_or_stopped_early(tmp_path, capsys):
+    run = synthetic_run(130)
+    write_run(tmp_path / "r", run, exact={"135": [0.0, 0.9, 1.0]})
+    assert cal.load_probed_run(tmp_path / "r" / "summary.json").exact == {135: [0.0, 0.9, 1.0]}
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    (tmp_path / "r" / "summary.json").write_text(json.dumps({**summary, "world_probe_history": []}))
+    with pytest.raises(SystemExit) as exit_info:
+        main(["calibrate", str(tmp_path / "r")])
+    assert exit_info.value.code == 2 and "no quality probes" in capsys.readouterr().err
+    (tmp_path / "r" / "summary.json").write_text(json.dumps({**summary, "stopped_by": "dvar"}))
+    with pytest.raises(UserInputError, match="stopped early"):
+        cal.load_probed_run(tmp_path / "r" / "summary.json")
