@@ -2,20 +2,29 @@
 
 from __future__ import annotations
 
+import datetime
+import json
 import logging
+import shutil
+import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, Timer
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from lightning_custom.io import write_json
+from lightning_custom.io import publish, replace_path, staging_folder, write_json
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.png"
+INTERRUPTED_CHECKPOINT = "checkpoints/interrupted.ckpt"
+KEPT_FILES = ("config.yaml",)  # written by the CLI when the fit starts: part of the run, never stale
+SIGTERM_EXIT_CODE = 143
 log = logging.getLogger(__name__)
 
 
@@ -23,7 +32,20 @@ class RunSummary(Callback):
     """Export diffusers-native artifacts and a ``summary.json`` under ``trainer.default_root_dir``.
 
     The summary holds the method, the model, the stop step and why training stopped, the DVAR settings and its
-    loss history, the wall time and the artifact file names. Every file is written atomically.
+    loss history, the wall time and the files of the run. All final files are written into one temporary folder
+    inside the run folder and moved into place with ``summary.json`` last; ``summary.json`` names every file that
+    belongs to it (``artifacts``, ``files``), so a folder never mixes one run's summary with another's files.
+
+    ``train_loss_history`` holds one ``[step, loss]`` pair per optimizer step: the mean of its micro-batches'
+    unnormalized losses, averaged over ranks under DDP. The losses stay on the device and are read in batches
+    (at each validation, checkpoint and at the end of fit), so recording them costs no host synchronization.
+
+    Weights that hold NaN or infinite values (or a run stopped with ``stopped_by: "non_finite"``) are not
+    exported: the summary lists no artifact and says why in ``artifacts_withheld``.
+
+    On SIGTERM (what SLURM sends before it kills a job) or Ctrl-C, a resumable checkpoint is saved to
+    ``checkpoints/interrupted.ckpt`` in the run folder with the summary (``stopped_by: "interrupted"``), and the
+    process exits non-zero (143 after SIGTERM, Lightning's 1 after Ctrl-C).
 
     Args:
         output_dir: where to write; defaults to ``trainer.default_root_dir``.
@@ -34,26 +56,71 @@ class RunSummary(Callback):
     def __init__(self, output_dir: str | None = None, export: bool = True, report: bool = True) -> None:
         super().__init__()
         self.output_dir, self.export, self.report = output_dir, export, report
+        self._reset()
+
+    def _reset(self) -> None:
+        """Forget everything recorded, so a reused instance starts each fit afresh (a resume restores it)."""
         self.train_loss_history: list[list[float]] = []
+        self._step_losses: list[tuple[int, torch.Tensor]] = []  # (step, loss) on the device, not read yet
+        self._micro_losses: list[torch.Tensor] = []  # the current optimizer step's micro-batch losses
+        self._last_step = 0
+        self._reduce: Callable[..., torch.Tensor] | None = None
         self._start: float | None = None
         self.wall_seconds_before_resume = 0.0
         self.dvar_seconds = 0.0  # wall time inside validation, i.e. computing DVAR's deterministic loss
         self._validation_start: float | None = None
+        self.resumed_from: str | None = None
+        self.resumed_at_step: int | None = None
 
     def resolve_output_dir(self, trainer: L.Trainer) -> Path:
         """The folder every file of this run goes to."""
         return Path(self.output_dir or trainer.default_root_dir)
 
     @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            self._reset()
+            self._reduce = trainer.strategy.reduce
+
+    @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         self._start = time.perf_counter()
+        if trainer.is_global_zero:
+            remove_temporaries(self.resolve_output_dir(trainer))
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The checkpoint (if any) is restored by now: global_step is where this fit resumes.
+        self._last_step = trainer.global_step
+        if trainer.ckpt_path:
+            self.resumed_from, self.resumed_at_step = str(trainer.ckpt_path), trainer.global_step
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        if loss is not None:
-            self.train_loss_history.append([trainer.global_step, float(loss)])
+        if loss is None:
+            return
+        self._micro_losses.append(loss.detach())
+        if trainer.global_step > self._last_step:  # this micro-batch ended an optimizer step
+            # Lightning divides every micro-batch loss by accumulate_grad_batches (also in a short last group).
+            scale = trainer.accumulate_grad_batches / len(self._micro_losses)
+            self._step_losses.append((trainer.global_step, torch.stack(self._micro_losses).float().sum() * scale))
+            self._micro_losses, self._last_step = [], trainer.global_step
+
+    def read_losses(self) -> None:
+        """Move the recorded step losses to ``train_loss_history``: one host transfer, averaged over ranks.
+
+        Under DDP every rank must call this at the same point (it is a collective).
+        """
+        if not self._step_losses:
+            return
+        values = torch.stack([loss for _, loss in self._step_losses])
+        if self._reduce is not None:
+            values = self._reduce(values, reduce_op="mean")
+        steps = [step for step, _ in self._step_losses]
+        self.train_loss_history.extend([step, value] for step, value in zip(steps, values.tolist()))
+        self._step_losses = []
 
     @override
     def on_validation_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -67,6 +134,8 @@ class RunSummary(Callback):
             _synchronize(pl_module)
             self.dvar_seconds += time.perf_counter() - self._validation_start
             self._validation_start = None
+        if trainer.state.fn == "fit" and not trainer.sanity_checking:
+            self.read_losses()  # the host waits for the device here anyway
 
     def wall_seconds(self) -> float:
         """Seconds spent in fit, including time before a resume."""
@@ -76,26 +145,97 @@ class RunSummary(Callback):
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         wall = self.wall_seconds()
-        if not trainer.is_global_zero:
-            return
-        out = self.resolve_output_dir(trainer)
-        out.mkdir(parents=True, exist_ok=True)
-        artifacts = pl_module.export_artifacts(out) if self.export else []
-        summary = build_summary(trainer, pl_module, wall, artifacts)
-        summary["train_loss_history"] = self.train_loss_history
-        summary["dvar_seconds"] = round(self.dvar_seconds, 3)
-        summary["dvar_share"] = round(self.dvar_seconds / wall, 4) if wall > 0 else 0.0
-        write_json(out / SUMMARY_FILE, summary)
-        if self.report:
-            from lightning_custom.report import write_report
+        self.read_losses()
+        if trainer.is_global_zero:
+            self.write_final_files(trainer, pl_module, wall)
 
-            try:
-                write_report(summary, out / REPORT_FILE)
-            except Exception as err:  # noqa: BLE001 - the artifacts and summary are written; a plot must not fail the run
-                log.warning("RunSummary: could not draw %s: %s", REPORT_FILE, err)
+    @override
+    def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        if trainer.state.fn != "fit" or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            return
+        sigterm = isinstance(exception, SIGTERMException)
+        try:
+            checkpoint = self.save_interrupted_checkpoint(trainer)
+            if trainer.is_global_zero:
+                signal_name = "SIGTERM" if sigterm else "Ctrl-C (SIGINT)"
+                reason = (
+                    f"Interrupted by {signal_name} at step {trainer.global_step}; the resumable state is in "
+                    f"{checkpoint}. Resume by running the same command with --ckpt_path {checkpoint} "
+                    f"(from Python: trainer.fit(..., ckpt_path=...))."
+                )
+                self.write_final_files(trainer, pl_module, self.wall_seconds(), interrupted={
+                    "stopped_by": "interrupted", "stop_reason": reason, "resume_checkpoint": str(checkpoint)})
+                print(reason, file=sys.stderr)
+        except Exception as err:  # noqa: BLE001 - the interruption must still end the run
+            log.error("RunSummary: could not save the interrupted run's state: %s", err)
+        if sigterm:
+            # Lightning ends a SIGTERM'd fit with SystemExit(None), i.e. exit status 0: a scheduler would take
+            # the run for finished. 143 (128 + 15) is what a shell reports for a process ended by SIGTERM.
+            exception.code = SIGTERM_EXIT_CODE
+
+    def save_interrupted_checkpoint(self, trainer: L.Trainer) -> Path:
+        """Save a resumable checkpoint (every callback's state) to ``checkpoints/interrupted.ckpt``, atomically.
+
+        Every rank calls ``trainer.save_checkpoint`` (it synchronizes them); only rank 0 writes.
+        """
+        checkpoint = self.resolve_output_dir(trainer) / INTERRUPTED_CHECKPOINT
+        partial = checkpoint.with_name(f".{checkpoint.name}.tmp")
+        try:
+            trainer.save_checkpoint(partial)
+            if trainer.is_global_zero:
+                replace_path(partial, checkpoint)
+        finally:
+            if trainer.is_global_zero:
+                partial.unlink(missing_ok=True)
+        return checkpoint
+
+    def write_final_files(self, trainer: L.Trainer, pl_module: L.LightningModule, wall: float,
+                          interrupted: dict[str, Any] | None = None) -> Path:
+        """Write the artifacts, ``report.png`` and ``summary.json`` into a staging folder, then publish them.
+
+        Args:
+            interrupted: summary fields of an interrupted run (no artifact is exported then).
+
+        Returns:
+            The path of ``summary.json``.
+        """
+        out = self.resolve_output_dir(trainer)
+        earlier = files_named_by(out / SUMMARY_FILE)
+        with staging_folder(out) as staging:
+            stopped_by, _ = stop_information(trainer)
+            withheld = None if interrupted else withheld_reason(stopped_by, pl_module)
+            export = self.export and not interrupted and withheld is None
+            artifacts = pl_module.export_artifacts(staging) if export else []
+            summary = build_summary(trainer, pl_module, wall, artifacts)
+            summary.update(interrupted or {})
+            if withheld is not None:
+                summary["artifacts_withheld"] = withheld
+                summary["stop_reason"] = f"{summary['stop_reason']} {withheld}".strip()
+            if self.resumed_from is not None:
+                summary["resumed_from"], summary["resumed_at_step"] = self.resumed_from, self.resumed_at_step
+                summary["stop_reason"] += f" This run was resumed from {self.resumed_from} at step {self.resumed_at_step}."
+            summary["train_loss_history"] = self.train_loss_history
+            summary["dvar_seconds"] = round(self.dvar_seconds, 3)
+            summary["dvar_share"] = round(self.dvar_seconds / wall, 4) if wall > 0 else 0.0
+            if self.report:
+                from lightning_custom.report import write_report
+
+                try:
+                    write_report(summary, staging / REPORT_FILE)
+                except Exception as err:  # noqa: BLE001 - the artifacts and summary are written; a plot must not fail the run
+                    log.warning("RunSummary: could not draw %s: %s", REPORT_FILE, err)
+            files = {p.name for p in staging.iterdir()} | {SUMMARY_FILE}
+            files |= {name for name in KEPT_FILES if (out / name).exists()}
+            if interrupted:
+                files.add(INTERRUPTED_CHECKPOINT)
+            summary["files"] = sorted(files)
+            write_json(staging / SUMMARY_FILE, summary)
+            publish(staging, out, last=SUMMARY_FILE, stale=earlier - set(KEPT_FILES))
+        return out / SUMMARY_FILE
 
     @override
     def state_dict(self) -> dict[str, Any]:
+        self.read_losses()  # every rank dumps the checkpoint, so the collective is safe here
         return {"train_loss_history": self.train_loss_history, "wall_seconds": self.wall_seconds(),
                 "dvar_seconds": self.dvar_seconds}
 
@@ -106,22 +246,70 @@ class RunSummary(Callback):
         self.dvar_seconds = float(state_dict.get("dvar_seconds", 0.0))
 
 
+def remove_temporaries(out: Path) -> None:
+    """Remove what a killed earlier run left half-written in ``out`` (staging folders, partial checkpoints)."""
+    if not out.is_dir():
+        return
+    for path in [*out.glob(".*.tmp"), *(out / "checkpoints").glob(".*.tmp")]:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
+
+
+def files_named_by(summary_path: Path) -> set[str]:
+    """The top-level files an existing ``summary.json`` says belong to its run (empty if there is none)."""
+    try:
+        summary = json.loads(summary_path.read_text())
+    except (OSError, ValueError):
+        return set()
+    if not isinstance(summary, dict):
+        return set()
+    names = {*(summary.get("artifacts") or []), *(summary.get("files") or []), REPORT_FILE}
+    return {name for name in names if isinstance(name, str) and name and Path(name).name == name}
+
+
+def trainable_weights_finite(pl_module: L.LightningModule) -> bool:
+    """Whether every trainable parameter holds only finite values (one host synchronization)."""
+    checks = [torch.isfinite(p.detach()).all() for p in pl_module.parameters() if p.requires_grad]
+    return bool(torch.stack(checks).all()) if checks else True
+
+
+def withheld_reason(stopped_by: str, pl_module: L.LightningModule) -> str | None:
+    """Why no artifact may be exported (NaN or infinite weights), or ``None`` if they may."""
+    if stopped_by == "non_finite":
+        return "No artifact was written: training stopped on a non-finite value."
+    if not trainable_weights_finite(pl_module):
+        return "No artifact was written: the trained weights hold NaN or infinite values."
+    return None
+
+
 def _synchronize(pl_module: L.LightningModule) -> None:
     """Wait for queued GPU work, so wall-clock intervals measure the work itself."""
     if pl_module.device.type == "cuda":
         torch.cuda.synchronize(pl_module.device)
 
 
-def stop_information(trainer: L.Trainer) -> tuple[str, Any]:
-    """``(stopped_by, deciding callback)``: a callback that stopped the run, else the trainer's own limit."""
+def stop_information(trainer: L.Trainer) -> tuple[str, str]:
+    """``(stopped_by, stop_reason)``: a callback that stopped the run, else the trainer limit that was reached."""
+    step = trainer.global_step
     for callback in trainer.callbacks:
         if getattr(callback, "stopped_by", None):
-            return callback.stopped_by, callback
-    if trainer.max_steps and trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
-        return "max_steps", None
-    if trainer.max_epochs is not None and trainer.current_epoch >= trainer.max_epochs:
-        return "max_epochs", None
-    return "other", None
+            reason = getattr(callback, "stop_reason", "") or f"{type(callback).__name__} stopped training at step {step}."
+            return callback.stopped_by, reason
+    if trainer.max_steps and trainer.max_steps > 0 and step >= trainer.max_steps:
+        return "max_steps", f"Reached the trainer's max_steps={trainer.max_steps} at step {step}."
+    timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
+    remaining = timer.time_remaining() if timer is not None else None
+    if remaining is not None and remaining <= 0:
+        elapsed = timer.time_elapsed()
+        limit = datetime.timedelta(seconds=round(remaining + elapsed))
+        return "max_time", f"Reached the trainer's max_time={limit} after {elapsed:.1f} s of training, at step {step}."
+    max_epochs = trainer.max_epochs
+    if max_epochs is not None and max_epochs > 0 and trainer.current_epoch >= max_epochs:
+        return "max_epochs", f"Reached the trainer's max_epochs={max_epochs} at step {step}."
+    return "other", (f"Training ended at step {step} before any limit was reached "
+                     "(the trainer was told to stop by code outside this package's callbacks).")
 
 
 def find_callback(trainer: L.Trainer, name: str) -> Any:
@@ -132,7 +320,7 @@ def find_callback(trainer: L.Trainer, name: str) -> Any:
 def build_summary(trainer: L.Trainer, pl_module: L.LightningModule, wall_seconds: float,
                   artifacts: list[str]) -> dict[str, Any]:
     """The ``summary.json`` contract shared by every method."""
-    stopped_by, decider = stop_information(trainer)
+    stopped_by, stop_reason = stop_information(trainer)
     dvar = find_callback(trainer, "DVAREarlyStopping")
     hparams = pl_module.hparams
     summary: dict[str, Any] = {
@@ -143,7 +331,7 @@ def build_summary(trainer: L.Trainer, pl_module: L.LightningModule, wall_seconds
         "stop_step": trainer.global_step,
         "max_steps": trainer.max_steps,
         "stopped_by": stopped_by,
-        "stop_reason": getattr(decider, "stop_reason", ""),
+        "stop_reason": stop_reason,
         "dvar_window": getattr(dvar, "window", None),
         "dvar_threshold": getattr(dvar, "threshold", None),
         "dvar_eval_every_n_steps": getattr(dvar, "eval_every_n_steps", None),
