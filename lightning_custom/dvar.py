@@ -72,3 +72,80 @@ def stop_step_every(
     steps = [int(step) for step, _ in history if int(step) % eval_every_n_steps == 0]
     index = first_stop_index(kept, window_in_values(window_steps, eval_every_n_steps), threshold)
     return None if index is None else steps[index]
+
+
+# ------------------------------------------------------------------------------ when a flat ratio is not convergence
+# A ratio below the threshold means "L_det has stopped moving", not "L_det has improved". These checks tell the
+# other reasons apart, on the same series the rule sees, so the live callback and a replay agree.
+
+# The last window's mean L_det may exceed the mean of the first values by at most this share before a would-be DVAR
+# stop counts as divergence (healthy runs end below their start: see benchmarks/divergence_guard.py).
+DIVERGENCE_LOSS_TOLERANCE = 0.02
+# The trainable parameters' norm may grow by at most this factor over its value before the first step.
+DIVERGENCE_NORM_FACTOR = 20.0
+# A series whose spread is below this share of its mean has not moved at all (float32 L_det is exact to ~1e-7).
+FLAT_RELATIVE_SPREAD = 1e-6
+
+
+def head_values(window: int) -> int:
+    """How many of the first values stand for "where training started" (a quarter of the window, at least 1)."""
+    return max(1, window // 4)
+
+
+def loss_divergence(values: Sequence[float], window: int,
+                    tolerance: float = DIVERGENCE_LOSS_TOLERANCE) -> str | None:
+    """Why the series ends worse than it started, or ``None``.
+
+    Compares the mean of the last ``window`` values with the mean of the first :func:`head_values` ones: a run
+    whose L_det settled above where it began has diverged, however flat its last window is.
+    """
+    if len(values) < window:
+        return None
+    series = np.asarray(values, dtype=np.float64)
+    start = float(series[: head_values(window)].mean())
+    end = float(series[-window:].mean())
+    if start > 0 and end > start * (1.0 + tolerance):
+        return (f"L_det's last window averages {end:.4g}, {100 * (end / start - 1):.1f}% above its first values "
+                f"({start:.4g}): training made the model worse")
+    return None
+
+
+def norm_divergence(initial_norm: float | None, norm: float, factor: float = DIVERGENCE_NORM_FACTOR) -> str | None:
+    """Why the trainable parameters have exploded (their norm grew more than ``factor`` times), or ``None``."""
+    if initial_norm is None or not initial_norm > 0:
+        return None
+    if norm > factor * initial_norm:
+        return (f"the trainable parameters' norm grew from {initial_norm:.4g} to {norm:.4g} "
+                f"(x{norm / initial_norm:.0f}, more than x{factor:g}): the learning rate is too high")
+    return None
+
+
+def divergence(values: Sequence[float], window: int, initial_norm: float | None = None, norm: float | None = None,
+               tolerance: float = DIVERGENCE_LOSS_TOLERANCE, factor: float = DIVERGENCE_NORM_FACTOR) -> str | None:
+    """The reason, in words, why a run has diverged, or ``None`` (see :func:`loss_divergence`, :func:`norm_divergence`).
+
+    Args:
+        values: the deterministic-loss series so far.
+        window: the DVAR window in values.
+        initial_norm: norm of the trainable parameters before the first step (``None``: not known).
+        norm: their norm now.
+        tolerance: see :func:`loss_divergence`.
+        factor: see :func:`norm_divergence`.
+    """
+    if norm is not None:
+        reason = norm_divergence(initial_norm, norm, factor)
+        if reason:
+            return reason
+    return loss_divergence(values, window, tolerance)
+
+
+def is_flat(values: Sequence[float], rel_spread: float = FLAT_RELATIVE_SPREAD) -> bool:
+    """Whether a series has not moved at all (max - min within ``rel_spread`` of its mean magnitude).
+
+    The variance ratio of such a series is 0/0; read as "converged" it hides a run where nothing trains.
+    """
+    if len(values) < 2:
+        return False
+    series = np.asarray(values, dtype=np.float64)
+    spread = float(series.max() - series.min())
+    return spread <= rel_spread * max(float(np.abs(series).mean()), np.finfo(np.float64).tiny)

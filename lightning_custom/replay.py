@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_custom.dvar import ratio_series, window_in_values
+from lightning_custom.dvar import loss_divergence, norm_divergence, ratio_series, window_in_values
 from lightning_custom.errors import UserInputError
 from lightning_custom.io import atomic_path, write_json
 from lightning_custom.sampling import SUMMARY_FILE, read_summary
@@ -40,6 +40,8 @@ class RunHistory:
     stop_step: int | None
     stopped_by: str | None
     live: dict[str, Any] = field(default_factory=dict)
+    norm_history: list[list[float]] = field(default_factory=list)
+    initial_norm: float | None = None
 
     @property
     def steps(self) -> list[int]:
@@ -88,6 +90,8 @@ def load_run(summary_file: Path, root: Path | None = None) -> RunHistory:
         stop_step=summary.get("stop_step"),
         stopped_by=summary.get("stopped_by"),
         live={k: summary.get(k) for k in ("dvar_window", "dvar_threshold", "stop_step", "stopped_by")},
+        norm_history=[[int(s), float(n)] for s, n in summary.get("dvar_trainable_norm_history") or []],
+        initial_norm=summary.get("dvar_initial_trainable_norm"),
     )
 
 
@@ -128,6 +132,7 @@ class ReplayResult:
     min_steps: int
     stop_steps: np.ndarray  # (runs, windows, thresholds), float with NaN where DVAR did not stop
     censored: np.ndarray  # (runs, windows, thresholds), bool: the run ended before this setting could stop
+    diverged: np.ndarray | None = None  # (runs, windows, thresholds), bool: the stop would be "diverged"
 
     def effective_steps(self) -> np.ndarray:
         """Steps each run would train: the stop step, else its full length (``max_steps`` or the last step)."""
@@ -154,6 +159,7 @@ def replay(paths: Sequence[str | Path], windows: Sequence[int] = DEFAULT_WINDOWS
     runs = load_runs(paths)
     stops = np.full((len(runs), len(windows), len(thresholds)), np.nan)
     censored = np.zeros_like(stops, dtype=bool)
+    diverged = np.zeros_like(stops, dtype=bool)
     for r, run in enumerate(runs):
         steps = run.steps
         values = [[v for _, v in points] for points in run.series.values()]
@@ -164,9 +170,27 @@ def replay(paths: Sequence[str | Path], windows: Sequence[int] = DEFAULT_WINDOWS
             for t, index in enumerate(indices):
                 if index is not None:
                     stops[r, w, t] = steps[index]
+                    reason = divergence_at(run, window_in_values(window, run.eval_every_n_steps), index)
+                    diverged[r, w, t] = reason is not None
                 else:
                     censored[r, w, t] = not run.complete
-    return ReplayResult(runs, list(windows), [float(t) for t in thresholds], min_steps, stops, censored)
+    return ReplayResult(runs, list(windows), [float(t) for t in thresholds], min_steps, stops, censored, diverged)
+
+
+def divergence_at(run: RunHistory, window: int, index: int) -> str | None:
+    """Why the live callback would call a stop at evaluation ``index`` "diverged" rather than DVAR, or ``None``.
+
+    The same checks as the callback: the trainable norm exploded at or before that evaluation (when the summary
+    recorded it), or any series' last window is above its first values.
+    """
+    step = run.steps[index]
+    for norm_step, norm in run.norm_history:
+        if norm_step <= step and (reason := norm_divergence(run.initial_norm, norm)):
+            return reason
+    for points in run.series.values():
+        if reason := loss_divergence([v for _, v in points[: index + 1]], window):
+            return reason
+    return None
 
 
 # ------------------------------------------------------------------------------------------------ outputs
@@ -197,7 +221,7 @@ def csv_text(result: ReplayResult) -> str:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")
     writer.writerow(["run", "window", "threshold", "stop_step", "stopped", "censored", "steps_saved",
-                     "loss_progress"])
+                     "loss_progress", "diverged"])
     for r, run in enumerate(result.runs):
         steps = run.steps
         first = [v for _, v in next(iter(run.series.values()))]
@@ -212,7 +236,8 @@ def csv_text(result: ReplayResult) -> str:
                     index = steps.index(int(value))
                     progress = f"{(first[0] - first[index]) / (first[0] - first[-1]):.4f}"
                 writer.writerow([run.name, window, f"{threshold:g}", int(value) if stopped else "",
-                                 int(stopped), int(result.censored[r, w, t]), saved, progress])
+                                 int(stopped), int(result.censored[r, w, t]), saved, progress,
+                                 int(result.diverged is not None and result.diverged[r, w, t])])
     return buffer.getvalue()
 
 
@@ -260,7 +285,8 @@ def write_replay(result: ReplayResult, output_dir: str | Path) -> dict[str, Path
         "runs": [
             {"name": run.name, "summary": run.path, "live": run.live,
              "stop_steps": [[None if math.isnan(v) else int(v) for v in row] for row in result.stop_steps[r]],
-             "censored": result.censored[r].tolist()}
+             "censored": result.censored[r].tolist(),
+             "diverged": result.diverged[r].tolist() if result.diverged is not None else None}
             for r, run in enumerate(result.runs)
         ],
     })

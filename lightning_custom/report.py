@@ -6,28 +6,37 @@ recomputed with :func:`lightning_custom.dvar.ratio_series`, the function the liv
 
 from __future__ import annotations
 
+import textwrap
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from lightning_custom.dvar import ratio_series, window_in_values
+from lightning_custom.dvar import head_values, ratio_series, window_in_values
 from lightning_custom.io import atomic_path
 
 REPORT_FILE = "report.png"
+# Stops that are not convergence: the report spells out their reason.
+ALARMS = ("diverged", "non_finite", "not_training")
 FIGSIZE = (8.0, 8.0)
 DPI = 100
 
 
 def dvar_ratios(summary: dict[str, Any]) -> list[list[float]]:
     """``[[step, ratio], ...]`` for the summary's DVAR history (empty without a DVAR window)."""
-    history = summary.get("dvar_history") or []
+    history = points(summary.get("dvar_history"))
     window = summary.get("dvar_window")
-    if not history or not window:
+    if not len(history) or not window:
         return []
     every = summary.get("dvar_eval_every_n_steps") or 1
-    ratios = ratio_series([loss for _, loss in history], window_in_values(window, every))
-    return [[step, r] for (step, _), r in zip(history, ratios) if r is not None]
+    ratios = ratio_series(history[:, 1].tolist(), window_in_values(window, every))
+    return [[step, r] for (step, _), r in zip(history.tolist(), ratios) if r is not None]
+
+
+def points(rows: Any) -> np.ndarray:
+    """``[[step, value], ...]`` as an ``(n, 2)`` float array; ``null`` (a non-finite value in JSON) becomes NaN."""
+    return np.asarray([[np.nan if v is None else v for v in row] for row in rows or []],
+                      dtype=np.float64).reshape(-1, 2)
 
 
 def moving_average(values: np.ndarray, width: int) -> np.ndarray:
@@ -51,7 +60,7 @@ def report_figure(summary: dict[str, Any]):
     stop_step = summary.get("stop_step")
     stopped_by = summary.get("stopped_by") or "?"
 
-    train = np.asarray(summary.get("train_loss_history") or [], dtype=np.float64).reshape(-1, 2)
+    train = points(summary.get("train_loss_history"))
     ax = axes[0]
     if len(train):
         width = max(1, len(train) // 50)
@@ -66,10 +75,17 @@ def report_figure(summary: dict[str, Any]):
         ax.text(0.5, 0.5, "no training loss recorded", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylabel("training loss")
 
-    history = np.asarray(summary.get("dvar_history") or [], dtype=np.float64).reshape(-1, 2)
+    history = points(summary.get("dvar_history"))
     ax = axes[1]
     if len(history):
         ax.plot(history[:, 0], history[:, 1], color="tab:orange", lw=1.2)
+        window = summary.get("dvar_window")
+        if stopped_by == "diverged" and window:
+            # Where the loss started: a diverged run ends above it.
+            head = head_values(window_in_values(window, summary.get("dvar_eval_every_n_steps") or 1))
+            ax.axhline(float(np.nanmean(history[:head, 1])), color="tab:red", ls="--", lw=1.0,
+                       label="L_det at the start")
+            ax.legend(loc="upper right", fontsize=8)
     else:
         ax.text(0.5, 0.5, "no deterministic loss recorded", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylabel("deterministic loss $L_{det}$")
@@ -104,11 +120,14 @@ def report_figure(summary: dict[str, Any]):
     for axis in axes:
         axis.grid(alpha=0.3)
     title = f"{summary.get('method', 'run')}: stopped at step {stop_step} of {summary.get('max_steps')} by {stopped_by}"
+    if stopped_by in ALARMS and summary.get("stop_reason"):
+        title += "\n" + textwrap.shorten(summary["stop_reason"], width=200, placeholder=" ...")
     saved = summary.get("steps_saved")
     if saved is not None and summary.get("seconds_saved") is not None:
         rate = summary.get("seconds_per_step") or 0.0
         title += f"\n{saved} steps saved, ~{summary['seconds_saved']:.1f} s at {rate:.3g} s/step"
-    fig.suptitle(title, fontsize=10)
+    fig.suptitle("\n".join(textwrap.fill(line, width=110) for line in title.split("\n")), fontsize=9,
+                 color="tab:red" if stopped_by in ALARMS else "black")
     fig.tight_layout()
     return fig
 

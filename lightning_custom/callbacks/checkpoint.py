@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import logging
+import math
 from typing import Any
 
 import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
+
+log = logging.getLogger(__name__)
 
 
 class StepCheckpoint(ModelCheckpoint):
@@ -16,21 +20,38 @@ class StepCheckpoint(ModelCheckpoint):
     validation, and on resume Lightning does not repeat that validation: the DVAR series would miss one value.
     Saving at ``on_validation_end`` keeps the series and the weights consistent.
 
+    Saving happens only at evaluations, so with a DVAR callback attached an ``every_n_steps`` that is not a
+    multiple of its ``eval_every_n_steps`` is rounded up to one (and said so in one line).
+
     Args:
         every_n_steps: save after every this many optimizer steps.
+        save_top_k: how many checkpoints to keep; ``-1`` (the default) keeps every one.
         **kwargs: other :class:`~lightning.pytorch.callbacks.ModelCheckpoint` arguments (``dirpath``,
-            ``save_top_k`` (default: keep all), ``save_last``, ...).
+            ``save_last``, ...).
     """
 
-    def __init__(self, every_n_steps: int = 100, **kwargs: Any) -> None:
-        kwargs.setdefault("save_top_k", -1)
-        super().__init__(every_n_train_steps=0, every_n_epochs=0, train_time_interval=None, **kwargs)
-        self.every_n_steps = every_n_steps
+    def __init__(self, every_n_steps: int = 100, save_top_k: int = -1, **kwargs: Any) -> None:
+        super().__init__(every_n_train_steps=0, every_n_epochs=0, train_time_interval=None, save_top_k=save_top_k,
+                         **kwargs)
+        self.requested_every_n_steps = self.every_n_steps = every_n_steps
 
     @property
     @override
     def state_key(self) -> str:
-        return self._generate_state_key(every_n_steps=self.every_n_steps, dirpath=self.dirpath)
+        return self._generate_state_key(every_n_steps=self.requested_every_n_steps, dirpath=self.dirpath)
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        super().setup(trainer, pl_module, stage)
+        from lightning_custom.callbacks.dvar import DVAREarlyStopping
+
+        dvar = next((c for c in trainer.callbacks if isinstance(c, DVAREarlyStopping)), None)
+        every = dvar.eval_every_n_steps if dvar is not None else 1
+        self.every_n_steps = math.ceil(self.requested_every_n_steps / every) * every
+        if self.every_n_steps != self.requested_every_n_steps and trainer.is_global_zero:
+            log.warning("StepCheckpoint: every_n_steps=%d is not a multiple of --dvar.eval_every_n_steps=%d, where "
+                        "checkpoints are taken: saving every %d steps", self.requested_every_n_steps, every,
+                        self.every_n_steps)
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

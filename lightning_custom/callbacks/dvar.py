@@ -1,18 +1,37 @@
-"""DVAR early stopping: stop when the rolling variance of the deterministic loss flattens."""
+"""DVAR early stopping: stop when the rolling variance of the deterministic loss flattens, and say so truthfully.
+
+A flat variance ratio is read as convergence only when the run is healthy: a non-finite loss, a run that got
+worse (diverged) and a run whose loss never moves (nothing trains) stop with their own ``stopped_by``.
+"""
 
 from __future__ import annotations
 
 import logging
+import math
+import types
+from collections.abc import Mapping
 from typing import Any
 
 import lightning as L
+import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_custom.dvar import variance_ratio, window_in_values
+from lightning_custom.dvar import (
+    DIVERGENCE_LOSS_TOLERANCE,
+    DIVERGENCE_NORM_FACTOR,
+    is_flat,
+    loss_divergence,
+    norm_divergence,
+    variance_ratio,
+    window_in_values,
+)
 from lightning_custom.errors import UserInputError
 
 log = logging.getLogger(__name__)
+
+# Why a run stopped, least to most severe: when ranks disagree, all of them take the most severe reason.
+STOP_KINDS: tuple[str, ...] = ("max_steps", "dvar", "not_training", "diverged", "non_finite")
 
 
 class DVAREarlyStopping(Callback):
@@ -22,16 +41,32 @@ class DVAREarlyStopping(Callback):
     concept) in its validation step; this callback collects it in ``on_validation_epoch_end`` and decides there.
     With several series it stops only once every series has converged.
 
+    Before calling a flat ratio convergence it rules out, in this order (``stopped_by``):
+
+    - ``"non_finite"``: the training loss or L_det is NaN or infinite (checked at every evaluation and at the
+      end of training, without a host sync per step);
+    - ``"diverged"``: the trainable parameters' norm grew more than ``divergence_norm_factor`` times, or, where
+      DVAR would stop, L_det's last window is above its first values by more than ``divergence_tolerance``;
+    - ``"not_training"``: L_det has not changed at all over a full window (nothing reaches the loss).
+
+    A run resumed from a checkpoint taken after it stopped ends at once, with the same stop step and reason.
+
     Args:
         window: window length in optimizer steps (the paper: 310 for Textual Inversion).
         threshold: stop when the variance ratio falls below this (the paper: 0.15).
         eval_every_n_steps: evaluate the deterministic loss every this many optimizer steps (paper: 1). The
-            callback sets the trainer's validation cadence to match.
-        min_steps: never stop before this many optimizer steps.
+            callback runs validation on exactly these optimizer steps, whatever the trainer's own cadence.
+        min_steps: never stop by DVAR (or for a loss that does not move) before this many optimizer steps; a
+            non-finite loss or exploding weights stop the run at any step.
         max_steps: stop after this many optimizer steps even if DVAR has not fired (``stopped_by="max_steps"``).
         monitor: the logged metric name (series named ``monitor`` or ``monitor/<name>``).
-        stop: if ``False``, only observe and record (full-length baselines and fixed budgets keep the series).
-        verbose: log the reason for stopping.
+        stop: if ``False``, only observe and record (full-length baselines and fixed budgets keep the series);
+            a non-finite loss still stops the run.
+        verbose: print the reason for stopping (rank 0).
+        divergence_tolerance: where DVAR would stop, call the run diverged if L_det's last-window mean exceeds the
+            mean of its first values by more than this share.
+        divergence_norm_factor: call the run diverged once the trainable parameters' norm exceeds this many times
+            its value before the first step.
     """
 
     def __init__(
@@ -44,22 +79,46 @@ class DVAREarlyStopping(Callback):
         monitor: str = "dvar_loss",
         stop: bool = True,
         verbose: bool = True,
+        divergence_tolerance: float = DIVERGENCE_LOSS_TOLERANCE,
+        divergence_norm_factor: float = DIVERGENCE_NORM_FACTOR,
     ) -> None:
         super().__init__()
         if window < 2:
             raise UserInputError(f"--dvar.window: must be at least 2 steps, got {window}")
         if eval_every_n_steps < 1:
             raise UserInputError(f"--dvar.eval_every_n_steps: must be at least 1, got {eval_every_n_steps}")
-        if threshold <= 0:
-            raise UserInputError(f"--dvar.threshold: must be positive, got {threshold}")
+        if not 0 < threshold < 1:  # also refuses NaN
+            raise UserInputError(
+                f"--dvar.threshold: must be between 0 and 1 (the paper: 0.15), got {threshold}; the ratio "
+                "var(window)/var(all) of a loss that still moves is already below 1, so 1 or more stops at the "
+                "first full window"
+            )
+        if max_steps is not None and max_steps < 1:
+            raise UserInputError(f"--dvar.max_steps: must be at least 1 (or null for no cap), got {max_steps}")
+        if min_steps < 0:
+            raise UserInputError(f"--dvar.min_steps: must be 0 or more, got {min_steps}")
+        if not divergence_tolerance >= 0:
+            raise UserInputError(f"--dvar.divergence_tolerance: must be 0 or more, got {divergence_tolerance}")
+        if not divergence_norm_factor > 1:
+            raise UserInputError(f"--dvar.divergence_norm_factor: must be above 1, got {divergence_norm_factor}")
         self.window, self.threshold = window, threshold
         self.eval_every_n_steps, self.min_steps, self.max_steps = eval_every_n_steps, min_steps, max_steps
         self.monitor, self.stop, self.verbose = monitor, stop, verbose
+        self.divergence_tolerance, self.divergence_norm_factor = divergence_tolerance, divergence_norm_factor
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget every run seen so far (called at the start of each fit; a resume restores the state after it)."""
         self.histories: dict[str, list[list[float]]] = {}
         self.ratios: dict[str, list[list[float]]] = {}
+        self.norm_history: list[list[float]] = []
+        self.initial_norm: float | None = None
+        self.first_non_finite_step: int | None = None
         self.stop_step: int | None = None
         self.stopped_by: str | None = None
         self.stop_reason: str = ""
+        # Device-side "first step with a non-finite training loss" (-1: none yet), read only at evaluations.
+        self._non_finite_step: torch.Tensor | None = None
 
     @property
     def state_key(self) -> str:
@@ -75,18 +134,109 @@ class DVAREarlyStopping(Callback):
         """The single series (``[[step, loss], ...]``); with several series, the first one."""
         return next(iter(self.histories.values()), [])
 
+    @property
+    def last_evaluated_step(self) -> int:
+        """The step of the latest evaluation (-1 before the first)."""
+        return max((int(series[-1][0]) for series in self.histories.values() if series), default=-1)
+
+    # ----------------------------------------------------------------------------------------- fit lifecycle
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         if stage != "fit":
             return
-        # Validation is where L_det is computed; run it every `eval_every_n_steps` optimizer steps.
-        trainer.val_check_interval = self.eval_every_n_steps * trainer.accumulate_grad_batches
-        trainer.check_val_every_n_epoch = None
         if not hasattr(pl_module, "deterministic_loss"):
             raise UserInputError(
                 f"DVAREarlyStopping: {type(pl_module).__name__} has no deterministic_loss(batch) method to evaluate"
             )
+        # Lightning calls setup before it restores a checkpoint: a reused instance starts afresh, a resume goes on.
+        self.reset()
+        self._take_over_validation_cadence(trainer)
+        self._warn_if_window_never_fills(trainer)
 
+    def _warn_if_window_never_fills(self, trainer: L.Trainer) -> None:
+        """Say so in one line when the step limit comes before the first full window: DVAR can never fire then."""
+        limits = [s for s in (trainer.max_steps, self.max_steps) if s is not None and s > 0]
+        if self.stop and limits and self.window > min(limits) and trainer.is_global_zero:
+            log.warning(
+                "DVAREarlyStopping: --dvar.window %d is longer than max_steps %d: DVAR can never fire; the run "
+                "ends at max_steps", self.window, min(limits),
+            )
+
+    def _take_over_validation_cadence(self, trainer: L.Trainer) -> None:
+        """Validate (evaluate L_det) after exactly the optimizer steps k, 2k, ... and at no other time.
+
+        Lightning counts ``val_check_interval`` in batches of the epoch (or in seconds), which drifts off the
+        optimizer steps under gradient accumulation when an epoch is not a multiple of it, so the epoch loop's
+        check is replaced by one on ``global_step``.
+        """
+        ours = self.eval_every_n_steps * trainer.accumulate_grad_batches
+        seconds = getattr(trainer, "_val_check_time_interval", None)
+        interval = f"{seconds:g} s" if seconds is not None else getattr(trainer, "val_check_interval", None)
+        user_interval = interval not in (None, 1.0, ours)
+        user_epochs = trainer.check_val_every_n_epoch not in (None, 1)
+        if (user_interval or user_epochs) and trainer.is_global_zero:
+            log.warning(
+                "DVAREarlyStopping: ignoring the trainer's val_check_interval=%s / check_val_every_n_epoch=%s: "
+                "L_det is evaluated every %d optimizer steps (--dvar.eval_every_n_steps)",
+                interval, trainer.check_val_every_n_epoch, self.eval_every_n_steps,
+            )
+        trainer.val_check_interval = ours
+        trainer.check_val_every_n_epoch = None
+        trainer._val_check_time_interval = None
+        epoch_loop = trainer.fit_loop.epoch_loop
+        lightning_check = getattr(epoch_loop, "_lightning_should_check_val_fx", epoch_loop._should_check_val_fx)
+        epoch_loop._lightning_should_check_val_fx = lightning_check
+        callback = self
+
+        def should_check_val(loop, data_fetcher) -> bool:
+            if loop.trainer.should_stop:  # Lightning's own rule: validate once more when stopping early
+                return lightning_check(data_fetcher)
+            step = loop.trainer.global_step
+            return (loop._should_check_val_epoch() and not loop._should_accumulate() and step > 0
+                    and step % callback.eval_every_n_steps == 0 and step > callback.last_evaluated_step)
+
+        epoch_loop._should_check_val_fx = types.MethodType(should_check_val, epoch_loop)
+
+    @override
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self.initial_norm is None:  # not restored: this is the norm before the first step
+            self.initial_norm = trainable_norm(pl_module)
+        if self.stop_step is None:
+            return
+        if self._stop_still_holds():
+            # Resumed from a checkpoint taken at (or after) the stop: there is nothing left to train.
+            trainer.should_stop = True
+            if self.verbose and trainer.is_global_zero:
+                print(f"DVAR: this run already stopped at step {self.stop_step} ({self.stopped_by}); "
+                      "nothing left to train.")
+        else:  # e.g. resumed with a larger --dvar.max_steps, or stop turned off: go on
+            self.stop_step, self.stopped_by, self.stop_reason = None, None, ""
+
+    def _stop_still_holds(self) -> bool:
+        if self.stopped_by == "max_steps":
+            return self.max_steps is not None and self.stop_step >= self.max_steps
+        return self.stopped_by == "non_finite" or self.stop
+
+    @override
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
+                           batch_idx: int) -> None:
+        loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
+        if not torch.is_tensor(loss):
+            return
+        if self._non_finite_step is None or self._non_finite_step.device != loss.device:
+            self._non_finite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
+        # Stays on the device: no host sync per step; read at the next evaluation.
+        bad = ~torch.isfinite(loss.detach()).all() & (self._non_finite_step < 0)
+        self._non_finite_step.masked_fill_(bad, trainer.global_step)
+
+    def _read_non_finite_step(self) -> int | None:
+        """The first step with a non-finite training loss (syncs with the device once)."""
+        if self.first_non_finite_step is None and self._non_finite_step is not None:
+            step = int(self._non_finite_step.item())
+            self.first_non_finite_step = step if step >= 0 else None
+        return self.first_non_finite_step
+
+    # ------------------------------------------------------------------------------------------- evaluation
     def _series(self, trainer: L.Trainer) -> dict[str, float]:
         metrics = trainer.callback_metrics
         return {
@@ -112,40 +262,107 @@ class DVAREarlyStopping(Callback):
             ratios[key] = variance_ratio([v for _, v in series], self.window_values)
             if ratios[key] is not None:
                 self.ratios.setdefault(key, []).append([step, ratios[key]])
-        known = [r for r in ratios.values() if r is not None]
+        norm = trainable_norm(pl_module)
+        self.norm_history.append([step, norm])
+        known = [r for r in ratios.values() if r is not None and math.isfinite(r)]
         if known:
             pl_module.log("dvar_ratio", max(known), prog_bar=True, batch_size=1)
-        self._decide(trainer, step, ratios)
+        self._decide(trainer, pl_module, step, self._verdict(step, values, ratios, norm))
 
-    def _decide(self, trainer: L.Trainer, step: int, ratios: dict[str, float | None]) -> None:
-        converged = all(r is not None and r < self.threshold for r in ratios.values())
-        by_dvar = self.stop and converged and step >= self.min_steps
-        by_cap = self.max_steps is not None and step >= self.max_steps
-        # Every rank logs the same all-reduced loss; still reduce the decision so no rank can diverge.
-        should_stop = trainer.strategy.reduce_boolean_decision(bool(by_dvar or by_cap), all=False)
-        if not should_stop or self.stop_step is not None:
+    def _verdict(self, step: int, values: dict[str, float], ratios: dict[str, float | None],
+                 norm: float) -> tuple[str, str] | None:
+        """This rank's ``(stopped_by, reason)`` at ``step``, or ``None`` to go on training."""
+        non_finite = self._non_finite_reason(step, values, norm)
+        if non_finite:
+            return "non_finite", non_finite
+        if self.stop:
+            exploded = norm_divergence(self.initial_norm, norm, self.divergence_norm_factor)
+            if exploded:
+                return "diverged", f"Diverged: {exploded}; stopping at step {step}."
+            series = {key: [v for _, v in points] for key, points in self.histories.items()}
+            full = all(len(s) >= self.window_values for s in series.values())
+            if full and step >= self.min_steps:
+                flat = [key for key, s in series.items() if is_flat(s)]
+                if flat:
+                    return "not_training", (
+                        f"L_det has not changed: nothing is training ({', '.join(flat)} the same at all "
+                        f"{len(series[flat[0]])} evaluations; is the placeholder in the captions, do the trained "
+                        f"parameters reach the loss?); stopping at step {step}.")
+            converged = all(r is not None and r < self.threshold for r in ratios.values())
+            if converged and step >= self.min_steps:
+                worse = {key: loss_divergence(s, self.window_values, self.divergence_tolerance)
+                         for key, s in series.items()}
+                worse = {key: why for key, why in worse.items() if why}
+                if worse:
+                    detail = "; ".join(f"{key}: {why}" for key, why in worse.items())
+                    return "diverged", (f"Diverged: the variance ratio is below {self.threshold} but {detail}; "
+                                        f"stopping at step {step}.")
+                detail = ", ".join(f"{k}={r:.4f}" for k, r in ratios.items())
+                return "dvar", (f"DVAR: variance ratio {detail} fell below threshold {self.threshold} "
+                                f"(window {self.window} steps) at step {step}; stopping.")
+        if self.max_steps is not None and step >= self.max_steps:
+            return "max_steps", f"DVAR: reached max_steps={self.max_steps} at step {step} without converging; stopping."
+        return None
+
+    def _non_finite_reason(self, step: int, values: dict[str, float] | None = None,
+                           norm: float | None = None) -> str | None:
+        first = self._read_non_finite_step()
+        bad_values = [key for key, v in (values or {}).items() if not math.isfinite(v)]
+        if first is None and not bad_values and (norm is None or math.isfinite(norm)):
+            return None
+        parts = []
+        if first is not None:
+            parts.append(f"the training loss is non-finite from step {first}")
+        if bad_values:
+            parts.append(f"L_det ({', '.join(bad_values)}) is {values[bad_values[0]]} at step {step}")
+        if not parts:
+            parts.append(f"the trainable parameters are non-finite at step {step}")
+        return f"Non-finite: {' and '.join(parts)}; stopping at step {step} (lower the learning rate)."
+
+    def _decide(self, trainer: L.Trainer, pl_module: L.LightningModule, step: int,
+                verdict: tuple[str, str] | None) -> None:
+        # Every rank logs the same all-reduced L_det, but a rank's training loss can be its own: reduce the
+        # verdict (the most severe reason any rank saw) so that every rank stops at the same step, for that reason.
+        code = 0 if verdict is None else 1 + STOP_KINDS.index(verdict[0])
+        agreed = int(trainer.strategy.reduce(torch.tensor(code, device=pl_module.device), reduce_op="max"))
+        if agreed == 0 or self.stop_step is not None:
             return
+        kind = STOP_KINDS[agreed - 1]
+        reason = verdict[1] if verdict is not None and verdict[0] == kind else (
+            f"{kind}: decided on another rank at step {step}; stopping.")
+        self._stop(trainer, step, kind, reason)
+
+    def _stop(self, trainer: L.Trainer, step: int, kind: str, reason: str) -> None:
         trainer.should_stop = True
-        self.stop_step = step
-        if by_dvar:
-            self.stopped_by = "dvar"
-            detail = ", ".join(f"{k}={r:.4f}" for k, r in ratios.items())
-            self.stop_reason = (
-                f"DVAR: variance ratio {detail} fell below threshold {self.threshold} "
-                f"(window {self.window} steps) at step {step}; stopping."
-            )
-        else:
-            self.stopped_by = "max_steps"
-            self.stop_reason = f"DVAR: reached max_steps={self.max_steps} at step {step} without converging; stopping."
+        self.stop_step, self.stopped_by, self.stop_reason = step, kind, reason
         if self.verbose and trainer.is_global_zero:
-            log.info(self.stop_reason)
-            print(self.stop_reason)
+            log.info(reason)
+            print(reason)
 
     @override
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # A non-finite loss after the last evaluation (e.g. the run hit max_steps in between) is still reported.
+        reason = self._non_finite_reason(trainer.global_step) if self.stop_step is None else None
+        agreed = int(trainer.strategy.reduce(torch.tensor(int(reason is not None), device=pl_module.device),
+                                             reduce_op="max"))
+        if agreed and self.stop_step is None:
+            self._stop(trainer, trainer.global_step, "non_finite",
+                       reason or f"non_finite: decided on another rank at step {trainer.global_step}.")
+
+    def summary_fields(self) -> dict[str, Any]:
+        """Extra ``summary.json`` fields: the trainable norm at each evaluation (for the divergence guard)."""
+        return {"dvar_initial_trainable_norm": self.initial_norm, "dvar_trainable_norm_history": self.norm_history}
+
+    # ------------------------------------------------------------------------------------------------ state
+    @override
     def state_dict(self) -> dict[str, Any]:
+        self._read_non_finite_step()
         return {
             "histories": self.histories,
             "ratios": self.ratios,
+            "norm_history": self.norm_history,
+            "initial_norm": self.initial_norm,
+            "first_non_finite_step": self.first_non_finite_step,
             "stop_step": self.stop_step,
             "stopped_by": self.stopped_by,
             "stop_reason": self.stop_reason,
@@ -155,6 +372,19 @@ class DVAREarlyStopping(Callback):
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.histories = {k: [list(p) for p in v] for k, v in state_dict.get("histories", {}).items()}
         self.ratios = {k: [list(p) for p in v] for k, v in state_dict.get("ratios", {}).items()}
+        self.norm_history = [list(p) for p in state_dict.get("norm_history", [])]
+        self.initial_norm = state_dict.get("initial_norm")
+        self.first_non_finite_step = state_dict.get("first_non_finite_step")
         self.stop_step = state_dict.get("stop_step")
         self.stopped_by = state_dict.get("stopped_by")
         self.stop_reason = state_dict.get("stop_reason", "")
+
+
+def trainable_norm(pl_module: L.LightningModule) -> float:
+    """The L2 norm of every parameter the optimizer trains (the module's ``trainable_parameters()`` if it has one)."""
+    params = (pl_module.trainable_parameters() if hasattr(pl_module, "trainable_parameters")
+              else [p for p in pl_module.parameters() if p.requires_grad])
+    if not params:
+        return 0.0
+    with torch.no_grad():
+        return float(torch.nn.utils.get_total_norm([p.detach().float() for p in params]))

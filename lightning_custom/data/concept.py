@@ -200,6 +200,10 @@ class FixedEvalDataset(Dataset):
         return {**self.fixed, **redrawn}
 
 
+# The data module's placeholder when none is given: replaced by the attached module's at setup.
+DEFAULT_PLACEHOLDER = "<concept>"
+
+
 class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
     """Concept images with prompt templates, shared by every personalization method.
 
@@ -239,7 +243,7 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
     def __init__(
         self,
         instance_data_dir: str = "embedded",
-        placeholder_token: str = "<concept>",
+        placeholder_token: str = DEFAULT_PLACEHOLDER,
         class_noun: str | None = None,
         learnable_property: Literal["object", "style"] = "object",
         prompt_templates: list[str] | None = None,
@@ -314,6 +318,7 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or stage != "fit":
             return
+        self.match_placeholder(module)
         if any(images is None for images in self.class_images):
             self.load_class_images(module)
         tokens = getattr(module, "placeholder_tokens", None)
@@ -321,6 +326,22 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             if tokens is not None and spec.placeholder_token not in tokens:
                 raise UserInputError(f"--data.concepts[{i}].placeholder_token: {spec.placeholder_token!r} is not "
                                      f"one of the model's tokens {tokens}")
+
+    def match_placeholder(self, module: L.LightningModule) -> None:
+        """Use the module's placeholder token in the captions (the CLI links the two; from Python, this does).
+
+        A data module still on the default placeholder takes the module's (and its class noun, if it has one);
+        a different explicit placeholder is an error, since the captions would never contain the trained token.
+        """
+        token = getattr(module, "placeholder_token", None)
+        if self.concept_specs is not None or not isinstance(token, str) or token == self.placeholder_token:
+            return
+        if self.placeholder_token != DEFAULT_PLACEHOLDER:
+            raise UserInputError(f"--data.placeholder_token: {self.placeholder_token!r} differs from the model's "
+                                 f"placeholder_token {token!r}; the captions must contain the token being trained")
+        self.placeholder_token = token
+        if self.class_noun is None and getattr(module, "class_noun", None):
+            self.class_noun = module.class_noun
 
     @property
     def concept_names(self) -> list[str]:
