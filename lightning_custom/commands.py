@@ -2,7 +2,8 @@
 ``before_after`` work on finished runs.
 
 Each is a plain function; its signature is the command line and its docstring the ``--help``. Lists are given
-in YAML/JSON form (``--windows '[100, 200]'``) or one item at a time (``--windows 100 --windows+ 200``).
+space-separated (``--windows 100 200``), in YAML/JSON form (``--windows '[100, 200]'``) or one item at a time
+(``--windows 100 --windows+ 200``); ``--prompts`` takes one template or a list.
 """
 
 from __future__ import annotations
@@ -13,8 +14,11 @@ from pathlib import Path
 from lightning_custom.errors import UserInputError
 
 
-def _read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[str] | None:
-    """Prompts given inline, or one per line of ``prompts_file`` (blank lines and ``#`` comments skipped)."""
+def _read_prompts(prompts: list[str] | str | None, prompts_file: str | None) -> list[str] | None:
+    """Prompts given inline (one string or a list), then one per line of ``prompts_file`` (blank lines and ``#``
+    comments skipped)."""
+    if isinstance(prompts, str):
+        prompts = [prompts]
     if prompts_file is None:
         return prompts
     path = Path(prompts_file).expanduser()
@@ -29,7 +33,7 @@ def _read_prompts(prompts: list[str] | None, prompts_file: str | None) -> list[s
 
 def sample(
     run_dir: str,
-    prompts: list[str] | None = None,
+    prompts: list[str] | str | None = None,
     prompts_file: str | None = None,
     images_per_prompt: int = 4,
     seed: int = 0,
@@ -46,9 +50,13 @@ def sample(
 ) -> dict:
     """Generate images with the concept a finished run learned; write the PNGs, a labelled grid and samples.json.
 
+    Example: python -m lightning_custom sample runs/my-dog --prompts "a photo of {} on the moon" (one template) or
+    --prompts '["a photo of {}", "a red {}"]' (several).
+
     Args:
         run_dir: the run folder (the fit's default_root_dir, holding summary.json and the artifacts).
-        prompts: prompt templates; '{}' is replaced by the run's placeholder token (default: 8 object prompts).
+        prompts: one prompt template or a list; '{}' becomes the run's token with its class noun ("sks dog"), once per
+            concept (default: 8 object prompts).
         prompts_file: a text file with one prompt template per line (added after --prompts).
         images_per_prompt: images per prompt; image j of every prompt uses seed + j.
         seed: the first seed.
@@ -78,7 +86,7 @@ def sample(
 def evaluate(
     run_dir: str,
     concept_dir: str | None = None,
-    prompts: list[str] | None = None,
+    prompts: list[str] | str | None = None,
     prompts_file: str | None = None,
     images_per_prompt: int = 4,
     seed: int = 0,
@@ -96,10 +104,14 @@ def evaluate(
 ) -> dict:
     """Score a finished run: sample N prompts x M images with fixed seeds, then CLIP-I, CLIP-T and DINO.
 
+    On the embedded world model the default is the world encoder's identity similarity (no download). Each concept
+    of a multi-concept run gets its own prompts and is scored against its own images.
+
     Args:
         run_dir: the run folder (holding summary.json and the artifacts).
-        concept_dir: the concept images (default: the instance_data_dir recorded in summary.json).
-        prompts: prompt templates with '{}' for the concept (default: 8 object prompts).
+        concept_dir: the concept images (default: each concept's instance_data_dir recorded in summary.json).
+        prompts: one prompt template or a list, with '{}' for the concept (default: 8 object prompts; on the world
+            model, its 2 quickstart prompts).
         prompts_file: a text file with one prompt template per line.
         images_per_prompt: images per prompt (M); image j of every prompt uses seed + j.
         seed: the first seed.
@@ -108,7 +120,8 @@ def evaluate(
         scheduler: sampler: default, ddim, dpm++, euler, pndm or ddpm.
         clip_model: CLIP for CLIP-I and CLIP-T: hub id or local folder.
         dino_model: DINO ViT for the DINO score: hub id or local folder (the paper: ViT-S/16).
-        metrics: any of clip_i, clip_t, dino (default: all three).
+        metrics: any of clip_i, clip_t, dino, identity (the world encoder; default: identity on the embedded world
+            model, else the other three).
         batch_size: images generated at once.
         device: auto, cpu, cuda, ...
         dtype: auto, float32, float16 or bfloat16 (of the diffusion model).
@@ -121,10 +134,10 @@ def evaluate(
         run_dir, concept_dir=concept_dir, prompts=_read_prompts(prompts, prompts_file),
         images_per_prompt=images_per_prompt, seed=seed, guidance_scale=guidance_scale,
         num_inference_steps=num_inference_steps, scheduler=scheduler, clip_model=clip_model, dino_model=dino_model,
-        metrics=metrics or METRIC_NAMES, batch_size=batch_size, device=device, dtype=dtype, base_model=base_model,
+        metrics=metrics, batch_size=batch_size, device=device, dtype=dtype, base_model=base_model,
         output=output,
     )
-    scores = ", ".join(f"{name} {result[name]:.4f}" for name in METRIC_NAMES if name in result)
+    scores = ", ".join(f"{name} {result[name]:.4f}" for name in METRIC_NAMES if result.get(name) is not None)
     print(f"{result['num_prompts']} prompts x {images_per_prompt} images: {scores}")
     return result
 
@@ -215,7 +228,7 @@ def gather(runs: list[str], output: str | None = None) -> list[dict]:
 def before_after(
     run_dir: str,
     before_word: str | None = None,
-    prompts: list[str] | None = None,
+    prompts: list[str] | str | None = None,
     images_per_prompt: int = 4,
     num_inference_steps: int = 25,
     guidance_scale: float = 4.0,
@@ -249,6 +262,7 @@ def before_after(
         raise UserInputError(f"run_dir: {run_dir} holds no summary.json (is it a finished fit's default_root_dir?)")
     if before_word is None:
         before_word = _initializer_token(run)
+    prompts = [prompts] if isinstance(prompts, str) else prompts
     result = sample_before_after(run, before_word=before_word,
                                  prompts=prompts or ["a photo of a {}", "a photo of a {} on a grey background"],
                                  num_images=images_per_prompt, num_inference_steps=num_inference_steps,
@@ -286,7 +300,7 @@ def build_parser(name: str):
 
     function = COMMANDS[name]
     positional, nargs = _POSITIONAL[name]
-    doc = (function.__doc__ or "").strip().split("\n\n")[0]
+    doc = (function.__doc__ or "").split("Args:")[0].strip()  # the summary and any example, not the arguments
     parser = ArgumentParser(prog=f"python -m lightning_custom {name}", description=doc)
     help_line = next(
         (line.split(":", 1)[1].strip() for line in (function.__doc__ or "").splitlines()
@@ -299,9 +313,47 @@ def build_parser(name: str):
     return parser
 
 
+def numeric_list_arguments(function: Callable) -> set[str]:
+    """The names of ``function``'s arguments typed as lists of numbers (``windows: list[int] | None``)."""
+    import typing
+
+    hints = typing.get_type_hints(function)
+    numeric = {list[int], list[float]}
+    return {name for name, hint in hints.items()
+            if hint in numeric or any(arg in numeric for arg in typing.get_args(hint))}
+
+
+def _is_number(token: str) -> bool:
+    try:
+        float(token)
+    except ValueError:
+        return False
+    return True
+
+
+def join_space_separated(args: Sequence[str], names: set[str]) -> list[str]:
+    """``--windows 20 40`` -> ``--windows [20, 40]`` for the given list arguments (jsonargparse wants one value);
+    the numbers after the option are taken, so a positional argument may still follow them."""
+    joined: list[str] = []
+    index = 0
+    while index < len(args):
+        token = args[index]
+        joined.append(token)
+        index += 1
+        if token.startswith("--") and token[2:].replace("-", "_") in names:
+            values = []
+            while index < len(args) and _is_number(args[index]):
+                values.append(args[index])
+                index += 1
+            if values:
+                joined.append("[" + ", ".join(values) + "]")
+    return joined
+
+
 def run_command(args: Sequence[str]):
     """Run ``args[0]`` (one of :data:`COMMANDS`) with the remaining arguments; return the function's result."""
-    name, rest = args[0], list(args[1:])
+    name = args[0]
+    rest = join_space_separated(list(args[1:]), numeric_list_arguments(COMMANDS[name]))
     parser = build_parser(name)
     config = parser.parse_args(rest)
     kwargs = {k: v for k, v in vars(config).items() if k != "config"}

@@ -2,6 +2,8 @@
 
 Image ``j`` of every prompt uses seed ``seed + j``, so two runs (or two stopping rules) evaluated with the same
 settings are compared on the same initial noise. Writes the samples under ``<run>/eval/`` and ``metrics.json``.
+Each concept of a multi-concept run is sampled with its own token and scored against its own images. On the
+embedded world model the default metric is the world encoder's identity similarity, which needs no download.
 """
 
 from __future__ import annotations
@@ -16,19 +18,55 @@ from PIL import Image
 from lightning_custom.data.images import list_image_files, load_rgb_image
 from lightning_custom.errors import UserInputError
 from lightning_custom.io import write_json
-from lightning_custom.metrics import clip_i, clip_t, dino, load_clip, load_dino
-from lightning_custom.sampling import read_summary, resolve_device, sample_run
+from lightning_custom.metrics import (
+    MetricResult,
+    clip_i,
+    clip_t,
+    dino,
+    load_clip,
+    load_dino,
+    mean_similarity_to_references,
+)
+from lightning_custom.sampling import read_summary, resolve_device, run_concepts, sample_run
 
 METRICS_FILE = "metrics.json"
-METRIC_NAMES = ("clip_i", "clip_t", "dino")
+METRIC_NAMES = ("clip_i", "clip_t", "dino", "identity")
+HUB_METRICS = ("clip_i", "clip_t", "dino")
+WORLD_METRICS = ("identity",)
+# The world model knows only its own captions ("a photo of a red star on a grey background"), not the beach.
+WORLD_PROMPTS = ("a photo of a {}", "a photo of a {} on a grey background")
 
 
-def concept_images(run_dir: Path, summary: dict[str, Any], concept_dir: str | None) -> list[Image.Image]:
-    """The concept images: ``concept_dir``, else the ``instance_data_dir`` recorded in the run's summary."""
-    folder = concept_dir or summary.get("instance_data_dir")
+def concept_images(run_dir: Path, summary: dict[str, Any], concept_dir: str | None,
+                   concept: dict[str, Any] | None = None) -> list[Image.Image]:
+    """The concept images: ``concept_dir``, else the ``instance_data_dir`` of ``concept`` (default: the run's
+    first concept) recorded in the run's summary."""
+    concept = concept if concept is not None else run_concepts(summary)[0]
+    folder = concept_dir or concept.get("instance_data_dir")
     if not folder:
-        raise UserInputError(f"--concept_dir: {run_dir / 'summary.json'} records no instance_data_dir; pass --concept_dir")
+        raise UserInputError(f"--concept_dir: {run_dir / 'summary.json'} records no instance_data_dir for concept "
+                             f"{concept.get('name')!r}; pass --concept_dir")
     return [load_rgb_image(f) for f in list_image_files(folder, "--concept_dir")]
+
+
+def is_world_model_run(summary: dict[str, Any]) -> bool:
+    """Whether the run's base model is the embedded world model (``embedded``, or the folder it resolves to)."""
+    from lightning_custom.components import embedded_model_path, resolve_model_path
+
+    name = summary.get("pretrained_model_name_or_path")
+    if not name:
+        return False
+    try:
+        return Path(resolve_model_path(str(name))).resolve() == Path(embedded_model_path()).resolve()
+    except UserInputError:
+        return False
+
+
+def world_identity(encoder: Any, generated: Sequence[Image.Image], references: Sequence[Image.Image]) -> MetricResult:
+    """The world encoder's cosine similarity of each generated image to the concept images (CLIP-I's form)."""
+    from lightning_custom.world.encoder import judge
+
+    return mean_similarity_to_references(judge(encoder, generated).embeddings, judge(encoder, references).embeddings)
 
 
 def evaluate_run(
@@ -43,28 +81,45 @@ def evaluate_run(
     scheduler: str = "default",
     clip_model: str = "openai/clip-vit-base-patch32",
     dino_model: str = "facebook/dino-vits16",
-    metrics: Sequence[str] = METRIC_NAMES,
+    metrics: Sequence[str] | None = None,
     batch_size: int = 4,
     device: str = "auto",
     dtype: str = "auto",
     base_model: str | None = None,
     output: str | Path | None = None,
 ) -> dict[str, Any]:
-    """Sample the run's concept and score it; write ``metrics.json`` (default: in the run folder) and return it.
+    """Sample the run's concept(s) and score them; write ``metrics.json`` (default: in the run folder), return it.
 
-    See :func:`lightning_custom.sampling.sample_run` for the sampling arguments.
+    ``metrics`` defaults to ``identity`` (the world encoder) on the embedded world model, else CLIP-I, CLIP-T and
+    DINO. Each concept's images are compared with that concept's own images. See
+    :func:`lightning_custom.sampling.sample_run` for the sampling arguments.
     """
     start = time.perf_counter()
     run = Path(run_dir).expanduser()
     summary = read_summary(run)
+    world = is_world_model_run(summary) if base_model is None else False
+    metrics = list(metrics) if metrics else list(WORLD_METRICS if world else HUB_METRICS)
     unknown = sorted(set(metrics) - set(METRIC_NAMES))
-    if unknown or not metrics:
-        raise UserInputError(f"--metrics: {unknown or 'none'} not among {list(METRIC_NAMES)}")
-    references = concept_images(run, summary, concept_dir) if {"clip_i", "dino"} & set(metrics) else []
+    if unknown:
+        raise UserInputError(f"--metrics: {unknown} not among {list(METRIC_NAMES)}")
+    if prompts is None and world:
+        prompts = list(WORLD_PROMPTS)
+    concepts = run_concepts(summary)
+    if concept_dir is not None and len(concepts) > 1:
+        raise UserInputError(f"--concept_dir: the run has {len(concepts)} concepts; each one's images come from its "
+                             f"instance_data_dir in summary.json")
+    needs_references = bool({"clip_i", "dino", "identity"} & set(metrics))
+    references = {c["name"]: concept_images(run, summary, concept_dir, c) for c in concepts} if needs_references \
+        else {}
     torch_device = resolve_device(device)
     # Load the scorers before sampling, so a bad model path fails in a second, not after minutes of sampling.
     clip_scorer = load_clip(clip_model, torch_device) if {"clip_i", "clip_t"} & set(metrics) else None
     dino_scorer = load_dino(dino_model, torch_device) if "dino" in metrics else None
+    world_encoder = None
+    if "identity" in metrics:
+        from lightning_custom.world.encoder import WorldEncoder
+
+        world_encoder = WorldEncoder.load()
     samples_dir = run / "eval" / "samples"
     manifest = sample_run(
         run, prompts, images_per_prompt=images_per_prompt, seed=seed, guidance_scale=guidance_scale,
@@ -72,25 +127,38 @@ def evaluate_run(
         base_model=base_model, device=device, dtype=dtype,
     )
     records = manifest["images"]
+    for record in records:
+        record["concept"] = manifest["prompts"][record["prompt_index"]]["concept"]
     generated = [load_rgb_image(samples_dir / r["file"]) for r in records]
     texts = [manifest["prompts"][r["prompt_index"]]["text"] for r in records]
-    scores: dict[str, Any] = {}
-    if "clip_i" in metrics:
-        scores["clip_i"] = clip_i(clip_scorer, generated, references)
     if "clip_t" in metrics:
-        scores["clip_t"] = clip_t(clip_scorer, generated, texts)
-    if "dino" in metrics:
-        scores["dino"] = dino(dino_scorer, generated, references)
-    for name, result in scores.items():
-        for record, value in zip(records, result.per_image):
-            record[name] = value
+        for record, value in zip(records, clip_t(clip_scorer, generated, texts).per_image):
+            record["clip_t"] = value
+    image_metrics = {"clip_i": lambda g, r: clip_i(clip_scorer, g, r), "dino": lambda g, r: dino(dino_scorer, g, r),
+                     "identity": lambda g, r: world_identity(world_encoder, g, r)}
+    for name in [m for m in metrics if m in image_metrics]:
+        # Each concept's samples against that concept's own images (a prompt without '{}': the first concept's).
+        for concept in concepts:
+            indices = [i for i, r in enumerate(records) if (r["concept"] or concepts[0]["name"]) == concept["name"]]
+            if indices:
+                scored = image_metrics[name]([generated[i] for i in indices], references[concept["name"]])
+                for i, value in zip(indices, scored.per_image):
+                    records[i][name] = value
+    scored_names = [m for m in METRIC_NAMES if m in metrics]
     per_prompt = []
     for index, prompt in enumerate(manifest["prompts"]):
         rows = [r for r in records if r["prompt_index"] == index]
-        per_prompt.append({"prompt": prompt["prompt"], "text": prompt["text"],
-                           **{name: sum(r[name] for r in rows) / len(rows) for name in scores}})
+        per_prompt.append({"prompt": prompt["prompt"], "text": prompt["text"], "concept": prompt["concept"],
+                           **{name: _mean(r[name] for r in rows) for name in scored_names}})
+    per_concept = [
+        {"name": c["name"], "placeholder_token": c.get("placeholder_token"),
+         "concept_images": len(references.get(c["name"], [])),
+         **{name: _mean(r[name] for r in records if r["concept"] == c["name"]) for name in scored_names}}
+        for c in concepts
+    ]
     result = {
-        **{name: value.mean for name, value in scores.items()},
+        **{name: _mean(r[name] for r in records) for name in scored_names},
+        "metrics": scored_names,
         "run_dir": str(run),
         "method": summary.get("method"),
         "stop_step": summary.get("stop_step"),
@@ -103,7 +171,9 @@ def evaluate_run(
         "scheduler": scheduler,
         "clip_model": clip_model if clip_scorer is not None else None,
         "dino_model": dino_model if dino_scorer is not None else None,
-        "concept_images": len(references),
+        "world_encoder": "embedded" if world_encoder is not None else None,
+        "concept_images": sum(len(images) for images in references.values()),
+        "per_concept": per_concept,
         "samples_dir": str(samples_dir),
         "per_prompt": per_prompt,
         "per_image": records,
@@ -112,3 +182,9 @@ def evaluate_run(
     }
     write_json(Path(output) if output is not None else run / METRICS_FILE, result)
     return result
+
+
+def _mean(values: Any) -> float | None:
+    """The mean of the values (``None`` when there are none)."""
+    values = list(values)
+    return sum(values) / len(values) if values else None

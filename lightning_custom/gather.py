@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import re
 import statistics
 from pathlib import Path
 from typing import Any
@@ -12,24 +13,48 @@ from typing import Any
 from lightning_custom.errors import UserInputError
 from lightning_custom.io import atomic_path
 
-COLUMNS = ("run", "method", "placeholder_token", "stopped_by", "stop_step", "max_steps", "steps_saved",
-           "wall_seconds", "seconds_per_step", "dvar_share")
+COLUMNS = ("run", "method", "model", "concept", "placeholder_token", "stopped_by", "stop_step", "max_steps",
+           "steps_saved", "wall_seconds", "seconds_per_step", "dvar_share")
+
+
+def natural_key(path: Path) -> list:
+    """Sort key that orders numbers by value: ``run2`` before ``run10`` (text order puts 10 before 2)."""
+    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]
 
 
 def find_summaries(roots: list[str]) -> list[Path]:
-    """Every ``summary.json`` under the given folders (or the files themselves), sorted."""
+    """Every ``summary.json`` under the given folders (or the files themselves), in natural order.
+
+    A folder that holds none, even in its subfolders, is a one-line error: a run that did not finish, or a typo.
+    """
     found: set[Path] = set()
     for root in roots:
         path = Path(root).expanduser()
         if path.is_file() and path.name == "summary.json":
             found.add(path)
         elif path.is_dir():
-            found.update(path.rglob("summary.json"))
+            inside = set(path.rglob("summary.json"))
+            if not inside:
+                raise UserInputError(f"gather: {root} holds no summary.json (a run that did not finish?)")
+            found.update(inside)
         else:
             raise UserInputError(f"gather: {root} is neither a folder nor a summary.json")
-    if not found:
-        raise UserInputError(f"gather: no summary.json under {', '.join(roots)}")
-    return sorted(found)
+    return sorted(found, key=natural_key)
+
+
+def concept_label(summary: dict[str, Any]) -> str | None:
+    """The concept(s) trained: the image folders' names, joined by ``+`` for a multi-concept run."""
+    folders = [c.get("instance_data_dir") for c in summary.get("concepts") or []] or [summary.get("instance_data_dir")]
+    names = [Path(str(folder)).name for folder in folders if folder]
+    return "+".join(names) or None
+
+
+def model_label(summary: dict[str, Any]) -> str | None:
+    """The base model as given (``embedded``, a hub id or a folder's name)."""
+    name = summary.get("pretrained_model_name_or_path")
+    if not name:
+        return None
+    return Path(name).name if Path(str(name)).is_absolute() else str(name)
 
 
 def summary_row(path: Path) -> dict[str, Any]:
@@ -40,6 +65,8 @@ def summary_row(path: Path) -> dict[str, Any]:
         raise UserInputError(f"gather: {path} is not valid JSON ({err.msg}, line {err.lineno})") from err
     row = {column: summary.get(column) for column in COLUMNS}
     row["run"] = str(path.parent)
+    row["model"] = model_label(summary)
+    row["concept"] = concept_label(summary)
     if row["steps_saved"] is None and summary.get("max_steps") and summary.get("stop_step") is not None:
         row["steps_saved"] = summary["max_steps"] - summary["stop_step"]
     return row

@@ -194,6 +194,13 @@ def divergence_at(run: RunHistory, window: int, index: int) -> str | None:
 
 
 # ------------------------------------------------------------------------------------------------ outputs
+def window_label(window: int, result: ReplayResult) -> str:
+    """``"25"``, or ``"25 (-> 30)"`` when the runs evaluate every 10 steps and the window spans whole evaluations."""
+    effective = sorted({window_in_values(window, run.eval_every_n_steps) * run.eval_every_n_steps
+                        for run in result.runs})
+    return str(window) if effective == [window] else f"{window} (-> {'/'.join(map(str, effective))})"
+
+
 def markdown_table(result: ReplayResult) -> str:
     """Rows: windows; columns: thresholds. One run: its stop step. Several: mean steps trained, and how many stopped."""
     header = "| window \\ threshold | " + " | ".join(f"{t:g}" for t in result.thresholds) + " |"
@@ -208,7 +215,12 @@ def markdown_table(result: ReplayResult) -> str:
                 stopped = int(np.sum(~np.isnan(result.stop_steps[:, w, t])))
                 mark = "*" if result.censored[:, w, t].any() else ""
                 cells.append(f"{effective[:, w, t].mean():.0f}{mark} ({stopped}/{len(result.runs)})")
-        lines.append(f"| {window} | " + " | ".join(cells) + " |")
+        lines.append(f"| {window_label(window, result)} | " + " | ".join(cells) + " |")
+    periods = sorted({run.eval_every_n_steps for run in result.runs})
+    if any(window_label(window, result) != str(window) for window in result.windows):
+        lines.append("")
+        lines.append(f"-> a window that is not a multiple of the evaluation period ({'/'.join(map(str, periods))} "
+                     "steps) is rounded up to whole evaluations, as the live callback does.")
     if len(result.runs) > 1:
         lines.append("")
         lines.append("Cells: mean steps trained (runs where DVAR stopped / runs). A run where DVAR never stops counts "

@@ -68,11 +68,47 @@ def read_summary(run_dir: str | Path, argument: str = "run_dir") -> dict[str, An
     return summary
 
 
-def fill_prompt(template: str, placeholder_token: str | None) -> str:
-    """``"{} on the beach"`` -> ``"<cat-toy> on the beach"``; a prompt without ``{}`` is kept as written."""
-    if "{}" in template and not placeholder_token:
+def fill_prompt(template: str, phrase: str | None) -> str:
+    """``"{} on the beach"`` -> ``"<cat-toy> on the beach"`` (or ``"sks dog on the beach"`` with a class noun); a
+    prompt without ``{}`` is kept as written."""
+    if "{}" in template and not phrase:
         raise UserInputError(f"prompt {template!r}: the run has no placeholder token to put in place of '{{}}'")
-    return template.replace("{}", placeholder_token or "")
+    return template.replace("{}", phrase or "")
+
+
+def run_concepts(summary: dict[str, Any]) -> list[dict[str, Any]]:
+    """Every concept a run trained: ``name``, ``placeholder_token``, ``class_noun`` and ``instance_data_dir``.
+
+    From ``summary["concepts"]``; summaries written before it existed give one concept from the top-level fields,
+    or one per token of a multi-concept token ``"<new1>+<new2>"`` (only the first with an image folder).
+    """
+    if summary.get("concepts"):
+        return [dict(concept) for concept in summary["concepts"]]
+    token = summary.get("placeholder_token")
+    tokens = token.split("+") if token and "+" in token else [token]
+    return [{"name": "concept" if len(tokens) == 1 else f"concept{i}", "placeholder_token": t,
+             "class_noun": summary.get("class_noun") if len(tokens) == 1 else None,
+             "instance_data_dir": summary.get("instance_data_dir") if i == 0 else None}
+            for i, t in enumerate(tokens)]
+
+
+def concept_prompts(templates: Sequence[str], concepts: Sequence[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each template filled in for each concept (its token and class noun: "a photo of sks dog"), concept by
+    concept; a template without ``{}`` is used once. Entries: ``template``, ``prompt``, ``text`` (the prompt without
+    the token, for CLIP-T) and ``concept`` (the concept's name, ``None`` for a template without ``{}``)."""
+    from lightning_custom.data.templates import concept_phrase
+
+    entries = []
+    for index, concept in enumerate(concepts):
+        token = concept.get("placeholder_token")
+        phrase = concept_phrase(token, concept.get("class_noun")) if token else None
+        for template in templates:
+            if "{}" not in template and index > 0:
+                continue
+            prompt = fill_prompt(template, phrase)
+            entries.append({"template": template, "prompt": prompt, "text": without_placeholder(prompt, token),
+                            "concept": concept.get("name") if "{}" in template else None})
+    return entries
 
 
 def make_scheduler(name: str, config: Any) -> Any:
@@ -168,6 +204,24 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def load_pipeline(source: str, dtype: torch.dtype | None = None, argument: str = "--base_model") -> Any:
+    """A diffusers pipeline from a folder or hub id, without a safety checker where the pipeline class has one
+    (SDXL's does not, and warns about the keyword); errors are one line naming ``argument``."""
+    import inspect
+
+    import diffusers
+
+    try:
+        class_name = diffusers.DiffusionPipeline.load_config(source).get("_class_name", "")
+        parameters = inspect.signature(getattr(diffusers, class_name, diffusers.DiffusionPipeline).__init__).parameters
+        no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in parameters \
+            else {}
+        return diffusers.DiffusionPipeline.from_pretrained(source, dtype=dtype, **no_checker)
+    except (OSError, ValueError) as err:
+        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise UserInputError(f"{argument}: cannot load the pipeline {source!r}: {first_line}") from err
+
+
 def load_run_pipeline(
     run_dir: str | Path,
     *,
@@ -185,8 +239,6 @@ def load_run_pipeline(
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
         dtype: ``"auto"`` (float16 on CUDA, else float32), ``"float32"``, ``"float16"`` or ``"bfloat16"``.
     """
-    from diffusers import DiffusionPipeline
-
     from lightning_custom.components import torch_dtype
 
     run = Path(run_dir).expanduser()
@@ -194,13 +246,7 @@ def load_run_pipeline(
     torch_device = resolve_device(device)
     dtype = ("float16" if torch_device.type == "cuda" else "float32") if dtype == "auto" else dtype
     source = pipeline_source(run, summary, base_model)
-    try:
-        pipe = DiffusionPipeline.from_pretrained(
-            source, dtype=torch_dtype(dtype), safety_checker=None, requires_safety_checker=False
-        )
-    except (OSError, ValueError) as err:
-        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise UserInputError(f"--base_model: cannot load the pipeline {source!r}: {first_line}") from err
+    pipe = load_pipeline(source, torch_dtype(dtype))
     if source != str(exported_pipeline(run, summary)):  # an exported full pipeline already holds everything
         pipe = load_run_artifacts(pipe, run, summary)
     if scheduler != "default":
@@ -330,7 +376,8 @@ def sample_run(
 ) -> dict[str, Any]:
     """Generate ``images_per_prompt`` images per prompt with a finished run's concept; write PNGs and a grid.
 
-    Image ``j`` of every prompt uses seed ``seed + j``. Writes ``<output_dir>/pNN-sSEED.png``, ``grid.png``
+    Each template is filled in with each concept's token and class noun (:func:`concept_prompts`); a single string
+    is one template. Image ``j`` of every prompt uses seed ``seed + j``. Writes ``<output_dir>/pNN-sSEED.png``, ``grid.png``
     (one labelled row per prompt) and ``samples.json`` (prompts, seeds, files and settings); returns the latter.
     ``pipe`` reuses an already loaded pipeline (from :func:`load_run_pipeline`).
     """
@@ -345,8 +392,9 @@ def sample_run(
     else:
         summary = read_summary(run)
     token = summary.get("placeholder_token")
-    templates = list(prompts) if prompts else list(DEFAULT_PROMPTS)
-    filled = [fill_prompt(t, token) for t in templates]
+    templates = [prompts] if isinstance(prompts, str) else list(prompts) if prompts else list(DEFAULT_PROMPTS)
+    entries = concept_prompts(templates, run_concepts(summary))
+    filled = [entry["prompt"] for entry in entries]
     jobs = [(i, seed + j) for i in range(len(filled)) for j in range(images_per_prompt)]
     images = generate(
         pipe, [filled[i] for i, _ in jobs], [s for _, s in jobs], guidance_scale=guidance_scale,
@@ -363,9 +411,7 @@ def sample_run(
         "run_dir": str(run),
         "method": summary.get("method"),
         "placeholder_token": token,
-        "prompts": [
-            {"template": t, "prompt": p, "text": without_placeholder(p, token)} for t, p in zip(templates, filled)
-        ],
+        "prompts": entries,
         "images": records,
         "grid": GRID_FILE,
         "images_per_prompt": images_per_prompt,

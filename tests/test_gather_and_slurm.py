@@ -17,12 +17,12 @@ from lightning_custom.gather import gather_table, markdown
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def write_summary(folder: Path, stop_step: int, stopped_by: str = "dvar", wall: float = 10.0) -> None:
+def write_summary(folder: Path, stop_step: int, stopped_by: str = "dvar", wall: float = 10.0, **fields) -> None:
     folder.mkdir(parents=True)
     (folder / "summary.json").write_text(json.dumps({
         "method": "TextualInversion", "placeholder_token": f"<c{stop_step}>", "stopped_by": stopped_by,
         "stop_step": stop_step, "max_steps": 6100, "wall_seconds": wall, "seconds_per_step": wall / stop_step,
-        "dvar_share": 0.05,
+        "dvar_share": 0.05, **fields,
     }))
 
 
@@ -40,9 +40,26 @@ def test_gather_collects_every_run(tmp_path):
     assert "3 runs, 2 stopped by DVAR; median stop step 500, median wall time 50.0 s, total 690.0 s." in text
 
 
+def test_gather_sorts_runs_naturally_and_names_model_and_concept(tmp_path):
+    for task in (10, 2, 1):
+        write_summary(tmp_path / "array" / f"task{task}", 100 + task, pretrained_model_name_or_path="embedded",
+                      instance_data_dir=f"/data/concept{task}")
+    write_summary(tmp_path / "array" / "task3", 103, pretrained_model_name_or_path="/models/sd15",
+                  concepts=[{"name": "a", "instance_data_dir": "/data/cat"}, {"name": "b", "instance_data_dir": "/d/mug"}])
+    rows = gather_table([str(tmp_path / "array")])
+    assert [Path(r["run"]).name for r in rows] == ["task1", "task2", "task3", "task10"]
+    assert [r["model"] for r in rows] == ["embedded", "embedded", "sd15", "embedded"]
+    assert [r["concept"] for r in rows] == ["concept1", "concept2", "cat+mug", "concept10"]
+    assert "| run | method | model | concept |" in markdown(rows)
+
+
 def test_gather_errors_are_one_line(tmp_path):
-    with pytest.raises(UserInputError, match="no summary.json under"):
+    with pytest.raises(UserInputError, match="holds no summary.json"):
         gather_table([str(tmp_path)])
+    write_summary(tmp_path / "done", 100)
+    (tmp_path / "unfinished").mkdir()
+    with pytest.raises(UserInputError, match="unfinished holds no summary.json"):
+        gather_table([str(tmp_path / "done"), str(tmp_path / "unfinished")])
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "summary.json").write_text("{not json")
     with pytest.raises(UserInputError, match="is not valid JSON"):
@@ -52,7 +69,7 @@ def test_gather_errors_are_one_line(tmp_path):
 def test_gather_subcommand(tmp_path, capsys):
     write_summary(tmp_path / "r1", 120)
     main(["gather", str(tmp_path)])
-    assert "| TextualInversion | <c120> | dvar | 120 |" in capsys.readouterr().out
+    assert "| TextualInversion |  |  | <c120> | dvar | 120 |" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize("script", ["multinode.sbatch", "array.sbatch"])

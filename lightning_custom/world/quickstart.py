@@ -29,17 +29,21 @@ def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: li
     Returns:
         ``{"identity_before", "identity_after", "grid"}``.
     """
+    from lightning_custom.components import resolve_model_path
     from lightning_custom.evaluate import concept_images
-    from lightning_custom.sampling import load_run_pipeline
+    from lightning_custom.sampling import load_pipeline, load_run_pipeline, make_scheduler
     from lightning_custom.world.encoder import WorldEncoder, identity_similarity
-    from lightning_custom.world.model import load_world_pipeline
 
     run = Path(run_dir)
     summary = read_summary(run)
     token = summary["placeholder_token"]
     templates = prompts or ["a photo of a {}"]
     after_pipe, _ = load_run_pipeline(run, scheduler="ddim", device="cpu")
-    before_pipe = load_world_pipeline(summary["pretrained_model_name_or_path"])
+    # The base model through the same loader as the run (any pipeline class: SD, SDXL), with the same sampler.
+    before_pipe = load_pipeline(resolve_model_path(summary["pretrained_model_name_or_path"]),
+                                argument="summary.json pretrained_model_name_or_path")
+    before_pipe.scheduler = make_scheduler("ddim", before_pipe.scheduler.config)
+    before_pipe.set_progress_bar_config(disable=True)
     references = concept_images(run, summary, None)
     size = references[0].size[0]
     model = WorldEncoder.load(encoder)

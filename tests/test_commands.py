@@ -1,0 +1,123 @@
+"""The subcommands on finished runs: forgiving arguments, class nouns and concepts in prompts, offline evaluation on
+the world model, before_after on SDXL, replay's windows.
+
+Runs are hand-written ``summary.json`` files over the shipped models (no artifacts: the base model samples), so no
+test here trains.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+
+from lightning_custom.cli import main
+from lightning_custom.commands import join_space_separated, numeric_list_arguments, replay
+from lightning_custom.components import embedded_concept_path
+from lightning_custom.errors import UserInputError
+from lightning_custom.sampling import concept_prompts, run_concepts
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def write_run(folder: Path, **summary) -> Path:
+    """A run folder holding only ``summary.json`` (a method without artifacts: the base model samples)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "summary.json").write_text(json.dumps({"method": "NoArtifacts", "artifacts": [], **summary}))
+    return folder
+
+
+def test_sample_takes_one_prompt_string_and_the_class_noun(tmp_path, tiny_sd):
+    run = write_run(tmp_path / "run", pretrained_model_name_or_path=tiny_sd, placeholder_token="sks",
+                    class_noun="star")
+    manifest = main(["sample", str(run), "--prompts", "a photo of {} on the moon", "--images_per_prompt", "1",
+                     "--num_inference_steps", "1", "--device", "cpu"])
+    assert [p["prompt"] for p in manifest["prompts"]] == ["a photo of sks star on the moon"]
+    assert manifest["prompts"][0]["text"] == "a photo of star on the moon"  # CLIP-T keeps the class noun
+    assert len(manifest["images"]) == 1 and (run / "samples" / manifest["images"][0]["file"]).is_file()
+
+
+def test_sample_help_shows_a_prompt_example(capsys):
+    with pytest.raises(SystemExit):
+        main(["sample", "--help"])
+    assert '--prompts "a photo of {} on the moon"' in capsys.readouterr().out
+
+
+def test_every_concept_gets_its_own_prompts():
+    summary = {"placeholder_token": "<new1>+<new2>", "concepts": [
+        {"name": "cat", "placeholder_token": "<new1>", "class_noun": "cat", "instance_data_dir": "a"},
+        {"name": "chair", "placeholder_token": "<new2>", "class_noun": None, "instance_data_dir": "b"}]}
+    entries = concept_prompts(["a photo of {}", "a plain photo"], run_concepts(summary))
+    assert [(e["prompt"], e["concept"]) for e in entries] == [
+        ("a photo of <new1> cat", "cat"), ("a plain photo", None), ("a photo of <new2>", "chair")]
+    # Summaries written before "concepts" existed: one concept per token, never the literal "<new1>+<new2>".
+    old = run_concepts({"placeholder_token": "<new1>+<new2>", "instance_data_dir": "a"})
+    assert [c["placeholder_token"] for c in old] == ["<new1>", "<new2>"]
+    assert [c["instance_data_dir"] for c in old] == ["a", None]
+
+
+def test_evaluate_on_the_world_model_is_offline_and_scores_each_concept_against_its_own_images(tmp_path):
+    from lightning_custom.data.images import load_rgb_image
+    from lightning_custom.evaluate import concept_images, evaluate_run, world_identity
+    from lightning_custom.world.encoder import WorldEncoder
+
+    star, cat = embedded_concept_path("striped-star"), embedded_concept_path("cat-toy")
+    run = write_run(tmp_path / "run", pretrained_model_name_or_path="embedded", placeholder_token="star+square",
+                    concepts=[
+                        {"name": "star", "placeholder_token": "star", "class_noun": None, "instance_data_dir": star},
+                        {"name": "other", "placeholder_token": "square", "class_noun": None,
+                         "instance_data_dir": cat}])
+    result = main(["evaluate", str(run), "--images_per_prompt", "2", "--num_inference_steps", "2",
+                   "--device", "cpu"])
+    assert result["metrics"] == ["identity"] and result["clip_model"] is None and result["dino_model"] is None
+    # the world model's own prompts, once per concept
+    assert [p["prompt"] for p in result["per_prompt"]] == [
+        "a photo of a star", "a photo of a star on a grey background",
+        "a photo of a square", "a photo of a square on a grey background"]
+    by_name = {c["name"]: c for c in result["per_concept"]}
+    assert by_name["star"]["concept_images"] == len(list(Path(star).iterdir()))
+    assert by_name["other"]["concept_images"] == len(list(Path(cat).iterdir()))
+    # the second concept's samples are compared with the second concept's images, not the first's
+    encoder = WorldEncoder.load()
+    samples = Path(result["samples_dir"])
+    other = [r for r in result["per_image"] if r["concept"] == "other"]
+    expected = world_identity(encoder, [load_rgb_image(samples / r["file"]) for r in other],
+                              concept_images(run, {}, cat))
+    assert [r["identity"] for r in other] == pytest.approx(expected.per_image)
+    assert by_name["other"]["identity"] == pytest.approx(expected.mean)
+    assert result["identity"] == pytest.approx(sum(r["identity"] for r in result["per_image"]) / 8)
+    with pytest.raises(UserInputError, match="--concept_dir: the run has 2 concepts"):
+        evaluate_run(run, concept_dir=star, device="cpu")
+
+
+def test_before_after_runs_on_an_sdxl_model(tmp_path):
+    run = write_run(tmp_path / "run", pretrained_model_name_or_path="embedded:tiny-sdxl", placeholder_token="toy",
+                    instance_data_dir=embedded_concept_path("cat-toy"))
+    result = main(["before_after", str(run), "--before_word", "toy", "--prompts", "a photo of a {}",
+                   "--images_per_prompt", "1", "--num_inference_steps", "2"])
+    assert math.isfinite(result["identity_before"]) and math.isfinite(result["identity_after"])
+    # no artifacts: "after" is the base model with the same prompt and seed, so both sides match
+    assert result["identity_after"] == pytest.approx(result["identity_before"], abs=1e-5)
+    assert Path(result["grid"]).is_file()
+
+
+def test_space_separated_numbers_become_one_list():
+    assert numeric_list_arguments(replay) == {"windows", "thresholds"}
+    args = ["runs/a", "--windows", "20", "40", "--thresholds", "0.1", "--min_steps", "3", "runs/b"]
+    assert join_space_separated(args, {"windows", "thresholds"}) == [
+        "runs/a", "--windows", "[20, 40]", "--thresholds", "[0.1]", "--min_steps", "3", "runs/b"]
+    assert join_space_separated(["--windows", "[20,40]"], {"windows"}) == ["--windows", "[20,40]"]
+
+
+def test_replay_takes_space_separated_windows_and_says_when_one_is_rounded_up(tmp_path, capsys):
+    losses = [1.0 / (1 + 0.3 * i) for i in range(1, 31)]
+    run = write_run(tmp_path / "run", dvar_history=[[10 * i, v] for i, v in enumerate(losses, 1)],
+                    dvar_eval_every_n_steps=10, max_steps=300, stop_step=300, stopped_by="max_steps")
+    out = main(["replay", str(run), "--windows", "20", "25", "--thresholds", "0.1", "0.2",
+                "--output_dir", str(tmp_path / "replay")])
+    assert out["result"].windows == [20, 25] and out["result"].thresholds == [0.1, 0.2]
+    printed = capsys.readouterr().out
+    assert "| 20 |" in printed and "| 25 (-> 30) |" in printed
+    assert "not a multiple of the evaluation period (10 steps) is rounded up" in printed
