@@ -143,9 +143,257 @@ def noise_phase(args) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ the table
+# The paper's (window / full length, threshold); DreamBooth (full) has none there: LoRA's, as in the first edition.
+PAPER_RATIO = {"textual_inversion": (310 / 6100, 0.15), "dreambooth_lora": (440 / 1000, 0.4),
+               "custom_diffusion": (180 / 500, 0.15), "dreambooth": (440 / 1000, 0.4)}
+ROWS = ("full_length", "dvar_paper", "dvar_calibrated", "fixed_budget", "encoder_es", "few_iters")
+
+
+def to_eval_step(step: float) -> int:
+    """The nearest step with a snapshot (a multiple of the L_det period)."""
+    return max(EVAL_EVERY, int(round(step / EVAL_EVERY)) * EVAL_EVERY)
+
+
+def load_method_runs(results: Path, method: str) -> tuple[list, list, dict[str, float]]:
+    """(calibration-split runs, test-split runs, seconds per step by run) of ``method`` under ``results/runs``.
+
+    Seconds per step: the run's wall time without its probes (training, L_det evaluations, snapshots) / steps.
+    """
+    from lightning_custom.calibrate import load_probed_run
+
+    folder = results / "runs" / method
+    files = sorted(f / "summary.json" for f in folder.iterdir()) if folder.is_dir() else []
+    runs = [load_probed_run(f, f.parent.name) for f in files if f.is_file()]
+    pace = {}
+    for f in files:
+        if f.is_file():
+            summary = json.loads(f.read_text())
+            pace[f.parent.name] = ((summary.get("wall_seconds", 0.0) - summary.get("world_probe_seconds", 0.0))
+                                   / max(1, summary.get("max_steps") or 1))
+    return ([r for r in runs if int(r.name[1:4]) in CALIBRATION], [r for r in runs if int(r.name[1:4]) in TEST],
+            pace)
+
+
+def probe_missing(args, method: str, runs: list, steps: list[int]) -> None:
+    """Probe, from the work folder's snapshots, each run's step that has no probe of its own (when they exist)."""
+    from lightning_custom.calibrate import EXACT_PROBES_FILE
+    from lightning_custom.io import write_json
+    from lightning_custom.world.probe import probe_snapshots, snapshot_steps
+
+    for run, step in zip(runs, steps):
+        if step in run.probes or step in run.exact:
+            continue
+        run_dir, config_file = run_paths(Path(args.workdir), method, run.name)
+        if step not in snapshot_steps(run_dir / "snapshots") or not config_file.is_file():
+            continue
+        run.exact[step] = probe_snapshots(config_file, run_dir / "snapshots", [step])[step][0]
+        for folder in (run_dir, Path(args.results) / "runs" / method / run.name):
+            path = folder / EXACT_PROBES_FILE
+            done = json.loads(path.read_text()) if path.is_file() else {"steps": {}}
+            done["steps"][str(step)] = run.exact[step]
+            write_json(path, done)
+
+
+def method_rows(args, method: str, calibration: list, test: list, pace: dict[str, float]) -> dict:
+    """Every row of one method on the test split (and on the calibration split), with the settings behind them."""
+    from lightning_custom import calibrate as cal
+    from lightning_custom.callbacks.clip_early_stopping import patience_stop_index
+
+    settings = v1.METHODS[method]
+    length = cal.converged_length(calibration or test)
+    tuned = cal.calibrate(calibration, budget=length) if calibration else None
+    ratio, threshold = PAPER_RATIO[method]
+    paper_window = to_eval_step(ratio * length)
+
+    def es_stop(run) -> int:
+        checks = [(s, row[0]) for s, row in sorted(run.probes.items()) if 0 < s <= length]
+        index = patience_stop_index([v for _, v in checks], settings.patience, settings.min_delta)
+        return checks[index][0] if index is not None else length
+
+    out = {"converged_length": length, "paper_window": paper_window, "paper_threshold": threshold,
+           "calibrated": tuned.recommended if tuned and tuned.recommended else None, "splits": {}}
+    for split, runs in (("test", test), ("calibration", calibration)):
+        if not runs:
+            continue
+        references = [cal.converged_identity(r, length) for r in runs]
+        stops = {"full_length": [min(length, r.max_steps) for r in runs],
+                 "dvar_paper": [min(length, cal.stop_steps(r, paper_window, [threshold], EVAL_EVERY)[0]) for r in runs],
+                 "encoder_es": [es_stop(r) for r in runs]}
+        if out["calibrated"]:
+            w, t, k = out["calibrated"]
+            stops["dvar_calibrated"] = [min(length, cal.stop_steps(r, w, [t], k)[0]) for r in runs]
+        budget_from = stops.get("dvar_calibrated", stops["dvar_paper"])
+        stops["fixed_budget"] = [to_eval_step(np.mean(budget_from))] * len(runs)
+        stops["few_iters"] = [to_eval_step(np.mean(stops["encoder_es"]))] * len(runs)
+        rows = {}
+        for variant in ROWS:
+            if variant not in stops:
+                continue
+            if args.probe_missing:
+                probe_missing(args, method, runs, stops[variant])
+            result = cal.outcome(variant, runs, stops[variant], references)
+            seconds = [step * pace.get(r.name, 0.0) for step, r in zip(stops[variant], runs)]
+            rows[variant] = {"outcome": result, "identity": [ref * x for ref, x in zip(references, result.retention)],
+                             "seconds": seconds}
+        oracle = [cal.oracle_step(r, ref) for r, ref in zip(runs, references)]
+        dvar = stops.get("dvar_calibrated", stops["dvar_paper"])
+        out["splits"][split] = {"runs": runs, "references": references, "rows": rows, "oracle": oracle,
+                                "oracle_dvar": dvar, "spearman": cal.spearman(oracle, dvar)}
+    out["tuned"] = tuned
+    return out
+
+
+def method_markdown(method: str, data: dict, split: str) -> list[str]:
+    """One method's rows on one split."""
+    part = data["splits"][split]
+    length = data["converged_length"]
+    lines = []
+    for variant, row in part["rows"].items():
+        o = row["outcome"]
+        lines.append(f"| {method} | {variant} | {np.median(row['identity']):.3f} | {o.median_retention:.3f} | "
+                     f"{o.worst_decile_retention:.3f} | {np.median(o.fidelity):.2f} | {o.mean_steps:.0f} | "
+                     f"{np.median(o.steps):.0f} | {length / max(o.mean_steps, 1):.1f} | {np.mean(row['seconds']):.1f} | "
+                     f"{o.exact}/{len(o.steps)} |")
+    return lines
+
+
+def goal_lines(method: str, data: dict) -> list[str]:
+    """The issue's goal on the test split, met or with its distance."""
+    part = data["splits"].get("test")
+    if not part or "dvar_calibrated" not in part["rows"]:
+        return [f"- {method}: pending (no test-split runs, or no calibrated setting)."]
+    tuned, fixed = part["rows"]["dvar_calibrated"]["outcome"], part["rows"]["fixed_budget"]["outcome"]
+    speedup = data["converged_length"] / max(tuned.mean_steps, 1)
+    checks = [f"median retention {tuned.median_retention:.3f} (goal >= 0.97: "
+              f"{'met' if tuned.median_retention >= 0.97 else 'not met'})",
+              f"speed-up {speedup:.1f}x (goal >= 5x: {'met' if speedup >= 5 else 'not met'})",
+              f"worst decile {tuned.worst_decile_retention:.3f} vs fixed budget {fixed.worst_decile_retention:.3f} "
+              f"(goal: more: {'met' if tuned.worst_decile_retention > fixed.worst_decile_retention else 'not met'})"]
+    return [f"- {method} ({len(tuned.steps)} test concepts): " + "; ".join(checks)]
+
+
+def table_plots(methods: list[str], data: dict, out: Path) -> None:
+    """The stop-step histogram, median identity against step, and the oracle scatter (test split)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    from lightning_custom.calibrate import median_curve
+
+    shown = [m for m in methods if data[m]["splits"]]
+    if not shown:
+        return
+    for name, draw in (("stops", 0), ("quality_vs_step", 1), ("oracle", 2)):
+        fig = Figure(figsize=(4 * len(shown), 3.2), dpi=100)
+        FigureCanvasAgg(fig)
+        for ax, method in zip(np.atleast_1d(fig.subplots(1, len(shown))), shown):
+            d = data[method]
+            part = d["splits"].get("test") or next(iter(d["splits"].values()))
+            if draw == 0:
+                for variant in ("dvar_paper", "dvar_calibrated", "encoder_es"):
+                    if variant in part["rows"]:
+                        ax.hist(part["rows"][variant]["outcome"].steps, bins=np.linspace(0, d["converged_length"], 21),
+                                alpha=0.5, label=variant)
+                ax.set_xlabel("stop step")
+                ax.set_ylabel("concepts")
+            elif draw == 1:
+                steps, median = median_curve(part["runs"])
+                ax.plot(steps, median, label="median identity")
+                ax.axvline(d["converged_length"], color="k", ls="--", lw=0.8, label="converged length")
+                ax.set_xlabel("step")
+                ax.set_ylabel("identity similarity")
+            else:
+                ax.scatter(part["oracle"], part["oracle_dvar"], s=12)
+                top = max(part["oracle"] + part["oracle_dvar"] + [1])
+                ax.plot([0, top], [0, top], color="k", lw=0.6)
+                ax.set_xlabel("oracle step (97% of converged identity)")
+                ax.set_ylabel("DVAR stop step")
+                ax.set_title(f"{method}: Spearman {part['spearman']:.2f}", fontsize=10)
+                continue
+            ax.set_title(method, fontsize=10)
+            ax.legend(fontsize=7)
+        fig.tight_layout()
+        fig.savefig(out / f"table1_v2_{name}.png")
+
+
 def table_phase(args) -> int:
-    """The second-edition table (not written yet)."""
-    raise NotImplementedError
+    """Write ``table1_v2.md`` / ``.csv`` and the figures from the runs copied to ``--results``/runs."""
+    import csv
+    import shlex
+
+    results = Path(args.results)
+    data = {}
+    for method in args.methods:
+        calibration, test, pace = load_method_runs(results, method)
+        if calibration or test:
+            data[method] = method_rows(args, method, calibration, test, pace)
+        else:
+            data[method] = {"splits": {}}
+    noise = sorted(results.glob("probe_noise_*.json"))
+    header = ["| method | variant | identity | retention | worst-decile retention | prompt fidelity | mean steps | "
+              "median steps | speed-up (x) | seconds | exact stops |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    lines = ["# Table 1, second edition (issue 12)", "",
+             "Command: `python benchmarks/table1_v2.py " + " ".join(shlex.quote(a) for a in args.argv) + "`", "",
+             "Runs: " + ", ".join(f"{m} {args.steps or LONG_STEPS[m]}" for m in args.methods) + " steps (3x the "
+             "first edition's full length), DVAR observing "
+             f"(L_det every {EVAL_EVERY} steps), identity probes every {args.probe_every} steps and at every replayed "
+             "stop step (from snapshots of the trainable weights; 'exact stops' counts the stops read at their own "
+             "step). Converged length: the first probe step after which the calibration split's median identity "
+             "never rises more than 1%. Retention: identity / the concept's converged identity (mean of its probes "
+             "from the converged length or half the run on). Worst decile: the mean retention of the worst 10% of "
+             "concepts. Speed-up: converged length / mean steps. Seconds: steps x the run's measured seconds per "
+             "step on this shared CPU. Sampling seeds are the same at every probe (differences are paired).", ""]
+    for n in noise:
+        report = json.loads(n.read_text())
+        sds = ", ".join(f"step {s}: {v['sd_over_seeds']:.4f}" for s, v in report["steps"].items())
+        diffs = ", ".join(f"{k}: {v['sd_over_seeds']:.4f}" for k, v in report.get("paired_differences", {}).items())
+        lines.append(f"Probe noise ({report['method']} {report['concept']}, {len(report['seeds'])} seed sets): SD of "
+                     f"one probe's identity over seeds {sds}; SD of a paired difference {diffs}.")
+    lines += ["", "## Test split (concepts 50-99): the headline", "", *header]
+    csv_rows = []
+    for method in args.methods:
+        d = data[method]
+        if "test" in d["splits"]:
+            lines += method_markdown(method, d, "test")
+    lines += ["", "## Goal (test split)", ""] + [g for m in args.methods for g in goal_lines(m, data[m])]
+    lines += ["", "## Calibration split (concepts 0-49)", "", *header]
+    for method in args.methods:
+        if "calibration" in data[method]["splits"]:
+            lines += method_markdown(method, data[method], "calibration")
+    lines += ["", "## Settings per method", "", "| method | runs (calibration / test) | converged length | "
+              "paper-ratio DVAR (window, threshold) | calibrated DVAR (window, threshold, eval every) | "
+              "oracle vs DVAR Spearman (test) |", "|---|---|---|---|---|---|"]
+    for method in args.methods:
+        d = data[method]
+        if not d["splits"]:
+            lines.append(f"| {method} | 0 / 0 | pending | | | |")
+            continue
+        counts = " / ".join(str(len(d["splits"].get(s, {}).get("runs", []))) for s in ("calibration", "test"))
+        tuned = d["calibrated"]
+        rho = d["splits"].get("test", {}).get("spearman", float("nan"))
+        lines.append(f"| {method} | {counts} | {d['converged_length']} | {d['paper_window']}, "
+                     f"{d['paper_threshold']:g} | {', '.join(f'{x:g}' for x in tuned) if tuned else 'none'} | "
+                     f"{rho:.2f} |")
+        for split, part in d["splits"].items():
+            for variant, row in part["rows"].items():
+                o = row["outcome"]
+                for run, step, ret, fid, ident, sec in zip(part["runs"], o.steps, o.retention, o.fidelity,
+                                                             row["identity"], row["seconds"]):
+                    csv_rows.append({"method": method, "split": split, "concept": run.name, "variant": variant,
+                                     "step": step, "identity": round(ident, 5), "retention": round(ret, 5),
+                                     "fidelity": fid, "seconds": round(sec, 2)})
+    lines += ["", "Figures: `table1_v2_stops.png`, `table1_v2_quality_vs_step.png`, `table1_v2_oracle.png`.", ""]
+    out = results
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table1_v2.md").write_text("\n".join(lines))
+    if csv_rows:
+        with open(out / "table1_v2.csv", "w", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=list(csv_rows[0]))
+            writer.writeheader()
+            writer.writerows(csv_rows)
+    table_plots(args.methods, data, out)
+    print("\n".join(lines))
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -169,7 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concept", default=None, help="noise: the concept folder name, e.g. c000-new_shape")
     parser.add_argument("--steps-to-probe", type=int, nargs="+", default=None, help="noise: snapshot steps")
     parser.add_argument("--seeds", type=int, default=16, help="noise: sampling seeds")
+    parser.add_argument("--probe-missing", action="store_true", help="table: probe, from the work folder's "
+                        "snapshots, stop steps that have no probe yet (e.g. the fixed budget)")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     if args.phase == "run":
         return run_phase(args)
     if args.phase == "noise":

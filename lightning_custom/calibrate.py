@@ -143,8 +143,10 @@ def median_curve(runs: Sequence[ProbedRun]) -> tuple[list[int], list[float]]:
 
 def converged_length(runs: Sequence[ProbedRun], tolerance: float = 0.01) -> int:
     """The first probe step after which the median identity never rises more than ``tolerance`` above its value
-    there: the plateau's start, or the peak if identity falls afterwards."""
+    there: the plateau's start, or the peak if identity falls afterwards (never step 0: some training)."""
     steps, median = median_curve(runs)
+    if steps and steps[0] == 0 and len(steps) > 1:
+        steps, median = steps[1:], median[1:]
     for i, value in enumerate(median):
         if max(median[i:]) <= value * (1 + tolerance):
             return steps[i]
@@ -224,9 +226,12 @@ class Calibration:
 
 def calibrate(runs: Sequence[ProbedRun], target: float = 0.97, windows: Sequence[int] = DEFAULT_WINDOWS,
               thresholds: Sequence[float] = DEFAULT_THRESHOLDS, eval_every: Sequence[int] = DEFAULT_EVAL_EVERY,
-              tolerance: float = 0.01) -> Calibration:
+              tolerance: float = 0.01, budget: int | None = None) -> Calibration:
     """Replay every (window, threshold, eval period) on ``runs``; recommend the one with the fewest mean steps among
-    those whose median retention of the converged identity is at least ``target`` (ties: higher worst decile)."""
+    those whose median retention of the converged identity is at least ``target`` (ties: higher worst decile).
+
+    ``budget``: the full length a user would train (a rule that has not fired stops there); default: each run's
+    own length."""
     if not runs:
         raise UserInputError("runs: no runs to calibrate on")
     if not 0 < target <= 1.5:
@@ -240,7 +245,7 @@ def calibrate(runs: Sequence[ProbedRun], target: float = 0.97, windows: Sequence
             for t, threshold in enumerate(thresholds):
                 settings.append((int(window), float(threshold), int(period)))
                 outcomes.append(outcome(f"W={window} t={threshold:g} every {period}", runs,
-                                        [steps[t] for steps in per_run], references))
+                                        [min(steps[t], budget or steps[t]) for steps in per_run], references))
     feasible = [i for i, o in enumerate(outcomes) if o.median_retention >= target]
     best = min(feasible, key=lambda i: (outcomes[i].mean_steps, -outcomes[i].worst_decile_retention,
                                         settings[i][2] * -1)) if feasible else None
@@ -280,3 +285,26 @@ def yaml_snippet(result: Calibration, runs: int) -> str:
             f"converged identity (converged length {result.converged_length} steps)\n"
             + yaml.safe_dump({"dvar": {"window": window, "threshold": threshold, "eval_every_n_steps": period}},
                              sort_keys=False))
+
+
+def spearman(x: Sequence[float], y: Sequence[float]) -> float:
+    """Spearman's rank correlation (ties get their average rank); NaN for fewer than 3 pairs or a constant side."""
+    if len(x) != len(y):
+        raise ValueError("spearman: x and y differ in length")
+    if len(x) < 3:
+        return float("nan")
+
+    def ranks(values: Sequence[float]) -> np.ndarray:
+        values = np.asarray(values, dtype=np.float64)
+        order = values.argsort(kind="stable")
+        out = np.empty(len(values))
+        out[order] = np.arange(len(values), dtype=np.float64)
+        for value in np.unique(values):  # average the ranks of ties
+            tied = values == value
+            out[tied] = out[tied].mean()
+        return out
+
+    rx, ry = ranks(x), ranks(y)
+    if rx.std() == 0 or ry.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(rx, ry)[0, 1])

@@ -71,6 +71,9 @@ def test_quality_prefers_the_exact_probe_and_marks_the_fallback():
 def test_converged_length_is_the_plateau_or_the_peak():
     rising = synthetic_run(130)
     assert cal.converged_length([rising]) == 130
+    untrained_best = synthetic_run(130)
+    untrained_best.probes[0][1] = 2.0  # the untrained model is never the converged one
+    assert cal.converged_length([untrained_best]) == 130
     peaked = synthetic_run(130)
     peaked.probes = {s: [0.0, 1.0 - 0.001 * max(0, s - 200) if s >= 130 else 0.5, 1.0] for s in peaked.probes}
     peaked.probes[200][1] = 1.05  # a peak at 200, within 1% of nothing after it
@@ -118,3 +121,11 @@ def test_calibrate_rejects_runs_without_probes_or_stopped_early(tmp_path, capsys
     (tmp_path / "r" / "summary.json").write_text(json.dumps({**summary, "stopped_by": "dvar"}))
     with pytest.raises(UserInputError, match="stopped early"):
         cal.load_probed_run(tmp_path / "r" / "summary.json")
+
+
+def test_spearman_uses_ranks_and_averages_ties():
+    assert cal.spearman([1, 2, 3, 4], [10, 20, 30, 1000]) == pytest.approx(1.0)  # monotone, not linear
+    assert cal.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    # x ranks 1..5, y ranks (1.5, 1.5, 3, 4, 5): Pearson of the ranks
+    assert cal.spearman([1, 2, 3, 4, 5], [7, 7, 8, 9, 10]) == pytest.approx(0.9746794, abs=1e-6)
+    assert cal.spearman([1, 2], [2, 1]) != cal.spearman([1, 2], [2, 1])  # NaN: too few pairs

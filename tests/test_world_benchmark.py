@@ -120,3 +120,29 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
     exact = probe_snapshots(config_file, run_dir / "snapshots", [15])[15][0]
     assert exact == pytest.approx(live_summary["world_probe_history"][-1][1:], abs=1e-5)
     assert exact != pytest.approx(summary["world_probe_history"][1][1:], abs=1e-5)  # not the probe of step 10
+
+
+def test_table1_v2_smoke_on_two_concepts(tmp_path):
+    """One calibration-split and one test-split concept, one method: the second edition's table and figures."""
+    WorldEncoder(width=8, dim=16).save(tmp_path / "encoder")
+    v2 = load_table1_v2()
+    common = ["--methods", "textual_inversion", "--steps", "30", "--probe-every", "10", "--probe-images", "1",
+              "--probe-inference-steps", "2", "--workdir", str(tmp_path / "work"), "--results", str(tmp_path / "out"),
+              "--encoder", str(tmp_path / "encoder")]
+    assert v2.main(["run", "--concepts", "0,50", *common]) == 0
+    assert v2.main(["table", "--probe-missing", *common]) == 0
+    text = (tmp_path / "out" / "table1_v2.md").read_text()
+    test_part = text.split("## Test split")[1].split("## Goal")[0]
+    calibration_part = text.split("## Calibration split")[1].split("## Settings")[0]
+    # every row of the method on each split; the fixed budget and few iters are read at their own step
+    for variant in ("full_length", "dvar_paper", "fixed_budget", "encoder_es", "few_iters"):
+        assert f"| textual_inversion | {variant} |" in test_part
+        assert f"| textual_inversion | {variant} |" in calibration_part
+    assert "- textual_inversion (1 test concepts)" in text or "- textual_inversion: pending" in text
+    rows = (tmp_path / "out" / "table1_v2.csv").read_text().splitlines()
+    assert len(rows) > 1 + 2 * 5 and rows[0].startswith("method,split,concept,variant,step")
+    for name in ("stops", "quality_vs_step", "oracle"):
+        assert (tmp_path / "out" / f"table1_v2_{name}.png").stat().st_size > 0
+    # a rerun reuses every run (nothing retrained) and writes the same table
+    assert v2.main(["run", "--concepts", "0,50", *common]) == 0
+    assert v2.v1.TRAINED["runs"] == 2
