@@ -19,10 +19,12 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
+from lightning_custom.callbacks.progress import default_terminal_callbacks
 from lightning_custom.commands import COMMANDS, run_command
-from lightning_custom.data.concept import ConceptDataModule
+from lightning_custom.data.concept import ConceptDataModule, check_data_config
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods.base import PersonalizationModule
+from lightning_custom.quiet import quiet_expected_noise
 
 # Trainer defaults for personalization: DVAR validates on its own cadence; no sanity check is needed
 # because the evaluation batch is the same before and after the first step.
@@ -63,6 +65,18 @@ class PersonalizationCLI(LightningCLI):
         threads = config.get("cpu_threads") if config is not None else None
         if threads:
             torch.set_num_threads(threads)
+        if self.subcommand in ("fit", "validate") and config is not None and config.get("data") is not None:
+            # jsonargparse builds the model (loading its weights) before the data module: read the images first,
+            # so a bad folder fails in a second.
+            check_data_config(config.get("data"))
+
+    def instantiate_trainer(self, **kwargs):
+        """The trainer, with a progress bar in optimizer steps and a one-line parameter summary by default."""
+        trainer_config = self._get(self.config_init, "trainer", default={})
+        added = default_terminal_callbacks({**trainer_config, **kwargs})
+        if added:
+            kwargs["callbacks"] = [*(kwargs.get("callbacks") or trainer_config.get("callbacks") or []), *added]
+        return super().instantiate_trainer(**kwargs)
 
 
 def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
@@ -72,6 +86,7 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
         args: command-line arguments (``sys.argv[1:]`` when ``None``), e.g. ``["fit", "--config", "x.yaml"]``.
     """
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    quiet_expected_noise()
     argv = list(args) if args is not None else sys.argv[1:]
     try:
         if argv and argv[0] in COMMANDS:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 import logging
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -471,6 +472,22 @@ def check_concept_images(init_args: Mapping[str, Any]) -> None:
     for folder, argument in folders:
         for file in list_image_files(folder, argument):
             convert_to_rgb(open_image(file), background, file)
+
+
+def check_data_config(data: Any) -> None:
+    """:func:`check_concept_images` for the CLI's ``data`` config (``class_path`` + ``init_args``), if it names a
+    :class:`ConceptDataModule` (or a subclass); other data modules are left to check themselves."""
+    class_path = getattr(data, "class_path", None) or (data.get("class_path") if isinstance(data, Mapping) else None)
+    if not class_path:
+        return
+    module_name, _, class_name = class_path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module_name), class_name)
+    except (ImportError, AttributeError, ValueError):
+        return  # jsonargparse reports an unknown class itself
+    if isinstance(cls, type) and issubclass(cls, ConceptDataModule):
+        init_args = getattr(data, "init_args", None) if not isinstance(data, Mapping) else data.get("init_args")
+        check_concept_images(init_args or {})
 
 
 def _resolve_instance_dir(folder: str) -> str:

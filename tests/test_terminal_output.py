@@ -1,0 +1,108 @@
+"""What a person at the terminal sees: a bar in optimizer steps with DVAR's state, and no expected noise."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import lightning as L
+import pytest
+
+from lightning_custom.callbacks import DVAREarlyStopping
+from lightning_custom.callbacks.progress import (
+    ParameterCountSummary,
+    StepProgressBar,
+    default_terminal_callbacks,
+    dvar_status,
+    parameter_line,
+)
+from lightning_custom.data import ConceptDataModule
+from lightning_custom.methods import TextualInversion
+from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_fit_bar_counts_optimizer_steps_and_shows_dvar(tiny_sd, concept_dir, tmp_path, single_thread):
+    bar = StepProgressBar(update_interval_s=0.0)
+    dvar = DVAREarlyStopping(window=10, eval_every_n_steps=2, threshold=0.5)
+    # 4 images x 10 repeats / batch 2 = 20 batches an epoch: the 60-step budget spans three epochs.
+    trainer = L.Trainer(max_steps=60, callbacks=[dvar, bar],
+                        **trainer_kwargs(tmp_path, enable_progress_bar=True))
+    trainer.fit(TextualInversion(**ti_kwargs(tiny_sd)), ConceptDataModule(**data_kwargs(concept_dir)))
+    assert trainer.num_training_batches == 20
+    task = bar.progress.tasks[bar.train_progress_bar_id]
+    assert len(bar.progress.tasks) == 1  # one task for the whole fit: no per-epoch reset, no validation bars
+    assert task.total == 60 and task.completed == trainer.global_step
+    assert task.description == f"step {trainer.global_step}/60"
+    shown = bar._metric_component._metrics
+    assert "v_num" not in shown and "dvar_ratio" not in shown and "train_loss" in shown
+    assert shown["DVAR ratio"] == dvar_status(dvar)
+    if dvar.stop_step is not None:  # stopped by DVAR: the shown ratio is the one that stopped it
+        assert float(shown["DVAR ratio"].split()[0]) < 0.5
+
+
+def test_dvar_status_before_and_after_the_window_fills():
+    dvar = DVAREarlyStopping(window=40, eval_every_n_steps=5, threshold=0.15)
+    assert dvar_status(dvar) == "window 0/40 steps (stops below 0.15)"
+    dvar.histories = {"dvar_loss": [[5, 1.0], [10, 0.9], [15, 0.8]]}
+    assert dvar_status(dvar) == "window 15/40 steps (stops below 0.15)"
+    dvar.ratios = {"dvar_loss": [[40, 0.5], [45, 0.0961]]}
+    assert dvar_status(dvar) == "0.096 (stops below 0.15)"
+
+
+def test_parameter_line_is_one_line(tiny_sd):
+    line = parameter_line(TextualInversion(**ti_kwargs(tiny_sd)))
+    assert "\n" not in line
+    assert re.match(r"Parameters: \d+ trainable \(token_vectors\), [\d.]+ [KM]? ?frozen \(text_encoder, vae, unet\)",
+                    line), line
+
+
+def test_cli_adds_the_bar_and_summary_unless_told_otherwise():
+    added = default_terminal_callbacks({})
+    assert [type(c) for c in added] == [StepProgressBar, ParameterCountSummary]
+    assert default_terminal_callbacks({"enable_progress_bar": False, "enable_model_summary": False}) == []
+    from lightning.pytorch.callbacks import TQDMProgressBar
+
+    assert [type(c) for c in default_terminal_callbacks({"callbacks": [TQDMProgressBar()]})] == [ParameterCountSummary]
+
+
+# Lines that a normal run prints by design and that say nothing to the person at the terminal.
+NOISE = {
+    "litlogger tip": "💡 Tip",
+    "eval-mode warning": "in eval mode at the start of training",
+    "pytree deprecation": "LeafSpec",
+    "torchvision fallback": "requires torchvision",
+    "weights bar": "Loading weights",
+    "pipeline bar": "Loading pipeline components",
+    "embedding resize": "multivariate normal distribution",
+    "model summary table": "┃ Name",
+    "epoch bar": "Epoch 0/",
+    "summary callback notice": "Trainer already configured with model summary",
+}
+
+
+def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "lightning_custom", *args], capture_output=True, text=True, env=env,
+                          cwd=cwd, timeout=600)
+
+
+def test_quickstart_output_is_only_what_matters(tmp_path):
+    """The quickstart config on the tiny model, in a subprocess: no expected noise, the bar in steps, the stop line."""
+    run = tmp_path / "run"
+    result = run_cli("fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
+                     "--model.init_args.pretrained_model_name_or_path", "embedded:tiny-sd",
+                     "--data.init_args.resolution", "16", "--trainer.default_root_dir", str(run),
+                     "--trainer.max_steps", "200", "--dvar.window", "10", cwd=tmp_path)
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-3000:]
+    found = {name: line for name, needle in NOISE.items() for line in output.splitlines() if needle in line}
+    assert not found, found
+    assert re.search(r"^DVAR: variance ratio .* at step \d+; stopping\.$", output, re.M), output
+    stop = int(re.search(r"at step (\d+); stopping", output).group(1))
+    assert re.search(rf"step {stop}/200 ", output), output  # the bar's last frame, in steps
+    assert re.search(r"^Parameters: \d+ trainable \(token_vectors\)", output, re.M), output
