@@ -6,7 +6,8 @@ observe-only DVAR, ``--dvar.stop false``) and quality probes: ``world_probe_hist
 ``[step, identity_train, identity_eval, fidelity]`` (:class:`~lightning_custom.world.probe.WorldProbe`), plus,
 optionally, ``exact_probes.json`` beside it (``{"steps": {"125": [identity_train, identity_eval, fidelity]}}``,
 probes of saved weights at the steps where replayed rules stop, see
-:func:`lightning_custom.world.probe.probe_snapshots`).
+:func:`lightning_custom.world.probe.probe_snapshots`). On a real model, CLIP early stopping's ``clip_history``
+(CLIP-I of training-prompt samples; give it a patience longer than the run) serves as the identity probe.
 
 Definitions (all pure functions below):
 
@@ -79,10 +80,13 @@ def load_probed_run(summary_file: str | Path, name: str | None = None) -> Probed
     except (OSError, json.JSONDecodeError) as err:
         raise UserInputError(f"runs: cannot read {path}: {err}") from None
     history, probes = summary.get("dvar_history") or [], summary.get("world_probe_history") or []
+    if not probes and summary.get("clip_history"):  # a real model: CLIP-I of CLIPEarlyStopping's checks
+        probes = [[s, v, v, float("nan")] for s, v in summary["clip_history"]]
     if not history:
         raise UserInputError(f"runs: {path} has no dvar_history (train with DVAR observing: --dvar.stop false)")
     if not probes:
-        raise UserInputError(f"runs: {path} has no quality probes (world_probe_history); attach a WorldProbe")
+        raise UserInputError(f"runs: {path} has no quality probes (world_probe_history from a WorldProbe, or "
+                             "clip_history from CLIPEarlyStopping)")
     if summary.get("stopped_by") not in ("max_steps", "max_epochs", None):
         raise UserInputError(f"runs: {path} was stopped early ({summary.get('stopped_by')}); calibrate needs "
                              "full-length runs (--dvar.stop false)")

@@ -49,7 +49,6 @@ def test_calibrate_picks_the_known_best_setting():
     assert best.steps == (130, 130, 130, 130, 130)
     assert best.median_retention == 1.0 and best.worst_decile_retention == 0.5
     assert best.exact == 5
-    # A stricter target (every run, i.e. the worst one too, at 0.97) is not what the objective asks: the median.
     # An unreachable target recommends nothing, and the snippet says so instead of a dvar block.
     impossible = cal.calibrate(synthetic_runs(), 1.2, WINDOWS, THRESHOLDS, PERIODS)
     assert impossible.recommended is None
@@ -118,6 +117,9 @@ def test_calibrate_rejects_runs_without_probes_or_stopped_early(tmp_path, capsys
     with pytest.raises(SystemExit) as exit_info:
         main(["calibrate", str(tmp_path / "r")])
     assert exit_info.value.code == 2 and "no quality probes" in capsys.readouterr().err
+    clip = {**summary, "world_probe_history": [], "clip_history": [[25, 0.6], [50, 0.7]]}  # a real model's probes
+    (tmp_path / "r" / "summary.json").write_text(json.dumps(clip))
+    assert cal.load_probed_run(tmp_path / "r" / "summary.json").identity(60) == 0.7
     (tmp_path / "r" / "summary.json").write_text(json.dumps({**summary, "stopped_by": "dvar"}))
     with pytest.raises(UserInputError, match="stopped early"):
         cal.load_probed_run(tmp_path / "r" / "summary.json")
