@@ -19,11 +19,13 @@ import torch
 from lightning.pytorch.cli import LightningCLI
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
+from lightning_custom.callbacks.live_samples import LiveReport, LiveSamples
 from lightning_custom.callbacks.progress import default_terminal_callbacks
 from lightning_custom.commands import COMMANDS, run_command
 from lightning_custom.data.concept import ConceptDataModule, check_data_config
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods.base import PersonalizationModule
+from lightning_custom.provenance import RunFolderSaveConfig
 from lightning_custom.quiet import quiet_expected_noise
 
 # Trainer defaults for personalization: DVAR validates on its own cadence; no sanity check is needed
@@ -46,6 +48,8 @@ class PersonalizationCLI(LightningCLI):
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(DVAREarlyStopping, "dvar")
         parser.add_lightning_class_args(RunSummary, "summary")
+        parser.add_lightning_class_args(LiveSamples, "sample")  # a grid every N steps; off unless every_n_steps > 0
+        parser.add_lightning_class_args(LiveReport, "live_report")  # report.png redrawn while training
         parser.link_arguments("model.init_args.placeholder_token", "data.init_args.placeholder_token")
         parser.set_defaults({f"trainer.{k}": v for k, v in TRAINER_DEFAULTS.items()})
         # The paper evaluates L_det after every step: 30-45% of the wall time. Every 10 steps (the window still
@@ -97,6 +101,7 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             seed_everything_default=59,
+            save_config_callback=RunFolderSaveConfig,  # config.yaml also beside summary.json
             save_config_kwargs={"overwrite": True},
             args=argv if args is not None else None,
             parser_kwargs={"description": __doc__},

@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lightning_custom.io import publish, replace_path, staging_folder, write_json
+from lightning_custom.provenance import run_provenance
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.png"
@@ -350,6 +351,7 @@ def build_summary(trainer: L.Trainer, pl_module: L.LightningModule, wall_seconds
         # Steps not trained against the max_steps budget, and the time they would have cost at the measured rate.
         summary["steps_saved"] = max(0, trainer.max_steps - trainer.global_step)
         summary["seconds_saved"] = round(summary["steps_saved"] * summary["seconds_per_step"], 3)
+    summary.update(run_provenance(trainer, pl_module))  # model folder + fingerprint, seeds, concepts, versions
     for callback in trainer.callbacks:
         if hasattr(callback, "summary_fields"):
             summary.update(callback.summary_fields())
