@@ -302,6 +302,12 @@ def table_plots(methods: list[str], data: dict, out: Path) -> None:
                 ax.axvline(d["converged_length"], color="k", ls="--", lw=0.8, label="converged length")
                 ax.set_xlabel("step")
                 ax.set_ylabel("identity similarity")
+                # Does long training cost prompt fidelity here? (the paper's other half of the argument)
+                fidelity = [float(np.mean([r.probes[s][2] for r in part["runs"]])) for s in steps]
+                twin = ax.twinx()
+                twin.plot(steps, fidelity, color="tab:red", lw=0.8)
+                twin.set_ylabel("mean prompt fidelity", color="tab:red")
+                twin.set_ylim(0, 1.05)
             else:
                 ax.scatter(part["oracle"], part["oracle_dvar"], s=12)
                 top = max(part["oracle"] + part["oracle_dvar"] + [1])
