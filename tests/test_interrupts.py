@@ -1,0 +1,127 @@
+"""SIGTERM (what SLURM sends before it kills a job) and Ctrl-C: a resumable checkpoint, a summary that says so, a
+non-zero exit; resuming from that checkpoint ends exactly where an uninterrupted run ends."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+
+import lightning as L
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
+
+from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
+from lightning_custom.cli import main
+from lightning_custom.data import ConceptDataModule
+from lightning_custom.methods import TextualInversion
+from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
+from tests.test_cli import quick_args, run_cli
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+# Short enough for a test, long enough that DVAR stops well before max_steps.
+RUN = ("--dvar.window", "25", "--trainer.max_steps", "300")
+
+
+class SignalAtStep(Callback):
+    """Sends this process a signal once the given optimizer step has trained, as SLURM (or Ctrl-C) would."""
+
+    def __init__(self, step: int, signal_name: str = "SIGTERM") -> None:
+        self.step, self.signal_name, self.sent = step, signal_name, False
+
+    def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs, batch,
+                           batch_idx: int) -> None:
+        if trainer.global_step == self.step and not self.sent:
+            self.sent = True
+            os.kill(os.getpid(), getattr(signal, self.signal_name))
+
+
+@pytest.fixture(scope="module")
+def straight(tmp_path_factory, tiny_sd, concept_dir):
+    """An uninterrupted run's folder and summary."""
+    folder = tmp_path_factory.mktemp("straight")
+    main(quick_args(folder, concept_dir, tiny_sd, *RUN))
+    return folder, json.loads((folder / "summary.json").read_text())
+
+
+def interrupt(tmp_path, tiny_sd, concept_dir, step, signal_name):
+    signal_config = tmp_path / "signal.yaml"
+    signal_config.write_text(
+        "trainer:\n  callbacks:\n    - class_path: tests.test_interrupts.SignalAtStep\n"
+        f"      init_args: {{step: {step}, signal_name: {signal_name}}}\n"
+    )
+    folder = tmp_path / "run"
+    return folder, run_cli(*quick_args(folder, concept_dir, tiny_sd, *RUN, "--config", str(signal_config)))
+
+
+@pytest.mark.parametrize("step,signal_name,exit_code", [
+    pytest.param(12, "SIGTERM", 143, marks=pytest.mark.slow),  # between two DVAR evaluations (every 5 steps)
+    pytest.param(15, "SIGTERM", 143, marks=pytest.mark.slow),  # right after an evaluation
+    pytest.param(12, "SIGINT", 1, marks=pytest.mark.slow),  # Ctrl-C; Lightning exits 1
+], ids=["sigterm-mid-window", "sigterm-at-evaluation", "sigint"])
+def test_interrupted_run_saves_resumable_state_and_resumes_exactly(tmp_path, tiny_sd, concept_dir, straight, step,
+                                                                     signal_name, exit_code):
+    straight_folder, expected = straight
+    assert expected["stopped_by"] == "dvar" and expected["stop_step"] > step
+
+    folder, result = interrupt(tmp_path, tiny_sd, concept_dir, step, signal_name)
+    assert result.returncode == exit_code, result.stderr[-3000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    checkpoint = folder / "checkpoints" / "interrupted.ckpt"
+    assert summary["stopped_by"] == "interrupted" and summary["stop_step"] == step
+    assert summary["resume_checkpoint"] == str(checkpoint) and checkpoint.is_file()
+    assert f"--ckpt_path {checkpoint}" in summary["stop_reason"]
+    assert f"--ckpt_path {checkpoint}" in result.stderr  # said where it is, not only in the file
+    assert summary["artifacts"] == [] and not (folder / "learned_embeds.safetensors").exists()
+    # SIGTERM stops after the step; Ctrl-C lands inside it (here before the step's loss was recorded)
+    recorded = step if signal_name == "SIGTERM" else step - 1
+    assert [s for s, _ in summary["train_loss_history"]] == list(range(1, recorded + 1))
+    assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
+    state = torch.load(checkpoint, weights_only=False)
+    assert state["global_step"] == step
+    assert any(key.startswith("DVAREarlyStopping") for key in state["callbacks"])
+
+    resumed = run_cli(*quick_args(folder, concept_dir, tiny_sd, *RUN, "--ckpt_path", str(checkpoint)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["stopped_by"] == "dvar" and summary["stop_step"] == expected["stop_step"]
+    assert summary["dvar_history"] == expected["dvar_history"]
+    assert summary["resumed_from"] == str(checkpoint) and summary["resumed_at_step"] == step
+    assert f"resumed from {checkpoint} at step {step}" in summary["stop_reason"]
+    trained = [s for s, _ in summary["train_loss_history"]]
+    assert trained == [s for s in range(1, expected["stop_step"] + 1) if s != step or s <= recorded]
+    weights = load_file(folder / "learned_embeds.safetensors")
+    expected_weights = load_file(straight_folder / "learned_embeds.safetensors")
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
+
+
+def fit(root, tiny_sd, concept_dir, callbacks=(), ckpt_path=None):
+    module = TextualInversion(**ti_kwargs(tiny_sd, learning_rate=0.02))
+    dvar = DVAREarlyStopping(window=15, threshold=0.15, eval_every_n_steps=3, verbose=False)
+    trainer = L.Trainer(max_steps=200, callbacks=[dvar, RunSummary(report=False), *callbacks],
+                        **trainer_kwargs(root))
+    trainer.fit(module, datamodule=ConceptDataModule(**data_kwargs(concept_dir)), ckpt_path=ckpt_path)
+    return json.loads((root / "summary.json").read_text())
+
+
+def test_sigterm_in_process_exits_143_with_a_checkpoint_and_resumes_to_the_same_stop(tmp_path, tiny_sd, concept_dir):
+    expected = fit(tmp_path / "straight", tiny_sd, concept_dir)
+    assert expected["stopped_by"] == "dvar" and expected["stop_step"] > 7
+    with pytest.raises(SystemExit) as stopped:  # Lightning's SIGTERMException
+        fit(tmp_path / "run", tiny_sd, concept_dir, [SignalAtStep(7)])
+    assert stopped.value.code == 143
+    checkpoint = tmp_path / "run" / "checkpoints" / "interrupted.ckpt"
+    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert summary["stopped_by"] == "interrupted" and summary["stop_step"] == 7
+    assert summary["resume_checkpoint"] == str(checkpoint) and checkpoint.is_file()
+    assert summary["stop_reason"].startswith("Interrupted by SIGTERM at step 7")
+    assert summary["files"] == ["checkpoints/interrupted.ckpt", "summary.json"]
+    left = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != ".lock")  # .lock: the run folder's lock
+    assert left == ["checkpoints", "summary.json"]
+    assert signal.getsignal(signal.SIGTERM) in (signal.SIG_DFL, None)  # Lightning restored the handler
+    resumed = fit(tmp_path / "run", tiny_sd, concept_dir, ckpt_path=str(checkpoint))
+    assert resumed["stop_step"] == expected["stop_step"] and resumed["stopped_by"] == "dvar"
+    assert resumed["dvar_history"] == expected["dvar_history"]
+    assert resumed["resumed_from"] == str(checkpoint) and resumed["resumed_at_step"] == 7
