@@ -95,27 +95,30 @@ def run_phase(args) -> int:
     work, results = Path(args.workdir), Path(args.results) / "runs"
     concepts = heldout_concepts(max(parse_concepts(args.concepts)) + 1)
     start = time.time()
-    for index in parse_concepts(args.concepts):
+    jobs = [(index, method) for index in parse_concepts(args.concepts) for method in args.methods]
+    if args.shard:
+        k, n = (int(x) for x in args.shard.split("/"))
+        jobs = jobs[k::n]
+    for index, method in jobs:
         concept = concepts[index]
         if not (work / "concepts" / concept.name).exists():
             concept.write_images(work / "concepts" / concept.name)
-        for method in args.methods:
-            run_dir, config_file = run_paths(work, method, concept.name)
-            began = time.time()
-            trained = not (run_dir / "summary.json").exists()
-            summary = v1.fit(long_config(method, concept, args), config_file)
-            exact = exact_probe(run_dir, config_file)
-            if method not in KEEP_SNAPSHOTS:
-                shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
-            target = results / method / concept.name
-            target.mkdir(parents=True, exist_ok=True)
-            shutil.copy(run_dir / "summary.json", target / "summary.json")
-            if (run_dir / "exact_probes.json").exists():
-                shutil.copy(run_dir / "exact_probes.json", target / "exact_probes.json")
-            print(f"[{time.strftime('%H:%M:%S')} +{time.time() - start:.0f}s] {method} {concept.name}: "
-                  f"{'trained' if trained else 'reused'} in {time.time() - began:.0f}s (train "
-                  f"{summary['wall_seconds']:.0f}s of which probes {summary.get('world_probe_seconds', 0):.0f}s; "
-                  f"{len(exact['steps'])} exact probes in {exact.get('seconds', 0):.0f}s)", flush=True)
+        run_dir, config_file = run_paths(work, method, concept.name)
+        began = time.time()
+        trained = not (run_dir / "summary.json").exists()
+        summary = v1.fit(long_config(method, concept, args), config_file)
+        exact = exact_probe(run_dir, config_file)
+        if method not in KEEP_SNAPSHOTS:
+            shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
+        target = results / method / concept.name
+        target.mkdir(parents=True, exist_ok=True)
+        shutil.copy(run_dir / "summary.json", target / "summary.json")
+        if (run_dir / "exact_probes.json").exists():
+            shutil.copy(run_dir / "exact_probes.json", target / "exact_probes.json")
+        print(f"[{time.strftime('%H:%M:%S')} +{time.time() - start:.0f}s] {method} {concept.name}: "
+              f"{'trained' if trained else 'reused'} in {time.time() - began:.0f}s (train "
+              f"{summary['wall_seconds']:.0f}s of which probes {summary.get('world_probe_seconds', 0):.0f}s; "
+              f"{len(exact['steps'])} exact probes in {exact.get('seconds', 0):.0f}s)", flush=True)
     return 0
 
 
@@ -234,8 +237,12 @@ def method_rows(args, method: str, calibration: list, test: list, pace: dict[str
                 probe_missing(args, method, runs, stops[variant])
             result = cal.outcome(variant, runs, stops[variant], references)
             seconds = [step * pace.get(r.name, 0.0) for step, r in zip(stops[variant], runs)]
-            rows[variant] = {"outcome": result, "identity": [ref * x for ref, x in zip(references, result.retention)],
-                             "seconds": seconds}
+            identity = [ref * x for ref, x in zip(references, result.retention)]
+            # The first edition read a stop's quality at the last periodic probe before it: how far off was that?
+            earlier = [r.probes[max(p for p in r.probes if p <= step)][1] for r, step in zip(runs, stops[variant])]
+            bias = [old - new for old, new, step, r in zip(earlier, identity, stops[variant], runs)
+                    if step not in r.probes and step in r.exact]
+            rows[variant] = {"outcome": result, "identity": identity, "seconds": seconds, "old_reading_bias": bias}
         oracle = [cal.oracle_step(r, ref) for r, ref in zip(runs, references)]
         dvar = stops.get("dvar_calibrated", stops["dvar_paper"])
         out["splits"][split] = {"runs": runs, "references": references, "rows": rows, "oracle": oracle,
@@ -388,6 +395,19 @@ def table_phase(args) -> int:
                     csv_rows.append({"method": method, "split": split, "concept": run.name, "variant": variant,
                                      "step": step, "identity": round(ident, 5), "retention": round(ret, 5),
                                      "fidelity": fid, "seconds": round(sec, 2)})
+    lines += ["", "## The first edition's reading", "",
+              "Identity read at the last periodic probe before the stop minus identity probed at the stop itself, "
+              "over the stops that fall between probes (test split, else calibration split).", "",
+              "| method | variant | stops between probes | median bias | most negative | most positive |",
+              "|---|---|---|---|---|---|"]
+    for method in args.methods:
+        splits = data[method]["splits"]
+        part = splits.get("test") or splits.get("calibration")
+        for variant, row in (part["rows"].items() if part else []):
+            bias = row["old_reading_bias"]
+            if variant.startswith("dvar") and bias:
+                lines.append(f"| {method} | {variant} | {len(bias)}/{len(part['runs'])} | {np.median(bias):+.4f} | "
+                             f"{min(bias):+.4f} | {max(bias):+.4f} |")
     lines += ["", "Figures: `table1_v2_stops.png`, `table1_v2_quality_vs_step.png`, `table1_v2_oracle.png`.", ""]
     out = results
     out.mkdir(parents=True, exist_ok=True)
@@ -423,6 +443,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concept", default=None, help="noise: the concept folder name, e.g. c000-new_shape")
     parser.add_argument("--steps-to-probe", type=int, nargs="+", default=None, help="noise: snapshot steps")
     parser.add_argument("--seeds", type=int, default=16, help="noise: sampling seeds")
+    parser.add_argument("--shard", default=None, metavar="K/N", help="run: only jobs K, K+N, ... of the (concept, "
+                        "method) list, so N processes can share the runs (e.g. 0/2 and 1/2 on two free cores)")
     parser.add_argument("--probe-missing", action="store_true", help="table: probe, from the work folder's "
                         "snapshots, stop steps that have no probe yet (e.g. the fixed budget)")
     args = parser.parse_args(argv)
