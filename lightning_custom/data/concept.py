@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import importlib
 import logging
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,7 +15,7 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler
+from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
 
 from lightning_custom.data.class_images import WithClassSamples
 from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
@@ -320,6 +321,8 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         if module is None or stage != "fit":
             return
         self.match_placeholder(module)
+        # The training loader's collate tokenizes the captions with the module's tokenizer(s) (issue 15).
+        self.caption_tokenizer = module.caption_tokenizer() if hasattr(module, "caption_tokenizer") else None
         if any(images is None for images in self.class_images):
             self.load_class_images(module)
         tokens = getattr(module, "placeholder_tokens", None)
@@ -379,6 +382,7 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             drop_last=len(dataset) >= self.batch_size,
             persistent_workers=self.num_workers > 0,
             progress=self._progress,
+            collate_fn=partial(collate_with_token_ids, tokenize=getattr(self, "caption_tokenizer", None)),
         )
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
@@ -453,6 +457,22 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             else:
                 out["timesteps"] = distinct_timesteps(size, spec.num_train_timesteps, generator=generator)
         return out
+
+
+def collate_with_token_ids(
+    items: list[dict[str, Any]], tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
+) -> dict[str, Any]:
+    """``default_collate``, plus the captions' token ids from ``tokenize`` (class captions' as ``class_<key>``).
+
+    Tokenizing here, in the loader (its workers, when it has some), takes it off the training step.
+    """
+    batch = default_collate(items)
+    if tokenize is not None:
+        batch.update(tokenize(batch["caption"]))
+        if "class_caption" in batch:
+            batch.update({f"class_{key}": ids for key, ids in tokenize(batch["class_caption"]).items()})
+    return batch
+
 
 
 def check_concept_images(init_args: Mapping[str, Any]) -> None:

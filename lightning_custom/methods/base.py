@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, Literal
 
@@ -14,6 +16,7 @@ from lightning_custom import sdxl
 from lightning_custom.components import StableDiffusionComponents, WeightDtype, load_components
 from lightning_custom.data.concept import EvalBatchSpec
 from lightning_custom.errors import UserInputError
+from lightning_custom.methods.tokens import CaptionTokenizer, batch_input_ids, tokenize_captions
 from lightning_custom.diffusion import (
     add_noise,
     diffusion_mse,
@@ -25,6 +28,7 @@ from lightning_custom.diffusion import (
 )
 
 _RNG_KEY = "lightning_custom_train_rng"
+_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def adamw_8bit(params: list[nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
@@ -105,6 +109,7 @@ class PersonalizationModule(L.LightningModule, ABC):
         self._pending_rng_state: torch.Tensor | None = None
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._eval_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._module_dtypes: dict[str, torch.dtype] = {}
         self.configure_models()
         self.configure_trainable()
         self.configure_speed()
@@ -165,6 +170,27 @@ class PersonalizationModule(L.LightningModule, ABC):
         """Whether anything outside the UNet and VAE trains (text-encoder weights, LoRA or new token vectors)."""
         return any(p.requires_grad for n, p in self.named_parameters() if not n.startswith(("unet.", "vae.")))
 
+    def module_dtype(self, name: str) -> torch.dtype:
+        """The dtype of submodule ``name`` (``"unet"``, ``"vae"``, ``"text_encoder"``...), read once.
+
+        diffusers' ``ModelMixin.dtype`` walks every submodule (1.9 ms per call on SD 1.5, 5.5 ms with LoRA), too
+        slow for every step. Moving the module (``.to()``, ``.half()``, Lightning's ``16-true``) clears the cache.
+        """
+        dtype = self._module_dtypes.get(name)
+        if dtype is None:
+            module = getattr(self, name)
+            dtype = getattr(module, "dtype", None) or next(module.parameters()).dtype
+            self._module_dtypes[name] = dtype
+        return dtype
+
+    def _apply(self, fn: Callable, *args: Any, **kwargs: Any) -> PersonalizationModule:
+        self._module_dtypes = {}  # .to()/.half()/.float() may change them
+        return super()._apply(fn, *args, **kwargs)
+
+    def frozen_half_precision(self, name: str) -> contextlib.AbstractContextManager:
+        """Run submodule ``name`` outside autocast when it is held in half precision (see :func:`autocast_off_for`)."""
+        return autocast_off_for(self.module_dtype(name), self.device)
+
     @abstractmethod
     def configure_trainable(self) -> None:
         """Unfreeze or add the parameters this method trains."""
@@ -199,29 +225,36 @@ class PersonalizationModule(L.LightningModule, ABC):
     def tokenize(self, captions: list[str], tokenizer: Any = None) -> torch.Tensor:
         """Token ids padded to the tokenizer's max length, as SD pipelines do (``tokenizer``: default the first)."""
         tokenizer = self.tokenizer if tokenizer is None else tokenizer
-        return tokenizer(
-            self.prepare_captions(list(captions)),
-            padding="max_length",
-            max_length=tokenizer.model_max_length,
-            truncation=True,
-            return_tensors="pt",
-        ).input_ids.to(self.device)
+        return tokenize_captions(tokenizer, self.prepare_captions(list(captions))).to(self.device)
+
+    def caption_tokenizer(self) -> CaptionTokenizer:
+        """What the data loader's collate calls to tokenize the batch's captions (``input_ids``, ``input_ids_2``).
+
+        Tokenizing in the loader (in its workers, when it has some) takes it off the training step; the data
+        module asks for this at setup. Captions go through :meth:`prepare_captions` first.
+        """
+        return CaptionTokenizer(self.tokenizers, self.prepare_captions)
 
     def encode_prompt(self, captions: list[str]) -> torch.Tensor:
         """Text-encoder hidden states for ``captions`` (the UNet's cross-attention context).
 
         For SDXL, both encoders' penultimate hidden states, concatenated (as ``StableDiffusionXLPipeline``).
         """
-        if self.is_sdxl:
-            return self.encode_text(captions)["encoder_hidden_states"]
-        return self.text_encoder(self.tokenize(captions))[0]
+        return self.encode_text(captions)["encoder_hidden_states"]
 
-    def encode_text(self, captions: list[str]) -> dict[str, torch.Tensor]:
-        """The text part of the UNet conditioning: ``encoder_hidden_states``, and SDXL's pooled ``text_embeds``."""
-        if not self.is_sdxl:
-            return {"encoder_hidden_states": self.encode_prompt(captions)}
-        ids = [self.tokenize(captions, tokenizer) for tokenizer in self.tokenizers]
-        hidden, pooled = sdxl.encode_prompts(self.text_encoders, ids)
+    def encode_text(
+        self, captions: list[str], input_ids: list[torch.Tensor] | None = None
+    ) -> dict[str, torch.Tensor]:
+        """The text part of the UNet conditioning: ``encoder_hidden_states``, and SDXL's pooled ``text_embeds``.
+
+        ``input_ids`` (one tensor per text encoder, e.g. from the data loader) spares tokenizing ``captions``.
+        """
+        if input_ids is None:
+            input_ids = [self.tokenize(captions, tokenizer) for tokenizer in self.tokenizers]
+        with self.frozen_half_precision("text_encoder"):
+            if not self.is_sdxl:
+                return {"encoder_hidden_states": self.text_encoder(input_ids[0])[0]}
+            hidden, pooled = sdxl.encode_prompts(self.text_encoders, input_ids)
         return {"encoder_hidden_states": hidden, "text_embeds": pooled}
 
     def unet_conditioning(self, batch: dict[str, Any], text: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
@@ -231,7 +264,7 @@ class PersonalizationModule(L.LightningModule, ABC):
         embedding and the time ids, per sample from the batch's ``original_size`` and ``crop_top_left`` and the
         size of its images.
         """
-        text = self.encode_text(batch["caption"]) if text is None else text
+        text = self.encode_text(batch["caption"], batch_input_ids(batch)) if text is None else text
         if not self.is_sdxl:
             return {"encoder_hidden_states": text["encoder_hidden_states"]}
         return sdxl.unet_kwargs(text, batch["original_size"], batch["crop_top_left"],
@@ -254,7 +287,8 @@ class PersonalizationModule(L.LightningModule, ABC):
             if cache_keys is not None:
                 mean, std = self._cached_latent_distribution(pixel_values, cache_keys)
             else:
-                dist = self.vae.encode(pixel_values.to(self.vae.dtype)).latent_dist
+                with self.frozen_half_precision("vae"):
+                    dist = self.vae.encode(pixel_values.to(self.module_dtype("vae"))).latent_dist
                 mean, std = dist.mean.float(), dist.std.float()
             if standard_normal is None:
                 standard_normal = torch.randn(mean.shape, generator=self.generator, device=self.device)
@@ -267,7 +301,8 @@ class PersonalizationModule(L.LightningModule, ABC):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         for index, key in enumerate(keys):
             if key not in self._latent_cache:
-                dist = self.vae.encode(pixel_values[index : index + 1].to(self.vae.dtype)).latent_dist
+                with self.frozen_half_precision("vae"):
+                    dist = self.vae.encode(pixel_values[index : index + 1].to(self.module_dtype("vae"))).latent_dist
                 self._latent_cache[key] = (dist.mean.float()[0], dist.std.float()[0])
         pairs = [self._latent_cache[key] for key in keys]
         return torch.stack([m for m, _ in pairs]).to(self.device), torch.stack([s for _, s in pairs]).to(self.device)
@@ -291,10 +326,11 @@ class PersonalizationModule(L.LightningModule, ABC):
     ) -> torch.Tensor:
         """MSE between the UNet prediction on noised latents and the prediction-type target."""
         noisy = add_noise(self.alphas_cumprod, latents, noise, timesteps)
-        dtype = self.unet.dtype
+        dtype = self.module_dtype("unet")
         conditioning = _to_dtype(conditioning, dtype)
         target = diffusion_target(self.prediction_type, self.alphas_cumprod, latents, noise, timesteps)
-        prediction = self.unet(noisy.to(dtype), timesteps, **conditioning).sample
+        with self.frozen_half_precision("unet"):
+            prediction = self.unet(noisy.to(dtype), timesteps, **conditioning).sample
         return diffusion_mse(prediction, target, reduction=reduction)
 
     def training_loss(self, batch: dict[str, Any], reduction: str = "mean") -> torch.Tensor:
@@ -329,8 +365,27 @@ class PersonalizationModule(L.LightningModule, ABC):
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
         """One optimizer step's loss."""
         loss = self.training_loss(batch)
-        self.log("train_loss", loss, prog_bar=True, batch_size=batch["pixel_values"].shape[0])
+        self.log_training_losses({"train_loss": loss}, batch["pixel_values"].shape[0])
         return loss
+
+    def log_training_losses(self, losses: dict[str, torch.Tensor], batch_size: int) -> None:
+        """Log the step's losses on the steps the loggers write (``log_every_n_steps``), with no host sync.
+
+        Logging a tensor does not read it: the logger does, every ``log_every_n_steps``. ``prog_bar=True`` would
+        read it after every batch (Lightning turns progress-bar metrics into Python numbers), a device sync per
+        step, so the losses are not on the bar; a bar can show ``trainer.callback_metrics["train_loss"]`` when it
+        refreshes. Skipping the other steps also skips ``self.log``'s own bookkeeping.
+        """
+        if self.logs_this_step():
+            self.log_dict({name: loss.detach() for name, loss in losses.items()}, batch_size=batch_size)
+
+    def logs_this_step(self) -> bool:
+        """Whether the trainer's loggers write this training step (so that logging it is not wasted work)."""
+        trainer = self._trainer
+        if trainer is None or not trainer.loggers:
+            return False
+        connector = getattr(trainer, "_logger_connector", None)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor:
         """Log DVAR's deterministic loss as ``dvar_loss`` (averaged over ranks, so every rank sees one value).
@@ -385,6 +440,21 @@ class PersonalizationModule(L.LightningModule, ABC):
         if _RNG_KEY in checkpoint:
             self._pending_rng_state = checkpoint[_RNG_KEY]
             self._generator = None
+
+
+def autocast_off_for(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
+    """``torch.autocast(enabled=False)`` when autocast is on and ``dtype`` is fp16/bf16; a no-op otherwise.
+
+    A frozen model held in half precision gains nothing from autocast: its matmuls and convolutions already run in
+    half precision, and autocast only adds casts and upcasts every norm's output to fp32, which doubles the bytes
+    the elementwise ops after it move (SD 1.5 at CUDA's cast rules: 4095 ops per step inside autocast, 3389 outside;
+    ``benchmarks/throughput.py --profile-ops``). diffusers' examples keep their fp16 UNet outside autocast too. The
+    caller casts the inputs to ``dtype``; fp32 trainables inside (LoRA, Custom Diffusion's K/V) cast their own
+    input and output, so their gradients stay fp32.
+    """
+    if dtype in _HALF_DTYPES and torch.is_autocast_enabled(device.type):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
 
 
 def _to_dtype(value: Any, dtype: torch.dtype) -> Any:

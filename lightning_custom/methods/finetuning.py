@@ -146,9 +146,8 @@ class FineTuningModule(PersonalizationModule):
             return super().training_step(batch, batch_idx)
         instance, klass = self.prior_losses(batch)
         loss = prior_preservation_loss(instance, klass, self.prior_loss_weight)
-        size = batch["pixel_values"].shape[0]
-        self.log("train_loss", loss, prog_bar=True, batch_size=size)
-        self.log_dict({"train_instance_loss": instance.detach(), "train_class_loss": klass.detach()}, batch_size=size)
+        self.log_training_losses({"train_loss": loss, "train_instance_loss": instance, "train_class_loss": klass},
+                                 batch["pixel_values"].shape[0])
         return loss
 
     def clips_gradients(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -60,12 +61,14 @@ class TokenVectors(nn.Module):
     def __init__(self, token_ids: list[int], initial: torch.Tensor) -> None:
         super().__init__()
         self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.long), persistent=False)
+        # The same ids as Python ints for the splice: reading the device buffer every step would sync the GPU.
+        self.token_id_list: tuple[int, ...] = tuple(int(i) for i in token_ids)
         self.vectors = nn.Parameter(initial.detach().clone().float())
 
     def splice(self, input_ids: torch.Tensor, embeddings: torch.Tensor) -> torch.Tensor:
         """``embeddings`` with the rows of the new tokens replaced by the trainable vectors."""
         out = embeddings
-        for row, token_id in enumerate(self.token_ids.tolist()):
+        for row, token_id in enumerate(self.token_id_list):
             mask = (input_ids == token_id).unsqueeze(-1)
             out = torch.where(mask, self.vectors[row].to(out.dtype), out)
         return out
@@ -81,6 +84,44 @@ class TokenVectors(nn.Module):
     def write_into(self, embedding: nn.Embedding) -> None:
         """Copy the learned vectors into the embedding matrix (for export or plain inference)."""
         embedding.weight[self.token_ids] = self.vectors.to(embedding.weight.dtype)
+
+
+INPUT_ID_KEYS = ("input_ids", "input_ids_2")  # batch keys of the token ids of each text encoder
+
+
+def tokenize_captions(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
+    """Token ids padded to the tokenizer's max length, as SD pipelines do (a CPU tensor)."""
+    return tokenizer(
+        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        return_tensors="pt",
+    ).input_ids
+
+
+class CaptionTokenizer:
+    """Captions to token ids for every text encoder, in the data loader's collate instead of the training step.
+
+    Args:
+        tokenizers: one per text encoder (two for SDXL).
+        prepare_captions: rewrites captions first (e.g. writes a multi-vector placeholder out as its tokens).
+    """
+
+    def __init__(self, tokenizers: Sequence[Any], prepare_captions: Callable[[list[str]], list[str]] | None = None):
+        self.tokenizers = list(tokenizers)
+        self.prepare_captions = prepare_captions
+
+    def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
+        """``{"input_ids": (B, 77) ids}`` (and ``"input_ids_2"`` for a second tokenizer)."""
+        captions = list(captions)
+        if self.prepare_captions is not None:
+            captions = self.prepare_captions(captions)
+        return {key: tokenize_captions(tok, captions) for key, tok in zip(INPUT_ID_KEYS, self.tokenizers)}
+
+
+def batch_input_ids(batch: dict[str, Any]) -> list[torch.Tensor] | None:
+    """The batch's token ids, one tensor per text encoder, when the loader tokenized it; else ``None``."""
+    if INPUT_ID_KEYS[0] not in batch:
+        return None
+    return [batch[key] for key in INPUT_ID_KEYS if key in batch]
 
 
 def learn_new_token(
