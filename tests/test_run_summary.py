@@ -281,3 +281,30 @@ def current_umask():
     umask = os.umask(0)
     os.umask(umask)
     return umask
+
+
+# --- DDP ---------------------------------------------------------------------------------------------------------
+
+
+class RecordMicroLosses(Callback):
+    """Writes each rank's micro-batch losses to rank<k>.json."""
+
+    def __init__(self, out):
+        self.out = out
+
+    def on_fit_end(self, trainer, pl_module):
+        path = os.path.join(self.out, f"rank{trainer.global_rank}.json")
+        with open(path, "w") as f:
+            json.dump(pl_module.micro_losses, f)
+
+
+@pytest.mark.slow  # two spawned processes: ~100 s on a busy 2-core CPU
+def test_ddp_training_loss_is_the_mean_over_ranks(tmp_path):
+    fit(tmp_path, callbacks=[RecordMicroLosses(str(tmp_path))], max_steps=4, accumulate_grad_batches=2,
+        strategy="ddp_spawn", devices=2)
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert ranks[0] != ranks[1]  # each rank trains on its own batches
+    expected = [(sum(ranks[0][2 * i : 2 * i + 2]) + sum(ranks[1][2 * i : 2 * i + 2])) / 4 for i in range(4)]
+    history = read_summary(tmp_path)["train_loss_history"]
+    assert [s for s, _ in history] == [1, 2, 3, 4]
+    assert [v for _, v in history] == pytest.approx(expected, rel=1e-6)
