@@ -117,6 +117,7 @@ def test_sigterm_in_process_exits_143_with_a_checkpoint_and_resumes_to_the_same_
     assert summary["stopped_by"] == "interrupted" and summary["stop_step"] == 7
     assert summary["resume_checkpoint"] == str(checkpoint) and checkpoint.is_file()
     assert summary["stop_reason"].startswith("Interrupted by SIGTERM at step 7")
+    assert summary["steps_saved"] is None and summary["artifacts"] == []  # paused, not finished
     assert summary["files"] == ["checkpoints/interrupted.ckpt", "summary.json"]
     left = sorted(p.name for p in (tmp_path / "run").iterdir() if p.name != ".lock")  # .lock: the run folder's lock
     assert left == ["checkpoints", "summary.json"]

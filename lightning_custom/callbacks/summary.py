@@ -208,7 +208,9 @@ class RunSummary(Callback):
             export = self.export and not interrupted and withheld is None
             artifacts = pl_module.export_artifacts(staging) if export else []
             summary = build_summary(trainer, pl_module, wall, artifacts)
-            summary.update(interrupted or {})
+            if interrupted:
+                # Nothing was saved against the budget: the run is paused, not finished.
+                summary.update(interrupted, steps_saved=None, seconds_saved=None)
             if withheld is not None:
                 summary["artifacts_withheld"] = withheld
                 summary["stop_reason"] = f"{summary['stop_reason']} {withheld}".strip()
