@@ -260,8 +260,8 @@ def method_markdown(method: str, data: dict, split: str) -> list[str]:
         o = row["outcome"]
         lines.append(f"| {method} | {variant} | {np.median(row['identity']):.3f} | {o.median_retention:.3f} | "
                      f"{o.worst_decile_retention:.3f} | {np.median(o.fidelity):.2f} | {o.mean_steps:.0f} | "
-                     f"{np.median(o.steps):.0f} | {length / max(o.mean_steps, 1):.1f} | {np.mean(row['seconds']):.1f} | "
-                     f"{o.exact}/{len(o.steps)} |")
+                     f"{np.median(o.steps):.0f} | {length / max(o.mean_steps, 1):.1f} | "
+                     f"{np.mean(row['seconds']):.1f} | {o.exact}/{len(o.steps)} |")
     return lines
 
 
