@@ -355,7 +355,9 @@ def table_phase(args) -> int:
              "never rises more than 1%. Retention: identity / the concept's converged identity (mean of its probes "
              "from the converged length or half the run on). Worst decile: the mean retention of the worst 10% of "
              "concepts. Speed-up: converged length / mean steps. Seconds: steps x the run's measured seconds per "
-             "step on this shared CPU. Sampling seeds are the same at every probe (differences are paired).", ""]
+             "step on this shared CPU. Sampling seeds are the same at every probe (differences are paired). "
+             "Oracle step: the earliest probed step (periodic or exact) reaching 97% of the converged identity; "
+             "DVAR in the oracle scatter is the calibrated setting (else the paper's ratio).", ""]
     for n in noise:
         report = json.loads(n.read_text())
         sds = ", ".join(f"step {s}: {v['sd_over_seeds']:.4f}" for s, v in report["steps"].items())
