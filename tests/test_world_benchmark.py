@@ -146,3 +146,34 @@ def test_table1_v2_smoke_on_two_concepts(tmp_path):
     # a rerun reuses every run (nothing retrained) and writes the same table
     assert v2.main(["run", "--concepts", "0,50", *common]) == 0
     assert v2.v1.TRAINED["runs"] == 2
+
+
+def test_table1_v2_rows_on_synthetic_runs():
+    """The second edition's rows: full length = the converged length, every rule capped there, the fixed budget at
+    the calibrated DVAR's mean cost, few iters at encoder early stopping's; no training needed."""
+    import argparse
+
+    import numpy as np
+
+    from tests.test_calibrate import synthetic_run
+
+    v2 = load_table1_v2()
+    calibration = [synthetic_run(at, f"c00{i}-x", max_steps=600) for i, at in enumerate((130, 130, 130, 150, 150))]
+    test = [synthetic_run(at, f"c05{i}-x", max_steps=600) for i, at in enumerate((130, 150, 150, 200, 130))]
+    for run in calibration + test:  # training-prompt identity (encoder ES reads it) = evaluation identity
+        run.probes = {s: [row[1], row[1], row[2]] for s, row in run.probes.items()}
+    args = argparse.Namespace(probe_missing=False, workdir="unused", results="unused")
+    data = v2.method_rows(args, "textual_inversion", calibration, test, {r.name: 0.5 for r in calibration + test})
+    assert data["converged_length"] == 130
+    assert data["calibrated"] is not None
+    rows = data["splits"]["test"]["rows"]
+    assert rows["full_length"]["outcome"].steps == (130,) * 5
+    assert all(s <= 130 for variant in rows.values() for s in variant["outcome"].steps)
+    mean_dvar = np.mean(rows["dvar_calibrated"]["outcome"].steps)
+    assert rows["fixed_budget"]["outcome"].steps == (v2.to_eval_step(mean_dvar),) * 5
+    assert rows["few_iters"]["outcome"].steps == (v2.to_eval_step(np.mean(rows["encoder_es"]["outcome"].steps)),) * 5
+    # at step 130, the concepts learned at 150 and 200 keep 0.5 of their identity: the worst decile shows it
+    assert rows["full_length"]["outcome"].median_retention == 0.5
+    assert rows["full_length"]["outcome"].worst_decile_retention == 0.5
+    assert rows["full_length"]["seconds"] == [65.0] * 5
+    assert data["splits"]["test"]["oracle"] == [130, 150, 150, 200, 130]
