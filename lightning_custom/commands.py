@@ -180,6 +180,7 @@ def calibrate(
     windows: list[int] | None = None,
     thresholds: list[float] | None = None,
     eval_every: list[int] | None = None,
+    budget: int | None = None,
     output: str = "dvar_calibrated.yaml",
 ) -> dict:
     """Recommend DVAR's (window, threshold, eval period) from finished full-length runs that carry quality probes.
@@ -193,13 +194,14 @@ def calibrate(
         windows: DVAR windows in optimizer steps (default: 20, 40, 60, 80, 120, 160, 240, 320, 440).
         thresholds: DVAR thresholds (default: 0.05, 0.1, 0.15, 0.2, 0.3, 0.4).
         eval_every: evaluation periods in steps, multiples of the runs' own (default: 5, 10, 20).
+        budget: the most steps you would train (a rule stops here at the latest; default: each run's length).
         output: where to write the YAML snippet (the dvar: block to paste into a config).
     """
     from lightning_custom import calibrate as cal
 
     probed = cal.load_probed_runs(runs)
     result = cal.calibrate(probed, target, windows or cal.DEFAULT_WINDOWS, thresholds or cal.DEFAULT_THRESHOLDS,
-                           eval_every or cal.DEFAULT_EVAL_EVERY)
+                           eval_every or cal.DEFAULT_EVAL_EVERY, budget=budget)
     snippet = cal.yaml_snippet(result, len(probed))
     Path(output).write_text(snippet)
     print(f"{len(probed)} runs, converged length {result.converged_length} steps, target {target:g}\n")

@@ -104,6 +104,10 @@ def test_calibrate_command_writes_the_snippet(tmp_path, capsys):
 
     assert yaml.safe_load(out.read_text())["dvar"] == {"window": 40, "threshold": 1e-6, "eval_every_n_steps": 10}
     assert "**recommended**" in capsys.readouterr().out
+    # A budget of 125 steps caps every stop before the concepts are learned: nothing keeps 0.97.
+    main(["calibrate", str(tmp_path / "runs"), "--windows", "[20, 40, 80]", "--thresholds", "[1e-6]",
+          "--eval_every", "[5, 10, 20]", "--budget", "125", "--output", str(out)])
+    assert "dvar:" not in out.read_text() and "no setting kept" in out.read_text()
     loaded = cal.load_probed_runs([tmp_path / "runs"])
     assert sorted(r.name for r in loaded) == ["a", "b", "c", "d", "e"]
 
