@@ -1,32 +1,44 @@
 """``python -m lightning_custom``: a LightningCLI for every method, with DVAR and the run summary built in.
 
-Besides fit/validate/..., five subcommands work on finished runs (see ``python -m lightning_custom <name> --help``):
-``sample`` (images with the learned concept), ``evaluate`` (CLIP-I, CLIP-T, DINO into metrics.json),
-``replay`` (where DVAR would have stopped, for a grid of window x threshold), ``gather`` (many runs'
-summaries in one table, e.g. after a SLURM job array) and ``before_after`` (on the embedded world model: the
-concept sampled before and after training, with the world encoder's identity similarity).
+Besides ``fit`` and ``validate`` (L_det on DVAR's evaluation batch), five subcommands work on finished runs (see
+``python -m lightning_custom <name> --help``): ``sample`` (images with the learned concept), ``evaluate`` (CLIP-I,
+CLIP-T, DINO into metrics.json), ``replay`` (where DVAR would have stopped, for a grid of window x threshold),
+``gather`` (many runs' summaries in one table, e.g. after a SLURM job array) and ``before_after`` (on the embedded
+world model: the concept sampled before and after training, with the world encoder's identity similarity).
 """
 
 from __future__ import annotations
 
+import itertools
 import os
+import re
 import sys
 from collections.abc import Sequence
-from typing import Optional
+from typing import NoReturn, Optional
 
 import torch
 
-from lightning.pytorch.cli import LightningCLI
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.callbacks.live_samples import LiveReport, LiveSamples
 from lightning_custom.callbacks.progress import default_terminal_callbacks
 from lightning_custom.commands import COMMANDS, run_command
 from lightning_custom.data.concept import ConceptDataModule, check_data_config
+from lightning_custom.data.templates import check_templates
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods.base import PersonalizationModule
 from lightning_custom.provenance import RunFolderSaveConfig
 from lightning_custom.quiet import quiet_expected_noise
+from lightning_custom.run_folder import (
+    check_finished_run,
+    check_output_dir,
+    clear_earlier_run,
+    lock_run_folder,
+    unlock_run_folder,
+)
 
 # Trainer defaults for personalization: DVAR validates on its own cadence; no sanity check is needed
 # because the evaluation batch is the same before and after the first step.
@@ -39,11 +51,66 @@ TRAINER_DEFAULTS = {
 }
 
 
+class OneLineErrorParser(LightningArgumentParser):
+    """Reports a bad argument in one ``error: --the.argument: ...`` line (exit 2), not a usage dump before it."""
+
+    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
+        if not self.exit_on_error:  # a nested parser trying one of several types: its caller decides
+            super().error(message, ex)
+        raise UserInputError(one_line_parse_error(message)) from ex
+
+
+def one_line_parse_error(message: str) -> str:
+    """jsonargparse's (often multi-line) message as one line that starts with the argument's name.
+
+    For a subclass argument (``--data.init_args.resolution abc``) the line gives the inner problem
+    (``--data.resolution: Expected a int. Got value: abc``), not the list of every type that was tried.
+    """
+    key, lines = _parser_key(message.strip().splitlines())
+    for i, line in enumerate(lines):
+        problem = re.match(r"(\s*)- Problem with given class_path '([^']+)':", line)
+        if problem:
+            depth = len(problem.group(1))
+            inner = list(itertools.takewhile(lambda text: len(text) - len(text.lstrip()) > depth, lines[i + 1:]))
+            inner_key, inner = _parser_key(inner)
+            if inner_key:
+                key = f"{key}.{inner_key}" if key else inner_key
+            else:
+                inner = [f"{problem.group(2)}:", *inner]
+            lines = inner
+            break
+    text = " ".join(line.strip() for line in lines if line.strip())
+    text = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", text)
+    if len(text) > 300:
+        text = text[:297].rstrip() + "..."
+    return f"--{key}: {text} (see --help)" if key else f"{text} (see --help)"
+
+
+def _parser_key(lines: list[str]) -> tuple[str | None, list[str]]:
+    """``("data", rest)`` for lines that start with ``Parser key "data":`` (else ``(None, lines)``)."""
+    first = next((i for i, line in enumerate(lines) if line.strip()), None)
+    match = re.match(r'\s*Parser key "([^"]+)":\s*(.*)$', lines[first]) if first is not None else None
+    if match is None:
+        return None, lines
+    return match.group(1), [match.group(2), *lines[first + 1:]]
+
+
 class PersonalizationCLI(LightningCLI):
     """LightningCLI with the DVAR callback (``--dvar.*``) and the summary writer (``--summary.*``) always on.
 
-    The placeholder token is given once, on the model, and linked to the data module's prompts.
+    The placeholder token is given once, on the model, and linked to the data module's prompts. Before training it
+    checks what can only be checked together (the resolution against the model's VAE, every output folder), locks
+    the run folder and refuses (or, with ``--overwrite``, clears) a folder that holds a finished run.
     """
+
+    def __init__(self, *args, **kwargs) -> None:
+        self._locked: list = []  # run folders this CLI locked (LightningCLI.__init__ runs the subcommand)
+        super().__init__(*args, **kwargs)
+
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        """``fit`` and ``validate`` (DVAR's L_det on the fixed batch); ``test`` and ``predict`` have no data here."""
+        return {name: skip for name, skip in LightningCLI.subcommands().items() if name in ("fit", "validate")}
 
     def add_arguments_to_parser(self, parser) -> None:
         parser.add_lightning_class_args(DVAREarlyStopping, "dvar")
@@ -58,17 +125,34 @@ class PersonalizationCLI(LightningCLI):
         # (benchmarks/results/dvar_frequency.md). --dvar.eval_every_n_steps 1 reproduces the paper exactly.
         parser.set_defaults({"dvar.eval_every_n_steps": DEFAULT_EVAL_EVERY_N_STEPS})
         parser.add_argument(
+            "--overwrite", type=bool, default=False,
+            help="replace a finished run in the run folder (its summary, artifacts, report, config and checkpoints); "
+                 "without it such a folder is refused. A resume (--ckpt_path) continues the folder's run instead.",
+        )
+        parser.add_argument(
             "--cpu_threads", type=Optional[int], default=None,
             help="torch intra-op threads for work on the CPU (default: torch's choice). Small models run fastest with "
                  "1: on a busy machine, spinning OpenMP threads can make each step 10-30x slower.",
         )
 
     def before_instantiate_classes(self) -> None:
-        """Apply ``--cpu_threads`` before any model is built."""
+        """Apply ``--cpu_threads`` and check the trainer's step limit before any model is built."""
         config = self.config.get(self.subcommand) if self.subcommand else self.config
         threads = config.get("cpu_threads") if config is not None else None
         if threads:
             torch.set_num_threads(threads)
+        max_steps = config.get("trainer", {}).get("max_steps") if config is not None else None
+        if self.subcommand == "fit" and max_steps is not None and (max_steps == 0 or max_steps < -1):
+            # Lightning's -1 (no step limit: max_epochs or a callback ends the run) stays allowed.
+            raise UserInputError(f"--trainer.max_steps: must be at least 1 (or -1 for no step limit), got {max_steps}")
+        if self.subcommand == "fit" and config is not None:
+            # Values that are cheap to check fail before the model's weights load (they are checked again where
+            # they are used, for Python users): DVAR's settings and the prompt templates.
+            if config.get("dvar") is not None:
+                DVAREarlyStopping(**config.dvar.as_dict())
+            templates = (config.get("data") or {}).get("init_args", {}).get("prompt_templates")
+            if templates is not None:
+                check_templates(templates, "--data.prompt_templates")
         if self.subcommand in ("fit", "validate") and config is not None and config.get("data") is not None:
             # jsonargparse builds the model (loading its weights) before the data module: read the images first,
             # so a bad folder fails in a second.
@@ -81,6 +165,53 @@ class PersonalizationCLI(LightningCLI):
         if added:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or trainer_config.get("callbacks") or []), *added]
         return super().instantiate_trainer(**kwargs)
+
+    def before_fit(self) -> None:
+        """Check every output location and lock the run folder before anything is written or trained.
+
+        Lightning's ``SaveConfigCallback`` writes ``config.yaml`` later, in ``setup``, so an earlier run's files
+        are cleared (with ``--overwrite``) before the new run writes any.
+        """
+        trainer, datamodule = self.trainer, self.datamodule
+        if hasattr(datamodule, "check_resolution") and hasattr(self.model, "eval_batch_spec"):
+            datamodule.check_resolution(self.model.eval_batch_spec().latent_downsample)
+        root = check_output_dir(trainer.default_root_dir, "--trainer.default_root_dir")
+        folders = {root: "--trainer.default_root_dir"}
+        summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
+        if summary is not None and summary.output_dir:
+            folders.setdefault(check_output_dir(summary.output_dir, "--summary.output_dir"), "--summary.output_dir")
+        checkpoint_dirs = []
+        for callback in trainer.checkpoint_callbacks:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+                argument = f"--trainer.callbacks ({type(callback).__name__} dirpath)"
+                checkpoint_dirs.append(check_output_dir(callback.dirpath, argument))
+        class_cache_dir = getattr(datamodule, "hparams", {}).get("class_cache_dir") if datamodule is not None else None
+        if class_cache_dir:
+            check_output_dir(class_cache_dir, "--data.class_cache_dir")
+        if not trainer.is_global_zero:
+            return  # rank 0 holds the folder for the run; under DDP it prepared it before the other ranks started
+        overwrite = bool(self._get(self.config, "overwrite", False))
+        try:
+            for folder, argument in folders.items():
+                lock_run_folder(folder, argument)
+                self._locked.append(folder)
+                # Checked under the lock: no other run can finish into the folder in between.
+                if check_finished_run(folder, overwrite=overwrite, resuming=self._resuming(folder), argument=argument):
+                    clear_earlier_run(folder, extra=tuple(checkpoint_dirs))
+        except BaseException:
+            self.after_fit()  # a refused run leaves the folder as it found it
+            raise
+
+    def after_fit(self) -> None:
+        """Release the run folder."""
+        while self._locked:
+            unlock_run_folder(self._locked.pop())
+
+    def _resuming(self, folder) -> bool:
+        """Whether this fit continues the folder's run: from ``--ckpt_path``, or SLURM's requeue checkpoint."""
+        if self._get(self.config, "ckpt_path") is not None:
+            return True
+        return SLURMEnvironment.detect() and any(folder.glob("hpc_ckpt_*.ckpt"))
 
 
 def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
@@ -101,6 +232,7 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
             subclass_mode_model=True,
             subclass_mode_data=True,
             seed_everything_default=59,
+            parser_class=OneLineErrorParser,
             save_config_callback=RunFolderSaveConfig,  # config.yaml also beside summary.json
             save_config_kwargs={"overwrite": True},
             args=argv if args is not None else None,

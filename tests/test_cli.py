@@ -9,8 +9,10 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from lightning_custom.cli import main
+from tests.test_run_folder import other_run  # noqa: F401 - a fixture
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = sorted((ROOT / "configs").rglob("*.yaml"))
@@ -104,3 +106,55 @@ def test_bad_input_is_one_line(tmp_path, override, needle):
     errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and needle in errors[0], result.stderr[-2000:]
     assert not (tmp_path / "summary.json").exists()
+
+
+def run_expecting_one_error(capsys, args) -> str:
+    """Run the CLI in-process; return its only ``error:`` line (exit status 2)."""
+    with pytest.raises(SystemExit) as excinfo:
+        main(args)
+    assert excinfo.value.code == 2
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "Traceback" not in err, err
+    return errors[0]
+
+
+def test_a_finished_run_is_refused_and_overwrite_replaces_it_whole(tmp_path, tiny_sd, concept_dir, capsys,
+                                                                   single_thread):
+    """Before: a re-run overwrote a finished run silently, and a DreamBooth-LoRA run's weights stayed beside a
+    later Textual Inversion summary."""
+    lora = ["fit", "--config", str(ROOT / "configs" / "quickstart_dreambooth_lora.yaml"),
+            "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
+            "--trainer.max_steps", "5", "--model.init_args.pretrained_model_name_or_path", tiny_sd,
+            "--model.init_args.initializer_token", "toy", "--data.init_args.instance_data_dir", concept_dir,
+            "--data.init_args.resolution", "16", "--data.init_args.class_noun", "toy"]
+    main(lora)
+    assert "pytorch_lora_weights.safetensors" in json.loads((tmp_path / "summary.json").read_text())["artifacts"]
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()}
+    ti = quick_args(tmp_path, concept_dir, tiny_sd, "--trainer.max_steps", "5")
+    line = run_expecting_one_error(capsys, [*ti, "--overwrite", "false"])
+    assert line.startswith(f"error: --trainer.default_root_dir: {tmp_path} holds a finished run (summary.json); "
+                           "pass --overwrite")
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # untouched
+    main(ti)  # the quickstart config sets overwrite: true
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["method"] == "TextualInversion" and summary["artifacts"] == ["learned_embeds.safetensors"]
+    assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
+    assert "TextualInversion" in (tmp_path / "config.yaml").read_text()
+    assert "DreamBoothLoRA" not in (tmp_path / "config.yaml").read_text()
+    assert not (tmp_path / ".lock").exists()  # released when the run ends
+
+
+def test_a_second_run_into_a_folder_in_use_fails_in_one_line(tmp_path, tiny_sd, concept_dir, capsys, single_thread,
+                                                             other_run):
+    """Before: two concurrent runs into one folder both exited 0 and left one's config beside the other's weights."""
+    holder = other_run(tmp_path)  # a run in progress holds the folder's lock
+    line = run_expecting_one_error(capsys, quick_args(tmp_path, concept_dir, tiny_sd, "--trainer.max_steps", "5"))
+    assert line == (f"error: --trainer.default_root_dir: {tmp_path} is in use by another run (process {holder.pid}); "
+                    "wait for it to end or choose another folder")
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock"]  # no config.yaml, no summary, no weights
+
+
+def test_quickstart_configs_may_be_run_twice():
+    for config in [c for c in CONFIGS if c.name.startswith("quickstart")]:
+        assert yaml.safe_load(config.read_text())["overwrite"] is True, config

@@ -2,6 +2,11 @@
 
 from __future__ import annotations
 
+import string
+from collections.abc import Sequence
+
+from lightning_custom.errors import UserInputError
+
 OBJECT_TEMPLATES: tuple[str, ...] = (
     "a photo of a {}",
     "a rendering of a {}",
@@ -64,3 +69,24 @@ def concept_phrase(placeholder_token: str, class_noun: str | None = None) -> str
 def format_prompt(template: str, phrase: str) -> str:
     """Put ``phrase`` into ``template`` (which holds one ``{}``)."""
     return template.format(phrase)
+
+
+def check_templates(templates: Sequence[str], argument: str = "--data.prompt_templates") -> None:
+    """Refuse an empty list, or a template without exactly one ``{}`` (and no other ``{...}`` field).
+
+    Raises:
+        UserInputError: naming ``argument`` and the first bad template.
+    """
+    if isinstance(templates, str) or not templates:
+        raise UserInputError(f"{argument}: give at least one template with one '{{}}' for the placeholder, e.g. "
+                             f"['a photo of a {{}}'] (leave it unset for the built-in templates)")
+    for template in templates:
+        try:
+            fields = [(name, spec, conversion) for _, name, spec, conversion in string.Formatter().parse(template)
+                      if name is not None]
+        except ValueError as err:  # a lone '{' or '}'
+            raise UserInputError(f"{argument}: {template!r} is not a valid template ({err}); write a literal brace "
+                                 f"as '{{{{' or '}}}}'") from None
+        if fields != [("", "", None)]:
+            raise UserInputError(f"{argument}: {template!r} must hold exactly one '{{}}' for the placeholder and no "
+                                 f"other '{{...}}' field (write a literal brace as '{{{{' or '}}}}')")
