@@ -20,6 +20,7 @@ from typing_extensions import override
 
 from lightning_custom.io import publish, replace_path, staging_folder, write_json
 from lightning_custom.provenance import run_provenance
+from lightning_custom.run_folder import lock_run_folder, unlock_run_folder
 
 SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.png"
@@ -82,6 +83,16 @@ class RunSummary(Callback):
         if stage == "fit":
             self._reset()
             self._reduce = trainer.strategy.reduce
+            if trainer.is_global_zero:  # one run at a time in the folder (a no-op where the CLI locked it)
+                lock_run_folder(self.resolve_output_dir(trainer), self._folder_argument())
+
+    @override
+    def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if stage == "fit":
+            unlock_run_folder(self.resolve_output_dir(trainer))
+
+    def _folder_argument(self) -> str:
+        return "--summary.output_dir" if self.output_dir else "--trainer.default_root_dir"
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:

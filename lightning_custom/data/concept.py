@@ -32,7 +32,7 @@ from lightning_custom.data.images import (
     warn_if_small,
 )
 from lightning_custom.data.prior import PriorPreservationData
-from lightning_custom.data.templates import TEMPLATES, concept_phrase, format_prompt
+from lightning_custom.data.templates import TEMPLATES, check_templates, concept_phrase, format_prompt
 from lightning_custom.diffusion import distinct_timesteps
 from lightning_custom.errors import UserInputError
 
@@ -280,9 +280,9 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
                             ("eval_batch_size", eval_batch_size)):
             if value < 1:
                 raise UserInputError(f"--data.{name}: must be at least 1, got {value}")
-        self.templates = list(prompt_templates) if prompt_templates else list(TEMPLATES[learnable_property])
-        if any("{}" not in t for t in self.templates):
-            raise UserInputError("--data.prompt_templates: every template needs one '{}' for the placeholder")
+        if prompt_templates is not None:  # an empty list is an error, not a request for the built-in templates
+            check_templates(prompt_templates, "--data.prompt_templates")
+        self.templates = list(prompt_templates) if prompt_templates is not None else list(TEMPLATES[learnable_property])
         self.placeholder_token, self.class_noun = placeholder_token, class_noun
         self.batch_size, self.num_workers, self.seed = batch_size, num_workers, seed
         self.eval_batch_size = eval_batch_size
@@ -320,6 +320,8 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         module = self.trainer.lightning_module if self.trainer is not None else None
         if module is None or stage != "fit":
             return
+        if hasattr(module, "eval_batch_spec"):
+            self.check_resolution(module.eval_batch_spec().latent_downsample)
         self.match_placeholder(module)
         # The training loader's collate tokenizes the captions with the module's tokenizer(s) (issue 15).
         self.caption_tokenizer = module.caption_tokenizer() if hasattr(module, "caption_tokenizer") else None
@@ -346,6 +348,15 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         self.placeholder_token = token
         if self.class_noun is None and getattr(module, "class_noun", None):
             self.class_noun = module.class_noun
+
+    def check_resolution(self, latent_downsample: int) -> None:
+        """Refuse a resolution the model's VAE cannot map to a whole latent grid (it downsamples by this factor)."""
+        resolution = self.hparams.resolution
+        if resolution % latent_downsample:
+            lower = resolution // latent_downsample * latent_downsample
+            choices = f"{lower} or {lower + latent_downsample}" if lower else str(latent_downsample)
+            raise UserInputError(f"--data.resolution: {resolution} is not a multiple of {latent_downsample}, the "
+                                 f"model's VAE downsampling factor; use e.g. {choices}")
 
     @property
     def concept_names(self) -> list[str]:
