@@ -145,3 +145,19 @@ def test_check_concept_images_covers_concept_lists_and_empty_folders(tmp_path):
                 {"instance_data_dir": str(empty), "placeholder_token": "<b>"}]
     with pytest.raises(UserInputError, match=r"^--data.concepts\[1\].instance_data_dir"):
         check_concept_images({"concepts": concepts})
+
+
+def test_cli_reads_the_images_before_it_loads_the_model(tmp_path, capsys):
+    """A bad folder is reported even when the model could not be loaded at all: the images are read first."""
+    from lightning_custom.cli import main
+
+    (tmp_path / "empty").mkdir()
+    root = Path(__file__).resolve().parents[1]
+    with pytest.raises(SystemExit) as excinfo:
+        main(["fit", "--config", str(root / "configs" / "quickstart.yaml"),
+              "--model.init_args.pretrained_model_name_or_path", str(tmp_path / "no-such-model"),
+              "--data.init_args.instance_data_dir", str(tmp_path / "empty"),
+              "--trainer.default_root_dir", str(tmp_path / "run")])
+    assert excinfo.value.code == 2
+    error = capsys.readouterr().err.strip().splitlines()[-1]
+    assert error.startswith("error: --data.instance_data_dir: folder") and "holds no images" in error, error

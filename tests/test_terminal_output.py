@@ -106,3 +106,38 @@ def test_quickstart_output_is_only_what_matters(tmp_path):
     stop = int(re.search(r"at step (\d+); stopping", output).group(1))
     assert re.search(rf"step {stop}/200 ", output), output  # the bar's last frame, in steps
     assert re.search(r"^Parameters: \d+ trainable \(token_vectors\)", output, re.M), output
+
+
+# ------------------------------------------------------------------ a real-model config (fp16, 16-mixed) on a CPU
+def test_frozen_dtype_rule():
+    import torch
+
+    from lightning_custom.components import frozen_dtype_for_precision
+
+    assert frozen_dtype_for_precision(torch.float16, "bf16-mixed", "cpu") == torch.bfloat16
+    assert frozen_dtype_for_precision(torch.float16, "32-true", "cpu") == torch.float32
+    assert frozen_dtype_for_precision(torch.float16, "16-mixed", "cuda") == torch.float16
+    assert frozen_dtype_for_precision(torch.float32, "bf16-mixed", "cpu") == torch.float32
+
+
+def test_fp16_weights_follow_the_precision_on_a_cpu(tiny_sd, concept_dir, tmp_path, caplog, single_thread):
+    """configs/textual_inversion*.yaml (weight_dtype float16, precision 16-mixed) on a CPU: Lightning runs bf16-mixed
+    there, and the frozen fp16 weights become bf16 (they ended in "RuntimeError: mixed dtype (CPU)"), trainable ones
+    stay fp32, with one line that says so."""
+    import logging
+
+    import torch
+
+    module = TextualInversion(**ti_kwargs(tiny_sd, weight_dtype="float16"))
+    assert module.unet.dtype == torch.float16
+    dvar = DVAREarlyStopping(window=4, eval_every_n_steps=2)
+    trainer = L.Trainer(max_steps=4, precision="16-mixed", callbacks=[dvar], **trainer_kwargs(tmp_path))
+    with caplog.at_level(logging.INFO, logger="lightning_custom"):
+        trainer.fit(module, ConceptDataModule(**data_kwargs(concept_dir)))
+    assert trainer.precision == "bf16-mixed" and trainer.global_step == 4
+    assert {p.dtype for p in module.unet.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.vae.parameters()} == {torch.bfloat16}
+    assert {p.dtype for p in module.parameters() if p.requires_grad} == {torch.float32}
+    notes = [r.getMessage() for r in caplog.records if "weight_dtype float16 on a CPU" in r.getMessage()]
+    assert len(notes) == 1 and "bfloat16" in notes[0] and "\n" not in notes[0]
+    assert len(dvar.history) == 2 and all(torch.isfinite(torch.tensor(loss)) for _, loss in dvar.history)

@@ -13,7 +13,12 @@ import torch
 from torch import nn
 
 from lightning_custom import sdxl
-from lightning_custom.components import StableDiffusionComponents, WeightDtype, load_components
+from lightning_custom.components import (
+    StableDiffusionComponents,
+    WeightDtype,
+    load_components,
+    match_frozen_weights_to_precision,
+)
 from lightning_custom.data.concept import EvalBatchSpec
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods.tokens import CaptionTokenizer, batch_input_ids, tokenize_captions
@@ -428,6 +433,14 @@ class PersonalizationModule(L.LightningModule, ABC):
                 self._generator.set_state(self._pending_rng_state)
                 self._pending_rng_state = None
         return self._generator
+
+    def setup(self, stage: str) -> None:
+        """Hold the frozen weights in a dtype the trainer's precision runs on its device (float16 on a CPU does not;
+        see :func:`~lightning_custom.components.match_frozen_weights_to_precision`)."""
+        if self._trainer is not None:
+            device_type = self.trainer.strategy.root_device.type
+            if match_frozen_weights_to_precision(self, self.trainer.precision, device_type):
+                self._module_dtypes = {}  # the cached module dtypes changed
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable weights (a checkpoint of a full SD model per save would be GBs) and the RNG."""
