@@ -131,12 +131,16 @@ def evaluate_run(
         record["concept"] = manifest["prompts"][record["prompt_index"]]["concept"]
     generated = [load_rgb_image(samples_dir / r["file"]) for r in records]
     texts = [manifest["prompts"][r["prompt_index"]]["text"] for r in records]
-    if "clip_t" in metrics:
-        for record, value in zip(records, clip_t(clip_scorer, generated, texts).per_image):
-            record["clip_t"] = value
     image_metrics = {"clip_i": lambda g, r: clip_i(clip_scorer, g, r), "dino": lambda g, r: dino(dino_scorer, g, r),
                      "identity": lambda g, r: world_identity(world_encoder, g, r)}
-    for name in [m for m in metrics if m in image_metrics]:
+    overall: dict[str, float] = {}  # a metric computed over every image in one call keeps that call's own mean
+    for name in [m for m in METRIC_NAMES if m in metrics]:
+        if name == "clip_t":
+            scored = clip_t(clip_scorer, generated, texts)
+            for record, value in zip(records, scored.per_image):
+                record["clip_t"] = value
+            overall[name] = scored.mean
+            continue
         # Each concept's samples against that concept's own images (a prompt without '{}': the first concept's).
         for concept in concepts:
             indices = [i for i, r in enumerate(records) if (r["concept"] or concepts[0]["name"]) == concept["name"]]
@@ -144,6 +148,8 @@ def evaluate_run(
                 scored = image_metrics[name]([generated[i] for i in indices], references[concept["name"]])
                 for i, value in zip(indices, scored.per_image):
                     records[i][name] = value
+                if len(indices) == len(records):
+                    overall[name] = scored.mean
     scored_names = [m for m in METRIC_NAMES if m in metrics]
     per_prompt = []
     for index, prompt in enumerate(manifest["prompts"]):
@@ -157,7 +163,7 @@ def evaluate_run(
         for c in concepts
     ]
     result = {
-        **{name: _mean(r[name] for r in records) for name in scored_names},
+        **{name: overall.get(name, _mean(r[name] for r in records)) for name in scored_names},
         "metrics": scored_names,
         "run_dir": str(run),
         "method": summary.get("method"),

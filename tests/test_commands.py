@@ -121,3 +121,45 @@ def test_replay_takes_space_separated_windows_and_says_when_one_is_rounded_up(tm
     printed = capsys.readouterr().out
     assert "| 20 |" in printed and "| 25 (-> 30) |" in printed
     assert "not a multiple of the evaluation period (10 steps) is rounded up" in printed
+
+
+def test_class_image_generation_shows_progress_and_a_log_line(tmp_path, caplog, capsys):
+    import logging
+
+    from PIL import Image
+
+    from lightning_custom.data.class_images import ClassImageRequest, ensure_class_images
+
+    class FakePipeline:
+        def __call__(self, prompt, **kwargs):
+            return type("Out", (), {"images": [Image.new("RGB", (8, 8), "red") for _ in prompt]})()
+
+    request = ClassImageRequest(model="m", prompt="a photo of a dog", count=6, resolution=8)
+    with caplog.at_level(logging.INFO, logger="lightning_custom"):
+        files = ensure_class_images(request, tmp_path, FakePipeline, batch_size=4)
+    assert len(files) == 6
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("generating 6 class images of 'a photo of a dog' (0 cached)" in m for m in messages)
+    assert any("6 class images generated in" in m for m in messages)
+    assert "class images:   0%|          | 0/6" in capsys.readouterr().err  # a progress bar
+
+
+def test_summary_records_prior_preservation_and_every_concept():
+    from types import SimpleNamespace
+
+    from lightning_custom.data.concepts_list import ConceptSpec
+    from lightning_custom.provenance import run_provenance
+
+    star = embedded_concept_path("striped-star")
+    datamodule = SimpleNamespace(
+        hparams={"with_prior_preservation": True}, eval_seed=5, seed=6, class_noun=None, templates=["a {}"],
+        class_prompts=["a photo of a cat", "a photo of a chair"], instance_data_dir=star,
+        concept_specs=[ConceptSpec("cat", star, "<new1>", "cat"), ConceptSpec("chair", "embedded:cat-toy", "<new2>")])
+    module = SimpleNamespace(hparams={"pretrained_model_name_or_path": "embedded:tiny-sd", "seed": 4})
+    fields = run_provenance(SimpleNamespace(datamodule=datamodule), module)
+    assert fields["with_prior_preservation"] is True
+    assert fields["class_prompts"] == ["a photo of a cat", "a photo of a chair"]
+    assert [(c["name"], c["placeholder_token"], c["class_noun"]) for c in fields["concepts"]] == [
+        ("cat", "<new1>", "cat"), ("chair", "<new2>", None)]
+    assert fields["concepts"][1]["instance_data_dir"] == embedded_concept_path("cat-toy")  # the alias, resolved
+    assert fields["seeds"]["model"] == 4 and fields["seeds"]["eval"] == 5 and fields["seeds"]["data"] == 6

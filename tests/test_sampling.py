@@ -63,7 +63,7 @@ def test_sampling_is_deterministic_and_writes_pngs_and_a_grid(trained, tmp_path)
     assert grid.width == 2 * 128 and grid.height > 2 * 128
     manifest = json.loads((tmp_path / "a" / "samples.json").read_text())
     assert manifest["prompts"][1] == {"template": "{} on the beach", "prompt": "<cat-toy> on the beach",
-                                      "text": "on the beach"}
+                                      "text": "on the beach", "concept": "concept"}
     assert not list((tmp_path / "a").glob("*.tmp"))
 
 

@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import os
 import re
+import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -24,6 +26,7 @@ from torch.utils.data import Dataset
 from lightning_custom.io import atomic_path, write_json
 
 MANIFEST = "manifest.json"
+log = logging.getLogger(__name__)
 
 
 def default_cache_root() -> Path:
@@ -98,12 +101,19 @@ def ensure_class_images(
     and the manifest are written atomically, and the manifest is updated after each batch, so an interrupted
     generation resumes where it stopped.
     """
+    from tqdm.auto import tqdm
+
     folder = request.folder(root)
     files = cached_class_images(request, folder)
     if len(files) >= request.count:
         return files[: request.count]
+    missing = request.count - len(files)
+    log.info("prior preservation: generating %d class images of %r (%d cached) into %s", missing, request.prompt,
+             len(files), folder)
+    started = time.perf_counter()
     pipeline = make_pipeline()
     folder.mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=missing, desc="class images", unit="img", leave=False, dynamic_ncols=True)
     for start in range(len(files), request.count, batch_size):
         indices = list(range(start, min(start + batch_size, request.count)))
         generators = [torch.Generator().manual_seed(request.seed + i) for i in indices]
@@ -123,6 +133,9 @@ def ensure_class_images(
             "prompt": request.prompt, "model": request.model, "seed": request.seed, "count": len(files),
             "settings": request.settings(), "files": [f.name for f in files],
         })
+        bar.update(len(indices))
+    bar.close()
+    log.info("prior preservation: %d class images generated in %.1f s", missing, time.perf_counter() - started)
     return files
 
 
