@@ -59,7 +59,7 @@ def interrupt(tmp_path, tiny_sd, concept_dir, step, signal_name):
 @pytest.mark.parametrize("step,signal_name,exit_code", [
     pytest.param(12, "SIGTERM", 143, marks=pytest.mark.slow),  # between two DVAR evaluations (every 5 steps)
     pytest.param(15, "SIGTERM", 143, marks=pytest.mark.slow),  # right after an evaluation
-    pytest.param(12, "SIGINT", 1, marks=pytest.mark.slow),  # Ctrl-C; Lightning exits 1
+    pytest.param(12, "SIGINT", 130, marks=pytest.mark.slow),  # Ctrl-C: also stops after the step
 ], ids=["sigterm-mid-window", "sigterm-at-evaluation", "sigint"])
 def test_interrupted_run_saves_resumable_state_and_resumes_exactly(tmp_path, tiny_sd, concept_dir, straight, step,
                                                                      signal_name, exit_code):
@@ -75,9 +75,7 @@ def test_interrupted_run_saves_resumable_state_and_resumes_exactly(tmp_path, tin
     assert f"--ckpt_path {checkpoint}" in summary["stop_reason"]
     assert f"--ckpt_path {checkpoint}" in result.stderr  # said where it is, not only in the file
     assert summary["artifacts"] == [] and not (folder / "learned_embeds.safetensors").exists()
-    # SIGTERM stops after the step; Ctrl-C lands inside it (here before the step's loss was recorded)
-    recorded = step if signal_name == "SIGTERM" else step - 1
-    assert [s for s, _ in summary["train_loss_history"]] == list(range(1, recorded + 1))
+    assert [s for s, _ in summary["train_loss_history"]] == list(range(1, step + 1))  # stopped after the step
     assert not [p for p in folder.rglob("*") if p.name.endswith(".tmp")]
     state = torch.load(checkpoint, weights_only=False)
     assert state["global_step"] == step
@@ -90,8 +88,7 @@ def test_interrupted_run_saves_resumable_state_and_resumes_exactly(tmp_path, tin
     assert summary["dvar_history"] == expected["dvar_history"]
     assert summary["resumed_from"] == str(checkpoint) and summary["resumed_at_step"] == step
     assert f"resumed from {checkpoint} at step {step}" in summary["stop_reason"]
-    trained = [s for s, _ in summary["train_loss_history"]]
-    assert trained == [s for s in range(1, expected["stop_step"] + 1) if s != step or s <= recorded]
+    assert [s for s, _ in summary["train_loss_history"]] == list(range(1, expected["stop_step"] + 1))
     weights = load_file(folder / "learned_embeds.safetensors")
     expected_weights = load_file(straight_folder / "learned_embeds.safetensors")
     assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)
@@ -126,3 +123,16 @@ def test_sigterm_in_process_exits_143_with_a_checkpoint_and_resumes_to_the_same_
     assert resumed["stop_step"] == expected["stop_step"] and resumed["stopped_by"] == "dvar"
     assert resumed["dvar_history"] == expected["dvar_history"]
     assert resumed["resumed_from"] == str(checkpoint) and resumed["resumed_at_step"] == 7
+
+
+def test_first_ctrl_c_stops_after_the_step_and_exits_130(tmp_path, tiny_sd, concept_dir):
+    handler = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit) as stopped:
+        fit(tmp_path, tiny_sd, concept_dir, [SignalAtStep(4, "SIGINT")])
+    assert stopped.value.code == 130
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["stopped_by"] == "interrupted" and summary["stop_step"] == 4
+    assert summary["stop_reason"].startswith("Interrupted by Ctrl-C (SIGINT) at step 4")
+    assert [s for s, _ in summary["train_loss_history"]] == [1, 2, 3, 4]
+    assert torch.load(tmp_path / "checkpoints" / "interrupted.ckpt", weights_only=False)["global_step"] == 4
+    assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C is given back after the fit

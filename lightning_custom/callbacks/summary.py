@@ -5,8 +5,11 @@ from __future__ import annotations
 import datetime
 import json
 import logging
+import os
 import shutil
+import signal
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -27,6 +30,7 @@ REPORT_FILE = "report.png"
 INTERRUPTED_CHECKPOINT = "checkpoints/interrupted.ckpt"
 KEPT_FILES = ("config.yaml",)  # written by the CLI when the fit starts: part of the run, never stale
 SIGTERM_EXIT_CODE = 143
+CTRL_C_EXIT_CODE = 130
 log = logging.getLogger(__name__)
 
 
@@ -45,9 +49,10 @@ class RunSummary(Callback):
     Weights that hold NaN or infinite values (or a run stopped with ``stopped_by: "non_finite"``) are not
     exported: the summary lists no artifact and says why in ``artifacts_withheld``.
 
-    On SIGTERM (what SLURM sends before it kills a job) or Ctrl-C, a resumable checkpoint is saved to
-    ``checkpoints/interrupted.ckpt`` in the run folder with the summary (``stopped_by: "interrupted"``), and the
-    process exits non-zero (143 after SIGTERM, Lightning's 1 after Ctrl-C).
+    On SIGTERM (what SLURM sends before it kills a job) or Ctrl-C, the run stops after the current step, saves a
+    resumable checkpoint to ``checkpoints/interrupted.ckpt`` in the run folder and the summary
+    (``stopped_by: "interrupted"``), and the process exits non-zero (143 after SIGTERM, 130 after Ctrl-C; a
+    second Ctrl-C stops at once, with Lightning's exit status 1, saving the state at that point).
 
     Args:
         output_dir: where to write; defaults to ``trainer.default_root_dir``.
@@ -73,6 +78,8 @@ class RunSummary(Callback):
         self._validation_start: float | None = None
         self.resumed_from: str | None = None
         self.resumed_at_step: int | None = None
+        self._ctrl_c = False
+        self._previous_sigint: Any = None
 
     def resolve_output_dir(self, trainer: L.Trainer) -> Path:
         """The folder every file of this run goes to."""
@@ -106,6 +113,33 @@ class RunSummary(Callback):
         self._last_step = trainer.global_step
         if trainer.ckpt_path:
             self.resumed_from, self.resumed_at_step = str(trainer.ckpt_path), trainer.global_step
+        self._catch_ctrl_c()
+
+    def _catch_ctrl_c(self) -> None:
+        """Make the first Ctrl-C stop the run like SIGTERM: after the current step, so it resumes exactly.
+
+        Lightning turns Ctrl-C into a ``KeyboardInterrupt`` wherever it lands (mid-step, possibly between the
+        optimizer step and the progress counters). Here the first Ctrl-C sends this process SIGTERM, which
+        Lightning handles at the next step boundary; a second Ctrl-C interrupts at once.
+        """
+        if threading.current_thread() is not threading.main_thread():
+            return  # signal handlers can only be set in the main thread
+        self._ctrl_c = False
+        self._previous_sigint = signal.getsignal(signal.SIGINT)
+        signal.signal(signal.SIGINT, self._on_ctrl_c)
+
+    def _on_ctrl_c(self, signum: int, frame: Any) -> None:
+        self._ctrl_c = True
+        self._release_ctrl_c()
+        print("Ctrl-C: stopping after this step and saving the state; press Ctrl-C again to stop at once.",
+              file=sys.stderr)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    def _release_ctrl_c(self) -> None:
+        """Give Ctrl-C back to whoever handled it before the fit."""
+        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGINT, self._previous_sigint)
+        self._previous_sigint = None
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -156,6 +190,7 @@ class RunSummary(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        self._release_ctrl_c()
         wall = self.wall_seconds()
         self.read_losses()
         if trainer.is_global_zero:
@@ -163,13 +198,14 @@ class RunSummary(Callback):
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
+        self._release_ctrl_c()
         if trainer.state.fn != "fit" or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
             return
         sigterm = isinstance(exception, SIGTERMException)
         try:
             checkpoint = self.save_interrupted_checkpoint(trainer)
             if trainer.is_global_zero:
-                signal_name = "SIGTERM" if sigterm else "Ctrl-C (SIGINT)"
+                signal_name = "Ctrl-C (SIGINT)" if self._ctrl_c or not sigterm else "SIGTERM"
                 reason = (
                     f"Interrupted by {signal_name} at step {trainer.global_step}; the resumable state is in "
                     f"{checkpoint}. Resume by running the same command with --ckpt_path {checkpoint} "
@@ -182,8 +218,9 @@ class RunSummary(Callback):
             log.error("RunSummary: could not save the interrupted run's state: %s", err)
         if sigterm:
             # Lightning ends a SIGTERM'd fit with SystemExit(None), i.e. exit status 0: a scheduler would take
-            # the run for finished. 143 (128 + 15) is what a shell reports for a process ended by SIGTERM.
-            exception.code = SIGTERM_EXIT_CODE
+            # the run for finished. 143 (128 + 15) is what a shell reports for a process ended by SIGTERM, 130
+            # (128 + 2) for one ended by Ctrl-C.
+            exception.code = CTRL_C_EXIT_CODE if self._ctrl_c else SIGTERM_EXIT_CODE
 
     def save_interrupted_checkpoint(self, trainer: L.Trainer) -> Path:
         """Save a resumable checkpoint (every callback's state) to ``checkpoints/interrupted.ckpt``, atomically.
@@ -227,7 +264,9 @@ class RunSummary(Callback):
                 summary["stop_reason"] = f"{summary['stop_reason']} {withheld}".strip()
             if self.resumed_from is not None:
                 summary["resumed_from"], summary["resumed_at_step"] = self.resumed_from, self.resumed_at_step
-                summary["stop_reason"] += f" This run was resumed from {self.resumed_from} at step {self.resumed_at_step}."
+                summary["stop_reason"] += (
+                    f" This run was resumed from {self.resumed_from} at step {self.resumed_at_step}."
+                )
             summary["train_loss_history"] = self.train_loss_history
             summary["dvar_seconds"] = round(self.dvar_seconds, 3)
             summary["dvar_share"] = round(self.dvar_seconds / wall, 4) if wall > 0 else 0.0
@@ -236,7 +275,7 @@ class RunSummary(Callback):
 
                 try:
                     write_report(summary, staging / REPORT_FILE)
-                except Exception as err:  # noqa: BLE001 - the artifacts and summary are written; a plot must not fail the run
+                except Exception as err:  # noqa: BLE001 - a plot must not cost the run its artifacts and summary
                     log.warning("RunSummary: could not draw %s: %s", REPORT_FILE, err)
             files = {p.name for p in staging.iterdir()} | {SUMMARY_FILE}
             files |= {name for name in KEPT_FILES if (out / name).exists()}
@@ -309,8 +348,8 @@ def stop_information(trainer: L.Trainer) -> tuple[str, str]:
     step = trainer.global_step
     for callback in trainer.callbacks:
         if getattr(callback, "stopped_by", None):
-            reason = getattr(callback, "stop_reason", "") or f"{type(callback).__name__} stopped training at step {step}."
-            return callback.stopped_by, reason
+            reason = getattr(callback, "stop_reason", "")
+            return callback.stopped_by, reason or f"{type(callback).__name__} stopped training at step {step}."
     if trainer.max_steps and trainer.max_steps > 0 and step >= trainer.max_steps:
         return "max_steps", f"Reached the trainer's max_steps={trainer.max_steps} at step {step}."
     timer = next((c for c in trainer.callbacks if isinstance(c, Timer)), None)
