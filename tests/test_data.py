@@ -56,6 +56,16 @@ def test_fixed_eval_batch_content(concept_dir):
     assert torch.equal(batch["pixel_values"][4], image0) or torch.equal(batch["pixel_values"][4], image0.flip(-1))
 
 
+def test_fixed_timesteps_are_distinct_even_when_they_fill_the_schedule(concept_dir):
+    # 16 draws from 16 timesteps: drawn with replacement they would repeat one with probability 1 - 16!/16**16
+    spec = EvalBatchSpec(num_train_timesteps=16, latent_channels=4, latent_downsample=2)
+    full = ConceptDataModule(**data_kwargs(concept_dir, eval_batch_size=16)).build_eval_dataset(spec)[0]
+    assert sorted(full["timesteps"].tolist()) == list(range(16))
+    # a batch larger than the schedule covers it evenly: every timestep twice
+    double = ConceptDataModule(**data_kwargs(concept_dir, eval_batch_size=32)).build_eval_dataset(spec)[0]
+    assert torch.bincount(double["timesteps"], minlength=16).tolist() == [2] * 16
+
+
 @pytest.mark.parametrize("part,keys", [
     ("images", ["pixel_values"]), ("latents", ["latent_noise"]), ("noise", ["noise"]),
     ("captions", ["caption"]), ("timesteps", ["timesteps"]),

@@ -127,7 +127,7 @@ def test_cli_sample_and_bad_run_folders(trained, tmp_path, capsys):
 
 def test_evaluate_applies_the_protocol_and_writes_metrics_json(trained, tmp_path, capsys):
     from lightning_custom.data.images import list_image_files, load_rgb_image
-    from lightning_custom.metrics import clip_i, clip_t, load_clip
+    from lightning_custom.metrics import clip_i, clip_t, dino, load_clip, load_dino
     from lightning_custom.toy_models import save_tiny_clip, save_tiny_dino
 
     run, _ = trained
@@ -149,7 +149,7 @@ def test_evaluate_applies_the_protocol_and_writes_metrics_json(trained, tmp_path
     assert metrics["clip_i"] == pytest.approx(clip_i(scorer, generated, concept).mean, abs=1e-9)
     texts = ["a photo of", "a photo of", "in the snow", "in the snow"]
     assert metrics["clip_t"] == pytest.approx(clip_t(scorer, generated, texts).mean, abs=1e-9)
-    assert -1 <= metrics["dino"] <= 1
+    assert metrics["dino"] == pytest.approx(dino(load_dino(str(dino_model)), generated, concept).mean, abs=1e-9)
     first = metrics["clip_i"]
     main(args)  # fixed seeds: the same numbers again
     assert json.loads((run / "metrics.json").read_text())["clip_i"] == first

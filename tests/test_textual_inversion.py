@@ -51,6 +51,27 @@ def test_initialised_from_initializer_token(tiny_sd):
     assert all(module.tokenizer.convert_tokens_to_ids(name) in ids for name in module.placeholder_names)
 
 
+def test_splice_changes_only_the_placeholder_rows(tiny_sd):
+    """The trainable vectors replace the new tokens' rows, and every other token's output stays bit-identical."""
+    module = TextualInversion(**ti_kwargs(tiny_sd, num_vectors=2)).eval()
+    with torch.no_grad():
+        module.token_vectors.vectors.add_(torch.randn(module.token_vectors.vectors.shape,
+                                                      generator=torch.Generator().manual_seed(0)))  # as if trained
+    original = CLIPTextModel.from_pretrained(tiny_sd, subfolder="text_encoder").eval()
+    rows = original.get_input_embeddings().weight
+    new_ids = [module.tokenizer.convert_tokens_to_ids(name) for name in module.placeholder_names]
+    assert new_ids == [rows.shape[0], rows.shape[0] + 1]
+    with torch.no_grad():
+        # every token id of the vocabulary, and the new ones, through the spliced embedding layer
+        spliced = module.text_encoder.get_input_embeddings()(torch.arange(rows.shape[0] + 2)[None])[0]
+        assert torch.equal(spliced[: rows.shape[0]], rows)
+        assert torch.equal(spliced[rows.shape[0]:], module.token_vectors.vectors)
+        # the encoder's output on prompts without the placeholder, the initializer token ("toy") among them
+        prompts = ["a photo of a toy", "toy", "a toy on the grass next to another toy", ""]
+        ids = module.tokenize(prompts)
+        assert torch.equal(module.encode_prompt(prompts), original(ids)[0])
+
+
 def test_deterministic_loss_is_repeatable_and_rng_free(tiny_sd, concept_dir):
     module = TextualInversion(**ti_kwargs(tiny_sd))
     dm = ConceptDataModule(**data_kwargs(concept_dir))

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from functools import partial
+from functools import cached_property, partial
 from pathlib import Path
 from typing import Any, Literal
 
@@ -78,6 +79,11 @@ class ConceptImages:
     def __len__(self) -> int:
         return len(self.images)
 
+    @cached_property
+    def content_ids(self) -> list[str]:
+        """A digest of each resized image's pixels: names what it is, whichever file (or file version) it came from."""
+        return [content_key(image.size, image.mode, np.asarray(image)) for image in self.images]
+
     def sample(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
         """Image ``index`` with a crop and flip drawn from ``rng``, plus its SDXL micro-conditioning sizes."""
         image = self.images[index % len(self.images)]
@@ -89,8 +95,9 @@ class ConceptImages:
             # The crop in the frame the model sees: a mirrored crop starts at width - left - resolution (as the
             # crop of the flipped image in diffusers' SDXL training examples).
             "crop_top_left": torch.tensor((top, image.width - left - self.resolution if flip else left)),
-            # Names this exact augmented image, so the module can cache its VAE latent distribution.
-            "latent_key": f"{self.files[index % len(self.images)]}|{top}|{left}|{int(flip)}|{self.resolution}",
+            # Names this exact augmented image by content, so the module can cache its VAE latent distribution
+            # (a new concept, or a file edited in place, gets new keys).
+            "latent_key": f"{self.content_ids[index % len(self.images)]}|{top}|{left}|{int(flip)}|{self.resolution}",
         }
 
 
@@ -184,11 +191,12 @@ class FixedEvalDataset(Dataset):
         if len(datamodule.concept_images) > 1:
             self.fixed["concept"] = datamodule.concept_names[concept]  # logged as dvar_loss/<name>
         self.resample_generator = torch.Generator().manual_seed(datamodule.eval_seed + 1)
-        # Keys under which the module may cache what only depends on fixed parts (latents; text states).
+        # Keys under which the module may cache what only depends on fixed parts (latents; text states). They
+        # digest those parts, so that one module fitted on another concept, seed or resolution misses the cache.
         if not {"images", "latents"} & self.resample:
-            self.fixed["latents_cache_key"] = f"eval{concept}"
+            self.fixed["latents_cache_key"] = content_key(self.fixed["pixel_values"], self.fixed["latent_noise"])
         if "captions" not in self.resample:
-            self.fixed["text_cache_key"] = f"eval{concept}"
+            self.fixed["text_cache_key"] = content_key(self.fixed["caption"])
 
     def __len__(self) -> int:
         return 1
@@ -484,6 +492,21 @@ def collate_with_token_ids(
             batch.update({f"class_{key}": ids for key, ids in tokenize(batch["class_caption"]).items()})
     return batch
 
+
+def content_key(*parts: Any) -> str:
+    """A digest of ``parts`` (tensors, arrays, or values with a faithful ``repr``), to key a cache by its inputs."""
+    digest = hashlib.sha1()
+    for part in parts:
+        if torch.is_tensor(part):
+            part = part.detach().cpu().contiguous()
+            digest.update(f"tensor{part.dtype}{tuple(part.shape)}".encode())
+            digest.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(part, np.ndarray):
+            digest.update(f"array{part.dtype}{part.shape}".encode())
+            digest.update(np.ascontiguousarray(part).tobytes())
+        else:
+            digest.update(repr(part).encode())
+    return digest.hexdigest()
 
 
 def check_concept_images(init_args: Mapping[str, Any]) -> None:

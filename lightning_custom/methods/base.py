@@ -10,6 +10,7 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
+from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
 from lightning_custom import sdxl
@@ -430,7 +431,9 @@ class PersonalizationModule(L.LightningModule, ABC):
             self._generator = torch.Generator(device=self.device)
             self._generator.manual_seed(self.hparams.seed + self.global_rank)
             if self._pending_rng_state is not None:
-                self._generator.set_state(self._pending_rng_state)
+                state = rank_generator_state(self._pending_rng_state, self.global_rank)
+                if state is not None:
+                    self._generator.set_state(state)
                 self._pending_rng_state = None
         return self._generator
 
@@ -442,16 +445,46 @@ class PersonalizationModule(L.LightningModule, ABC):
             if match_frozen_weights_to_precision(self, self.trainer.precision, device_type):
                 self._module_dtypes = {}  # the cached module dtypes changed
 
+    def generator_states(self) -> list[torch.Tensor]:
+        """Every rank's training-RNG state, indexed by global rank (call it on all ranks: under DDP it gathers).
+
+        Each rank draws its own noise, timesteps and VAE samples, so an exact resume needs each rank's state back.
+        """
+        state = self.generator.get_state()
+        if self._trainer is None or self.trainer.world_size == 1:
+            return [state]
+        # Gathered on the module's device: NCCL only moves CUDA tensors. Each row is copied out of the gathered
+        # stack: Generator.set_state reads from the start of the storage, so a row view crashes or restores garbage.
+        return [row.cpu().clone() for row in self.all_gather(state.to(self.device))]
+
+    def on_fit_start(self) -> None:
+        """Start each fit with empty latent caches (a notebook may fit one module on several concepts).
+
+        The cache keys name the images and draws they came from, so this is for memory, and for a VAE or text
+        encoder swapped between fits.
+        """
+        self._latent_cache.clear()
+        self._eval_cache.clear()
+
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only trainable weights (a checkpoint of a full SD model per save would be GBs) and the RNG."""
+        """Keep only trainable weights (a checkpoint of a full SD model per save would be GBs) and each rank's RNG.
+
+        Lightning calls this on every rank (only rank 0 writes the file), so the ranks' RNG states are gathered.
+        """
         trainable = {name for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint[_RNG_KEY] = self.generator.get_state()
+        checkpoint[_RNG_KEY] = self.generator_states()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the training RNG so a resumed run draws the same noise as an uninterrupted one."""
+        """Restore the training RNG so a resumed run draws the same noise as an uninterrupted one, on every rank."""
         if _RNG_KEY in checkpoint:
-            self._pending_rng_state = checkpoint[_RNG_KEY]
+            states = checkpoint[_RNG_KEY]
+            saved = 1 if torch.is_tensor(states) else len(states)
+            world_size = self.trainer.world_size if self._trainer is not None else 1
+            if saved != world_size:
+                rank_zero_warn(f"the checkpoint holds the training RNG of {saved} process(es) and this run has "
+                               f"{world_size}: the resumed run will not repeat the uninterrupted one exactly")
+            self._pending_rng_state = states
             self._generator = None
 
 
@@ -468,6 +501,16 @@ def autocast_off_for(dtype: torch.dtype, device: torch.device) -> contextlib.Abs
     if dtype in _HALF_DTYPES and torch.is_autocast_enabled(device.type):
         return torch.autocast(device.type, enabled=False)
     return contextlib.nullcontext()
+
+
+def rank_generator_state(states: torch.Tensor | list[torch.Tensor], rank: int) -> torch.Tensor | None:
+    """Rank ``rank``'s saved RNG state: ``states`` is one per rank (a bare tensor: rank 0's, older checkpoints).
+
+    ``None`` (keep the fresh seed) for a rank the checkpoint has no state for: resuming on more processes than
+    were saved cannot be exact, but giving that rank another rank's state would repeat that rank's noise.
+    """
+    states = [states] if torch.is_tensor(states) else list(states)
+    return states[rank] if rank < len(states) else None
 
 
 def _to_dtype(value: Any, dtype: torch.dtype) -> Any:
