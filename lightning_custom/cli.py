@@ -14,6 +14,7 @@ import os
 import re
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import NoReturn, Optional
 
 import torch
@@ -207,10 +208,14 @@ class PersonalizationCLI(LightningCLI):
         while self._locked:
             unlock_run_folder(self._locked.pop())
 
-    def _resuming(self, folder) -> bool:
-        """Whether this fit continues the folder's run: from ``--ckpt_path``, or SLURM's requeue checkpoint."""
-        if self._get(self.config, "ckpt_path") is not None:
+    def _resuming(self, folder: Path) -> bool:
+        """Whether this fit continues the folder's run: from a checkpoint in it (``--ckpt_path``, ``last``), or
+        from SLURM's requeue checkpoint. A checkpoint from elsewhere starts a new run in the folder."""
+        ckpt_path = self._get(self.config, "ckpt_path")
+        if ckpt_path in ("last", "hpc"):
             return True
+        if ckpt_path is not None:
+            return folder.expanduser().resolve() in Path(ckpt_path).expanduser().resolve().parents
         return SLURMEnvironment.detect() and any(folder.glob("hpc_ckpt_*.ckpt"))
 
 

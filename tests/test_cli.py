@@ -158,3 +158,17 @@ def test_a_second_run_into_a_folder_in_use_fails_in_one_line(tmp_path, tiny_sd, 
 def test_quickstart_configs_may_be_run_twice():
     for config in [c for c in CONFIGS if c.name.startswith("quickstart")]:
         assert yaml.safe_load(config.read_text())["overwrite"] is True, config
+
+
+def test_a_resume_continues_the_folders_run_without_overwrite(tmp_path, tiny_sd, concept_dir, capsys, single_thread):
+    run = tmp_path / "run"
+    args = quick_args(run, concept_dir, tiny_sd, "--trainer.max_steps", "5", "--trainer.enable_checkpointing", "true",
+                      "--overwrite", "false")
+    main(args)
+    checkpoint = next((run / "checkpoints").glob("*.ckpt"))
+    main([*args, "--ckpt_path", str(checkpoint)])  # a checkpoint of this folder's run: it goes on
+    assert checkpoint.exists() and json.loads((run / "summary.json").read_text())["stop_step"] == 5
+    elsewhere = tmp_path / "elsewhere.ckpt"
+    elsewhere.write_bytes(checkpoint.read_bytes())
+    line = run_expecting_one_error(capsys, [*args, "--ckpt_path", str(elsewhere)])  # another run's: a new run here
+    assert line.startswith(f"error: --trainer.default_root_dir: {run} holds a finished run")

@@ -171,3 +171,26 @@ def test_clearing_removes_the_earlier_run_whole_and_nothing_else(tmp_path):
     assert (tmp_path / "outside.txt").exists()  # never anything outside the run folder
     assert removed[0].name == "summary.json"  # first: an interrupted clearing leaves no summary beside missing files
     assert len(removed) == 10
+
+
+def test_python_users_get_the_lock_too(tmp_path, tiny_sd, concept_dir, other_run, single_thread):
+    """L.Trainer with RunSummary (no CLI): a folder in use by another run is refused before any step."""
+    import lightning as L
+
+    from lightning_custom import ConceptDataModule, DVAREarlyStopping, RunSummary, TextualInversion
+    from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
+
+    def fit(output_dir):
+        trainer = L.Trainer(max_steps=3, callbacks=[DVAREarlyStopping(window=10, eval_every_n_steps=1),
+                                                    RunSummary(output_dir=output_dir, report=False)],
+                            **trainer_kwargs(tmp_path / "root"))
+        trainer.fit(TextualInversion(**ti_kwargs(tiny_sd)), datamodule=ConceptDataModule(**data_kwargs(concept_dir)))
+        return trainer
+
+    other_run(tmp_path / "busy")
+    with pytest.raises(UserInputError, match=r"^--summary\.output_dir: .*busy is in use by another run"):
+        fit(str(tmp_path / "busy"))
+    assert sorted(p.name for p in (tmp_path / "busy").iterdir()) == [".lock"]
+    trainer = fit(str(tmp_path / "free"))
+    assert trainer.global_step == 3 and (tmp_path / "free" / "summary.json").exists()
+    assert not (tmp_path / "free" / ".lock").exists()  # released at the end of the fit
