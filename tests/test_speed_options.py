@@ -117,3 +117,37 @@ def test_adamw_8bit_uses_bitsandbytes_or_says_how_to_get_it(tiny_sd, monkeypatch
     monkeypatch.setitem(__import__("sys").modules, "bitsandbytes", None)
     with pytest.raises(UserInputError, match="pip install bitsandbytes"):
         module.configure_optimizers()
+
+
+def test_cuda_autocast_emulation_casts_as_cuda_would():
+    # benchmarks/throughput.py --profile-ops counts ops under CUDA's cast rules on a CPU (issue 15).
+    import sys
+    from pathlib import Path
+
+    import torch.nn.functional as F
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+    from throughput import CudaAutocastEmulation, OpCounter, cuda_autocast_rules
+
+    rules = cuda_autocast_rules()
+    assert {"linear", "conv2d", "baddbmm", "scaled_dot_product_attention"} <= rules["lower"]
+    assert {"group_norm", "layer_norm", "mse_loss"} <= rules["fp32"] and "softmax" in rules["fp32_opt"]
+    weight = torch.nn.Parameter(torch.randn(4, 4))  # an fp32 leaf that trains: cast once per autocast region
+    frozen = torch.randn(4, dtype=torch.float16)
+    x = torch.randn(2, 4)
+    counter = OpCounter()
+    counter.active = True
+    with CudaAutocastEmulation(rules), counter:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            a = F.linear(x, weight)
+            b = F.linear(x, weight)
+            normed = F.layer_norm(a, (4,), frozen, frozen)
+            probabilities = torch.softmax(b, -1)
+            summed = a + b  # not on any list: runs as it comes
+        with torch.autocast("cpu", enabled=False):
+            plain = F.linear(x, weight)
+    assert a.dtype == b.dtype == summed.dtype == torch.float16  # CUDA casts linear's inputs to fp16
+    assert normed.dtype == probabilities.dtype == torch.float32  # and norms / softmax to fp32
+    assert plain.dtype == torch.float32  # outside autocast nothing is cast
+    # casts: x twice, the weight once (cached), the layer norm's input and its two fp16 parameters, the softmax input
+    assert sum(counter.casts.values()) == 2 + 1 + 3 + 1

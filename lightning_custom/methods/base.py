@@ -80,7 +80,9 @@ class PersonalizationModule(L.LightningModule, ABC):
             sample from it, instead of running the VAE encoder every step (the VAE is frozen).
         cache_eval_batch: compute the fixed evaluation batch's latents once, and its text states once when nothing
             in the text path trains.
-        channels_last: put the UNet in channels-last memory format (faster convolutions on recent GPUs).
+        channels_last: put the UNet in channels-last memory format. Off by default: it speeds up convolutions on
+            recent GPUs, but CUDA's GroupNorm wants NCHW, so it adds layout copies around the UNet's 61 GroupNorms;
+            turn it on only where ``benchmarks/gpu_throughput.sh`` (row C against B) measures it faster.
         compile_unet: ``torch.compile`` the UNet: ``"regional"`` compiles only its repeated transformer blocks
             (seconds, not minutes, of compile time), ``"full"`` the whole UNet.
         optimizer: ``"adamw"`` (fused on CUDA) or ``"adamw_8bit"`` (bitsandbytes, where installed).
