@@ -19,7 +19,14 @@ from typing import Any
 
 import numpy as np
 
-from lightning_custom.dvar import loss_divergence, norm_divergence, ratio_series, window_in_values
+from lightning_custom.dvar import (
+    DIVERGENCE_LOSS_TOLERANCE,
+    DIVERGENCE_NORM_FACTOR,
+    loss_divergence,
+    norm_divergence,
+    ratio_series,
+    window_in_values,
+)
 from lightning_custom.errors import UserInputError
 from lightning_custom.io import atomic_path, write_json
 from lightning_custom.sampling import SUMMARY_FILE, read_summary
@@ -177,18 +184,20 @@ def replay(paths: Sequence[str | Path], windows: Sequence[int] = DEFAULT_WINDOWS
     return ReplayResult(runs, list(windows), [float(t) for t in thresholds], min_steps, stops, censored, diverged)
 
 
-def divergence_at(run: RunHistory, window: int, index: int) -> str | None:
+def divergence_at(run: RunHistory, window: int, index: int, tolerance: float = DIVERGENCE_LOSS_TOLERANCE,
+                  factor: float = DIVERGENCE_NORM_FACTOR) -> str | None:
     """Why the live callback would call a stop at evaluation ``index`` "diverged" rather than DVAR, or ``None``.
 
     The same checks as the callback: the trainable norm exploded at or before that evaluation (when the summary
-    recorded it), or any series' last window is above its first values.
+    recorded it), or any series' last ``window`` values are above its first values (see
+    :func:`lightning_custom.dvar.divergence`).
     """
     step = run.steps[index]
     for norm_step, norm in run.norm_history:
-        if norm_step <= step and (reason := norm_divergence(run.initial_norm, norm)):
+        if norm_step <= step and (reason := norm_divergence(run.initial_norm, norm, factor)):
             return reason
     for points in run.series.values():
-        if reason := loss_divergence([v for _, v in points[: index + 1]], window):
+        if reason := loss_divergence([v for _, v in points[: index + 1]], window, tolerance):
             return reason
     return None
 

@@ -178,3 +178,13 @@ def test_stop_step_every_replays_a_coarser_evaluation():
     coarse = values[4::5]  # the values at steps 5, 10, ...
     assert stop_step_every(history, 30, 0.15, 5) == numpy_stop_step(coarse, 6, 0.15, every=5)
     assert stop_step_every(history, 30, 0.15, 5) % 5 == 0
+
+
+def test_a_ratio_exactly_at_the_threshold_does_not_stop(tmp_path):
+    values = np.float32(decaying_series(400, seed=7)).tolist()  # as logged: the live ratios are then the same
+    index = first_stop_index(values, 30, 0.15)
+    at = variance_ratio(values[: index + 1], 30)  # the first ratio below 0.15, used as the threshold itself
+    later = first_stop_index(values, 30, at)
+    assert later is not None and later > index  # the rule is `ratio < threshold`: equal is not below
+    trainer, callback = run(tmp_path, {"dvar_loss": values}, window=30, threshold=at)
+    assert callback.stop_step == later + 1 and callback.stopped_by == "dvar"

@@ -117,3 +117,31 @@ def test_replay_errors_are_one_line(tmp_path, capsys):
     assert excinfo.value.code == 2
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "--windows: every window must be at least 2" in errors[0]
+
+
+def test_replay_counts_a_window_not_divisible_by_k_in_whole_evaluations(tmp_path):
+    # A 33-step window evaluated every 5 steps spans ceil(33 / 5) = 7 values (as the live callback), not 6.
+    values = decaying_series(200, seed=3)
+    history = [[(i + 1) * 5, v] for i, v in enumerate(values)]
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({
+        "dvar_history": history, "dvar_eval_every_n_steps": 5, "max_steps": 1000, "stop_step": 1000,
+        "stopped_by": "max_steps"}))
+    thresholds = [0.05, 0.1, 0.15, 0.2, 0.3]
+    ceil = [first_stop_index(values, 7, t) for t in thresholds]
+    assert ceil != [first_stop_index(values, 6, t) for t in thresholds]  # the two conversions differ here
+    result = replay([tmp_path / "run"], windows=[33], thresholds=thresholds)
+    assert result.stop_steps[0, 0].tolist() == [(i + 1) * 5 for i in ceil]
+    assert DVAREarlyStopping(window=33, eval_every_n_steps=5).window_values == 7
+
+
+def test_replay_marks_a_stop_at_a_worse_loss_as_diverged(tmp_path):
+    rising = (0.064 + 0.0032 * (1 - np.exp(-np.arange(200) / 5.0))).tolist()
+    for name, values in (("rising", rising), ("healthy", decaying_series(200, seed=3))):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "summary.json").write_text(json.dumps({
+            "dvar_history": [[i + 1, v] for i, v in enumerate(values)], "max_steps": 200, "stop_step": 200,
+            "stopped_by": "max_steps"}))
+    result = replay([tmp_path], windows=[20], thresholds=[0.15])
+    by_name = {run.name: r for r, run in enumerate(result.runs)}
+    assert result.diverged[by_name["rising"], 0, 0] and not result.diverged[by_name["healthy"], 0, 0]

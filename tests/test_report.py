@@ -78,3 +78,20 @@ def test_a_failing_plot_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
     trainer.fit(LoggingModule({"dvar_loss": decaying_series(10)}))
     assert (tmp_path / "summary.json").exists() and not (tmp_path / "report.png").exists()
     assert "could not draw report.png: no backend" in caplog.text
+
+
+def test_report_spells_out_a_stop_that_is_not_convergence(tmp_path):
+    from lightning_custom.report import report_figure
+
+    history = [[5 * (i + 1), 0.064 + 0.003 * (1 - 0.5 ** i)] for i in range(40)]
+    reason = "Diverged: the variance ratio is below 0.15 but dvar_loss: L_det's last window averages 0.067"
+    summary = {"method": "TextualInversion", "stop_step": 200, "max_steps": 1000, "stopped_by": "diverged",
+               "stop_reason": reason, "dvar_window": 40, "dvar_threshold": 0.15, "dvar_eval_every_n_steps": 5,
+               "dvar_history": history, "train_loss_history": [[1, 0.1], [2, None], [3, 0.2]]}
+    figure = report_figure(summary)
+    title = figure._suptitle.get_text()
+    assert "by diverged" in title and "L_det's last window averages 0.067" in title.replace("\n", " ")
+    labels = [line.get_label() for line in figure.axes[1].lines]
+    assert "L_det at the start" in labels
+    write_report(summary, tmp_path / "report.png")  # a null (non-finite) loss in the summary still draws
+    assert Image.open(tmp_path / "report.png").size == (800, 800)
