@@ -123,6 +123,7 @@ def test_sigterm_in_process_exits_143_with_a_checkpoint_and_resumes_to_the_same_
     assert resumed["stop_step"] == expected["stop_step"] and resumed["stopped_by"] == "dvar"
     assert resumed["dvar_history"] == expected["dvar_history"]
     assert resumed["resumed_from"] == str(checkpoint) and resumed["resumed_at_step"] == 7
+    assert resumed["files"] == ["checkpoints/interrupted.ckpt", "learned_embeds.safetensors", "summary.json"]
 
 
 def test_first_ctrl_c_stops_after_the_step_and_exits_130(tmp_path, tiny_sd, concept_dir):

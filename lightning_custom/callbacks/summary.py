@@ -279,7 +279,7 @@ class RunSummary(Callback):
                     log.warning("RunSummary: could not draw %s: %s", REPORT_FILE, err)
             files = {p.name for p in staging.iterdir()} | {SUMMARY_FILE}
             files |= {name for name in KEPT_FILES if (out / name).exists()}
-            if interrupted:
+            if (out / INTERRUPTED_CHECKPOINT).is_file():  # this run's own (a resumed one keeps it)
                 files.add(INTERRUPTED_CHECKPOINT)
             summary["files"] = sorted(files)
             write_json(staging / SUMMARY_FILE, summary)
