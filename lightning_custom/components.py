@@ -277,7 +277,8 @@ def match_frozen_weights_to_precision(module: nn.Module, precision: str, device_
         tensor.data = tensor.data.to(target)
     name = str(target).removeprefix("torch.")
     note = (f"--model.init_args.weight_dtype float16 on a CPU under precision {precision}: the frozen weights are "
-            f"held in {name} instead (set weight_dtype: {name} to say so)")
+            f"held in {name} instead (set weight_dtype: {name} to say so; on a CPU, --trainer.precision 32-true with "
+            f"weight_dtype float32 is faster)")
     log.info(note)
     return note
 

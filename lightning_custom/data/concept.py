@@ -218,7 +218,8 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
     """Concept images with prompt templates, shared by every personalization method.
 
     Args:
-        instance_data_dir: folder of 3-5 concept images (png/jpg/jpeg/webp, 8-bit RGB).
+        instance_data_dir: folder of 3-5 concept images (png/jpg/jpeg/webp; grayscale, palette, CMYK, 16-bit and
+            transparent images are converted to RGB).
         placeholder_token: the token that stands for the concept (linked from the model by the CLI).
         class_noun: optional class word after the token ("sks dog"), for DreamBooth-style prompts.
         learnable_property: ``"object"`` or ``"style"`` prompt templates.
