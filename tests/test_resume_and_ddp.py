@@ -18,9 +18,10 @@ from lightning_custom.methods.base import _RNG_KEY
 from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
 
 
-def fit(root, tiny_sd, concept_dir, callbacks, ckpt_path=None, dvar_overrides=None, **trainer_overrides):
+def fit(root, tiny_sd, concept_dir, callbacks, ckpt_path=None, dvar_overrides=None, data_overrides=None,
+        **trainer_overrides):
     module = TextualInversion(**ti_kwargs(tiny_sd, learning_rate=0.02))
-    dm = ConceptDataModule(**data_kwargs(concept_dir))
+    dm = ConceptDataModule(**data_kwargs(concept_dir, **(data_overrides or {})))
     dvar = DVAREarlyStopping(window=15, threshold=0.15, **(dvar_overrides or {}))
     summary = RunSummary()
     kwargs = trainer_kwargs(root, **trainer_overrides)
@@ -43,6 +44,16 @@ def test_resume_from_mid_epoch_checkpoint_stops_at_the_same_step(tmp_path, tiny_
     assert torch.equal(resumed_module.token_vectors.vectors, module.token_vectors.vectors)
     summary = json.loads((tmp_path / "b" / "summary.json").read_text())
     assert summary["stop_step"] == straight.stop_step and len(summary["dvar_history"]) == straight.stop_step
+
+
+def test_resume_repeats_the_resampled_evaluation_draws(tmp_path, tiny_sd, concept_dir):
+    """With ``resample`` (the semi-deterministic study), the redrawn parts continue their sequence on resume."""
+    settings = dict(data_overrides=dict(resample=["noise", "timesteps"]), dvar_overrides=dict(max_steps=16))
+    checkpoints = StepCheckpoint(dirpath=tmp_path / "ckpt", every_n_steps=8)
+    _, straight, _ = fit(tmp_path / "a", tiny_sd, concept_dir, [checkpoints], enable_checkpointing=True, **settings)
+    mid = tmp_path / "ckpt" / "epoch=0-step=8.ckpt"
+    _, resumed, _ = fit(tmp_path / "b", tiny_sd, concept_dir, [], ckpt_path=str(mid), **settings)
+    assert len(straight.history) == 16 and resumed.history == straight.history
 
 
 class RecordPerRank(Callback):

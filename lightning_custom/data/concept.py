@@ -312,6 +312,9 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         if with_prior_preservation:
             self.check_class_sources(class_data_dir, class_prompt, num_class_images)
         self._progress = _Progress()
+        # The evaluation datasets built so far (one per concept), and resample-generator states from a checkpoint.
+        self._eval_datasets: dict[int, FixedEvalDataset] = {}
+        self._restored_resample_states: dict[int, torch.Tensor] = {}
 
     @property
     def phrase(self) -> str:
@@ -421,7 +424,24 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
 
     def build_eval_dataset(self, spec: EvalBatchSpec, concept: int = 0) -> FixedEvalDataset:
         """The one-item dataset holding DVAR's evaluation batch (of concept ``concept``)."""
-        return FixedEvalDataset(self, spec, self.resample, concept)
+        dataset = FixedEvalDataset(self, spec, self.resample, concept)
+        if concept in self._restored_resample_states:  # a resumed run redraws where the uninterrupted one was
+            dataset.resample_generator.set_state(self._restored_resample_states.pop(concept))
+        self._eval_datasets[concept] = dataset
+        return dataset
+
+    def state_dict(self) -> dict[str, Any]:
+        """The generator states of the resampled evaluation parts (saved in checkpoints; empty without ``resample``).
+
+        Every rank draws the same resampled parts, so rank 0's states serve all ranks.
+        """
+        if not self.resample:
+            return {}
+        return {"resample_states": {i: d.resample_generator.get_state() for i, d in self._eval_datasets.items()}}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Continue the resampled evaluation parts from a checkpoint (applied when the datasets are built)."""
+        self._restored_resample_states = dict(state_dict.get("resample_states", {}))
 
     def val_dataloader(self) -> EVAL_DATALOADERS:
         """DVAR's fixed evaluation batch, served whole (``batch_size=None``); one loader per concept."""
