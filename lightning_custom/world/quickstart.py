@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning_custom.sampling import generate, labelled_grid, read_summary, write_png
+from lightning_custom.sampling import generate, labelled_grid, read_summary, run_concepts, write_png
 
 
 def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: list[str] | None = None,
@@ -36,7 +36,7 @@ def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: li
 
     run = Path(run_dir)
     summary = read_summary(run)
-    token = summary["placeholder_token"]
+    token = run_concepts(summary)[0]["placeholder_token"]  # a multi-concept run: its first concept
     templates = prompts or ["a photo of a {}"]
     after_pipe, _ = load_run_pipeline(run, scheduler="ddim", device="cpu")
     # The base model through the same loader as the run (any pipeline class: SD, SDXL), with the same sampler.
