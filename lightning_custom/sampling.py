@@ -377,8 +377,9 @@ def sample_run(
     """Generate ``images_per_prompt`` images per prompt with a finished run's concept; write PNGs and a grid.
 
     Each template is filled in with each concept's token and class noun (:func:`concept_prompts`); a single string
-    is one template. Image ``j`` of every prompt uses seed ``seed + j``. Writes ``<output_dir>/pNN-sSEED.png``, ``grid.png``
-    (one labelled row per prompt) and ``samples.json`` (prompts, seeds, files and settings); returns the latter.
+    is one template. Image ``j`` of every prompt uses seed ``seed + j``. Writes ``<output_dir>/pNN-sSEED.png``,
+    ``grid.png`` (one labelled row per prompt) and ``samples.json`` (prompts, seeds, files and settings); returns
+    the latter.
     ``pipe`` reuses an already loaded pipeline (from :func:`load_run_pipeline`).
     """
     start = time.perf_counter()

@@ -45,7 +45,8 @@ def test_gather_sorts_runs_naturally_and_names_model_and_concept(tmp_path):
         write_summary(tmp_path / "array" / f"task{task}", 100 + task, pretrained_model_name_or_path="embedded",
                       instance_data_dir=f"/data/concept{task}")
     write_summary(tmp_path / "array" / "task3", 103, pretrained_model_name_or_path="/models/sd15",
-                  concepts=[{"name": "a", "instance_data_dir": "/data/cat"}, {"name": "b", "instance_data_dir": "/d/mug"}])
+                  concepts=[{"name": "a", "instance_data_dir": "/data/cat"},
+                            {"name": "b", "instance_data_dir": "/d/mug"}])
     rows = gather_table([str(tmp_path / "array")])
     assert [Path(r["run"]).name for r in rows] == ["task1", "task2", "task3", "task10"]
     assert [r["model"] for r in rows] == ["embedded", "embedded", "sd15", "embedded"]
