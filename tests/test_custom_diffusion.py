@@ -270,3 +270,22 @@ def test_resume_continues_every_concept_series_exactly(tiny_sd, concept_dir, sec
         assert resumed_dvar.histories[key] == [point for point in series if point[0] != 3], key
     for (name, a), b in zip(straight.named_parameters(), resumed.parameters()):
         assert torch.equal(a, b), name
+
+
+def test_the_readme_stock_diffusers_lines_load_the_run(tiny_sd, trained):
+    """The README's Custom Diffusion row: stock diffusers calls alone (with ``_pipeline=pipe``,
+    huggingface/diffusers#9320) load what the package's helper loads."""
+    _, root = trained
+    pipe = StableDiffusionPipeline.from_pretrained(tiny_sd)
+    pipe.unet.load_attn_procs(str(root), weight_name="pytorch_custom_diffusion_weights.bin", _pipeline=pipe)
+    for token in ("<new1>", "<new2>"):
+        pipe.load_textual_inversion(str(root), weight_name=f"{token}.safetensors")
+    helper = CustomDiffusion.load_into_pipeline(StableDiffusionPipeline.from_pretrained(tiny_sd), root)
+    assert all(isinstance(p, CustomDiffusionAttnProcessor) for p in pipe.unet.attn_processors.values())
+    prompt = pipe.maybe_convert_prompt("a photo of a <new1> toy next to a <new2> cat", pipe.tokenizer)
+    ids = pipe.tokenizer([prompt], padding="max_length", max_length=77, return_tensors="pt").input_ids
+    latents, timesteps = torch.randn(1, 4, 8, 8, generator=torch.Generator().manual_seed(0)), torch.tensor([500])
+    with torch.no_grad():
+        hidden = pipe.text_encoder(ids)[0]
+        assert torch.equal(hidden, helper.text_encoder(ids)[0])
+        assert torch.equal(pipe.unet(latents, timesteps, hidden).sample, helper.unet(latents, timesteps, hidden).sample)
