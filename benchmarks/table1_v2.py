@@ -9,7 +9,8 @@ Three phases, each resumable (finished runs, probes and files are reused):
     (:func:`lightning_custom.calibrate.grid_stop_steps`) stops is probed from its snapshot into
     ``exact_probes.json``, with the same sampling seeds as the periodic probes (paired across steps and variants).
     Full DreamBooth's snapshots (the whole UNet, ~11 MB each) are deleted once probed; the small methods' stay, so
-    more steps can be probed later. ``summary.json`` and ``exact_probes.json`` are copied to ``--results``/runs.
+    more steps can be probed later. ``summary.json`` (without the training-loss series) and ``exact_probes.json``
+    are copied to ``--results``/runs.
 ``noise``: the probe's own noise: one run's snapshots at given steps, probed with ``--seeds`` sampling seeds.
 ``table``: the second-edition table from the runs that exist (see :func:`main`).
 
@@ -37,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LONG_STEPS = {"textual_inversion": 1200, "dreambooth_lora": 900, "custom_diffusion": 600, "dreambooth": 600}
 KEEP_SNAPSHOTS = {"textual_inversion", "dreambooth_lora", "custom_diffusion"}  # small; DreamBooth's are deleted
 CALIBRATION, TEST = range(0, 50), range(50, 100)
+BULKY_FIELDS = ("train_loss_history",)  # left out of the committed copies of summary.json (a third of its size)
 EVAL_EVERY = 5  # L_det (and a snapshot) every 5 steps; the calibration grid replays periods 5, 10 and 20
 
 
@@ -112,7 +114,8 @@ def run_phase(args) -> int:
             shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
         target = results / method / concept.name
         target.mkdir(parents=True, exist_ok=True)
-        shutil.copy(run_dir / "summary.json", target / "summary.json")
+        slim = {k: v for k, v in summary.items() if k not in BULKY_FIELDS}
+        (target / "summary.json").write_text(json.dumps(slim, separators=(",", ":")) + "\n")
         if (run_dir / "exact_probes.json").exists():
             shutil.copy(run_dir / "exact_probes.json", target / "exact_probes.json")
         print(f"[{time.strftime('%H:%M:%S')} +{time.time() - start:.0f}s] {method} {concept.name}: "

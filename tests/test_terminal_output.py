@@ -45,6 +45,27 @@ def test_fit_bar_counts_optimizer_steps_and_shows_dvar(tiny_sd, concept_dir, tmp
         assert float(shown["DVAR ratio"].split()[0]) < 0.5
 
 
+class CountingBar(StepProgressBar):
+    """Counts how often the bar reads the metrics (each read is a host-device sync per logged tensor)."""
+
+    reads = 0
+
+    def get_metrics(self, trainer, pl_module):
+        self.reads += 1
+        return super().get_metrics(trainer, pl_module)
+
+
+def test_fit_bar_reads_metrics_at_its_own_pace_not_every_step(tiny_sd, concept_dir, tmp_path, single_thread):
+    bar = CountingBar(update_interval_s=3600.0)  # only the first step, the evaluations and the end update it
+    dvar = DVAREarlyStopping(window=100, eval_every_n_steps=5)
+    trainer = L.Trainer(max_steps=20, callbacks=[dvar, bar], **trainer_kwargs(tmp_path, enable_progress_bar=True))
+    trainer.fit(TextualInversion(**ti_kwargs(tiny_sd)), ConceptDataModule(**data_kwargs(concept_dir)))
+    assert trainer.global_step == 20
+    evaluations = len(dvar.history)
+    assert evaluations == 4 and bar.reads <= evaluations + 2 < 20  # Lightning's bar reads them at every step
+    assert bar.progress.tasks[bar.train_progress_bar_id].completed == 20
+
+
 def test_dvar_status_before_and_after_the_window_fills():
     dvar = DVAREarlyStopping(window=40, eval_every_n_steps=5, threshold=0.15)
     assert dvar_status(dvar) == "window 0/40 steps (stops below 0.15)"

@@ -167,9 +167,11 @@ class StepProgressBar(RichProgressBar):
 
     @override
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        super().on_validation_end(trainer, pl_module)
-        if trainer.state.fn == "fit":
-            self.show_step(trainer, pl_module)  # DVAR has just decided: show its ratio now
+        if trainer.state.fn != "fit":
+            super().on_validation_end(trainer, pl_module)
+            return
+        self.reset_dataloader_idx_tracker()
+        self.show_step(trainer, pl_module)  # DVAR has just decided: show its ratio now (one read of the metrics)
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
