@@ -15,7 +15,7 @@ import pytest
 
 from lightning_custom.cli import main
 from lightning_custom.commands import join_space_separated, numeric_list_arguments, replay
-from lightning_custom.components import embedded_concept_path
+from lightning_custom.components import embedded_concept_path, embedded_model_path
 from lightning_custom.errors import UserInputError
 from lightning_custom.sampling import concept_prompts, run_concepts
 
@@ -163,3 +163,12 @@ def test_summary_records_prior_preservation_and_every_concept():
         ("cat", "<new1>", "cat"), ("chair", "<new2>", None)]
     assert fields["concepts"][1]["instance_data_dir"] == embedded_concept_path("cat-toy")  # the alias, resolved
     assert fields["seeds"]["model"] == 4 and fields["seeds"]["eval"] == 5 and fields["seeds"]["data"] == 6
+
+
+def test_pipelines_get_the_safety_checker_keywords_only_where_they_take_them(capfd):
+    from lightning_custom.sampling import load_pipeline
+
+    sdxl = load_pipeline(embedded_model_path("tiny-sdxl"))
+    sd = load_pipeline(embedded_model_path("tiny-sd"))
+    assert type(sdxl).__name__ == "StableDiffusionXLPipeline" and sd.safety_checker is None
+    assert "are not expected by" not in capfd.readouterr().err  # diffusers' warning about safety_checker on SDXL
