@@ -240,12 +240,13 @@ def before_after(
     """Samples a world-model run's concept before and after training side by side, scored by the world encoder.
 
     For runs on the embedded world model (the quickstart): "before" prompts the base model with the word the
-    concept's token started from, "after" with the learned token. Writes a labelled grid and prints the identity
+    concept's token started from (or its class noun), "after" with the learned token and the class noun. Writes a labelled grid and prints the identity
     similarity (world-encoder cosine similarity to the concept images) of both sides.
 
     Args:
         run_dir: the run folder (the fit's default_root_dir, holding summary.json and the artifacts).
-        before_word: the word standing for the concept before training (default: the run's initializer_token).
+        before_word: the word standing for the concept before training (default: the run's initializer_token, else
+            its class noun).
         prompts: templates with '{}' for the concept (default: "a photo of a {}" and "a photo of a {} on a grey
             background").
         images_per_prompt: images per prompt and per side; image j uses seed + j on both sides.
@@ -276,7 +277,10 @@ def before_after(
 
 
 def _initializer_token(run: Path) -> str:
-    """The ``initializer_token`` of the run's saved config.yaml, or a one-line error asking for ``--before_word``."""
+    """The ``initializer_token`` of the run's saved config.yaml, else the class noun of a DreamBooth-style run (its
+    samples before training are "a photo of a dog"), or a one-line error asking for ``--before_word``."""
+    import json
+
     import yaml
 
     config = run / "config.yaml"
@@ -284,6 +288,8 @@ def _initializer_token(run: Path) -> str:
     if config.is_file():
         loaded = yaml.safe_load(config.read_text()) or {}
         token = ((loaded.get("model") or {}).get("init_args") or {}).get("initializer_token")
+    if not token:
+        token = json.loads((run / "summary.json").read_text()).get("class_noun")
     if not token:
         raise UserInputError(f"--before_word: {run} has no config.yaml naming an initializer_token; give the word "
                              f"the concept's token started from")

@@ -103,6 +103,14 @@ def test_before_after_runs_on_an_sdxl_model(tmp_path):
     assert Path(result["grid"]).is_file()
 
 
+def test_before_after_of_a_dreambooth_style_run_uses_the_class_noun(tmp_path, tiny_sd):
+    run = write_run(tmp_path / "run", pretrained_model_name_or_path=tiny_sd, placeholder_token="sks", class_noun="cat",
+                    instance_data_dir=embedded_concept_path("cat-toy"))
+    result = main(["before_after", str(run), "--prompts", "a photo of a {}", "--images_per_prompt", "1",
+                   "--num_inference_steps", "1"])
+    assert result["prompts"] == {"before": ["a photo of a cat"], "after": ["a photo of a sks cat"]}
+
+
 def test_space_separated_numbers_become_one_list():
     assert numeric_list_arguments(replay) == {"windows", "thresholds"}
     args = ["runs/a", "--windows", "20", "40", "--thresholds", "0.1", "--min_steps", "3", "runs/b"]

@@ -27,7 +27,7 @@ def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: li
         seed: image ``i`` uses seed ``seed + i`` on both sides.
 
     Returns:
-        ``{"identity_before", "identity_after", "grid"}``.
+        ``{"identity_before", "identity_after", "grid", "prompts"}`` (``prompts``: the prompts of each side).
     """
     from lightning_custom.components import resolve_model_path
     from lightning_custom.evaluate import concept_images
@@ -36,7 +36,10 @@ def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: li
 
     run = Path(run_dir)
     summary = read_summary(run)
-    token = run_concepts(summary)[0]["placeholder_token"]  # a multi-concept run: its first concept
+    from lightning_custom.data.templates import concept_phrase
+
+    concept = run_concepts(summary)[0]  # a multi-concept run: its first concept
+    token = concept_phrase(concept["placeholder_token"], concept.get("class_noun"))  # "sks star" for DreamBooth
     templates = prompts or ["a photo of a {}"]
     after_pipe, _ = load_run_pipeline(run, scheduler="ddim", device="cpu")
     # The base model through the same loader as the run (any pipeline class: SD, SDXL), with the same sampler.
@@ -48,7 +51,7 @@ def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: li
     size = references[0].size[0]
     model = WorldEncoder.load(encoder)
     seeds = [seed + i for i in range(num_images)]
-    images, labels, scores = [], [], {}
+    images, labels, scores, used = [], [], {}, {"before": [], "after": []}
     for side, pipe, word in (("before", before_pipe, before_word), ("after", after_pipe, token)):
         side_images = []
         for template in templates:
@@ -58,9 +61,10 @@ def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: li
             side_images += batch
             images += batch
             labels.append(f"{side}: {prompt}")
+            used[side].append(prompt)
         scores[f"identity_{side}"] = identity_similarity(model, side_images, references)
     images += references[:num_images]
     labels.append("concept images")
     grid = labelled_grid(images, labels, columns=num_images, cell=96)
     path = write_png(grid, Path(out) if out else run / "before_after.png")
-    return {**scores, "grid": str(path)}
+    return {**scores, "grid": str(path), "prompts": used}
