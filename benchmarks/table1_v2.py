@@ -10,7 +10,7 @@ Three phases, each resumable (finished runs, probes and files are reused):
     ``exact_probes.json``, with the same sampling seeds as the periodic probes (paired across steps and variants).
     Full DreamBooth's snapshots (the whole UNet, ~11 MB each) are deleted once probed; the small methods' stay, so
     more steps can be probed later. ``summary.json`` (without the training-loss series) and ``exact_probes.json``
-    are copied to ``--results``/runs.
+    are copied to ``--results``/probed_runs.
 ``noise``: the probe's own noise: one run's snapshots at given steps, probed with ``--seeds`` sampling seeds.
 ``table``: the second-edition table from the runs that exist (see :func:`main`).
 
@@ -38,6 +38,7 @@ ROOT = Path(__file__).resolve().parents[1]
 LONG_STEPS = {"textual_inversion": 1200, "dreambooth_lora": 900, "custom_diffusion": 600, "dreambooth": 600}
 KEEP_SNAPSHOTS = {"textual_inversion", "dreambooth_lora", "custom_diffusion"}  # small; DreamBooth's are deleted
 CALIBRATION, TEST = range(0, 50), range(50, 100)
+RESULT_RUNS = "probed_runs"  # not "runs": .gitignore ignores every folder of that name
 BULKY_FIELDS = ("train_loss_history",)  # left out of the committed copies of summary.json (a third of its size)
 EVAL_EVERY = 5  # L_det (and a snapshot) every 5 steps; the calibration grid replays periods 5, 10 and 20
 
@@ -94,7 +95,7 @@ def run_phase(args) -> int:
     """Train (or reuse) every long run, probe its exact stop steps, copy the small results."""
     from lightning_custom.world.concepts import heldout_concepts
 
-    work, results = Path(args.workdir), Path(args.results) / "runs"
+    work, results = Path(args.workdir), Path(args.results) / RESULT_RUNS
     concepts = heldout_concepts(max(parse_concepts(args.concepts)) + 1)
     start = time.time()
     jobs = [(index, method) for index in parse_concepts(args.concepts) for method in args.methods]
@@ -162,13 +163,13 @@ def to_eval_step(step: float) -> int:
 
 
 def load_method_runs(results: Path, method: str) -> tuple[list, list, dict[str, float]]:
-    """(calibration-split runs, test-split runs, seconds per step by run) of ``method`` under ``results/runs``.
+    """(calibration-split runs, test-split runs, seconds per step by run) of ``method`` under ``results/probed_runs``.
 
     Seconds per step: the run's wall time without its probes (training, L_det evaluations, snapshots) / steps.
     """
     from lightning_custom.calibrate import load_probed_run
 
-    folder = results / "runs" / method
+    folder = results / RESULT_RUNS / method
     files = sorted(f / "summary.json" for f in folder.iterdir()) if folder.is_dir() else []
     runs = [load_probed_run(f, f.parent.name) for f in files if f.is_file()]
     pace = {}
@@ -194,7 +195,7 @@ def probe_missing(args, method: str, runs: list, steps: list[int]) -> None:
         if step not in snapshot_steps(run_dir / "snapshots") or not config_file.is_file():
             continue
         run.exact[step] = probe_snapshots(config_file, run_dir / "snapshots", [step])[step][0]
-        for folder in (run_dir, Path(args.results) / "runs" / method / run.name):
+        for folder in (run_dir, Path(args.results) / RESULT_RUNS / method / run.name):
             path = folder / EXACT_PROBES_FILE
             done = json.loads(path.read_text()) if path.is_file() else {"steps": {}}
             done["steps"][str(step)] = run.exact[step]
@@ -333,7 +334,7 @@ def table_plots(methods: list[str], data: dict, out: Path) -> None:
 
 
 def table_phase(args) -> int:
-    """Write ``table1_v2.md`` / ``.csv`` and the figures from the runs copied to ``--results``/runs."""
+    """Write ``table1_v2.md`` / ``.csv`` and the figures from the runs copied to ``--results``/probed_runs."""
     import csv
     import shlex
 

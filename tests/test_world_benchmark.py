@@ -87,9 +87,12 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
     import argparse
     import json
 
+    import torch
+
     from lightning_custom.world.concepts import heldout_concepts
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
+    torch.manual_seed(0)  # the same random encoder every time
     WorldEncoder(width=8, dim=16).save(tmp_path / "encoder")
     v2 = load_table1_v2()
     work = tmp_path / "work"
@@ -100,12 +103,12 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
     concept = heldout_concepts(1)[0]
     run_dir, config_file = v2.run_paths(work, "textual_inversion", concept.name)
     assert snapshot_steps(run_dir / "snapshots") == [5, 10, 15, 20]  # one per L_det evaluation
-    summary = json.loads((tmp_path / "results" / "runs" / "textual_inversion" / concept.name / "summary.json")
+    summary = json.loads((tmp_path / "results" / "probed_runs" / "textual_inversion" / concept.name / "summary.json")
                          .read_text())
     assert [row[0] for row in summary["world_probe_history"]] == [0, 10, 20]
     # The snapshot of a probed step scores what the live probe scored there (same seeds: paired).
     assert probe_snapshots(config_file, run_dir / "snapshots", [20])[20][0] == pytest.approx(
-        summary["world_probe_history"][-1][1:], abs=1e-5)
+        summary["world_probe_history"][-1][1:], abs=5e-4)
 
     # A live run of the same config, stopped at step 15 by DVAR's step cap, probes step 15 when it ends.
     args = argparse.Namespace(steps=20, probe_every=10, probe_images=1, probe_inference_steps=2,
@@ -118,8 +121,12 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
     live_summary = v2.v1.fit(live, tmp_path / "live.yaml")
     assert live_summary["stop_step"] == 15 and live_summary["world_probe_history"][-1][0] == 15
     exact = probe_snapshots(config_file, run_dir / "snapshots", [15])[15][0]
-    assert exact == pytest.approx(live_summary["world_probe_history"][-1][1:], abs=1e-5)
-    assert exact != pytest.approx(summary["world_probe_history"][1][1:], abs=1e-5)  # not the probe of step 10
+    # The weights are bit-identical; the samplings differ by float noise (a batch's first images can take another
+    # SIMD path: up to ~1e-4 through this random encoder). Step 10's probe, which the first edition would have
+    # read for a stop at step 15, is further away.
+    tolerance = 5e-4
+    assert exact == pytest.approx(live_summary["world_probe_history"][-1][1:], abs=tolerance)
+    assert max(abs(a - b) for a, b in zip(exact, summary["world_probe_history"][1][1:])) > 2 * tolerance
 
 
 def test_table1_v2_smoke_on_two_concepts(tmp_path):
