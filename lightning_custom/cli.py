@@ -20,7 +20,7 @@ from typing import NoReturn, Optional
 import torch
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
@@ -37,6 +37,7 @@ from lightning_custom.run_folder import (
     check_finished_run,
     check_output_dir,
     clear_earlier_run,
+    is_remote,
     lock_run_folder,
     unlock_run_folder,
 )
@@ -176,14 +177,15 @@ class PersonalizationCLI(LightningCLI):
         trainer, datamodule = self.trainer, self.datamodule
         if hasattr(datamodule, "check_resolution") and hasattr(self.model, "eval_batch_spec"):
             datamodule.check_resolution(self.model.eval_batch_spec().latent_downsample)
-        root = check_output_dir(trainer.default_root_dir, "--trainer.default_root_dir")
-        folders = {root: "--trainer.default_root_dir"}
         summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
-        if summary is not None and summary.output_dir:
-            folders.setdefault(check_output_dir(summary.output_dir, "--summary.output_dir"), "--summary.output_dir")
+        folders: dict[str, str] = {}  # run folder -> the option that set it (local ones; URLs are left to fsspec)
+        for value, argument in ((trainer.default_root_dir, "--trainer.default_root_dir"),
+                                (getattr(summary, "output_dir", None), "--summary.output_dir")):
+            if value and not is_remote(value):
+                folders.setdefault(str(check_output_dir(value, argument)), argument)
         checkpoint_dirs = []
         for callback in trainer.checkpoint_callbacks:
-            if isinstance(callback, ModelCheckpoint) and callback.dirpath:
+            if isinstance(callback, ModelCheckpoint) and callback.dirpath and not is_remote(callback.dirpath):
                 argument = f"--trainer.callbacks ({type(callback).__name__} dirpath)"
                 checkpoint_dirs.append(check_output_dir(callback.dirpath, argument))
         class_cache_dir = getattr(datamodule, "hparams", {}).get("class_cache_dir") if datamodule is not None else None
@@ -197,11 +199,16 @@ class PersonalizationCLI(LightningCLI):
                 lock_run_folder(folder, argument)
                 self._locked.append(folder)
                 # Checked under the lock: no other run can finish into the folder in between.
-                if check_finished_run(folder, overwrite=overwrite, resuming=self._resuming(folder), argument=argument):
+                resuming = self._resuming(Path(folder))
+                if check_finished_run(folder, overwrite=overwrite, resuming=resuming, argument=argument):
                     clear_earlier_run(folder, extra=tuple(checkpoint_dirs))
         except BaseException:
             self.after_fit()  # a refused run leaves the folder as it found it
             raise
+
+    def before_validate(self) -> None:
+        """``validate`` only measures: it writes no ``config.yaml`` over the one of the run in its folder."""
+        self.trainer.callbacks = [c for c in self.trainer.callbacks if not isinstance(c, SaveConfigCallback)]
 
     def after_fit(self) -> None:
         """Release the run folder."""

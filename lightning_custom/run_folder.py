@@ -28,14 +28,19 @@ SUMMARY_FILE = "summary.json"
 # Files and folders a run (or a command run on it afterwards) writes into its folder, besides those its
 # summary.json names: removed whole when a new run overwrites the folder. Files not listed are left alone, so a
 # run folder pointed at a folder of the user's own files loses nothing else.
-RUN_FILES = ("summary.json", "config.yaml", "report.png", "metrics.json", "before_after.png")
-RUN_FOLDERS = ("samples", "checkpoints", "lightning_logs")
+RUN_FILES = ("summary.json", "config.yaml", "report.png", "metrics.json", "before_after.png", "exact_probes.json")
+RUN_FOLDERS = ("samples", "samples_during_training", "eval", "replay", "checkpoints", "lightning_logs")
 RUN_FILE_PATTERNS = ("hpc_ckpt_*.ckpt", ".*.tmp")
 # Lock files held by this process (path -> open descriptor); the same process may ask again (the CLI, then the
 # RunSummary callback in the same fit).
 _held: dict[Path, int] = {}
 # Lock files held by this process, for its child processes (DDP workers) to see: {"<path>": <pid>}.
 LOCKS_ENV = "LIGHTNING_CUSTOM_RUN_FOLDER_LOCKS"
+
+
+def is_remote(folder: str | os.PathLike) -> bool:
+    """Whether ``folder`` is a URL (``s3://...``): Lightning writes there through fsspec; it is not checked or locked."""
+    return "://" in str(folder)
 
 
 def is_writable(folder: Path) -> bool:
@@ -57,6 +62,8 @@ def check_output_dir(folder: str | os.PathLike, argument: str) -> Path:
         UserInputError: a file is in the way, or the folder (or the nearest existing one above it) is not writable.
     """
     path = Path(folder).expanduser()
+    if is_remote(folder):
+        return path
     existing = path
     while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
         existing = existing.parent
@@ -103,7 +110,7 @@ def _holder_pid(lock_path: Path) -> str:
         return ""
 
 
-def lock_run_folder(folder: str | os.PathLike, argument: str = "--trainer.default_root_dir") -> Path:
+def lock_run_folder(folder: str | os.PathLike, argument: str = "--trainer.default_root_dir") -> Path | None:
     """Take the run folder's lock (created if needed) for the rest of the fit; a second call is a no-op.
 
     The lock is an exclusive ``flock`` on ``<folder>/.lock``: it belongs to the process and ends with it, so a
@@ -115,11 +122,13 @@ def lock_run_folder(folder: str | os.PathLike, argument: str = "--trainer.defaul
         argument: the option that set it, named in the error.
 
     Returns:
-        The lock file's path.
+        The lock file's path (``None`` for a remote folder, which is not locked).
 
     Raises:
         UserInputError: another run holds the folder.
     """
+    if is_remote(folder):
+        return None
     folder = check_output_dir(folder, argument)
     folder.mkdir(parents=True, exist_ok=True)
     lock_path = folder.resolve() / LOCK_FILE
@@ -153,6 +162,8 @@ def lock_run_folder(folder: str | os.PathLike, argument: str = "--trainer.defaul
 
 def unlock_run_folder(folder: str | os.PathLike) -> None:
     """Release the run folder's lock if this process holds it, and remove the lock file."""
+    if is_remote(folder):
+        return
     lock_path = Path(folder).expanduser().resolve() / LOCK_FILE
     fd = _held.pop(lock_path, None)
     if fd is None:
@@ -191,7 +202,7 @@ def check_finished_run(folder: str | os.PathLike, *, overwrite: bool, resuming: 
     Raises:
         UserInputError: the folder holds a finished run and neither ``overwrite`` nor ``resuming`` is set.
     """
-    summary = read_summary(Path(folder).expanduser())
+    summary = None if is_remote(folder) else read_summary(Path(folder).expanduser())
     if summary is None or resuming:
         return False
     if overwrite:

@@ -172,3 +172,11 @@ def test_a_resume_continues_the_folders_run_without_overwrite(tmp_path, tiny_sd,
     elsewhere.write_bytes(checkpoint.read_bytes())
     line = run_expecting_one_error(capsys, [*args, "--ckpt_path", str(elsewhere)])  # another run's: a new run here
     assert line.startswith(f"error: --trainer.default_root_dir: {run} holds a finished run")
+
+
+def test_validate_measures_l_det_and_writes_nothing(tmp_path, tiny_sd, concept_dir, single_thread):
+    args = quick_args(tmp_path / "run", concept_dir, tiny_sd)
+    cli = main(["validate", *args[1:]])
+    loss = float(cli.trainer.callback_metrics["dvar_loss"])
+    assert 0 < loss < 10
+    assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())  # no config.yaml

@@ -20,10 +20,11 @@ from lightning_custom.run_folder import (
 )
 
 
-def _hold_lock(folder: str, locked, release) -> None:
+def _hold_lock(folder: str, locked, release, release_sender) -> None:
+    release_sender.close()  # the forked copy: the pipe ends when the test closes the last sender
     lock_run_folder(folder)
     locked.set()
-    release.wait(120)
+    release.poll(120)  # until the test closes its end of the pipe
     os._exit(0)  # end without running the parent's (pytest's) exit handlers
 
 
@@ -34,16 +35,17 @@ def other_run():
     started = []
 
     def start(folder):
-        locked, release = context.Event(), context.Event()
-        process = context.Process(target=_hold_lock, args=(str(folder), locked, release))
+        # The release is a pipe, not an Event: setting an Event that a killed process waited on blocks forever.
+        locked, (release, release_sender) = context.Event(), context.Pipe(duplex=False)
+        process = context.Process(target=_hold_lock, args=(str(folder), locked, release, release_sender))
         process.start()
         assert locked.wait(60), "the other process did not take the lock"
-        started.append((process, release))
+        started.append((process, release_sender))
         return process
 
     yield start
-    for process, release in started:
-        release.set()
+    for process, release_sender in started:
+        release_sender.close()
         process.join(30)
         if process.is_alive():
             process.kill()
@@ -194,3 +196,11 @@ def test_python_users_get_the_lock_too(tmp_path, tiny_sd, concept_dir, other_run
     trainer = fit(str(tmp_path / "free"))
     assert trainer.global_step == 3 and (tmp_path / "free" / "summary.json").exists()
     assert not (tmp_path / "free" / ".lock").exists()  # released at the end of the fit
+
+
+def test_remote_folders_are_left_to_fsspec(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert lock_run_folder("s3://bucket/run") is None
+    assert check_finished_run("s3://bucket/run", overwrite=False, resuming=False) is False
+    unlock_run_folder("s3://bucket/run")
+    assert not list(tmp_path.iterdir())  # no local "s3:" folder
