@@ -8,6 +8,10 @@ GPU, on the SD 1.5 architecture with random weights built in-process (no downloa
         --weight-dtype float16 --steps 120
 (`benchmarks/gpu_throughput.sh` runs the whole GPU set in one call.)
 
+Operators per step without a GPU (issue 15): aten ops of one steady-state step by phase, CUDA's fp16 autocast
+emulated on the CPU, for each method and for diffusers' Textual Inversion example (a few minutes):
+    python benchmarks/throughput.py --profile-ops --arch random:sd15 --weight-dtype float16 --resolution 64
+
 Writes ``<out>/throughput_<tag>.json`` and ``.md``. Not collected by pytest.
 """
 
@@ -508,8 +512,8 @@ def ops_markdown(rows: list[dict], args: argparse.Namespace, rules: dict[str, fr
              "a TorchDispatchMode while CUDA's fp16 autocast rules are emulated (see `CudaAutocastEmulation` in "
              "benchmarks/throughput.py; the op lists are read from torch's ATen/autocast_mode.h: "
              f"{len(rules['lower'])} ops run in fp16, {len(rules['fp32'])} in fp32, {len(rules['fp32_opt'])} "
-             f"with an fp32 output, {len(rules['promote'])} promote to the widest input). No GradScaler (identical "
-             "for every row: ~10 ops under 16-mixed), no DVAR evaluation.", "",
+             f"with an fp32 output, {len(rules['promote'])} promote to the widest input). GradScaler's ops (16-mixed) are "
+             "not counted (the same in every row); no DVAR evaluation. `vae`: encodes of latents not yet cached.", "",
              "| method | variant | " + " | ".join(PHASES) + " | casts | total | total without VAE |",
              "|" + "---|" * (len(PHASES) + 5)]
     for r in rows:
