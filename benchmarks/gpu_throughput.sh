@@ -46,7 +46,8 @@ run_dir=$(mktemp -d)/ttc
 start=$(date +%s.%N)
 python -m lightning_custom fit --config configs/textual_inversion.yaml "${cli[@]}" \
     --data.init_args.instance_data_dir embedded --trainer.default_root_dir "$run_dir" \
-    --trainer.enable_checkpointing false --sample.every_n_steps 0 --sample.at_stop false --dvar.window 50 --dvar.threshold 0.15
+    --trainer.enable_checkpointing false --sample.every_n_steps 0 --sample.at_stop false \
+    --dvar.window 50 --dvar.threshold 0.15
 end=$(date +%s.%N)
 {
     echo "time to concept: $(python -c "print(round($end - $start, 2))") s wall, command to artifacts"

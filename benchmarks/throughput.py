@@ -512,8 +512,8 @@ def ops_markdown(rows: list[dict], args: argparse.Namespace, rules: dict[str, fr
              "a TorchDispatchMode while CUDA's fp16 autocast rules are emulated (see `CudaAutocastEmulation` in "
              "benchmarks/throughput.py; the op lists are read from torch's ATen/autocast_mode.h: "
              f"{len(rules['lower'])} ops run in fp16, {len(rules['fp32'])} in fp32, {len(rules['fp32_opt'])} "
-             f"with an fp32 output, {len(rules['promote'])} promote to the widest input). GradScaler's ops (16-mixed) are "
-             "not counted (the same in every row); no DVAR evaluation. `vae`: encodes of latents not yet cached.", "",
+             f"with an fp32 output, {len(rules['promote'])} promote to the widest input). GradScaler's ops "
+             "(16-mixed) are not counted (the same in every row); no DVAR evaluation. `vae`: encodes of latents not yet cached.", "",
              "| method | variant | " + " | ".join(PHASES) + " | casts | total | total without VAE |",
              "|" + "---|" * (len(PHASES) + 5)]
     for r in rows:
@@ -524,13 +524,14 @@ def ops_markdown(rows: list[dict], args: argparse.Namespace, rules: dict[str, fr
 
 def markdown_table(rows: list[dict]) -> str:
     """The results as a markdown table."""
-    header = ("| method | device | arch | px | batch | precision | compile | caches | channels last | frozen in autocast "
-              "| DVAR every | ms/step | ms/DVAR eval | steps/s (with DVAR) | DVAR share | peak mem GB | first step s |")
+    header = ("| method | device | arch | px | batch | precision | compile | caches | channels last "
+              "| frozen in autocast | DVAR every | ms/step | ms/DVAR eval | steps/s (with DVAR) | DVAR share | peak mem GB | first step s |")
     lines = [header, "|" + "---|" * 17]
     for r in rows:
         lines.append(
             f"| {r['method']} | {r['device']} | {r['arch']} | {r['resolution']} | {r['batch_size']} | {r['precision']} "
-            f"| {r['compile']} | {r['caches']} | {r.get('channels_last', False)} | {r.get('frozen_in_autocast', False)} "
+            f"| {r['compile']} | {r['caches']} | {r.get('channels_last', False)} "
+            f"| {r.get('frozen_in_autocast', False)} "
             f"| {r['dvar_every']} | {r['ms_per_step']} | {r['ms_per_dvar_eval']} "
             f"| {r['steps_per_second']} | {100 * r['dvar_share']:.1f}% | {r['peak_memory_gb']} "
             f"| {r['first_step_seconds']} |"

@@ -16,7 +16,7 @@ from lightning.pytorch.loggers import CSVLogger
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.data.concept import collate_with_token_ids
 from lightning_custom.methods import CustomDiffusion, DreamBooth, DreamBoothLoRA, TextualInversion
-from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
+from tests.conftest import data_kwargs, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
