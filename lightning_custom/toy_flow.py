@@ -1,0 +1,187 @@
+"""Tiny, fully offline FLUX.1- and SD3-style components for tests and demos (issue 13 groundwork).
+
+Built in-process in diffusers' and transformers' own classes, with the sizes of diffusers' pipeline tests
+(``tests/pipelines/flux/test_pipeline_flux.py`` and ``tests/pipelines/stable_diffusion_3/
+test_pipeline_stable_diffusion_3.py``, ``get_dummy_components``): a ``FluxTransformer2DModel`` or
+``SD3Transformer2DModel`` with one layer, an ``AutoencoderKL`` with ``shift_factor``, a
+``FlowMatchEulerDiscreteScheduler`` (FLUX: dynamic shifting; SD3: ``shift=3.0``), CLIP text encoders with the
+offline tokenizer of :func:`lightning_custom.toy_models.build_clip_tokenizer`, and optionally a tiny T5 encoder
+with an offline word-level tokenizer (T5 is optional in both pipelines, as in diffusers).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+
+from lightning_custom.toy_models import COMMON_WORDS, TEMPLATE_WORDS, build_clip_tokenizer
+
+__all__ = [
+    "FLUX_SCHEDULER",
+    "SD3_SCHEDULER",
+    "build_t5_tokenizer",
+    "build_tiny_flux_components",
+    "build_tiny_sd3_components",
+]
+
+# The scheduler configs of black-forest-labs/FLUX.1-dev and stabilityai/stable-diffusion-3.5-medium.
+FLUX_SCHEDULER: dict[str, Any] = {
+    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
+    "base_image_seq_len": 256, "max_image_seq_len": 4096,
+}
+SD3_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
+# The flow VAEs' latent normalization in diffusers' tests (FLUX.1's own: shift 0.1159, scale 0.3611).
+_VAE_SHIFT_FACTOR = 0.0609
+_VAE_SCALING_FACTOR = 1.5035
+
+
+def _tiny_vae(seed: int, latent_channels: int, sample_size: int) -> Any:
+    """A one-block ``AutoencoderKL`` (no downsampling) with a ``shift_factor``, as diffusers' flow pipeline tests."""
+    from diffusers import AutoencoderKL
+
+    torch.manual_seed(seed)
+    return AutoencoderKL(
+        sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
+        shift_factor=_VAE_SHIFT_FACTOR, scaling_factor=_VAE_SCALING_FACTOR,
+    ).eval()
+
+
+def _tiny_clip(seed: int, width: int, with_projection: bool) -> tuple[Any, Any]:
+    """A 2-layer CLIP text encoder of ``width`` and its offline tokenizer."""
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+    tokenizer = build_clip_tokenizer()
+    config = CLIPTextConfig(
+        vocab_size=len(tokenizer), hidden_size=width, intermediate_size=37, num_hidden_layers=2,
+        num_attention_heads=4, max_position_embeddings=77, layer_norm_eps=1e-5, projection_dim=width,
+        hidden_act="gelu", bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(seed)
+    model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
+    return model.eval(), tokenizer
+
+
+def build_t5_tokenizer(model_max_length: int = 32) -> Any:
+    """Builds an offline word-level tokenizer standing in for T5's SentencePiece one.
+
+    Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's order), then one id per known word; an ``</s>`` is appended.
+
+    Args:
+        model_max_length: The tokenizer's maximum length (the pipelines' ``max_sequence_length``).
+
+    Returns:
+        A ``transformers.PreTrainedTokenizerFast``.
+    """
+    from tokenizers import Tokenizer, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    words = dict.fromkeys(w.lower() for w in (*TEMPLATE_WORDS, *COMMON_WORDS))
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: 3 + i for i, word in enumerate(words)}}
+    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
+        model_max_length=model_max_length,
+    )
+
+
+def _tiny_t5(seed: int, width: int) -> tuple[Any, Any]:
+    """A 2-layer ``T5EncoderModel`` of ``width`` and its offline tokenizer."""
+    from transformers import T5Config, T5EncoderModel
+
+    tokenizer = build_t5_tokenizer()
+    config = T5Config(
+        vocab_size=len(tokenizer), d_model=width, d_kv=8, d_ff=37, num_layers=2, num_heads=4,
+        relative_attention_num_buckets=8, pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    return T5EncoderModel(config).eval(), tokenizer
+
+
+def build_tiny_flux_components(
+    seed: int = 0, *, sample_size: int = 16, width: int = 32, guidance_embeds: bool = False, with_t5: bool = False
+) -> dict[str, Any]:
+    """Builds tiny, randomly initialised FLUX.1 components (diffusers' ``FluxPipeline`` test sizes).
+
+    The VAE does not downsample and has one latent channel, so latents are ``sample_size`` pixels square and
+    pack (2x2) into ``4`` channels: the transformer's ``in_channels``. CLIP-L's pooled output (``width``) feeds
+    ``pooled_projections``; the T5 states (``width``) feed ``encoder_hidden_states``.
+
+    Args:
+        seed: Seed applied (``torch.manual_seed``) before each module is built.
+        sample_size: Image (and latent) side length in pixels.
+        width: CLIP and T5 hidden size == the transformer's ``pooled_projection_dim`` and ``joint_attention_dim``.
+        guidance_embeds: Build FLUX.1-dev's guidance embedding (guidance-distilled) instead of schnell's none.
+        with_t5: Also build ``text_encoder_2`` / ``tokenizer_2`` (else ``None``).
+
+    Returns:
+        Dict with ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``,
+        ``scheduler`` (``FluxPipeline``'s component names).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = FluxTransformer2DModel(
+        patch_size=1, in_channels=4, num_layers=1, num_single_layers=1, attention_head_dim=16, num_attention_heads=2,
+        joint_attention_dim=width, pooled_projection_dim=width, guidance_embeds=guidance_embeds,
+        axes_dims_rope=(4, 4, 8),
+    ).eval()
+    text_encoder, tokenizer = _tiny_clip(seed, width, with_projection=False)
+    text_encoder_2, tokenizer_2 = _tiny_t5(seed, width) if with_t5 else (None, None)
+    return {
+        "transformer": transformer,
+        "vae": _tiny_vae(seed, latent_channels=1, sample_size=sample_size),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX_SCHEDULER),
+    }
+
+
+def build_tiny_sd3_components(
+    seed: int = 0, *, sample_size: int = 16, clip_width: int = 32, with_t5: bool = False
+) -> dict[str, Any]:
+    """Builds tiny, randomly initialised SD3 components (diffusers' ``StableDiffusion3Pipeline`` test sizes).
+
+    Two ``CLIPTextModelWithProjection`` (CLIP-L, CLIP-G) of ``clip_width``: their pooled projections concatenate to
+    ``pooled_projection_dim = 2 * clip_width`` and their hidden states to ``joint_attention_dim = 2 * clip_width``,
+    which is also T5's width (the pipeline pads CLIP states to T5's). Latents have 4 channels and the VAE does not
+    downsample, so latents are ``sample_size`` square; the transformer patchifies them 1x1.
+
+    Args:
+        seed: Seed applied (``torch.manual_seed``) before each module is built.
+        sample_size: Image (and latent) side length in pixels.
+        clip_width: Hidden size of each CLIP encoder.
+        with_t5: Also build ``text_encoder_3`` / ``tokenizer_3`` (else ``None``).
+
+    Returns:
+        Dict with ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``,
+        ``text_encoder_3``, ``tokenizer_3``, ``scheduler`` (``StableDiffusion3Pipeline``'s component names).
+    """
+    from diffusers import FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
+
+    torch.manual_seed(seed)
+    transformer = SD3Transformer2DModel(
+        sample_size=sample_size, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+        num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=2 * clip_width,
+        pooled_projection_dim=2 * clip_width, out_channels=4,
+    ).eval()
+    text_encoder, tokenizer = _tiny_clip(seed, clip_width, with_projection=True)
+    text_encoder_2, tokenizer_2 = _tiny_clip(seed + 1, clip_width, with_projection=True)
+    text_encoder_3, tokenizer_3 = _tiny_t5(seed, 2 * clip_width) if with_t5 else (None, None)
+    return {
+        "transformer": transformer,
+        "vae": _tiny_vae(seed, latent_channels=4, sample_size=sample_size),
+        "text_encoder": text_encoder,
+        "tokenizer": tokenizer,
+        "text_encoder_2": text_encoder_2,
+        "tokenizer_2": tokenizer_2,
+        "text_encoder_3": text_encoder_3,
+        "tokenizer_3": tokenizer_3,
+        "scheduler": FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
+    }
