@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import yaml
 from safetensors.torch import load_file
 
 from lightning_custom.cli import main
@@ -41,15 +42,18 @@ def test_summary_records_the_model_seeds_and_versions_and_config_yaml_reproduces
     run, logs = tmp_path / "run", tmp_path / "logs"
     logger = json.dumps({"class_path": "lightning.pytorch.loggers.CSVLogger", "init_args": {"save_dir": str(logs)}})
     main(fit_args(run, tiny_sd, concept_dir, "--trainer.logger", logger, "--seed_everything", "3",
-                  # model and data seeds equal: Lightning refuses to log two different hparams named "seed"
-                  "--model.init_args.seed", "7", "--data.init_args.seed", "7", "--data.init_args.eval_seed", "11",
+                  # model and data seeds differ: the logger gets the data module's as "data_seed" (one "seed"
+                  # from each refused the run)
+                  "--model.init_args.seed", "7", "--data.init_args.seed", "8", "--data.init_args.eval_seed", "11",
                   "--data.init_args.class_noun", "star"))
     summary = json.loads((run / "summary.json").read_text())
     model = summary["model"]
     assert model["name_or_path"] == tiny_sd and model["resolved_path"] == str(Path(tiny_sd).resolve())
     assert model["revision"] is None and model["variant"] is None
     assert model["weights_fingerprint"] == weights_fingerprint(tiny_sd) and model["weights_fingerprint"]["files"] >= 3
-    assert summary["seeds"] == {"model": 7, "eval": 11, "data": 7, "seed_everything": 3}
+    assert summary["seeds"] == {"model": 7, "eval": 11, "data": 8, "seed_everything": 3}
+    logged = yaml.safe_load(next(logs.rglob("hparams.yaml")).read_text())
+    assert logged["seed"] == 7 and logged["data_seed"] == 8
     assert summary["class_noun"] == "star" and "a photo of a {}" in summary["prompt_templates"]
     assert summary["concepts"] == [{"name": "concept", "placeholder_token": "<striped-star>", "class_noun": "star",
                                     "instance_data_dir": concept_dir}]

@@ -279,7 +279,10 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         alpha_background: str = "white",
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # Logged as ``data_seed``: Lightning merges the data module's hyperparameters with the model's and refuses
+        # a run where two keys of one name differ, and the model has its own ``seed``.
+        self.save_hyperparameters(ignore=["seed"])
+        self.save_hyperparameters({"data_seed": seed})
         self.alpha_background = parse_background(alpha_background)
         self.instance_data_dir = instance_data_dir = _resolve_instance_dir(instance_data_dir)
         unknown = sorted(set(resample or ()) - set(EVAL_PARTS))
