@@ -215,6 +215,12 @@ class PersonalizationCLI(LightningCLI):
         while self._locked:
             unlock_run_folder(self._locked.pop())
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        try:
+            super()._run_subcommand(subcommand)
+        finally:  # a fit that ends in an exception skips after_fit: release the run folders all the same
+            self.after_fit()
+
     def _resuming(self, folder: Path) -> bool:
         """Whether this fit continues the folder's run: from a checkpoint in it (``--ckpt_path``, ``last``), or
         from SLURM's requeue checkpoint. A checkpoint from elsewhere starts a new run in the folder."""

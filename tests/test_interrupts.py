@@ -126,6 +126,24 @@ def test_sigterm_in_process_exits_143_with_a_checkpoint_and_resumes_to_the_same_
     assert resumed["files"] == ["checkpoints/interrupted.ckpt", "learned_embeds.safetensors", "summary.json"]
 
 
+def test_an_interrupted_cli_fit_releases_its_run_folders_in_process(tmp_path, tiny_sd, concept_dir):
+    """The CLI locks --trainer.default_root_dir and --summary.output_dir; a fit ended by an exception skips
+    LightningCLI's after_fit, and the folders must still be released (no .lock left, a second fit not refused)."""
+    signal_config = tmp_path / "signal.yaml"
+    signal_config.write_text("trainer:\n  callbacks:\n    - class_path: tests.test_interrupts.SignalAtStep\n"
+                             "      init_args: {step: 3}\n")
+    root, out = tmp_path / "root", tmp_path / "out"
+    args = quick_args(root, concept_dir, tiny_sd, "--trainer.max_steps", "6", "--summary.output_dir", str(out))
+    with pytest.raises(SystemExit) as stopped:
+        main([*args, "--config", str(signal_config)])
+    assert stopped.value.code == 143
+    assert json.loads((out / "summary.json").read_text())["stopped_by"] == "interrupted"
+    assert not (root / ".lock").exists() and not (out / ".lock").exists()
+    main([*args, "--ckpt_path", str(out / "checkpoints" / "interrupted.ckpt")])  # same process, same folders
+    assert json.loads((out / "summary.json").read_text())["stop_step"] == 6
+    assert not (root / ".lock").exists() and not (out / ".lock").exists()
+
+
 def test_first_ctrl_c_stops_after_the_step_and_exits_130(tmp_path, tiny_sd, concept_dir):
     handler = signal.getsignal(signal.SIGINT)
     with pytest.raises(SystemExit) as stopped:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 from types import SimpleNamespace
 
 import lightning as L
@@ -271,6 +272,33 @@ def test_a_crash_while_exporting_leaves_the_earlier_set_untouched(tmp_path):
     with pytest.raises(RuntimeError, match="disk full"):
         fit(tmp_path, module=Regression(fail_export=True))
     assert files() == before  # no temporaries, no new weights
+
+
+class StopAtStep(Callback):
+    """Ends the fit after the given optimizer step: with an error (a crash) or with SIGTERM (an interruption)."""
+
+    def __init__(self, step: int, how: str) -> None:
+        self.step, self.how = step, how
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step and self.how == "crash":
+            raise RuntimeError("crashed on purpose")
+        if trainer.global_step == self.step and self.how == "sigterm":
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
+@pytest.mark.parametrize("how,raised", [("crash", RuntimeError), ("sigterm", SystemExit)])
+def test_a_fit_ended_by_an_exception_releases_the_run_folder(tmp_path, how, raised):
+    from lightning_custom.run_folder import _held
+
+    with pytest.raises(raised):
+        fit(tmp_path, callbacks=[StopAtStep(2, how)])
+    # Lightning calls no teardown after an exception: RunSummary.on_exception releases the folder.
+    assert not (tmp_path / ".lock").exists() and (tmp_path.resolve() / ".lock") not in _held
+    if how == "sigterm":
+        assert read_summary(tmp_path)["stopped_by"] == "interrupted"  # written before the release
+    fit(tmp_path)  # a second fit into the folder, in the same process
+    assert read_summary(tmp_path)["stop_step"] == 6 and not (tmp_path / ".lock").exists()
 
 
 def test_every_file_gets_the_umasks_default_mode(tmp_path):

@@ -199,8 +199,19 @@ class RunSummary(Callback):
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
         self._release_ctrl_c()
-        if trainer.state.fn != "fit" or not isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+        if trainer.state.fn != "fit":
             return
+        try:
+            if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+                self.stop_interrupted_run(trainer, pl_module, exception)
+        finally:
+            # Lightning calls no teardown hook after an exception: release the folder here, once the summary is
+            # written, so a later fit in this process (or another process) may use it and no .lock stays behind.
+            unlock_run_folder(self.resolve_output_dir(trainer))
+
+    def stop_interrupted_run(self, trainer: L.Trainer, pl_module: L.LightningModule,
+                             exception: SIGTERMException | KeyboardInterrupt) -> None:
+        """Save the resumable checkpoint and the interrupted summary, and set the exit status after SIGTERM."""
         sigterm = isinstance(exception, SIGTERMException)
         try:
             checkpoint = self.save_interrupted_checkpoint(trainer)
