@@ -258,11 +258,13 @@ def before_after(
     Returns:
         ``{"identity_before", "identity_after", "grid"}``.
     """
+    from lightning_custom.sampling import check_trained, read_summary
     from lightning_custom.world.quickstart import before_after as sample_before_after
 
     run = Path(run_dir)
     if not (run / "summary.json").is_file():
         raise UserInputError(f"run_dir: {run_dir} holds no summary.json (is it a finished fit's default_root_dir?)")
+    check_trained(read_summary(run), run)  # before looking for the word: the more useful error comes first
     if before_word is None:
         before_word = _initializer_token(run)
     prompts = [prompts] if isinstance(prompts, str) else prompts

@@ -27,7 +27,7 @@ from lightning_custom.metrics import (
     load_dino,
     mean_similarity_to_references,
 )
-from lightning_custom.sampling import read_summary, resolve_device, run_concepts, sample_run
+from lightning_custom.sampling import check_trained, read_summary, resolve_device, run_concepts, sample_run
 
 METRICS_FILE = "metrics.json"
 METRIC_NAMES = ("clip_i", "clip_t", "dino", "identity")
@@ -97,6 +97,7 @@ def evaluate_run(
     start = time.perf_counter()
     run = Path(run_dir).expanduser()
     summary = read_summary(run)
+    check_trained(summary, run)
     world = is_world_model_run(summary) if base_model is None else False
     metrics = list(metrics) if metrics else list(WORLD_METRICS if world else HUB_METRICS)
     unknown = sorted(set(metrics) - set(METRIC_NAMES))

@@ -68,6 +68,26 @@ def read_summary(run_dir: str | Path, argument: str = "run_dir") -> dict[str, An
     return summary
 
 
+def check_trained(summary: dict[str, Any], run_dir: str | Path, argument: str = "run_dir") -> None:
+    """Refuse a run that ended without its trained weights: an interrupted one, or one whose weights were withheld
+    (non-finite values). Sampling it would silently show the base model.
+
+    Raises:
+        UserInputError: naming the run, why it stopped, and how to go on.
+    """
+    if summary.get("artifacts"):
+        return
+    stopped_by = summary.get("stopped_by")
+    if stopped_by == "interrupted":
+        checkpoint = summary.get("resume_checkpoint")
+        hint = f"resume it with --ckpt_path {checkpoint}" if checkpoint else "resume it from its checkpoint"
+    elif summary.get("artifacts_withheld"):
+        hint = str(summary["artifacts_withheld"]).rstrip(".")
+    else:
+        return  # a method without artifacts (the base model samples)
+    raise UserInputError(f"{argument}: {run_dir} has no trained artifacts (stopped_by: {stopped_by}; {hint})")
+
+
 def fill_prompt(template: str, phrase: str | None) -> str:
     """``"{} on the beach"`` -> ``"<cat-toy> on the beach"`` (or ``"sks dog on the beach"`` with a class noun); a
     prompt without ``{}`` is kept as written."""
@@ -243,6 +263,7 @@ def load_run_pipeline(
 
     run = Path(run_dir).expanduser()
     summary = read_summary(run)
+    check_trained(summary, run)
     torch_device = resolve_device(device)
     dtype = ("float16" if torch_device.type == "cuda" else "float32") if dtype == "auto" else dtype
     source = pipeline_source(run, summary, base_model)

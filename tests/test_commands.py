@@ -180,3 +180,27 @@ def test_pipelines_get_the_safety_checker_keywords_only_where_they_take_them(cap
     sd = load_pipeline(embedded_model_path("tiny-sd"))
     assert type(sdxl).__name__ == "StableDiffusionXLPipeline" and sd.safety_checker is None
     assert "are not expected by" not in capfd.readouterr().err  # diffusers' warning about safety_checker on SDXL
+
+
+UNTRAINED_RUNS = {
+    "interrupted": ({"stopped_by": "interrupted", "resume_checkpoint": "RUN/checkpoints/interrupted.ckpt"},
+                    "(stopped_by: interrupted; resume it with --ckpt_path RUN/checkpoints/interrupted.ckpt)"),
+    "non_finite": ({"stopped_by": "non_finite",
+                    "artifacts_withheld": "No artifact was written: the run stopped on a non-finite value."},
+                   "(stopped_by: non_finite; No artifact was written: the run stopped on a non-finite value)"),
+}
+
+
+@pytest.mark.parametrize("command", ["sample", "evaluate", "before_after"])
+@pytest.mark.parametrize("stopped_by", sorted(UNTRAINED_RUNS))
+def test_commands_on_a_run_without_trained_artifacts_end_in_one_line(tmp_path, tiny_sd, capsys, command,
+                                                                     stopped_by):
+    fields, reason = UNTRAINED_RUNS[stopped_by]
+    run = write_run(tmp_path / "run", method="TextualInversion", pretrained_model_name_or_path=tiny_sd,
+                    placeholder_token="<s>", class_noun="star", **fields)
+    with pytest.raises(SystemExit) as stopped:
+        main([command, str(run), "--device", "cpu"] if command != "before_after" else [command, str(run)])
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err == [f"error: run_dir: {run} has no trained artifacts {reason}"]
+    assert not (run / "samples").exists() and not (run / "before_after.png").exists()

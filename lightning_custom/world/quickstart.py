@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning_custom.sampling import generate, labelled_grid, read_summary, run_concepts, write_png
+from lightning_custom.sampling import check_trained, generate, labelled_grid, read_summary, run_concepts, write_png
 
 
 def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: list[str] | None = None,
@@ -36,6 +36,7 @@ def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: li
 
     run = Path(run_dir)
     summary = read_summary(run)
+    check_trained(summary, run)
     from lightning_custom.data.templates import concept_phrase
 
     concept = run_concepts(summary)[0]  # a multi-concept run: its first concept
