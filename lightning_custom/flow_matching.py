@@ -266,13 +266,19 @@ def normalize_latents(latents: torch.Tensor, scaling_factor: float, shift_factor
     return (latents - (shift_factor or 0.0)) * scaling_factor
 
 
-def denormalize_latents(latents: torch.Tensor, scaling_factor: float, shift_factor: float | None = None) -> torch.Tensor:
-    """Inverse of :func:`normalize_latents`: ``latents / scaling_factor + shift_factor`` (as the flow pipelines decode)."""
+def denormalize_latents(
+    latents: torch.Tensor, scaling_factor: float, shift_factor: float | None = None
+) -> torch.Tensor:
+    """Inverse of :func:`normalize_latents`: ``latents / scaling_factor + shift_factor`` (as the pipelines decode)."""
     return latents / scaling_factor + (shift_factor or 0.0)
 
 
 def pack_latents(latents: torch.Tensor) -> torch.Tensor:
-    """Packs ``(B, C, H, W)`` latents into FLUX's ``(B, H/2 * W/2, 4C)`` 2x2 patches (``FluxPipeline._pack_latents``)."""
+    """Packs ``(B, C, H, W)`` latents into FLUX's ``(B, H/2 * W/2, 4C)`` 2x2 patches (``FluxPipeline._pack_latents``).
+
+    Raises:
+        ValueError: When the latent height or width is odd.
+    """
     batch, channels, height, width = latents.shape
     if height % 2 or width % 2:
         raise ValueError(f"FLUX packs 2x2 latent patches; latent size {height}x{width} is not even")
