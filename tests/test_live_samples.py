@@ -45,6 +45,8 @@ def test_grids_every_n_steps_and_at_the_stop_without_changing_training(tmp_path,
     summary = json.loads((tmp_path / "sampled" / "summary.json").read_text())
     assert [g["step"] for g in summary["live_samples"]["grids"]] == [5, 10, 12]
     assert summary["live_samples"]["seconds"] > 0
+    grids = [f"{SAMPLES_FOLDER}/step_0000{n}.png" for n in ("05", "10", "12")]
+    assert [name for name in summary["files"] if name.startswith(SAMPLES_FOLDER)] == grids  # the run's files
 
     # The same seeds every time: drawing the last grid again gives the same pixels.
     last = (folder / "step_000012.png").read_bytes()
@@ -57,6 +59,13 @@ def test_grids_every_n_steps_and_at_the_stop_without_changing_training(tmp_path,
     sampled = load_file(tmp_path / "sampled" / "learned_embeds.safetensors")
     plain = load_file(tmp_path / "plain" / "learned_embeds.safetensors")
     assert all((sampled[k] == plain[k]).all() for k in plain)
+
+
+def test_the_live_callbacks_are_exported_with_the_others():
+    import lightning_custom.callbacks as callbacks
+
+    assert callbacks.LiveSamples is LiveSamples and callbacks.LiveReport is LiveReport
+    assert {"LiveSamples", "LiveReport"} <= set(callbacks.__all__)
 
 
 def test_tensorboard_gets_the_grid(tmp_path, tiny_sd, concept_dir):

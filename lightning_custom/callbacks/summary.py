@@ -21,6 +21,7 @@ from lightning.pytorch.callbacks import Callback, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from lightning_custom.callbacks.live_samples import SAMPLES_FOLDER
 from lightning_custom.io import publish, replace_path, staging_folder, write_json
 from lightning_custom.provenance import run_provenance
 from lightning_custom.run_folder import lock_run_folder, unlock_run_folder
@@ -292,6 +293,8 @@ class RunSummary(Callback):
             files |= {name for name in KEPT_FILES if (out / name).exists()}
             if (out / INTERRUPTED_CHECKPOINT).is_file():  # this run's own (a resumed one keeps it)
                 files.add(INTERRUPTED_CHECKPOINT)
+            # LiveSamples' grids (written during this run: an earlier run's are cleared before it starts).
+            files |= {f"{SAMPLES_FOLDER}/{grid.name}" for grid in (out / SAMPLES_FOLDER).glob("*.png")}
             summary["files"] = sorted(files)
             write_json(staging / SUMMARY_FILE, summary)
             publish(staging, out, last=SUMMARY_FILE, stale=earlier - set(KEPT_FILES))
