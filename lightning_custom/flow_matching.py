@@ -16,14 +16,18 @@ whose sigmas already carry a static shift (SD3: ``shift=3.0``). FLUX's scheduler
 the scheduler's ``time_shift``) when given the packed image sequence length, so training sees the noise levels that
 inference at that resolution uses (as kohya's ``flux_shift`` and SimpleTuner do).
 
-Flow-matching groundwork (issue 13, in progress): this module holds the objective (density, sigma lookup with
-static and dynamic shift, noised input, target, loss weighting, weighted per-sample MSE), the VAE latent
-normalization, FLUX's 2x2 latent packing and image ids, and DVAR's fixed evaluation sigmas
-(:func:`fixed_evaluation_sigmas`); ``lightning_custom/toy_flow.py`` builds tiny random FLUX and SD3 components
-offline; ``tests/test_flow_matching.py`` checks them against diffusers. Next: the model-family object
-(``flux.py`` / ``sd3.py`` beside ``sdxl.py``) that the shared base and data module ask for text states, latents,
-noised input, target, weighting and fixed sigmas; the methods (DreamBooth-LoRA, Textual Inversion, full DreamBooth,
-prior preservation) on it; ``embedded:tiny-flux`` / ``embedded:tiny-sd3`` in the CLI; and the configs.
+Flow-matching groundwork (issue 13, in progress). What exists: this module's objective (density, sigma lookup
+with static and dynamic shift, noised input, target, loss weighting, weighted per-sample MSE), VAE latent
+normalization, FLUX's guidance input, 2x2 latent packing and image ids, and DVAR's fixed evaluation sigmas
+(:func:`fixed_evaluation_sigmas`); ``lightning_custom/toy_flow.py``, tiny random FLUX and SD3 pipelines built and
+saved offline (CLIP and optional T5 tokenizers included); ``tests/test_flow_matching.py``, which checks all of it
+against diffusers and trains a tiny FLUX transformer on the loss. What is next: the model-family object
+(``flux.py`` / ``sd3.py`` beside ``sdxl.py``) that the shared base and the data module ask for text states,
+latents, the noised input and target, the weighting and the fixed sigmas; the methods on it (DreamBooth-LoRA,
+Textual Inversion, full DreamBooth, prior preservation) and their exports; ``embedded:tiny-flux`` /
+``embedded:tiny-sd3`` in the CLI; and the quickstart and real-model configs. Not yet covered: SD3's
+``--precondition_outputs`` variant of diffusers' SD3 script (prediction mapped back to x), and loading a pipeline
+folder saved without T5 (pass ``text_encoder_3=None, tokenizer_3=None`` to ``from_pretrained``).
 """
 
 from __future__ import annotations
@@ -57,6 +61,7 @@ __all__ = [
     "latent_image_ids",
     "packed_sequence_length",
     "fixed_evaluation_sigmas",
+    "flux_guidance",
 ]
 
 # diffusers' flow scripts use one ``--weighting_scheme`` for both the sigma density and the loss weight:
@@ -312,6 +317,18 @@ def latent_image_ids(
     ids[..., 1] = torch.arange(rows)[:, None]
     ids[..., 2] = torch.arange(cols)[None, :]
     return ids.reshape(rows * cols, 3).to(device=device, dtype=dtype)
+
+
+def flux_guidance(
+    guidance_embeds: bool, batch_size: int, scale: float = 3.5, device: torch.device | str = "cpu"
+) -> torch.Tensor | None:
+    """FLUX's ``guidance`` input: ``scale`` per sample where the transformer has ``guidance_embeds`` (FLUX.1-dev).
+
+    As diffusers' FLUX script (``--guidance_scale``, default 3.5); ``None`` for models without it (FLUX.1-schnell).
+    """
+    if not guidance_embeds:
+        return None
+    return torch.full((batch_size,), float(scale), device=device)
 
 
 def packed_sequence_length(height: int, width: int) -> int:

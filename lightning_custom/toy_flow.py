@@ -11,6 +11,7 @@ with an offline word-level tokenizer (T5 is optional in both pipelines, as in di
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -23,6 +24,8 @@ __all__ = [
     "build_t5_tokenizer",
     "build_tiny_flux_components",
     "build_tiny_sd3_components",
+    "save_tiny_flux",
+    "save_tiny_sd3",
 ]
 
 # The scheduler configs of black-forest-labs/FLUX.1-dev and stabilityai/stable-diffusion-3.5-medium.
@@ -103,7 +106,7 @@ def _tiny_t5(seed: int, width: int) -> tuple[Any, Any]:
 
 
 def build_tiny_flux_components(
-    seed: int = 0, *, sample_size: int = 16, width: int = 32, guidance_embeds: bool = False, with_t5: bool = False
+    seed: int = 0, *, sample_size: int = 16, width: int = 32, guidance_embeds: bool = False, with_t5: bool = True
 ) -> dict[str, Any]:
     """Builds tiny, randomly initialised FLUX.1 components (diffusers' ``FluxPipeline`` test sizes).
 
@@ -116,7 +119,8 @@ def build_tiny_flux_components(
         sample_size: Image (and latent) side length in pixels.
         width: CLIP and T5 hidden size == the transformer's ``pooled_projection_dim`` and ``joint_attention_dim``.
         guidance_embeds: Build FLUX.1-dev's guidance embedding (guidance-distilled) instead of schnell's none.
-        with_t5: Also build ``text_encoder_2`` / ``tokenizer_2`` (else ``None``).
+        with_t5: Also build ``text_encoder_2`` / ``tokenizer_2`` (else ``None``: ``FluxPipeline`` then needs
+            ``prompt_embeds`` passed in, as it cannot encode prompts without T5).
 
     Returns:
         Dict with ``transformer``, ``vae``, ``text_encoder``, ``tokenizer``, ``text_encoder_2``, ``tokenizer_2``,
@@ -185,3 +189,44 @@ def build_tiny_sd3_components(
         "tokenizer_3": tokenizer_3,
         "scheduler": FlowMatchEulerDiscreteScheduler(**SD3_SCHEDULER),
     }
+
+
+def _save_pipeline(pipeline_class: Any, components: dict[str, Any], path: str | Path) -> Path:
+    """Saves ``components`` as a ``pipeline_class`` folder; ``None`` parts are left out (pass ``None`` on load)."""
+    path = Path(path)
+    pipeline_class(**components).save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def save_tiny_flux(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
+    """Builds tiny FLUX components (:func:`build_tiny_flux_components`) and saves them as a ``FluxPipeline`` folder.
+
+    Args:
+        path: Output folder (created if needed).
+        seed: Seed passed to :func:`build_tiny_flux_components`.
+        **kwargs: Extra keyword arguments for :func:`build_tiny_flux_components`.
+
+    Returns:
+        The output folder, loadable with ``FluxPipeline.from_pretrained`` (``text_encoder_2=None,
+        tokenizer_2=None`` when built without T5).
+    """
+    from diffusers import FluxPipeline
+
+    return _save_pipeline(FluxPipeline, build_tiny_flux_components(seed, **kwargs), path)
+
+
+def save_tiny_sd3(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
+    """Builds tiny SD3 components (:func:`build_tiny_sd3_components`) and saves them as a pipeline folder.
+
+    Args:
+        path: Output folder (created if needed).
+        seed: Seed passed to :func:`build_tiny_sd3_components`.
+        **kwargs: Extra keyword arguments for :func:`build_tiny_sd3_components`.
+
+    Returns:
+        The output folder, loadable with ``StableDiffusion3Pipeline.from_pretrained`` (``text_encoder_3=None,
+        tokenizer_3=None`` when built without T5).
+    """
+    from diffusers import StableDiffusion3Pipeline
+
+    return _save_pipeline(StableDiffusion3Pipeline, build_tiny_sd3_components(seed, **kwargs), path)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline
+from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffusion3Pipeline
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
@@ -15,6 +15,8 @@ from lightning_custom.toy_flow import (
     SD3_SCHEDULER,
     build_tiny_flux_components,
     build_tiny_sd3_components,
+    save_tiny_flux,
+    save_tiny_sd3,
 )
 
 SCHEMES = ("logit_normal", "mode", "sigma_sqrt", "cosmap", "none")
@@ -172,6 +174,12 @@ def test_fixed_evaluation_sigmas_are_distinct_reproducible_and_leave_the_global_
     assert not torch.equal(other[1], sigmas)
 
 
+def test_flux_guidance_only_where_the_transformer_embeds_it():
+    assert fm.flux_guidance(False, 3) is None
+    assert fm.flux_guidance(True, 3).tolist() == [3.5, 3.5, 3.5]
+    assert fm.flux_guidance(True, 2, scale=1.0).tolist() == [1.0, 1.0]
+
+
 def _flux_text_inputs(components, batch: int) -> dict[str, torch.Tensor]:
     """CLIP-L pooled states and T5 states for a fixed prompt, as FluxPipeline.encode_prompt lays them out."""
     prompts = ["a photo of sks toy"] * batch
@@ -191,7 +199,8 @@ def test_tiny_flux_transformer_forward_on_packed_latents(single_thread):
     packed = fm.pack_latents(latents)
     output = components["transformer"](
         hidden_states=packed, timestep=torch.tensor([0.3, 0.8]), img_ids=fm.latent_image_ids(8, 8),
-        guidance=torch.full((2,), 3.5), return_dict=False, **_flux_text_inputs(components, 2),
+        guidance=fm.flux_guidance(components["transformer"].config.guidance_embeds, 2), return_dict=False,
+        **_flux_text_inputs(components, 2),
     )[0]
     assert output.shape == packed.shape == (2, 16, 4)
     assert fm.unpack_latents(output, 8, 8).shape == latents.shape
@@ -244,3 +253,27 @@ def test_flow_matching_loss_decreases_when_training_a_tiny_flux_transformer(sing
         losses.append(loss.item())
     # measured: 3.60 -> 0.27 (seed 0, torch 2.13 CPU)
     assert losses[-1] < 0.25 * losses[0], losses
+
+
+@pytest.mark.parametrize(
+    ("pipeline_class", "save", "kwargs", "missing"),
+    [
+        (FluxPipeline, save_tiny_flux, {"guidance_embeds": True}, ()),
+        (StableDiffusion3Pipeline, save_tiny_sd3, {"with_t5": True}, ()),
+        (StableDiffusion3Pipeline, save_tiny_sd3, {}, ("text_encoder_3", "tokenizer_3")),
+    ],
+    ids=["flux", "sd3-t5", "sd3-no-t5"],
+)
+def test_tiny_flow_pipelines_save_load_and_generate_offline(tmp_path, single_thread, pipeline_class, save, kwargs,
+                                                            missing):
+    """The stock pipelines run on the tiny parts and give the same image after save_pretrained/from_pretrained."""
+    build = build_tiny_flux_components if save is save_tiny_flux else build_tiny_sd3_components
+    built = pipeline_class(**build(seed=0, **kwargs))
+    loaded = pipeline_class.from_pretrained(save(tmp_path / "tiny", seed=0, **kwargs), **dict.fromkeys(missing))
+    call = {"prompt": "a photo of sks toy", "height": 16, "width": 16, "num_inference_steps": 2,
+            "max_sequence_length": 16, "output_type": "pt"}
+    image = built(**call, generator=_generator(0)).images
+    assert image.shape == (1, 3, 16, 16) and image.std() > 0
+    torch.testing.assert_close(loaded(**call, generator=_generator(0)).images, image, rtol=0, atol=0)
+    assert isinstance(loaded.scheduler, FlowMatchEulerDiscreteScheduler)
+    assert loaded.vae.config.shift_factor == pytest.approx(0.0609)
