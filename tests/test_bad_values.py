@@ -10,20 +10,9 @@ import pytest
 
 from lightning_custom import run_folder
 from lightning_custom.cli import main, one_line_parse_error
+from tests.test_cli import quick_args as tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def tiny_args(root, concept_dir, model_path, *extra):
-    return [
-        "fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
-        "--trainer.default_root_dir", str(root),
-        "--trainer.enable_progress_bar", "false",
-        "--model.init_args.pretrained_model_name_or_path", model_path,
-        "--data.init_args.instance_data_dir", concept_dir,
-        "--data.init_args.resolution", "16",
-        *extra,
-    ]
 
 
 def run_expecting_one_error(capsys, args) -> str:
