@@ -1,10 +1,12 @@
 """``python -m lightning_custom``: a LightningCLI for every method, with DVAR and the run summary built in.
 
-Besides ``fit`` and ``validate`` (L_det on DVAR's evaluation batch), five subcommands work on finished runs (see
+Besides ``fit`` and ``validate`` (L_det on DVAR's evaluation batch), six subcommands work on finished runs (see
 ``python -m lightning_custom <name> --help``): ``sample`` (images with the learned concept), ``evaluate`` (CLIP-I,
 CLIP-T, DINO into metrics.json), ``replay`` (where DVAR would have stopped, for a grid of window x threshold),
-``gather`` (many runs' summaries in one table, e.g. after a SLURM job array) and ``before_after`` (on the embedded
-world model: the concept sampled before and after training, with the world encoder's identity similarity).
+``gather`` (many runs' summaries in one table, e.g. after a SLURM job array), ``before_after`` (on the embedded
+world model: the concept sampled before and after training, with the world encoder's identity similarity) and
+``calibrate`` (the DVAR window, threshold and evaluation period for a target quality retention, from full-length
+runs with quality probes).
 """
 
 from __future__ import annotations

@@ -1,5 +1,5 @@
-"""Subcommands beside LightningCLI's fit/validate/...: ``sample``, ``evaluate``, ``replay``, ``gather`` and
-``before_after`` work on finished runs.
+"""Subcommands beside LightningCLI's fit/validate/...: ``sample``, ``evaluate``, ``replay``, ``gather``,
+``before_after`` and ``calibrate`` work on finished runs.
 
 Each is a plain function; its signature is the command line and its docstring the ``--help``. Lists are given
 space-separated (``--windows 100 200``), in YAML/JSON form (``--windows '[100, 200]'``) or one item at a time
