@@ -44,6 +44,20 @@ def apply_default_modes(path: str | os.PathLike) -> None:
                 Path(root, name).chmod(default_mode())
 
 
+def remove_path(path: str | os.PathLike, ignore_errors: bool = False) -> None:
+    """Remove ``path``: a folder with everything in it, or a file or link (nothing if it does not exist).
+
+    Args:
+        path: what to remove.
+        ignore_errors: leave what cannot be removed inside a folder, instead of raising.
+    """
+    path = Path(path)
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=ignore_errors)
+    else:
+        path.unlink(missing_ok=True)
+
+
 def replace_path(source: str | os.PathLike, target: str | os.PathLike) -> None:
     """Move ``source`` onto ``target`` (a file or a folder, replaced whole), with the umask's default modes."""
     source, target = Path(source), Path(target)
@@ -133,10 +147,6 @@ def publish(staging: str | os.PathLike, destination: str | os.PathLike, last: st
     for name in set(stale) - {*names, last}:
         if Path(name).name != name or name in ("", ".", ".."):
             continue  # only top-level entries of this folder
-        old = destination / name
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old)
-        else:
-            old.unlink(missing_ok=True)
+        remove_path(destination / name)
     replace_path(staging / last, destination / last)
     return [*names, last]

@@ -17,11 +17,11 @@ from __future__ import annotations
 import fcntl
 import json
 import os
-import shutil
 from pathlib import Path
 from typing import Any
 
 from lightning_custom.errors import UserInputError
+from lightning_custom.io import remove_path
 
 LOCK_FILE = ".lock"
 SUMMARY_FILE = "summary.json"
@@ -250,8 +250,5 @@ def clear_earlier_run(folder: str | os.PathLike, extra: tuple[str | os.PathLike,
     paths = earlier_run_paths(folder, extra)
     paths.sort(key=lambda p: p.name != SUMMARY_FILE)
     for path in paths:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            path.unlink(missing_ok=True)
+        remove_path(path)
     return paths

@@ -6,7 +6,6 @@ import datetime
 import json
 import logging
 import os
-import shutil
 import signal
 import sys
 import threading
@@ -22,7 +21,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lightning_custom.callbacks.live_samples import SAMPLES_FOLDER
-from lightning_custom.io import publish, replace_path, staging_folder, write_json
+from lightning_custom.io import publish, remove_path, replace_path, staging_folder, write_json
 from lightning_custom.provenance import run_provenance
 from lightning_custom.run_folder import lock_run_folder, unlock_run_folder
 
@@ -318,10 +317,7 @@ def remove_temporaries(out: Path) -> None:
     if not out.is_dir():
         return
     for path in [*out.glob(".*.tmp"), *(out / "checkpoints").glob(".*.tmp")]:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path, ignore_errors=True)
-        else:
-            path.unlink(missing_ok=True)
+        remove_path(path, ignore_errors=True)
 
 
 def files_named_by(summary_path: Path) -> set[str]:
