@@ -281,9 +281,9 @@ def before_after(
 def _initializer_token(run: Path) -> str:
     """The ``initializer_token`` of the run's saved config.yaml, else the class noun of a DreamBooth-style run (its
     samples before training are "a photo of a dog"), or a one-line error asking for ``--before_word``."""
-    import json
-
     import yaml
+
+    from lightning_custom.sampling import read_summary
 
     config = run / "config.yaml"
     token = None
@@ -291,7 +291,7 @@ def _initializer_token(run: Path) -> str:
         loaded = yaml.safe_load(config.read_text()) or {}
         token = ((loaded.get("model") or {}).get("init_args") or {}).get("initializer_token")
     if not token:
-        token = json.loads((run / "summary.json").read_text()).get("class_noun")
+        token = read_summary(run).get("class_noun")
     if not token:
         raise UserInputError(f"--before_word: {run} has no config.yaml naming an initializer_token; give the word "
                              f"the concept's token started from")
