@@ -1,0 +1,107 @@
+"""Model families: detection from the checkpoint itself, and loading. See :mod:`lightning_custom.families.base`."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from lightning_custom.errors import UserInputError
+from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts
+
+__all__ = ["FAMILIES", "FlowMatchingOptions", "ModelFamily", "ModelParts", "detect_family", "family_named",
+           "read_model_configs"]
+
+
+def _families() -> list[type[ModelFamily]]:
+    from lightning_custom.families.flux import FluxFamily
+    from lightning_custom.families.sd3 import SD3Family
+    from lightning_custom.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
+
+    # Most specific first: SDXL's UNet is also a UNet2DConditionModel.
+    return [StableDiffusionXLFamily, StableDiffusionFamily, FluxFamily, SD3Family]
+
+
+class _Registry:
+    """The known families, imported on first use (the family modules import diffusers lazily too)."""
+
+    def __iter__(self):
+        return iter(_families())
+
+    def names(self) -> list[str]:
+        return [family.name for family in _families()]
+
+
+#: Every family, most specific first. A new family is added in :func:`_families`.
+FAMILIES = _Registry()
+
+
+def family_named(name: str) -> type[ModelFamily]:
+    """The family called ``name`` (``"sd"``, ``"sdxl"``, ``"flux"``, ``"sd3"``)."""
+    for family in FAMILIES:
+        if family.name == name:
+            return family
+    raise UserInputError(f"unknown model family {name!r}; choose from {FAMILIES.names()}")
+
+
+def read_model_configs(source: str, revision: str | None = None) -> tuple[dict[str, Any], dict[str, Any]]:
+    """``(model_index.json, the denoiser's config.json)`` of a diffusers folder or hub id, as dicts.
+
+    The denoiser is whichever of ``unet`` / ``transformer`` the folder holds (a folder saved part by part may have
+    no model index: ``{}`` then). One-line errors name the source.
+    """
+    path = Path(source).expanduser()
+    if path.is_dir():
+        index = _read_json(source, "model_index.json", revision) if (path / "model_index.json").is_file() else {}
+        names = [name for name in ("transformer", "unet") if (path / name / "config.json").is_file()]
+    else:
+        index = _read_json(source, "model_index.json", revision)
+        names = [name for name in ("transformer", "unet") if name in index]
+    if not names:
+        raise UserInputError(f"--model.pretrained_model_name_or_path: {source} is not a diffusers model folder "
+                             f"(missing subfolder(s): unet or transformer)")
+    return index, _read_json(source, f"{names[0]}/config.json", revision)
+
+
+def detect_family(source: str, revision: str | None = None) -> type[ModelFamily]:
+    """The family of the checkpoint at ``source`` (folder or hub id), from its own configs (as SDXL is detected)."""
+    index, denoiser_config = read_model_configs(source, revision)
+    for family in FAMILIES:
+        if family.matches(index, denoiser_config):
+            return family
+    raise UserInputError(
+        f"--model.pretrained_model_name_or_path: {source} is a {index.get('_class_name', 'pipeline')} with a "
+        f"{denoiser_config.get('_class_name', 'denoiser')}; supported: {FAMILIES.names()} (Stable Diffusion 1.x/2.x, "
+        f"SDXL, FLUX.1, SD3/SD3.5)"
+    )
+
+
+def _read_json(source: str, file: str, revision: str | None) -> dict[str, Any]:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        target = path / file
+        if not target.is_file():
+            raise UserInputError(f"--model.pretrained_model_name_or_path: {source} is not a diffusers model folder "
+                                 f"(no {file})")
+    else:
+        from huggingface_hub import hf_hub_download
+
+        try:
+            target = Path(hf_hub_download(source, file, revision=revision))
+        except Exception as err:  # noqa: BLE001 - hub errors come in many classes; all become one line
+            first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            offline = " (offline: HF_HUB_OFFLINE is set)" if os.environ.get("HF_HUB_OFFLINE") else ""
+            raise UserInputError(f"--model.pretrained_model_name_or_path: cannot read {file} of {source!r}{offline}: "
+                                 f"{first}") from err
+    try:
+        return json.loads(target.read_text())
+    except (OSError, ValueError) as err:
+        raise UserInputError(f"--model.pretrained_model_name_or_path: {target} is not readable JSON: {err}") from err
+
+
+def torch_dtype_name(dtype: torch.dtype) -> str:
+    """``torch.bfloat16`` -> ``"bfloat16"``."""
+    return str(dtype).removeprefix("torch.")
