@@ -11,6 +11,9 @@ with an offline word-level tokenizer (T5 is optional in both pipelines, as in di
 
 from __future__ import annotations
 
+import os
+import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +27,7 @@ __all__ = [
     "build_t5_tokenizer",
     "build_tiny_flux_components",
     "build_tiny_sd3_components",
+    "embedded_flow_model",
     "save_tiny_flux",
     "save_tiny_sd3",
 ]
@@ -230,3 +234,51 @@ def save_tiny_sd3(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
     from diffusers import StableDiffusion3Pipeline
 
     return _save_pipeline(StableDiffusion3Pipeline, build_tiny_sd3_components(seed, **kwargs), path)
+
+
+#: Bump when the embedded models' construction changes, so that stale caches are not reused.
+EMBEDDED_FLOW_VERSION = "v1"
+_EMBEDDED_FLOW_BUILDERS = {"tiny-flux": "flux", "tiny-sd3": "sd3"}
+
+
+def embedded_flow_cache_dir() -> Path:
+    """The cache folder of the embedded flow models: ``$LIGHTNING_CUSTOM_CACHE`` or ``~/.cache/lightning_custom``."""
+    return Path(os.environ.get("LIGHTNING_CUSTOM_CACHE") or Path.home() / ".cache" / "lightning_custom").expanduser()
+
+
+def embedded_flow_model(name: str) -> Path:
+    """The folder of the embedded tiny flow model ``name`` (``"tiny-flux"`` or ``"tiny-sd3"``), built on first use.
+
+    Built deterministically (seed 0) with T5 (and, for FLUX, FLUX.1-dev's guidance embedding) into
+    ``<cache>/<name>-v1`` (:func:`embedded_flow_cache_dir`): written to a temporary folder beside it, then renamed,
+    so a reader never sees a half-written model; when a concurrent builder renamed first, its folder is used. The
+    global RNG is left as it was.
+
+    Raises:
+        UserInputError: For an unknown ``name``.
+    """
+    from lightning_custom.errors import UserInputError
+
+    if name not in _EMBEDDED_FLOW_BUILDERS:
+        raise UserInputError(f"--model.pretrained_model_name_or_path: unknown embedded flow model {name!r}; choose "
+                             f"from {['embedded:' + n for n in _EMBEDDED_FLOW_BUILDERS]}")
+    target = embedded_flow_cache_dir() / f"{name}-{EMBEDDED_FLOW_VERSION}"
+    if (target / "model_index.json").is_file():
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
+    try:
+        with torch.random.fork_rng(devices=[]):  # the builders seed the global RNG; leave the caller's alone
+            if _EMBEDDED_FLOW_BUILDERS[name] == "flux":
+                save_tiny_flux(tmp, seed=0, with_t5=True, guidance_embeds=True)
+            else:
+                save_tiny_sd3(tmp, seed=0, with_t5=True)
+        try:
+            os.rename(tmp, target)
+        except OSError:
+            # Lost the race to a concurrent builder (the target now exists and is not empty): use its folder.
+            if not (target / "model_index.json").is_file():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
