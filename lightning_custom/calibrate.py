@@ -256,6 +256,70 @@ def calibrate(runs: Sequence[ProbedRun], target: float = 0.97, windows: Sequence
     return Calibration(target, length, settings, outcomes, best)
 
 
+# ------------------------------------------------------------------------------------------------ rule variants
+# Issue 12 allows at most three variants of the rule (lightning_custom.dvar): each has DVAR's (window, threshold,
+# eval period) plus one parameter of its own. Slope thresholds are a share of the series' range, not a ratio.
+VARIANT_PARAMETERS: dict[str, tuple[float, ...]] = {"smoothed": (2, 4, 8), "min_windows": (1.5, 2.0, 3.0),
+                                                     "slope": (0.0,)}
+VARIANT_THRESHOLDS: dict[str, tuple[float, ...]] = {"smoothed": DEFAULT_THRESHOLDS, "min_windows": DEFAULT_THRESHOLDS,
+                                                     "slope": (0.01, 0.02, 0.05, 0.1, 0.2)}
+
+
+def variant_statistics(values: Sequence[float], variant: str, window: int, parameter: float) -> tuple[list, int]:
+    """(the statistic after each value, the first index the rule may stop at) of a variant; it stops at the first
+    index from there whose statistic is below the threshold (as :mod:`lightning_custom.dvar`'s functions do)."""
+    from lightning_custom.dvar import moving_average, ratio_series, relative_slope
+
+    if variant == "smoothed":
+        return ratio_series(moving_average(values, int(parameter)), window), window - 1
+    if variant == "min_windows":
+        return ratio_series(values, window), max(window - 1, math.ceil(parameter * window) - 1)
+    if variant == "slope":
+        return [relative_slope(values[: i + 1], window) for i in range(len(values))], window - 1
+    raise UserInputError(f"variant: one of {', '.join(VARIANT_PARAMETERS)}, got {variant!r}")
+
+
+def variant_stop_steps(run: ProbedRun, variant: str, window: int, thresholds: Sequence[float], eval_every: int,
+                       parameter: float) -> list[int]:
+    """:func:`stop_steps` for a rule variant (``"smoothed"``, ``"min_windows"`` or ``"slope"``)."""
+    if eval_every % run.eval_every_n_steps:
+        raise UserInputError(f"--eval_every: {eval_every} is not a multiple of the runs' recorded evaluation period "
+                             f"{run.eval_every_n_steps} ({run.name})")
+    kept = [(s, v) for s, v in run.losses if s % eval_every == 0]
+    stats, first = variant_statistics([v for _, v in kept], variant, window_in_values(window, eval_every), parameter)
+    out = []
+    for threshold in thresholds:
+        index = next((i for i in range(first, len(stats)) if stats[i] is not None and stats[i] < threshold), None)
+        out.append(kept[index][0] if index is not None else run.max_steps)
+    return out
+
+
+def calibrate_variant(runs: Sequence[ProbedRun], variant: str, target: float = 0.97,
+                      windows: Sequence[int] = DEFAULT_WINDOWS, eval_every: Sequence[int] = DEFAULT_EVAL_EVERY,
+                      tolerance: float = 0.01, budget: int | None = None) -> Calibration:
+    """:func:`calibrate` for a rule variant over its own grid; settings are (window, threshold, eval period,
+    parameter). Stops without an exact probe are read at the last probe before them (conservative)."""
+    if not runs:
+        raise UserInputError("runs: no runs to calibrate on")
+    length = converged_length(runs, tolerance)
+    references = [converged_identity(run, length) for run in runs]
+    thresholds = VARIANT_THRESHOLDS[variant]
+    settings, outcomes = [], []
+    for parameter in VARIANT_PARAMETERS[variant]:
+        for period in eval_every:
+            for window in windows:
+                per_run = [variant_stop_steps(run, variant, window, thresholds, period, parameter) for run in runs]
+                for t, threshold in enumerate(thresholds):
+                    settings.append((int(window), float(threshold), int(period), float(parameter)))
+                    outcomes.append(outcome(f"{variant} W={window} t={threshold:g} every {period} p={parameter:g}",
+                                            runs, [min(steps[t], budget or steps[t]) for steps in per_run],
+                                            references))
+    feasible = [i for i, o in enumerate(outcomes) if o.median_retention >= target]
+    best = min(feasible, key=lambda i: (outcomes[i].mean_steps, -outcomes[i].worst_decile_retention)) \
+        if feasible else None
+    return Calibration(target, length, settings, outcomes, best)
+
+
 # ------------------------------------------------------------------------------------------------ outputs
 def trade_off_table(result: Calibration, rows: int = 15) -> str:
     """Markdown: the Pareto front of mean steps vs median retention (fewest steps first), the pick marked."""

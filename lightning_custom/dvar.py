@@ -152,3 +152,72 @@ def is_flat(values: Sequence[float], rel_spread: float = FLAT_RELATIVE_SPREAD) -
     series = np.asarray(values, dtype=np.float64)
     spread = float(series.max() - series.min())
     return spread <= rel_spread * max(float(np.abs(series).mean()), np.finfo(np.float64).tiny)
+
+
+# ------------------------------------------------------------------------------ rule variants (issue 12, item 5)
+# At most three variants of the stopping rule, replayed on recorded series (benchmarks/table1_v2.py reports them).
+# None is used by the live callback: a variant ships only if it beats DVAR on the test split.
+
+
+def moving_average(values: Sequence[float], span: int) -> list[float]:
+    """Causal moving average: value ``i`` is the mean of ``values[max(0, i - span + 1) : i + 1]``.
+
+    Causal, so the rule applied to it at index ``i`` still sees only the losses up to ``i``.
+    """
+    if span < 1:
+        raise ValueError(f"span must be at least 1, got {span}")
+    series = np.asarray(values, dtype=np.float64)
+    sums = np.concatenate([[0.0], np.cumsum(series)])
+    ends = np.arange(1, len(series) + 1)
+    starts = np.maximum(0, ends - span)
+    return ((sums[ends] - sums[starts]) / (ends - starts)).tolist()
+
+
+def smoothed_stop_index(values: Sequence[float], window: int, threshold: float, span: int) -> int | None:
+    """Variant 1, *smoothed ratio*: DVAR's ratio on the causal :func:`moving_average` of the series.
+
+    Averaging ``span`` neighbouring values removes the evaluation-to-evaluation jitter of L_det that a short window
+    otherwise reads as "still moving", so a smaller window can fire without firing on noise.
+    """
+    return first_stop_index(moving_average(values, span), window, threshold)
+
+
+def min_windows_stop_index(values: Sequence[float], window: int, threshold: float, min_windows: float) -> int | None:
+    """Variant 2, *minimum history*: DVAR, but not before the series holds ``min_windows`` windows of values.
+
+    The ratio's denominator is the variance of the whole series; early on that is barely more than the window's,
+    so the ratio can dip below the threshold before the loss has fallen at all. Waiting for ``min_windows`` windows
+    makes the denominator hold the drop.
+    """
+    return first_stop_index(values, window, threshold, min_index=max(0, math.ceil(min_windows * window) - 1))
+
+
+def relative_slope(values: Sequence[float], window: int) -> float | None:
+    """``|least-squares slope of the last window| x window / (max - min of the whole series)``; ``None`` while fewer
+    than ``window`` values exist, 0 for a series that has not moved.
+
+    How much of the series' whole range the recent trend would still cover in one more window.
+    """
+    if len(values) < window:
+        return None
+    series = np.asarray(values, dtype=np.float64)
+    spread = float(series.max() - series.min())
+    if spread == 0.0:
+        return 0.0
+    tail = series[-window:]
+    x = np.arange(window, dtype=np.float64)
+    slope = float(np.polyfit(x, tail, 1)[0])
+    return abs(slope) * window / spread
+
+
+def slope_stop_index(values: Sequence[float], window: int, threshold: float) -> int | None:
+    """Variant 3, *relative slope*: stop once :func:`relative_slope` of the last ``window`` values < ``threshold``.
+
+    DVAR's variance ratio also falls when the tail is noisy around a steady decline; the slope asks for the trend
+    itself to have flattened.
+    """
+    for i in range(window - 1, len(values)):
+        slope = relative_slope(values[: i + 1], window)
+        if slope is not None and slope < threshold:
+            return i
+    return None
