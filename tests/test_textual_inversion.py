@@ -116,7 +116,7 @@ def test_v_prediction_model_uses_velocity_target(tiny_sd_v, concept_dir, monkeyp
         seen["type"] = prediction_type
         return original(prediction_type, *args)
 
-    monkeypatch.setattr("lightning_custom.methods.base.diffusion_target", spy)
+    monkeypatch.setattr("lightning_custom.families.stable_diffusion.diffusion_target", spy)
     batch = ConceptDataModule(**data_kwargs(concept_dir)).build_eval_dataset(module.eval_batch_spec())[0]
     module.deterministic_loss(batch)
     assert seen["type"] == "v_prediction"

@@ -45,11 +45,18 @@ EVAL_PARTS: tuple[str, ...] = ("images", "latents", "noise", "captions", "timest
 
 @dataclass(frozen=True)
 class EvalBatchSpec:
-    """What the data module must know about the model to draw the fixed batch's noise and timesteps."""
+    """What the data module must know about the model to draw the fixed batch's noise and noise levels.
+
+    ``noise_levels(batch_size, generator=, latent_size=, resample=)`` is the model family's draw of the fixed noise
+    levels (:meth:`ModelFamily.fixed_noise_levels <lightning_custom.families.base.ModelFamily.fixed_noise_levels>`:
+    distinct DDPM timesteps for SD / SDXL, distinct sigmas from the training density for FLUX / SD3); without it,
+    distinct timesteps of a ``num_train_timesteps`` schedule. They are stored under ``"timesteps"`` either way.
+    """
 
     num_train_timesteps: int
     latent_channels: int
     latent_downsample: int
+    noise_levels: Callable[..., torch.Tensor] | None = None
 
 
 class ConceptImages:
@@ -494,7 +501,9 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             out["latent_noise"] = torch.randn(latent_shape, generator=generator)
         if "noise" in parts:
             out["noise"] = torch.randn(latent_shape, generator=generator)
-        if "timesteps" in parts:
+        if "timesteps" in parts and spec.noise_levels is not None:
+            out["timesteps"] = spec.noise_levels(size, generator=generator, latent_size=(side, side), resample=resample)
+        elif "timesteps" in parts:
             if resample:
                 out["timesteps"] = torch.randint(0, spec.num_train_timesteps, (size,), generator=generator)
             else:

@@ -13,7 +13,7 @@ from lightning_custom.errors import UserInputError
 from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts
 
 __all__ = ["FAMILIES", "FlowMatchingOptions", "ModelFamily", "ModelParts", "detect_family", "family_named",
-           "read_model_configs"]
+           "load_model", "read_model_configs"]
 
 
 def _families() -> list[type[ModelFamily]]:
@@ -77,6 +77,52 @@ def detect_family(source: str, revision: str | None = None) -> type[ModelFamily]
         f"{denoiser_config.get('_class_name', 'denoiser')}; supported: {FAMILIES.names()} (Stable Diffusion 1.x/2.x, "
         f"SDXL, FLUX.1, SD3/SD3.5)"
     )
+
+
+def load_model(
+    name_or_path: str, *, revision: str | None = None, variant: str | None = None, weight_dtype: str = "float32",
+    vae_name_or_path: str | None = None, options: FlowMatchingOptions | None = None,
+) -> ModelParts:
+    """Load a model of any family from a hub id, a folder, ``embedded[:name]`` or ``random:<arch>``, frozen.
+
+    The family is read from the checkpoint itself (:func:`detect_family`). A folder without a ``transformer``, or a
+    hub id whose model index cannot be read, goes down the Stable Diffusion path, whose loader tells SD from SDXL
+    by the UNet and gives the one-line errors for a wrong path.
+    """
+    from lightning_custom.architectures import build_random_components, is_random_architecture
+    from lightning_custom.components import freeze, resolve_model_path, torch_dtype
+
+    dtype = torch_dtype(weight_dtype)
+    if is_random_architecture(name_or_path):
+        components = build_random_components(name_or_path, dtype=dtype)
+        denoiser = components.get("transformer", components.get("unet"))
+        config = {**dict(denoiser.config), "_class_name": type(denoiser).__name__}
+        family = next(f for f in FAMILIES if f.matches({}, config))
+        for value in components.values():
+            if isinstance(value, torch.nn.Module):
+                freeze(value)
+        if family.name == "sdxl":
+            components["vae"].to(torch.float32)  # the stock SDXL VAE overflows in fp16
+        return ModelParts(family(components["scheduler"], options), components)
+    source = resolve_model_path(name_or_path)
+    return family_for_source(source, revision).load(source, revision=revision, variant=variant, dtype=dtype,
+                                                    vae_name_or_path=vae_name_or_path, options=options)
+
+
+def family_for_source(source: str, revision: str | None = None) -> type[ModelFamily]:
+    """The family of a resolved folder or hub id; Stable Diffusion where nothing says otherwise (see load_model)."""
+    from lightning_custom.families.stable_diffusion import StableDiffusionFamily
+
+    path = Path(source).expanduser()
+    if path.is_dir():
+        return detect_family(source, revision) if (path / "transformer" / "config.json").is_file() else (
+            StableDiffusionFamily)
+    if path.exists() or source.startswith((".", "/", "~")):
+        return StableDiffusionFamily
+    try:
+        return detect_family(source, revision)
+    except UserInputError:
+        return StableDiffusionFamily
 
 
 def _read_json(source: str, file: str, revision: str | None) -> dict[str, Any]:

@@ -188,6 +188,15 @@ class ModelFamily(ABC):
         adapter's diffusers-named weights and its ``LoraConfig`` dict.
         """
 
+    def tokenizer_max_length(self, tokenizer_name: str, tokenizer: Any) -> int:
+        """The length captions are padded / truncated to for ``tokenizer`` (the pipeline's; CLIP: 77)."""
+        return int(tokenizer.model_max_length)
+
+    def module_buffers(self) -> dict[str, torch.Tensor]:
+        """Tensors the module registers as non-persistent buffers, so they follow it to its device (SD's
+        ``alphas_cumprod``); read back as ``model.<name>``."""
+        return {}
+
     # ------------------------------------------------------------------------------------------------- help
     def present_text_encoders(self, parts: Any) -> list[str]:
         """The names in :attr:`text_encoder_names` whose encoder is loaded (optional ones may be ``None``)."""

@@ -13,25 +13,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_custom import sdxl
-from lightning_custom.components import (
-    StableDiffusionComponents,
-    WeightDtype,
-    load_components,
-    match_frozen_weights_to_precision,
-)
+from lightning_custom.components import WeightDtype, match_frozen_weights_to_precision
 from lightning_custom.data.concept import EvalBatchSpec
+from lightning_custom.diffusion import sample_latents, scale_learning_rate
 from lightning_custom.errors import UserInputError
+from lightning_custom.families import FlowMatchingOptions, ModelFamily, ModelParts, load_model
+from lightning_custom.flow_matching import WeightingScheme
 from lightning_custom.methods.tokens import CaptionTokenizer, batch_input_ids, tokenize_captions
-from lightning_custom.diffusion import (
-    add_noise,
-    diffusion_mse,
-    diffusion_target,
-    sample_latents,
-    sample_timesteps,
-    scale_latents,
-    scale_learning_rate,
-)
 
 _RNG_KEY = "lightning_custom_train_rng"
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -61,7 +49,8 @@ class PersonalizationModule(L.LightningModule, ABC):
 
     Subclasses implement :meth:`configure_trainable` (unfreeze what they train) and :meth:`export_artifacts`
     (write diffusers-native files). Everything else, the diffusion loss, DVAR's :meth:`deterministic_loss`, the
-    optimizer and the checkpointed training RNG, is shared.
+    optimizer and the checkpointed training RNG, is shared. What depends on the architecture (SD 1.x/2.x, SDXL,
+    FLUX.1, SD3/SD3.5) is asked of :attr:`family` (:mod:`lightning_custom.families`), read from the checkpoint.
 
     Args:
         pretrained_model_name_or_path: diffusers model: hub id, local folder, or ``"embedded"`` for the
@@ -88,6 +77,15 @@ class PersonalizationModule(L.LightningModule, ABC):
         optimizer: ``"adamw"`` (fused on CUDA) or ``"adamw_8bit"`` (bitsandbytes, where installed).
         vae_name_or_path: another VAE (hub id or folder), e.g. ``madebyollin/sdxl-vae-fp16-fix`` to run SDXL's VAE
             in ``weight_dtype``.
+        gradient_checkpointing: recompute the denoiser's activations in the backward pass (less memory, ~30% more
+            compute); what lets FLUX.1-dev LoRA fit a 24 GB card.
+        weighting_scheme: flow models (FLUX, SD3) only: the sigma density and loss weighting of diffusers' flow
+            scripts: ``none`` (uniform), ``logit_normal``, ``mode``, ``sigma_sqrt``, ``cosmap``.
+        logit_mean: flow models: mean of ``logit_normal``.
+        logit_std: flow models: standard deviation of ``logit_normal``.
+        mode_scale: flow models: scale of ``mode``.
+        guidance_scale: FLUX.1-dev (``guidance_embeds``): the guidance value fed to the transformer in training.
+        resolution_shift: FLUX: shift the training sigmas by the image size as ``FluxPipeline`` does at inference.
     """
 
     def __init__(
@@ -108,6 +106,13 @@ class PersonalizationModule(L.LightningModule, ABC):
         compile_unet: Literal["none", "regional", "full"] = "none",
         optimizer: Literal["adamw", "adamw_8bit"] = "adamw",
         vae_name_or_path: str | None = None,
+        gradient_checkpointing: bool = False,
+        weighting_scheme: WeightingScheme = "none",
+        logit_mean: float = 0.0,
+        logit_std: float = 1.0,
+        mode_scale: float = 1.29,
+        guidance_scale: float = 3.5,
+        resolution_shift: bool = True,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -124,59 +129,84 @@ class PersonalizationModule(L.LightningModule, ABC):
 
     # ----------------------------------------------------------------------------------------------- models
     def configure_models(self) -> None:
-        """Load the frozen diffusers components (override to use your own loader).
+        """Load the frozen diffusers components (override :meth:`load_components` to use your own loader).
 
-        SDXL models also set ``tokenizer_2`` and ``text_encoder_2``; they are ``None`` for SD 1.x and 2.x.
+        Each component becomes an attribute under its diffusers pipeline name (``tokenizer``, ``text_encoder``,
+        ``vae``, ``unet`` or ``transformer``...; the training scheduler is ``noise_scheduler``), and the family is
+        :attr:`family`. ``tokenizer_2`` and ``text_encoder_2`` are ``None`` for SD 1.x and 2.x.
         """
         parts = self.load_components()
-        self.tokenizer = parts.tokenizer
-        self.text_encoder = parts.text_encoder
-        self.tokenizer_2 = parts.tokenizer_2
-        self.text_encoder_2 = parts.text_encoder_2
-        self.vae = parts.vae
-        self.unet = parts.unet
-        self.noise_scheduler = parts.noise_scheduler
-        self.register_buffer(
-            "alphas_cumprod", torch.as_tensor(self.noise_scheduler.alphas_cumprod, dtype=torch.float32), persistent=False
+        self.family: ModelFamily = parts.family
+        self.tokenizer_2 = self.text_encoder_2 = None
+        for name, value in parts.components.items():
+            setattr(self, "noise_scheduler" if name == "scheduler" else name, value)
+        for name, tensor in self.family.module_buffers().items():
+            self.register_buffer(name, tensor, persistent=False)
+
+    def load_components(self) -> ModelParts:
+        """The seam where the model parts come from (:func:`lightning_custom.families.load_model`)."""
+        hp = self.hparams
+        return load_model(
+            hp.pretrained_model_name_or_path, revision=hp.revision, variant=hp.variant, weight_dtype=hp.weight_dtype,
+            vae_name_or_path=hp.get("vae_name_or_path"), options=self.flow_matching_options(),
         )
 
-    def load_components(self) -> StableDiffusionComponents:
-        """The seam where the model parts come from."""
+    def flow_matching_options(self) -> FlowMatchingOptions:
+        """The flow-model training settings from the hyperparameters (SD and SDXL ignore them)."""
         hp = self.hparams
-        return load_components(
-            hp.pretrained_model_name_or_path, revision=hp.revision, variant=hp.variant, weight_dtype=hp.weight_dtype,
-            vae_name_or_path=hp.get("vae_name_or_path"),
+        return FlowMatchingOptions(
+            weighting_scheme=hp.get("weighting_scheme", "none"), logit_mean=hp.get("logit_mean", 0.0),
+            logit_std=hp.get("logit_std", 1.0), mode_scale=hp.get("mode_scale", 1.29),
+            guidance_scale=hp.get("guidance_scale", 3.5), resolution_shift=hp.get("resolution_shift", True),
         )
 
     def configure_speed(self) -> None:
-        """Memory format and compilation of the UNet (after the trainable parameters exist)."""
+        """Gradient checkpointing, memory format and compilation of the denoiser (after the trainables exist)."""
         hp = self.hparams
+        if hp.get("gradient_checkpointing"):
+            self.denoiser.enable_gradient_checkpointing()
         if hp.channels_last:
-            self.unet.to(memory_format=torch.channels_last)
+            self.denoiser.to(memory_format=torch.channels_last)
         if hp.compile_unet == "regional":
-            self.unet.compile_repeated_blocks()
+            self.denoiser.compile_repeated_blocks()
         elif hp.compile_unet == "full":
-            self.unet.compile()
+            self.denoiser.compile()
+
+    @property
+    def denoiser_name(self) -> str:
+        """``"unet"`` (SD, SDXL) or ``"transformer"`` (FLUX, SD3): the attribute holding the denoiser."""
+        return self.family.denoiser_name
+
+    @property
+    def denoiser(self) -> nn.Module:
+        """The UNet or transformer that predicts the noise (or velocity)."""
+        return getattr(self, self.family.denoiser_name)
 
     @property
     def is_sdxl(self) -> bool:
         """Whether the model is SDXL (two text encoders, pooled embedding and time ids in the UNet conditioning)."""
-        return getattr(self, "text_encoder_2", None) is not None
+        return self.family.name == "sdxl"
+
+    @property
+    def text_encoder_names(self) -> list[str]:
+        """Attribute names of the loaded text encoders, in the pipeline's order (an absent optional one skipped)."""
+        return self.family.present_text_encoders(self)
 
     @property
     def text_encoders(self) -> list[nn.Module]:
-        """The text encoder(s): one for SD 1.x / 2.x, two for SDXL."""
-        return [self.text_encoder] + ([self.text_encoder_2] if self.is_sdxl else [])
+        """The text encoder(s): one for SD 1.x / 2.x, two for SDXL and FLUX, two or three for SD3."""
+        return [getattr(self, name) for name in self.text_encoder_names]
 
     @property
     def tokenizers(self) -> list[Any]:
         """The tokenizer of each text encoder."""
-        return [self.tokenizer] + ([self.tokenizer_2] if self.is_sdxl else [])
+        return [getattr(self, name) for name in self.family.present_tokenizers(self)]
 
     @property
     def text_path_trains(self) -> bool:
-        """Whether anything outside the UNet and VAE trains (text-encoder weights, LoRA or new token vectors)."""
-        return any(p.requires_grad for n, p in self.named_parameters() if not n.startswith(("unet.", "vae.")))
+        """Whether anything outside the denoiser and VAE trains (text-encoder weights, LoRA or new token vectors)."""
+        frozen_parts = (self.denoiser_name + ".", "vae.")
+        return any(p.requires_grad for n, p in self.named_parameters() if not n.startswith(frozen_parts))
 
     def module_dtype(self, name: str) -> torch.dtype:
         """The dtype of submodule ``name`` (``"unet"``, ``"vae"``, ``"text_encoder"``...), read once.
@@ -209,16 +239,17 @@ class PersonalizationModule(L.LightningModule, ABC):
 
     @property
     def prediction_type(self) -> str:
-        """epsilon or v_prediction, from the model's scheduler config."""
-        return self.noise_scheduler.config.prediction_type
+        """epsilon or v_prediction, from the model's scheduler config; ``flow_matching`` for FLUX and SD3."""
+        return "flow_matching" if self.family.is_flow else self.noise_scheduler.config.prediction_type
 
     def eval_batch_spec(self) -> EvalBatchSpec:
-        """Latent shape and schedule length, for the data module's fixed evaluation batch."""
-        vae_config = self.vae.config
+        """Latent shape, schedule length and the family's fixed noise levels, for the fixed evaluation batch."""
+        channels, downsample = self.family.latent_spec(self.vae)
         return EvalBatchSpec(
             num_train_timesteps=self.noise_scheduler.config.num_train_timesteps,
-            latent_channels=vae_config.latent_channels,
-            latent_downsample=2 ** (len(vae_config.block_out_channels) - 1),
+            latent_channels=channels,
+            latent_downsample=downsample,
+            noise_levels=self.family.fixed_noise_levels,
         )
 
     def trainable_parameters(self) -> list[nn.Parameter]:
@@ -231,9 +262,16 @@ class PersonalizationModule(L.LightningModule, ABC):
         return captions
 
     def tokenize(self, captions: list[str], tokenizer: Any = None) -> torch.Tensor:
-        """Token ids padded to the tokenizer's max length, as SD pipelines do (``tokenizer``: default the first)."""
+        """Token ids padded to the pipeline's length for ``tokenizer`` (default the first), as pipelines do."""
         tokenizer = self.tokenizer if tokenizer is None else tokenizer
-        return tokenize_captions(tokenizer, self.prepare_captions(list(captions))).to(self.device)
+        return tokenize_captions(tokenizer, self.prepare_captions(list(captions)),
+                                 self.token_max_length(tokenizer)).to(self.device)
+
+    def token_max_length(self, tokenizer: Any) -> int:
+        """The padded caption length of ``tokenizer`` (CLIP 77; T5 256 for SD3, 512 for FLUX)."""
+        names = self.family.present_tokenizers(self)
+        name = next((n for n in names if getattr(self, n) is tokenizer), names[0])
+        return self.family.tokenizer_max_length(name, tokenizer)
 
     def caption_tokenizer(self) -> CaptionTokenizer:
         """What the data loader's collate calls to tokenize the batch's captions (``input_ids``, ``input_ids_2``).
@@ -241,7 +279,8 @@ class PersonalizationModule(L.LightningModule, ABC):
         Tokenizing in the loader (in its workers, when it has some) takes it off the training step; the data
         module asks for this at setup. Captions go through :meth:`prepare_captions` first.
         """
-        return CaptionTokenizer(self.tokenizers, self.prepare_captions)
+        return CaptionTokenizer(self.tokenizers, self.prepare_captions,
+                                [self.token_max_length(tokenizer) for tokenizer in self.tokenizers])
 
     def encode_prompt(self, captions: list[str]) -> torch.Tensor:
         """Text-encoder hidden states for ``captions`` (the UNet's cross-attention context).
@@ -253,30 +292,26 @@ class PersonalizationModule(L.LightningModule, ABC):
     def encode_text(
         self, captions: list[str], input_ids: list[torch.Tensor] | None = None
     ) -> dict[str, torch.Tensor]:
-        """The text part of the UNet conditioning: ``encoder_hidden_states``, and SDXL's pooled ``text_embeds``.
+        """The text part of the denoiser's conditioning (the family's: SD ``encoder_hidden_states``, SDXL adds the
+        pooled ``text_embeds``, FLUX and SD3 their prompt and pooled embeddings).
 
         ``input_ids`` (one tensor per text encoder, e.g. from the data loader) spares tokenizing ``captions``.
         """
         if input_ids is None:
             input_ids = [self.tokenize(captions, tokenizer) for tokenizer in self.tokenizers]
-        with self.frozen_half_precision("text_encoder"):
-            if not self.is_sdxl:
-                return {"encoder_hidden_states": self.text_encoder(input_ids[0])[0]}
-            hidden, pooled = sdxl.encode_prompts(self.text_encoders, input_ids)
-        return {"encoder_hidden_states": hidden, "text_embeds": pooled}
+        return self.family.encode_text(self, [ids.to(self.device) for ids in input_ids])
 
     def unet_conditioning(self, batch: dict[str, Any], text: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
-        """Keyword arguments of the UNet besides the sample and timestep.
+        """Keyword arguments of the denoiser besides the sample and the noise level (the family's).
 
         ``text`` is :meth:`encode_text` of the batch's captions (computed when not given). SDXL adds the pooled
         embedding and the time ids, per sample from the batch's ``original_size`` and ``crop_top_left`` and the
         size of its images.
         """
         text = self.encode_text(batch["caption"], batch_input_ids(batch)) if text is None else text
-        if not self.is_sdxl:
-            return {"encoder_hidden_states": text["encoder_hidden_states"]}
-        return sdxl.unet_kwargs(text, batch["original_size"], batch["crop_top_left"],
-                                tuple(batch["pixel_values"].shape[-2:]), device=self.device)
+        return self.family.denoiser_kwargs(self, text, batch)
+
+    denoiser_conditioning = unet_conditioning
 
     def encode_latents(
         self,
@@ -301,8 +336,7 @@ class PersonalizationModule(L.LightningModule, ABC):
             if standard_normal is None:
                 standard_normal = torch.randn(mean.shape, generator=self.generator, device=self.device)
             latents = sample_latents(mean, std, standard_normal)
-        cfg = self.vae.config
-        return scale_latents(latents, cfg.scaling_factor, getattr(cfg, "shift_factor", None))
+        return self.family.scale_latents(self.vae, latents)
 
     def _cached_latent_distribution(
         self, pixel_values: torch.Tensor, keys: list[str]
@@ -332,14 +366,9 @@ class PersonalizationModule(L.LightningModule, ABC):
         conditioning: dict[str, Any],
         reduction: str = "mean",
     ) -> torch.Tensor:
-        """MSE between the UNet prediction on noised latents and the prediction-type target."""
-        noisy = add_noise(self.alphas_cumprod, latents, noise, timesteps)
-        dtype = self.module_dtype("unet")
-        conditioning = _to_dtype(conditioning, dtype)
-        target = diffusion_target(self.prediction_type, self.alphas_cumprod, latents, noise, timesteps)
-        with self.frozen_half_precision("unet"):
-            prediction = self.unet(noisy.to(dtype), timesteps, **conditioning).sample
-        return diffusion_mse(prediction, target, reduction=reduction)
+        """The family's loss: the denoiser's prediction on ``latents`` noised to ``timesteps`` (DDPM timesteps, or
+        sigmas on flow models) against its target (noise, velocity...), weighted as in training."""
+        return self.family.denoising_loss(self, latents, noise, timesteps, conditioning, reduction=reduction)
 
     def training_loss(self, batch: dict[str, Any], reduction: str = "mean") -> torch.Tensor:
         """The ordinary (noisy) diffusion loss: fresh VAE sample, noise and timesteps per step.
@@ -349,8 +378,8 @@ class PersonalizationModule(L.LightningModule, ABC):
         keys = batch.get("latent_key") if self.hparams.cache_latents else None
         latents = self.encode_latents(batch["pixel_values"], cache_keys=list(keys) if keys is not None else None)
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
-        timesteps = sample_timesteps(
-            latents.shape[0], self.alphas_cumprod.numel(), generator=self.generator, device=self.device
+        timesteps = self.family.sample_noise_levels(
+            latents.shape[0], generator=self.generator, device=self.device, latent_size=tuple(latents.shape[-2:])
         )
         return self.denoising_loss(latents, noise, timesteps, self.unet_conditioning(batch), reduction=reduction)
 
@@ -514,9 +543,3 @@ def rank_generator_state(states: torch.Tensor | list[torch.Tensor], rank: int) -
     states = [states] if torch.is_tensor(states) else list(states)
     return states[rank] if rank < len(states) else None
 
-
-def _to_dtype(value: Any, dtype: torch.dtype) -> Any:
-    """Floating tensors in ``value`` (nested dicts too, e.g. SDXL's ``added_cond_kwargs``) cast to ``dtype``."""
-    if isinstance(value, dict):
-        return {k: _to_dtype(v, dtype) for k, v in value.items()}
-    return value.to(dtype) if torch.is_tensor(value) and value.is_floating_point() else value

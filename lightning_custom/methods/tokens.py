@@ -86,13 +86,13 @@ class TokenVectors(nn.Module):
         embedding.weight[self.token_ids] = self.vectors.to(embedding.weight.dtype)
 
 
-INPUT_ID_KEYS = ("input_ids", "input_ids_2")  # batch keys of the token ids of each text encoder
+INPUT_ID_KEYS = ("input_ids", "input_ids_2", "input_ids_3")  # batch keys of the token ids of each text encoder
 
 
-def tokenize_captions(tokenizer: Any, captions: Sequence[str]) -> torch.Tensor:
-    """Token ids padded to the tokenizer's max length, as SD pipelines do (a CPU tensor)."""
+def tokenize_captions(tokenizer: Any, captions: Sequence[str], max_length: int | None = None) -> torch.Tensor:
+    """Token ids padded to ``max_length`` (default the tokenizer's max length), as pipelines do (a CPU tensor)."""
     return tokenizer(
-        list(captions), padding="max_length", max_length=tokenizer.model_max_length, truncation=True,
+        list(captions), padding="max_length", max_length=max_length or tokenizer.model_max_length, truncation=True,
         return_tensors="pt",
     ).input_ids
 
@@ -103,18 +103,22 @@ class CaptionTokenizer:
     Args:
         tokenizers: one per text encoder (two for SDXL).
         prepare_captions: rewrites captions first (e.g. writes a multi-vector placeholder out as its tokens).
+        max_lengths: the padded length for each tokenizer (default each tokenizer's ``model_max_length``).
     """
 
-    def __init__(self, tokenizers: Sequence[Any], prepare_captions: Callable[[list[str]], list[str]] | None = None):
+    def __init__(self, tokenizers: Sequence[Any], prepare_captions: Callable[[list[str]], list[str]] | None = None,
+                 max_lengths: Sequence[int | None] | None = None):
         self.tokenizers = list(tokenizers)
         self.prepare_captions = prepare_captions
+        self.max_lengths = list(max_lengths) if max_lengths is not None else [None] * len(self.tokenizers)
 
     def __call__(self, captions: Sequence[str]) -> dict[str, torch.Tensor]:
-        """``{"input_ids": (B, 77) ids}`` (and ``"input_ids_2"`` for a second tokenizer)."""
+        """``{"input_ids": (B, 77) ids}`` (and ``"input_ids_2"``, ``"input_ids_3"`` for more tokenizers)."""
         captions = list(captions)
         if self.prepare_captions is not None:
             captions = self.prepare_captions(captions)
-        return {key: tokenize_captions(tok, captions) for key, tok in zip(INPUT_ID_KEYS, self.tokenizers)}
+        return {key: tokenize_captions(tok, captions, length)
+                for key, tok, length in zip(INPUT_ID_KEYS, self.tokenizers, self.max_lengths)}
 
 
 def batch_input_ids(batch: dict[str, Any]) -> list[torch.Tensor] | None:
