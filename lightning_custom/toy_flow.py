@@ -7,6 +7,9 @@ test_pipeline_stable_diffusion_3.py``, ``get_dummy_components``): a ``FluxTransf
 ``FlowMatchEulerDiscreteScheduler`` (FLUX: dynamic shifting; SD3: ``shift=3.0``), CLIP text encoders with the
 offline tokenizer of :func:`lightning_custom.toy_models.build_clip_tokenizer`, and optionally a tiny T5 encoder
 with an offline word-level tokenizer (T5 is optional in both pipelines, as in diffusers).
+
+:func:`embedded_flow_model` builds the ``embedded:tiny-flux`` / ``embedded:tiny-sd3`` models (with T5) once into a
+cache folder and reuses them.
 """
 
 from __future__ import annotations
