@@ -396,3 +396,18 @@ def test_peft_lora_keys_undoes_diffusers_naming():
         "transformer_blocks.0.attn.to_q.lora_A.weight", "transformer_blocks.0.attn.to_q.lora_B.weight",
         "text_model.encoder.layers.0.self_attn.q_proj.lora_A.weight",
         "transformer_blocks.0.attn.add_k_proj.lora_B.weight"]
+
+
+def test_load_missing_clip_g_is_one_line_error(folders, tmp_path):
+    import shutil
+
+    from lightning_custom.errors import UserInputError
+
+    folder = tmp_path / "broken"
+    shutil.copytree(folders["no_t5"], folder)
+    shutil.rmtree(folder / "text_encoder_2")
+    with pytest.raises(UserInputError) as caught:
+        SD3Family.load(str(folder))
+    message = str(caught.value)
+    assert "\n" not in message and message.startswith("--model.pretrained_model_name_or_path:")
+    assert "text_encoder_2" in message
