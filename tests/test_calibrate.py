@@ -135,3 +135,55 @@ def test_spearman_uses_ranks_and_averages_ties():
     # x ranks 1..5, y ranks (1.5, 1.5, 3, 4, 5): Pearson of the ranks
     assert cal.spearman([1, 2, 3, 4, 5], [7, 7, 8, 9, 10]) == pytest.approx(0.9746794, abs=1e-6)
     assert cal.spearman([1, 2], [2, 1]) != cal.spearman([1, 2], [2, 1])  # NaN: too few pairs
+
+
+def test_rule_variants_replay_the_pure_functions():
+    """calibrate's replay of each variant stops where lightning_custom.dvar's pure function does, and each variant's
+    own parameter does what it says on series whose answer is known."""
+    import numpy as np
+
+    from lightning_custom import dvar
+
+    rng = np.random.default_rng(0)
+    run = synthetic_run(130, max_steps=300)
+    run.losses = [(s, v + 0.01 * rng.standard_normal()) for s, v in run.losses]  # noisy: the variants differ
+    for period in (5, 10):
+        kept = [v for s, v in run.losses if s % period == 0]
+        steps = [s for s, v in run.losses if s % period == 0]
+        for window in (20, 40, 80):
+            w = dvar.window_in_values(window, period)
+            for threshold in (0.05, 0.2):
+                expected = {"smoothed": dvar.smoothed_stop_index(kept, w, threshold, 4),
+                            "min_windows": dvar.min_windows_stop_index(kept, w, threshold, 2.0),
+                            "slope": dvar.slope_stop_index(kept, w, threshold)}
+                for variant, parameter in (("smoothed", 4), ("min_windows", 2.0), ("slope", 0.0)):
+                    index = expected[variant]
+                    assert cal.variant_stop_steps(run, variant, window, [threshold], period, parameter) == [
+                        steps[index] if index is not None else run.max_steps], (variant, window, threshold, period)
+    # hand-computed values
+    assert dvar.moving_average([1.0, 2.0, 3.0, 4.0], 2) == [1.0, 1.5, 2.5, 3.5]
+    assert dvar.relative_slope([3.0, 2.0, 1.0], 3) == pytest.approx(1.5)  # slope -1 x 3 values / range 2
+    assert dvar.relative_slope([1.0, 1.0], 2) == 0.0 and dvar.relative_slope([1.0], 2) is None
+    flat = [1.0] * 30
+    assert dvar.first_stop_index(flat, 4, 0.1) == 3
+    assert dvar.min_windows_stop_index(flat, 4, 0.1, 3) == 11  # not before 3 windows of values
+    # jitter with no trend: every window's variance equals the whole series', so the plain ratio never fires; the
+    # 2-value moving average is constant from index 1 on, so the smoothed ratio fires once the window holds only that
+    jitter = [1.0, 3.0] * 15
+    assert dvar.first_stop_index(jitter, 4, 0.1) is None
+    assert dvar.smoothed_stop_index(jitter, 4, 0.1, 2) == 4
+    with pytest.raises(UserInputError, match="variant"):
+        cal.variant_stop_steps(run, "median", 40, [0.1], 5, 1.0)
+
+
+def test_calibrate_variant_picks_the_cheapest_setting_that_keeps_the_target():
+    """Every synthetic run has the same L_det series, so any setting stops all five at one step; the cheapest one
+    keeping median retention 1 stops exactly at step 130 (three of five runs learned the concept there)."""
+    for variant in ("smoothed", "min_windows", "slope"):
+        result = cal.calibrate_variant(synthetic_runs(), variant, 0.97, WINDOWS, PERIODS)
+        best = result.outcomes[result.best]
+        assert best.steps == (130,) * 5, variant
+        assert best.median_retention == 1.0 and best.worst_decile_retention == 0.5
+        assert len(result.recommended) == 4  # window, threshold, eval period, the variant's own parameter
+        cheaper = [o for o in result.outcomes if o.mean_steps < 130]
+        assert cheaper and all(o.median_retention < 0.97 for o in cheaper)
