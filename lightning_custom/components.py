@@ -27,7 +27,9 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 
 
-EMBEDDED_MODELS = ("world-sd", "tiny-sd", "tiny-sdxl")
+EMBEDDED_MODELS = ("world-sd", "tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3")
+#: Built in-process on first use (deterministic tiny random weights) and cached, instead of shipped as files.
+BUILT_EMBEDDED_MODELS = ("tiny-flux", "tiny-sd3")
 EMBEDDED_CONCEPTS = ("striped-star", "cat-toy")
 
 
@@ -58,7 +60,8 @@ def embedded_concept_path(name: str = "striped-star") -> str:
 
 def resolve_model_path(name_or_path: str) -> str:
     """Expand the aliases ``"embedded"`` (the world model) and ``"embedded:<name>"`` (``world-sd``, ``tiny-sd``,
-    ``tiny-sdxl``) to the shipped models; keep anything else."""
+    ``tiny-sdxl``, and the tiny random ``tiny-flux`` and ``tiny-sd3``, built offline into a cache folder on first
+    use) to the models' folders; keep anything else."""
     if name_or_path == "embedded":
         return embedded_model_path()
     if name_or_path.startswith("embedded:"):
@@ -66,6 +69,10 @@ def resolve_model_path(name_or_path: str) -> str:
         if name not in EMBEDDED_MODELS:
             raise UserInputError(f"--model.pretrained_model_name_or_path: unknown embedded model {name!r}; choose "
                                  f"from {['embedded:' + n for n in EMBEDDED_MODELS]}")
+        if name in BUILT_EMBEDDED_MODELS:
+            from lightning_custom.toy_flow import embedded_flow_model
+
+            return str(embedded_flow_model(name))
         return embedded_model_path(name)
     return name_or_path
 
@@ -229,9 +236,18 @@ def assemble_pipeline(parts: object, scheduler: object) -> object:
 
 
 def pipeline_class_of(folder: str | Path) -> type:
-    """``StableDiffusionXLPipeline`` for a folder holding ``text_encoder_2``, else ``StableDiffusionPipeline``."""
+    """The pipeline class a saved folder names in its ``model_index.json`` (``FluxPipeline``...); without one,
+    ``StableDiffusionXLPipeline`` for a folder holding ``text_encoder_2``, else ``StableDiffusionPipeline``."""
+    import json
+
+    import diffusers
     from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
 
+    index = Path(folder) / "model_index.json"
+    if index.is_file():
+        name = json.loads(index.read_text()).get("_class_name", "")
+        if hasattr(diffusers, name):
+            return getattr(diffusers, name)
     return StableDiffusionXLPipeline if (Path(folder) / "text_encoder_2").is_dir() else StableDiffusionPipeline
 
 

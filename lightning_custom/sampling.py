@@ -288,13 +288,11 @@ def pipeline_from_module(module: Any, scheduler: str = "default") -> Any:
             pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
         pipe.set_progress_bar_config(disable=True)
         return pipe
-    from lightning_custom.components import assemble_pipeline
-
     config = module.noise_scheduler.config
     sampler = type(module.noise_scheduler).from_config(config) if scheduler == "default" else make_scheduler(
         scheduler, config
     )
-    pipe = assemble_pipeline(module, sampler)  # StableDiffusionXLPipeline for SDXL modules
+    pipe = module.family.pipeline(module, sampler)  # the family's: StableDiffusion(XL)Pipeline, FluxPipeline...
     pipe.set_progress_bar_config(disable=True)
     return pipe
 

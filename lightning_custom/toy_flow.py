@@ -178,7 +178,7 @@ def build_tiny_sd3_components(
 
     torch.manual_seed(seed)
     transformer = SD3Transformer2DModel(
-        sample_size=sample_size, patch_size=1, in_channels=4, num_layers=1, attention_head_dim=8,
+        sample_size=sample_size, patch_size=1, in_channels=4, num_layers=2, attention_head_dim=8,
         num_attention_heads=4, caption_projection_dim=32, joint_attention_dim=2 * clip_width,
         pooled_projection_dim=2 * clip_width, out_channels=4,
     ).eval()
@@ -240,7 +240,7 @@ def save_tiny_sd3(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
 
 
 #: Bump when the embedded models' construction changes, so that stale caches are not reused.
-EMBEDDED_FLOW_VERSION = "v1"
+EMBEDDED_FLOW_VERSION = "v2"  # v2: SD3 with 2 layers (the last one lacks attn.to_add_out, a LoRA target)
 _EMBEDDED_FLOW_BUILDERS = {"tiny-flux": "flux", "tiny-sd3": "sd3"}
 
 
@@ -253,7 +253,7 @@ def embedded_flow_model(name: str) -> Path:
     """The folder of the embedded tiny flow model ``name`` (``"tiny-flux"`` or ``"tiny-sd3"``), built on first use.
 
     Built deterministically (seed 0) with T5 (and, for FLUX, FLUX.1-dev's guidance embedding) into
-    ``<cache>/<name>-v1`` (:func:`embedded_flow_cache_dir`): written to a temporary folder beside it, then renamed,
+    ``<cache>/<name>-v2`` (:func:`embedded_flow_cache_dir`): written to a temporary folder beside it, then renamed,
     so a reader never sees a half-written model; when a concurrent builder renamed first, its folder is used. The
     global RNG is left as it was.
 

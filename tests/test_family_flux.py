@@ -19,7 +19,7 @@ from lightning_custom import toy_flow
 from lightning_custom.errors import UserInputError
 from lightning_custom.families.base import FlowMatchingOptions
 from lightning_custom.families.flux import FluxFamily
-from lightning_custom.toy_flow import save_tiny_flux
+from lightning_custom.toy_flow import EMBEDDED_FLOW_VERSION, save_tiny_flux
 
 PROMPTS = ["a photo of sks toy", "a red dog on the grass"]
 
@@ -305,8 +305,9 @@ def test_embedded_flow_model_is_built_once_atomically_and_reused(tmp_path, monke
     state = torch.random.get_rng_state()
     folder = toy_flow.embedded_flow_model("tiny-flux")
     assert torch.equal(torch.random.get_rng_state(), state)
-    assert folder == tmp_path / "cache" / "tiny-flux-v1" and (folder / "model_index.json").is_file()
-    assert [p.name for p in (tmp_path / "cache").iterdir()] == ["tiny-flux-v1"]  # no temporary folder left
+    assert folder == tmp_path / "cache" / f"tiny-flux-{EMBEDDED_FLOW_VERSION}"
+    assert (folder / "model_index.json").is_file()
+    assert [p.name for p in (tmp_path / "cache").iterdir()] == [f"tiny-flux-{EMBEDDED_FLOW_VERSION}"]  # no temporary folder left
     loaded = FluxFamily.load(str(folder), dtype=torch.float32)
     assert loaded.transformer.config.guidance_embeds and loaded.text_encoder_2 is not None
     # Deterministic: the same weights as a fresh seed-0 build.
@@ -322,7 +323,7 @@ def test_embedded_flow_model_is_built_once_atomically_and_reused(tmp_path, monke
 
 def test_embedded_flow_model_uses_the_winner_of_a_concurrent_build(tmp_path, monkeypatch, single_thread):
     monkeypatch.setenv("LIGHTNING_CUSTOM_CACHE", str(tmp_path / "cache"))
-    target = tmp_path / "cache" / "tiny-sd3-v1"
+    target = tmp_path / "cache" / f"tiny-sd3-{EMBEDDED_FLOW_VERSION}"
     real_save = toy_flow.save_tiny_sd3
 
     def racing_save(path, **kwargs):
@@ -333,5 +334,5 @@ def test_embedded_flow_model_uses_the_winner_of_a_concurrent_build(tmp_path, mon
 
     monkeypatch.setattr(toy_flow, "save_tiny_sd3", racing_save)
     assert toy_flow.embedded_flow_model("tiny-sd3") == target
-    assert os.listdir(tmp_path / "cache") == ["tiny-sd3-v1"]
+    assert os.listdir(tmp_path / "cache") == [f"tiny-sd3-{EMBEDDED_FLOW_VERSION}"]
     assert (target / "text_encoder_3" / "config.json").is_file()

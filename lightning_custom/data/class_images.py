@@ -141,12 +141,14 @@ def ensure_class_images(
 
 def generation_pipeline(module: Any, device: torch.device | str | None = None,
                         scheduler: str = "DPMSolverMultistepScheduler"):
-    """A ``StableDiffusion(XL)Pipeline`` sharing the (not yet trained) components of a personalization module."""
+    """The family's pipeline sharing the (not yet trained) components of a personalization module (SD, SDXL: with
+    ``scheduler``; FLUX, SD3: their flow-matching scheduler)."""
     import diffusers
 
-    from lightning_custom.components import assemble_pipeline
-
-    pipe = assemble_pipeline(module, getattr(diffusers, scheduler).from_config(module.noise_scheduler.config))
+    family = module.family
+    # A DDPM-family sampler on a flow model would sample the wrong process: flow models keep their own scheduler.
+    sampler = None if family.is_flow else getattr(diffusers, scheduler).from_config(module.noise_scheduler.config)
+    pipe = family.pipeline(module, sampler)
     pipe.set_progress_bar_config(disable=True)
     if device is not None:
         pipe.to(device)

@@ -97,6 +97,8 @@ class ModelFamily(ABC):
     #: The names under which a Textual-Inversion file stores each text encoder's vectors (``clip_l``, ``t5``...);
     #: empty for the single-encoder SD format (one ``<token>`` key per vector file).
     embedding_keys: ClassVar[tuple[str, ...]] = ()
+    #: Text encoders that ``train_text_encoder`` trains (LoRA or full); diffusers' scripts never train T5.
+    trainable_text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder",)
     #: Default LoRA target modules of the denoiser (diffusers' training scripts).
     lora_targets: ClassVar[tuple[str, ...]] = ("to_k", "to_q", "to_v", "to_out.0")
     #: Whether Custom Diffusion applies (cross-attention K/V of a UNet).

@@ -134,6 +134,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
     pipeline_class_name: ClassVar[str] = "StableDiffusionXLPipeline"
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2")
+    trainable_text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
 
     @classmethod
     def matches(cls, model_index: dict[str, Any], denoiser_config: dict[str, Any]) -> bool:

@@ -198,6 +198,12 @@ class PersonalizationModule(L.LightningModule, ABC):
         return [getattr(self, name) for name in self.text_encoder_names]
 
     @property
+    def trainable_text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders ``train_text_encoder`` trains, by pipeline name (CLIP ones; never T5)."""
+        return {name: getattr(self, name) for name in self.family.trainable_text_encoder_names
+                if getattr(self, name, None) is not None}
+
+    @property
     def tokenizers(self) -> list[Any]:
         """The tokenizer of each text encoder."""
         return [getattr(self, name) for name in self.family.present_tokenizers(self)]

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from lightning_custom.errors import UserInputError
 from lightning_custom.io import atomic_path
 from lightning_custom.methods.finetuning import FineTuningModule
 
@@ -72,6 +73,12 @@ class CustomDiffusion(FineTuningModule):
 
     def configure_trainable(self) -> None:
         """Add the modifier tokens; unfreeze ``to_k``/``to_v`` of every cross-attention layer (kept fp32)."""
+        if not self.family.supports_custom_diffusion:
+            raise UserInputError(
+                f"--model.pretrained_model_name_or_path: Custom Diffusion trains a UNet's cross-attention K/V and has "
+                f"no standard counterpart on a {self.family.name} model ({self.hparams.pretrained_model_name_or_path}):"
+                f" use DreamBoothLoRA or TextualInversion"
+            )
         from diffusers.models.attention_processor import CustomDiffusionAttnProcessor2_0
 
         self.configure_tokens()

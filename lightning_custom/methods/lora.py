@@ -5,13 +5,13 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 
 from lightning_custom.components import cast_trainable_to_fp32
 from lightning_custom.errors import UserInputError
-from lightning_custom.io import atomic_path
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -83,32 +83,29 @@ def lora_dropout_disabled(*models: nn.Module) -> Iterator[None]:
             layer.training = mode
 
 
-def lora_layers(model: nn.Module) -> dict[str, torch.Tensor]:
-    """The adapter's weights under diffusers' key names, on the CPU."""
+def lora_layers(model: nn.Module, peft_naming: bool = False) -> dict[str, torch.Tensor]:
+    """The adapter's weights, on the CPU: under diffusers' key names (``lora.down``/``lora.up``, what SD / SDXL
+    files hold), or with ``peft_naming`` under peft's (``lora_A``/``lora_B``), what diffusers' FLUX and SD3 scripts
+    save: diffusers' conversion renames only some of a flow transformer's layers, and its loader, seeing the first
+    key already converted, would then drop the others."""
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = convert_state_dict_to_diffusers(get_peft_model_state_dict(model, adapter_name=ADAPTER))
+    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    if not peft_naming:
+        state = convert_state_dict_to_diffusers(state)
     return {key: value.detach().cpu().contiguous() for key, value in state.items()}
 
 
-def save_lora(
-    output_dir: str | Path, unet: nn.Module, text_encoder: nn.Module | None = None,
-    text_encoder_2: nn.Module | None = None,
-) -> str:
+def save_lora(output_dir: str | Path, family: Any, models: dict[str, nn.Module]) -> str:
     """Write ``pytorch_lora_weights.safetensors`` (with the adapters' rank/alpha metadata) for ``load_lora_weights``.
 
-    With ``text_encoder_2`` (SDXL) the file is written by ``StableDiffusionXLPipeline.save_lora_weights``, whose
-    ``load_lora_weights(folder)`` puts each part back into the UNet and both text encoders.
+    ``models`` maps each pipeline component name that carries an adapter (``"unet"`` or ``"transformer"``,
+    ``"text_encoder"``, ``"text_encoder_2"``) to the module. The family's pipeline class writes the file
+    (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``FluxPipeline``, ``StableDiffusion3Pipeline``),
+    so its ``load_lora_weights(folder)`` puts each part back where it came from.
     """
-    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
-
-    kwargs = {"unet_lora_layers": lora_layers(unet), "unet_lora_adapter_metadata": unet.peft_config[ADAPTER].to_dict()}
-    for prefix, encoder in (("text_encoder", text_encoder), ("text_encoder_2", text_encoder_2)):
-        if encoder is not None:
-            kwargs[f"{prefix}_lora_layers"] = lora_layers(encoder)
-            kwargs[f"{prefix}_lora_adapter_metadata"] = encoder.peft_config[ADAPTER].to_dict()
-    pipeline = StableDiffusionXLPipeline if text_encoder_2 is not None else StableDiffusionPipeline
-    with atomic_path(Path(output_dir) / LORA_WEIGHT_NAME) as tmp:
-        pipeline.save_lora_weights(str(tmp.parent), weight_name=tmp.name, **kwargs)
+    layers = {name: lora_layers(model, peft_naming=family.is_flow) for name, model in models.items()}
+    metadata = {name: model.peft_config[ADAPTER].to_dict() for name, model in models.items()}
+    family.save_lora(output_dir, LORA_WEIGHT_NAME, layers, metadata)
     return LORA_WEIGHT_NAME
