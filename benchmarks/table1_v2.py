@@ -41,6 +41,8 @@ CALIBRATION, TEST = range(0, 50), range(50, 100)
 RESULT_RUNS = "probed_runs"  # not "runs": .gitignore ignores every folder of that name
 BULKY_FIELDS = ("train_loss_history",)  # left out of the committed copies of summary.json (a third of its size)
 EVAL_EVERY = 5  # L_det (and a snapshot) every 5 steps; the calibration grid replays periods 5, 10 and 20
+FIDELITY_FILE = "fidelity_probes.json"  # recolour / prior fidelity by step (world.probe.fidelity_checks)
+FIDELITY_CURVE = (0, 50, 100, 200, 400)  # + half the run and its end: the fidelity-against-step curve
 
 
 def parse_concepts(spec: str) -> list[int]:
@@ -91,6 +93,48 @@ def exact_probe(run_dir: Path, config_file: Path) -> dict:
     return done
 
 
+def concept_of(name: str):
+    """The held-out concept of a run folder name such as ``c050-off_palette``."""
+    from lightning_custom.world.concepts import make_concept
+
+    return make_concept(int(name[1:4]))
+
+
+def fidelity_curve_steps(max_steps: int) -> list[int]:
+    """The steps of the fidelity-against-step curve of a run of ``max_steps`` (multiples of the snapshot period)."""
+    return sorted({s for s in FIDELITY_CURVE if s <= max_steps} | {to_eval_step(max_steps / 2), max_steps})
+
+
+def read_fidelity(folder: Path) -> dict[int, dict[str, float]]:
+    """``{step: {"recolour": x, "prior": y}}`` from ``folder/fidelity_probes.json`` (empty if absent)."""
+    path = folder / FIDELITY_FILE
+    return {int(s): v for s, v in json.loads(path.read_text())["steps"].items()} if path.is_file() else {}
+
+
+def fidelity_probe(run_dir: Path, config_file: Path, name: str, steps: list[int], copies: list[Path]) -> dict:
+    """Recolour / prior fidelity (:func:`lightning_custom.world.probe.fidelity_checks`) of every step in ``steps``
+    that has a snapshot (step 0: the weights before training) and no score yet; written to ``run_dir`` and
+    ``copies``. Returns every score of the run."""
+    from dataclasses import asdict
+
+    from lightning_custom.io import write_json
+    from lightning_custom.world.probe import fidelity_checks, fidelity_snapshots, snapshot_steps
+
+    done = read_fidelity(run_dir) or (read_fidelity(copies[0]) if copies else {})
+    available = set(snapshot_steps(run_dir / "snapshots")) | {0}
+    needed = sorted({s for s in steps if s in available and s not in done})
+    if needed and config_file.is_file():
+        checks = fidelity_checks(concept_of(name))
+        start = time.time()
+        done.update(fidelity_snapshots(config_file, run_dir / "snapshots", needed, checks))
+        report = {"checks": [asdict(c) for c in checks], "seconds": round(time.time() - start, 1),
+                  "steps": {str(s): done[s] for s in sorted(done)}}
+        for folder in [run_dir, *copies]:
+            if folder.is_dir():
+                write_json(folder / FIDELITY_FILE, report)
+    return done
+
+
 def run_phase(args) -> int:
     """Train (or reuse) every long run, probe its exact stop steps, copy the small results."""
     from lightning_custom.world.concepts import heldout_concepts
@@ -111,10 +155,14 @@ def run_phase(args) -> int:
         trained = not (run_dir / "summary.json").exists()
         summary = v1.fit(long_config(method, concept, args), config_file)
         exact = exact_probe(run_dir, config_file)
-        if method not in KEEP_SNAPSHOTS:
-            shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
         target = results / method / concept.name
         target.mkdir(parents=True, exist_ok=True)
+        fidelity_steps = fidelity_curve_steps(summary.get("max_steps") or LONG_STEPS[method])
+        if method not in KEEP_SNAPSHOTS:  # the stops' fidelity now: these snapshots are deleted below
+            fidelity_steps += [int(s) for s in exact["steps"]]
+        fidelity_probe(run_dir, config_file, concept.name, fidelity_steps, [target])
+        if method not in KEEP_SNAPSHOTS:
+            shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
         slim = {k: v for k, v in summary.items() if k not in BULKY_FIELDS}
         (target / "summary.json").write_text(json.dumps(slim, separators=(",", ":")) + "\n")
         if (run_dir / "exact_probes.json").exists():
@@ -155,6 +203,8 @@ def noise_phase(args) -> int:
 PAPER_RATIO = {"textual_inversion": (310 / 6100, 0.15), "dreambooth_lora": (440 / 1000, 0.4),
                "custom_diffusion": (180 / 500, 0.15), "dreambooth": (440 / 1000, 0.4)}
 ROWS = ("full_length", "dvar_paper", "dvar_calibrated", "fixed_budget", "encoder_es", "few_iters")
+VARIANTS = ("smoothed", "min_windows", "slope")  # rule variants (lightning_custom.dvar), rows "variant_<name>"
+MIN_TEST_CONCEPTS = 10  # fewer test concepts than this decide nothing about a variant (worst decile = 1 concept)
 
 
 def to_eval_step(step: float) -> int:
@@ -182,24 +232,30 @@ def load_method_runs(results: Path, method: str) -> tuple[list, list, dict[str, 
             pace)
 
 
-def probe_missing(args, method: str, runs: list, steps: list[int]) -> None:
-    """Probe, from the work folder's snapshots, each run's step that has no probe of its own (when they exist)."""
+def probe_missing(args, method: str, runs: list, steps: dict[str, set[int]]) -> None:
+    """Probe, from the work folder's snapshots, each run's steps in ``steps`` (by run name) that have no identity
+    probe yet (where a snapshot exists), and their recolour / prior fidelity; one model rebuild per run."""
     from lightning_custom.calibrate import EXACT_PROBES_FILE
     from lightning_custom.io import write_json
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
-    for run, step in zip(runs, steps):
-        if step in run.probes or step in run.exact:
-            continue
+    for run in runs:
         run_dir, config_file = run_paths(Path(args.workdir), method, run.name)
-        if step not in snapshot_steps(run_dir / "snapshots") or not config_file.is_file():
+        copy = Path(args.results) / RESULT_RUNS / method / run.name
+        if not config_file.is_file():
             continue
-        run.exact[step] = probe_snapshots(config_file, run_dir / "snapshots", [step])[step][0]
-        for folder in (run_dir, Path(args.results) / RESULT_RUNS / method / run.name):
-            path = folder / EXACT_PROBES_FILE
-            done = json.loads(path.read_text()) if path.is_file() else {"steps": {}}
-            done["steps"][str(step)] = run.exact[step]
-            write_json(path, done)
+        available = set(snapshot_steps(run_dir / "snapshots"))
+        missing = sorted(s for s in steps[run.name] if s in available and s not in run.probes and s not in run.exact)
+        if missing:
+            scores = probe_snapshots(config_file, run_dir / "snapshots", missing)
+            run.exact.update({s: rows[0] for s, rows in scores.items()})
+            for folder in (run_dir, copy):
+                path = folder / EXACT_PROBES_FILE
+                done = json.loads(path.read_text()) if path.is_file() else {"steps": {}}
+                done["steps"].update({str(s): run.exact[s] for s in missing})
+                done["steps"] = dict(sorted(done["steps"].items(), key=lambda kv: int(kv[0])))
+                write_json(path, done)
+        fidelity_probe(run_dir, config_file, run.name, sorted(steps[run.name]), [copy])
 
 
 def method_rows(args, method: str, calibration: list, test: list, pace: dict[str, float]) -> dict:
@@ -210,6 +266,8 @@ def method_rows(args, method: str, calibration: list, test: list, pace: dict[str
     settings = v1.METHODS[method]
     length = cal.converged_length(calibration or test)
     tuned = cal.calibrate(calibration, budget=length) if calibration else None
+    variants = {name: cal.calibrate_variant(calibration, name, budget=length) for name in VARIANTS} \
+        if calibration else {}
     ratio, threshold = PAPER_RATIO[method]
     paper_window = to_eval_step(ratio * length)
 
@@ -233,12 +291,19 @@ def method_rows(args, method: str, calibration: list, test: list, pace: dict[str
         budget_from = stops.get("dvar_calibrated", stops["dvar_paper"])
         stops["fixed_budget"] = [to_eval_step(np.mean(budget_from))] * len(runs)
         stops["few_iters"] = [to_eval_step(np.mean(stops["encoder_es"]))] * len(runs)
+        for name, result in variants.items():
+            if result.recommended:
+                w, t, k, parameter = result.recommended
+                stops[f"variant_{name}"] = [min(length, cal.variant_stop_steps(r, name, w, [t], k, parameter)[0])
+                                            for r in runs]
+        curve = {r.name: set(fidelity_curve_steps(r.max_steps)) for r in runs}
+        if args.probe_missing:
+            wanted = {r.name: {variant[i] for variant in stops.values()} | curve[r.name]
+                      for i, r in enumerate(runs)}
+            probe_missing(args, method, runs, wanted)
+        fidelity = {r.name: read_fidelity(Path(args.results) / RESULT_RUNS / method / r.name) for r in runs}
         rows = {}
-        for variant in ROWS:
-            if variant not in stops:
-                continue
-            if args.probe_missing:
-                probe_missing(args, method, runs, stops[variant])
+        for variant in [*(r for r in ROWS if r in stops), *(k for k in stops if k not in ROWS)]:
             result = cal.outcome(variant, runs, stops[variant], references)
             seconds = [step * pace.get(r.name, 0.0) for step, r in zip(stops[variant], runs)]
             identity = [ref * x for ref, x in zip(references, result.retention)]
@@ -246,24 +311,36 @@ def method_rows(args, method: str, calibration: list, test: list, pace: dict[str
             earlier = [r.probes[max(p for p in r.probes if p <= step)][1] for r, step in zip(runs, stops[variant])]
             bias = [old - new for old, new, step, r in zip(earlier, identity, stops[variant], runs)
                     if step not in r.probes and step in r.exact]
-            rows[variant] = {"outcome": result, "identity": identity, "seconds": seconds, "old_reading_bias": bias}
+            edits = {group: [fidelity[r.name].get(step, {}).get(group, float("nan"))
+                             for r, step in zip(runs, stops[variant])] for group in ("recolour", "prior")}
+            rows[variant] = {"outcome": result, "identity": identity, "seconds": seconds, "old_reading_bias": bias,
+                             **edits}
         oracle = [cal.oracle_step(r, ref) for r, ref in zip(runs, references)]
         dvar = stops.get("dvar_calibrated", stops["dvar_paper"])
         out["splits"][split] = {"runs": runs, "references": references, "rows": rows, "oracle": oracle,
-                                "oracle_dvar": dvar, "spearman": cal.spearman(oracle, dvar)}
-    out["tuned"] = tuned
+                                "oracle_dvar": dvar, "spearman": cal.spearman(oracle, dvar), "fidelity": fidelity}
+    out["tuned"], out["variants"] = tuned, variants
     return out
 
 
-def method_markdown(method: str, data: dict, split: str) -> list[str]:
-    """One method's rows on one split."""
+def nan_median(values: list[float]) -> str:
+    """The median of the measured values with their count, e.g. ``0.33 (5)``; ``-`` when none is measured."""
+    kept = [v for v in values if v == v]
+    return f"{np.median(kept):.2f} ({len(kept)})" if kept else "-"
+
+
+def method_markdown(method: str, data: dict, split: str, variants: bool = False) -> list[str]:
+    """One method's rows on one split (``variants``: the rule variants' rows instead of the table's)."""
     part = data["splits"][split]
     length = data["converged_length"]
     lines = []
     for variant, row in part["rows"].items():
+        if (variant in ROWS) != (not variants):
+            continue
         o = row["outcome"]
-        lines.append(f"| {method} | {variant} | {np.median(row['identity']):.3f} | {o.median_retention:.3f} | "
-                     f"{o.worst_decile_retention:.3f} | {np.median(o.fidelity):.2f} | {o.mean_steps:.0f} | "
+        lines.append(f"| {method} | {variant} | {len(o.steps)} | {np.median(row['identity']):.3f} | "
+                     f"{o.median_retention:.3f} | {o.worst_decile_retention:.3f} | {np.median(o.fidelity):.2f} | "
+                     f"{nan_median(row['recolour'])} | {nan_median(row['prior'])} | {o.mean_steps:.0f} | "
                      f"{np.median(o.steps):.0f} | {length / max(o.mean_steps, 1):.1f} | "
                      f"{np.mean(row['seconds']):.1f} | {o.exact}/{len(o.steps)} |")
     return lines
@@ -282,6 +359,31 @@ def goal_lines(method: str, data: dict) -> list[str]:
               f"worst decile {tuned.worst_decile_retention:.3f} vs fixed budget {fixed.worst_decile_retention:.3f} "
               f"(goal: more: {'met' if tuned.worst_decile_retention > fixed.worst_decile_retention else 'not met'})"]
     return [f"- {method} ({len(tuned.steps)} test concepts): " + "; ".join(checks)]
+
+
+def fidelity_curve(fidelity: dict[str, dict[int, dict[str, float]]], group: str) -> list[tuple[int, float]]:
+    """(step, mean over runs) of one fidelity group at the steps every run that has scores has scored."""
+    scored = [by_step for by_step in fidelity.values() if by_step]
+    if not scored:
+        return []
+    common = sorted(set.intersection(*(set(by_step) for by_step in scored)))
+    return [(s, float(np.mean([by_step[s][group] for by_step in scored]))) for s in common]
+
+
+def variant_verdict(data: dict, name: str) -> str:
+    """Does the rule variant beat calibrated DVAR on the test split (the issue's bar), or why it is undecided."""
+    rows = data["splits"].get("test", {}).get("rows", {})
+    if f"variant_{name}" not in rows or "dvar_calibrated" not in rows:
+        return "undecided: no test-split runs or no calibrated setting"
+    new, dvar = rows[f"variant_{name}"]["outcome"], rows["dvar_calibrated"]["outcome"]
+    fewer = new.mean_steps < dvar.mean_steps and new.median_retention >= dvar.median_retention
+    safer = new.worst_decile_retention > dvar.worst_decile_retention and new.mean_steps <= dvar.mean_steps
+    said = (f"{new.mean_steps:.0f} vs {dvar.mean_steps:.0f} mean steps, median retention {new.median_retention:.3f} "
+            f"vs {dvar.median_retention:.3f}, worst decile {new.worst_decile_retention:.3f} vs "
+            f"{dvar.worst_decile_retention:.3f}")
+    if len(new.steps) < MIN_TEST_CONCEPTS:
+        return f"undecided: {len(new.steps)} test concepts (< {MIN_TEST_CONCEPTS}); {said}"
+    return ("beats DVAR: " if fewer or safer else "does not beat DVAR: ") + said
 
 
 def table_plots(methods: list[str], data: dict, out: Path) -> None:
@@ -316,9 +418,14 @@ def table_plots(methods: list[str], data: dict, out: Path) -> None:
                 # Does long training cost prompt fidelity here? (the paper's other half of the argument)
                 fidelity = [float(np.mean([r.probes[s][2] for r in part["runs"]])) for s in steps]
                 twin = ax.twinx()
-                twin.plot(steps, fidelity, color="tab:red", lw=0.8)
+                twin.plot(steps, fidelity, color="tab:red", lw=0.8, label="background")
+                for group, style in (("recolour", "-o"), ("prior", ":s")):
+                    curve = fidelity_curve(part["fidelity"], group)
+                    if curve:
+                        twin.plot(*zip(*curve), style, color="tab:red", lw=0.8, ms=3, label=group)
                 twin.set_ylabel("mean prompt fidelity", color="tab:red")
                 twin.set_ylim(0, 1.05)
+                twin.legend(fontsize=7, loc="lower right")
             else:
                 ax.scatter(part["oracle"], part["oracle_dvar"], s=12)
                 top = max(part["oracle"] + part["oracle_dvar"] + [1])
@@ -347,8 +454,9 @@ def table_phase(args) -> int:
         else:
             data[method] = {"splits": {}}
     noise = sorted(results.glob("probe_noise_*.json"))
-    header = ["| method | variant | identity | retention | worst-decile retention | prompt fidelity | mean steps | "
-              "median steps | speed-up (x) | seconds | exact stops |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+    header = ["| method | variant | concepts | identity | retention | worst-decile retention | fidelity: background | "
+              "fidelity: recolour (n) | fidelity: prior (n) | mean steps | median steps | speed-up (x) | seconds | "
+              "exact stops |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     lines = ["# Table 1, second edition (issue 12)", "",
              "Command: `python benchmarks/table1_v2.py " + " ".join(shlex.quote(a) for a in args.argv) + "`", "",
              "Runs: " + ", ".join(f"{m} {args.steps or LONG_STEPS[m]}" for m in args.methods) + " steps (3x the "
@@ -361,7 +469,20 @@ def table_phase(args) -> int:
              "concepts. Speed-up: converged length / mean steps. Seconds: steps x the run's measured seconds per "
              "step on this shared CPU. Sampling seeds are the same at every probe (differences are paired). "
              "Oracle step: the earliest probed step (periodic or exact) reaching 97% of the converged identity; "
-             "DVAR in the oracle scatter is the calibrated setting (else the paper's ratio).", ""]
+             "DVAR in the oracle scatter is the calibrated setting (else the paper's ratio). Encoder early stopping: "
+             "the CLIP early-stopping rule (the first edition's patience / minimum improvement per method) replayed "
+             "on the training-prompt identity of the periodic probes (every 25 steps; the paper checks every 50); "
+             "few iters: a fixed budget at its mean stop. Every rule is capped at the converged length.", "",
+             "Prompt fidelity, three measures (share of sampled images the world's encoder judges right): "
+             "*background*: the concept on an evaluation background, the background head (the first edition's; "
+             "it cannot fail here: 1.00 at every probe); *recolour*: 'a photo of a <colour> <concept> on a "
+             "<background> background' with the 3 palette colours farthest from the concept's own, the colour and "
+             "background heads (a token or weights that absorbed the concept's colour override the word: the "
+             "world's analogue of the paper's falling CLIP-T); *prior*: 2 describable objects without the concept "
+             "('a photo of a yellow circle on a grey background'), every head (drift of the class prior; constant "
+             "for Textual Inversion by construction). Recolour and prior are scored post hoc from the snapshots "
+             "(2 images per prompt, the probe's sampler and seeds; `--probe-missing`); '(n)' counts the concepts "
+             "measured, '-' none.", ""]
     for n in noise:
         report = json.loads(n.read_text())
         sds = ", ".join(f"step {s}: {v['sd_over_seeds']:.4f}" for s, v in report["steps"].items())
@@ -396,11 +517,33 @@ def table_phase(args) -> int:
         for split, part in d["splits"].items():
             for variant, row in part["rows"].items():
                 o = row["outcome"]
-                for run, step, ret, fid, ident, sec in zip(part["runs"], o.steps, o.retention, o.fidelity,
-                                                             row["identity"], row["seconds"]):
+                for run, step, ret, fid, recolour, prior, ident, sec in zip(
+                        part["runs"], o.steps, o.retention, o.fidelity, row["recolour"], row["prior"],
+                        row["identity"], row["seconds"]):
                     csv_rows.append({"method": method, "split": split, "concept": run.name, "variant": variant,
                                      "step": step, "identity": round(ident, 5), "retention": round(ret, 5),
-                                     "fidelity": fid, "seconds": round(sec, 2)})
+                                     "fidelity": fid, "recolour": recolour, "prior": prior,
+                                     "seconds": round(sec, 2)})
+    lines += ["", "## Rule variants (issue 12 item 5; none ships as the default)", "",
+              "Each variant (`lightning_custom.dvar`) calibrated like DVAR on the calibration split (fewest mean steps "
+              "with median retention >= 0.97; its own parameter in the grid), then replayed on both splits. "
+              "*smoothed*: DVAR's ratio on a causal moving average of `span` L_det values; *min_windows*: DVAR, not "
+              "before the series holds `min_windows` windows; *slope*: stop when the last window's least-squares "
+              "slope x window < threshold x the series' range. A variant would ship (as an option) only if, on the "
+              f"test split with at least {MIN_TEST_CONCEPTS} concepts, it takes fewer mean steps than calibrated "
+              "DVAR at no lower median retention, or keeps a higher worst decile at no more mean steps.", "",
+              "| method | variant | calibrated (window, threshold, eval every, parameter) | verdict |",
+              "|---|---|---|---|"]
+    for method in args.methods:
+        for name, result in data[method].get("variants", {}).items():
+            setting = ", ".join(f"{x:g}" for x in result.recommended) if result.recommended else "none meets 0.97"
+            lines.append(f"| {method} | {name} | {setting} | {variant_verdict(data[method], name)} |")
+    lines += ["", *header]
+    for split in ("test", "calibration"):
+        for method in args.methods:
+            if split in data[method]["splits"]:
+                lines += [line.replace(f"| {method} | ", f"| {method} ({split}) | ", 1)
+                          for line in method_markdown(method, data[method], split, variants=True)]
     lines += ["", "## The first edition's reading", "",
               "Identity read at the last periodic probe before the stop minus identity probed at the stop itself, "
               "over the stops that fall between probes (test split, else calibration split).", "",
@@ -414,6 +557,28 @@ def table_phase(args) -> int:
             if variant.startswith("dvar") and bias:
                 lines.append(f"| {method} | {variant} | {len(bias)}/{len(part['runs'])} | {np.median(bias):+.4f} | "
                              f"{min(bias):+.4f} | {max(bias):+.4f} |")
+    lines += ["", "## Prompt fidelity against step (does long training cost it?)", "",
+              "Mean over the runs scored at every listed step (test and calibration split together).", "",
+              "| method | measure | runs | " + " | ".join(f"step {s}" for s in ("0", "50", "100", "200", "400",
+                                                                                "half", "end")) + " |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    for method in args.methods:
+        splits = data[method]["splits"]
+        fidelity = {name: by_step for part in splits.values() for name, by_step in part["fidelity"].items()}
+        lengths = {r.name: r.max_steps for part in splits.values() for r in part["runs"]}
+        scored = {name: by_step for name, by_step in fidelity.items() if by_step}
+        for group in ("recolour", "prior"):
+            if not scored:
+                lines.append(f"| {method} | {group} | 0 | not measured yet (`table --probe-missing`) |||||||")
+                break
+            cells = []
+            for s in (0, 50, 100, 200, 400, "half", "end"):
+                values = [by_step.get(s if isinstance(s, int) else
+                                      (to_eval_step(lengths[n] / 2) if s == "half" else lengths[n]), {}).get(group)
+                          for n, by_step in scored.items()]
+                values = [v for v in values if v is not None]
+                cells.append(f"{np.mean(values):.2f}" if values else "-")
+            lines.append(f"| {method} | {group} | {len(scored)} | " + " | ".join(cells) + " |")
     lines += ["", "Figures: `table1_v2_stops.png`, `table1_v2_quality_vs_step.png`, `table1_v2_oracle.png`.", ""]
     out = results
     out.mkdir(parents=True, exist_ok=True)
