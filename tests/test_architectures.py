@@ -125,3 +125,83 @@ def test_unknown_architecture_is_a_one_line_error():
         build_random_components("random:flux2")
     assert "\n" not in str(err.value) and "random:sd35-large" in str(err.value)
     assert set(architecture_names()) >= {"random:flux", "random:sd3", "random:sd15"}
+
+
+# ------------------------------------------------------------------------------ benchmarks/flow_memory.py
+def _flow_memory():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    if "flow_memory" not in sys.modules:  # its dataclasses resolve their annotations through sys.modules
+        path = Path(__file__).resolve().parents[1] / "benchmarks" / "flow_memory.py"
+        spec = importlib.util.spec_from_file_location("flow_memory", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["flow_memory"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["flow_memory"]
+
+
+def test_flow_memory_estimate_on_a_known_case():
+    """1B transformer parameters (0.9B in Linear weights with 1M rows), 10M LoRA, 1 GiB-scale activations."""
+    fm = _flow_memory()
+    gib = 2**30
+    act = fm.ActivationBytes(total=8 * gib, outside_blocks=gib // 4, block_inputs=gib, largest_block=gib // 2)
+    sizes = fm.ModelSizes(name="toy", transformer_params=10**9, transformer_buffers=10**6, linear_weights=9 * 10**8,
+                          linear_rows=10**6, lora_params=10**7, vae_params=10**8, clip_params=10**8,
+                          t5_params=5 * 10**9, activations={"lora": act, "ti": act, "full": act})
+    # Frozen weights: bf16 2 bytes each (buffers too); int8 1 byte + 4 per row for Linear weights; nf4 0.5625 bytes.
+    assert fm.frozen_transformer_bytes(sizes, "bf16") == 2 * (10**9 + 10**6)
+    assert fm.frozen_transformer_bytes(sizes, "int8") == 9 * 10**8 + 4 * 10**6 + 2 * (10**8 + 10**6)
+    assert fm.frozen_transformer_bytes(sizes, "nf4") == 0.5625 * 9 * 10**8 + 2 * (10**8 + 10**6)
+    # Activations: all + one block; checkpointed: outside + inputs + twice the largest block.
+    assert fm.activation_bytes(act, checkpointing=False) == 8.5 * gib
+    assert fm.activation_bytes(act, checkpointing=True) == 2.25 * gib
+    parts = fm.estimate_memory(sizes, fm.Setting("lora", "bf16", True, "adamw", text_resident=True))
+    assert parts["trainable"] == 16 * 10**7 and parts["t5"] == 10**10 and parts["clip"] == 4 * 10**8
+    subtotal = 2 * (10**9 + 10**6) + 16 * 10**7 + 2 * 10**8 + 4 * 10**8 + 10**10 + 2.25 * gib
+    assert parts["total"] == pytest.approx(subtotal * 1.1 + gib)
+    lean = fm.estimate_memory(sizes, fm.Setting("lora", "nf4", True, "adamw8bit", text_resident=False))
+    assert lean["trainable"] == 10 * 10**7 and lean["t5"] == lean["clip"] == 0
+    ti = fm.estimate_memory(sizes, fm.Setting("ti", "bf16", True, "adamw", text_resident=False))
+    assert ti["trainable"] == 0 and ti["clip"] == 4 * 10**8  # TI trains through CLIP: it stays resident
+    full = fm.estimate_memory(sizes, fm.Setting("full", "bf16", False, "adamw"))
+    assert full["trainable"] == 16 * 10**9 and full["transformer"] == 2 * 10**6
+    with pytest.raises(ValueError, match="quantized"):
+        fm.estimate_memory(sizes, fm.Setting("full", "nf4"))
+    assert fm.smallest_card(23.9 * gib) == 24 and fm.smallest_card(24.1 * gib) == 48 and fm.smallest_card(81 * gib) is None
+
+
+def test_flow_memory_counts_saved_activations_of_a_known_block():
+    """The meta-device count on one Linear + GELU: full training saves the Linear's input and the GELU's input."""
+    fm = _flow_memory()
+
+    class Block(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.linear = torch.nn.Linear(64, 256)
+
+        def forward(self, hidden_states):
+            return torch.nn.functional.gelu(self.linear(hidden_states))
+
+    class Toy(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.transformer_blocks = torch.nn.ModuleList([Block(), Block()])
+            self.proj = torch.nn.Linear(256, 64)
+
+        def forward(self, hidden_states, return_dict=False):
+            for block in self.transformer_blocks:
+                hidden_states = self.proj(block(hidden_states))
+            return (hidden_states,)
+
+    with torch.device("meta"):
+        toy = Toy().to(torch.bfloat16)
+    x = torch.empty(1, 100, 64, device="meta", dtype=torch.bfloat16)
+    act = fm.count_saved_activations(toy, {"hidden_states": x})
+    # Per block: its input (100x64) and the GELU input (100x256), bf16. Outside: proj's inputs (2 x 100x256) and the
+    # loss's float32 difference (100x64).
+    assert act.largest_block == 2 * (100 * 64 + 100 * 256)
+    assert act.outside_blocks == 2 * 2 * 100 * 256 + 4 * 100 * 64
+    assert act.total == 2 * act.largest_block + act.outside_blocks
+    assert act.block_inputs == 2 * 2 * 100 * 64
