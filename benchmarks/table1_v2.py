@@ -370,13 +370,16 @@ def goal_lines(method: str, data: dict) -> list[str]:
     return [f"- {method} ({len(tuned.steps)} test concepts): " + "; ".join(checks)]
 
 
-def fidelity_curve(fidelity: dict[str, dict[int, dict[str, float]]], group: str) -> list[tuple[int, float]]:
-    """(step, mean over runs) of one fidelity group at the steps every run that has scores has scored."""
-    scored = [by_step for by_step in fidelity.values() if by_step]
+def fidelity_curve(fidelity: dict[str, dict[int, dict[str, float]]], lengths: dict[str, int],
+                   group: str) -> list[tuple[int, float]]:
+    """(step, mean over runs) of one fidelity group at the curve steps (:func:`fidelity_curve_steps`) that every
+    run with scores has scored."""
+    scored = {name: by_step for name, by_step in fidelity.items() if by_step}
     if not scored:
         return []
-    common = sorted(set.intersection(*(set(by_step) for by_step in scored)))
-    return [(s, float(np.mean([by_step[s][group] for by_step in scored]))) for s in common]
+    common = set.intersection(*(set(by_step) & set(fidelity_curve_steps(lengths[name]))
+                                for name, by_step in scored.items()))
+    return [(s, float(np.mean([by_step[s][group] for by_step in scored.values()]))) for s in sorted(common)]
 
 
 def variant_verdict(data: dict, name: str) -> str:
@@ -418,30 +421,42 @@ def table_plots(methods: list[str], data: dict, out: Path) -> None:
                                 alpha=0.5, label=variant)
                 ax.set_xlabel("stop step")
                 ax.set_ylabel("concepts")
-            elif draw == 1:
-                steps, median = median_curve(part["runs"])
+            elif draw == 1:  # every run of both splits: the curve shows the convergence study
+                runs = [r for p in d["splits"].values() for r in p["runs"]]
+                steps, median = median_curve(runs)
                 ax.plot(steps, median, label="median identity")
                 ax.axvline(d["converged_length"], color="k", ls="--", lw=0.8, label="converged length")
                 ax.set_xlabel("step")
                 ax.set_ylabel("identity similarity")
+                ax.set_title(f"{method} ({len(runs)} runs)", fontsize=10)
                 # Does long training cost prompt fidelity here? (the paper's other half of the argument)
-                fidelity = [float(np.mean([r.probes[s][2] for r in part["runs"]])) for s in steps]
+                fidelity = [float(np.mean([r.probes[s][2] for r in runs])) for s in steps]
                 twin = ax.twinx()
                 twin.plot(steps, fidelity, color="tab:red", lw=0.8, label="background")
                 for group, style in (("recolour", "-o"), ("prior", ":s")):
-                    curve = fidelity_curve(part["fidelity"], group)
+                    curve = fidelity_curve({r.name: p["fidelity"][r.name] for p in d["splits"].values()
+                                            for r in p["runs"]}, {r.name: r.max_steps for r in runs}, group)
                     if curve:
                         twin.plot(*zip(*curve), style, color="tab:red", lw=0.8, ms=3, label=group)
                 twin.set_ylabel("mean prompt fidelity", color="tab:red")
                 twin.set_ylim(0, 1.05)
-                twin.legend(fontsize=7, loc="lower right")
+                twin.legend(fontsize=6, loc="lower right")
+                ax.legend(fontsize=6, loc="lower center")
+                continue
             else:
-                ax.scatter(part["oracle"], part["oracle_dvar"], s=12)
-                top = max(part["oracle"] + part["oracle_dvar"] + [1])
+                top, title = 1, []
+                for split, colour in (("calibration", "tab:grey"), ("test", "tab:blue")):
+                    if split in d["splits"]:
+                        p = d["splits"][split]
+                        ax.scatter(p["oracle"], p["oracle_dvar"], s=14, color=colour,
+                                   label=f"{split} ({len(p['oracle'])})")
+                        top = max([top, *p["oracle"], *p["oracle_dvar"]])
+                        title.append(f"{split} {p['spearman']:.2f}")
                 ax.plot([0, top], [0, top], color="k", lw=0.6)
                 ax.set_xlabel("oracle step (97% of converged identity)")
-                ax.set_ylabel("DVAR stop step")
-                ax.set_title(f"{method}: Spearman {part['spearman']:.2f}", fontsize=10)
+                ax.set_ylabel("DVAR stop step (calibrated)")
+                ax.set_title(f"{method}: Spearman " + ", ".join(title), fontsize=9)
+                ax.legend(fontsize=6)
                 continue
             ax.set_title(method, fontsize=10)
             ax.legend(fontsize=7)
