@@ -6,13 +6,16 @@ encoder(s), VAE, UNet and noise scheduler from :func:`load_components`, from a h
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import logging
 import os
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -129,9 +132,54 @@ def check_model_source(name_or_path: str, subfolders: tuple[str, ...] = ("unet",
         )
 
 
+_DENOISER_QUANTIZATION: contextvars.ContextVar[Any] = contextvars.ContextVar("denoiser_quantization", default=None)
+DENOISER_SUBFOLDERS = ("unet", "transformer")
+
+
+@contextlib.contextmanager
+def denoiser_quantization(mode: str, compute_dtype: torch.dtype) -> Iterator[None]:
+    """Inside the block, :func:`load_component` loads a denoiser (``unet`` / ``transformer``) quantized.
+
+    ``mode``: ``"none"``, ``"8bit"`` (LLM.int8) or ``"4bit"`` (NF4, double quantization, ``compute_dtype`` compute),
+    through diffusers' ``BitsAndBytesConfig``, as diffusers' FLUX QLoRA recipe. One-line errors where bitsandbytes
+    is missing or the mode is unknown.
+    """
+    if mode in (None, "none"):
+        yield
+        return
+    if mode not in ("8bit", "4bit"):
+        raise UserInputError(f"--model.init_args.quantize_base: {mode!r} is not one of none, 8bit, 4bit")
+    try:
+        import bitsandbytes  # noqa: F401
+    except ImportError as err:
+        raise UserInputError(f"--model.init_args.quantize_base {mode}: needs bitsandbytes (pip install bitsandbytes) "
+                             f"and a CUDA GPU") from err
+    if not torch.cuda.is_available():  # diffusers' bitsandbytes quantizer refuses deep inside from_pretrained
+        raise UserInputError(f"--model.init_args.quantize_base {mode}: diffusers quantizes with bitsandbytes on a CUDA "
+                             f"GPU only, and none is visible; use quantize_base: none on this machine")
+    from diffusers import BitsAndBytesConfig
+
+    if mode == "8bit":
+        config = BitsAndBytesConfig(load_in_8bit=True)
+    else:
+        config = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                                    bnb_4bit_compute_dtype=compute_dtype)
+    token = _DENOISER_QUANTIZATION.set(config)
+    try:
+        yield
+    finally:
+        _DENOISER_QUANTIZATION.reset(token)
+
+
 def load_component(cls, name_or_path: str, subfolder: str, **kwargs):
-    """``cls.from_pretrained(name_or_path, subfolder=...)`` with a one-line error instead of a deep traceback."""
+    """``cls.from_pretrained(name_or_path, subfolder=...)`` with a one-line error instead of a deep traceback.
+
+    A denoiser loaded inside :func:`denoiser_quantization` is quantized.
+    """
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    quantization = _DENOISER_QUANTIZATION.get()
+    if quantization is not None and subfolder in DENOISER_SUBFOLDERS:
+        kwargs["quantization_config"] = quantization
     try:
         return cls.from_pretrained(name_or_path, subfolder=subfolder, **kwargs)
     except (OSError, ValueError, EnvironmentError) as err:

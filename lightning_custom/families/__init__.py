@@ -82,8 +82,12 @@ def detect_family(source: str, revision: str | None = None) -> type[ModelFamily]
 def load_model(
     name_or_path: str, *, revision: str | None = None, variant: str | None = None, weight_dtype: str = "float32",
     vae_name_or_path: str | None = None, options: FlowMatchingOptions | None = None,
+    quantize_denoiser: str = "none",
 ) -> ModelParts:
     """Load a model of any family from a hub id, a folder, ``embedded[:name]`` or ``random:<arch>``, frozen.
+
+    ``quantize_denoiser`` (``"8bit"``, ``"4bit"``) loads the UNet / transformer quantized by bitsandbytes
+    (:func:`lightning_custom.components.denoiser_quantization`).
 
     The family is read from the checkpoint itself (:func:`detect_family`). A folder without a ``transformer``, or a
     hub id whose model index cannot be read, goes down the Stable Diffusion path, whose loader tells SD from SDXL
@@ -104,9 +108,13 @@ def load_model(
         if family.name == "sdxl":
             components["vae"].to(torch.float32)  # the stock SDXL VAE overflows in fp16
         return ModelParts(family(components["scheduler"], options), components)
+    from lightning_custom.components import denoiser_quantization
+
     source = resolve_model_path(name_or_path)
-    return family_for_source(source, revision).load(source, revision=revision, variant=variant, dtype=dtype,
-                                                    vae_name_or_path=vae_name_or_path, options=options)
+    family = family_for_source(source, revision)
+    with denoiser_quantization(quantize_denoiser, dtype):
+        return family.load(source, revision=revision, variant=variant, dtype=dtype,
+                           vae_name_or_path=vae_name_or_path, options=options)
 
 
 def family_for_source(source: str, revision: str | None = None) -> type[ModelFamily]:

@@ -86,6 +86,13 @@ class PersonalizationModule(L.LightningModule, ABC):
         mode_scale: flow models: scale of ``mode``.
         guidance_scale: FLUX.1-dev (``guidance_embeds``): the guidance value fed to the transformer in training.
         resolution_shift: FLUX: shift the training sigmas by the image size as ``FluxPipeline`` does at inference.
+        cache_text_states: compute each training caption's text states once and reuse them while nothing in the
+            text path trains (each caption encoded alone, so the values do not depend on the batch). ``None``: on
+            for FLUX and SD3, whose T5 encoder costs as much as a transformer step; off for SD / SDXL (their CLIP is
+            cheap, and a caption encoded alone can differ from the batched value in the last bit).
+        quantize_base: load the frozen denoiser quantized by bitsandbytes through diffusers (``"8bit"`` or
+            ``"4bit"``, NF4 with ``weight_dtype`` compute), for LoRA and Textual Inversion on a card too small for
+            the bf16 weights (FLUX.1-dev: 24 GB). Needs ``pip install bitsandbytes`` and a CUDA GPU.
     """
 
     def __init__(
@@ -113,6 +120,8 @@ class PersonalizationModule(L.LightningModule, ABC):
         mode_scale: float = 1.29,
         guidance_scale: float = 3.5,
         resolution_shift: bool = True,
+        cache_text_states: bool | None = None,
+        quantize_base: Literal["none", "8bit", "4bit"] = "none",
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -122,6 +131,8 @@ class PersonalizationModule(L.LightningModule, ABC):
         self._pending_rng_state: torch.Tensor | None = None
         self._latent_cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
         self._eval_cache: dict[tuple[str, str], torch.Tensor] = {}
+        self._text_cache: dict[str, dict[str, torch.Tensor]] = {}
+        self._text_path_trains_in_fit: bool | None = None
         self._module_dtypes: dict[str, torch.dtype] = {}
         self.configure_models()
         self.configure_trainable()
@@ -149,6 +160,7 @@ class PersonalizationModule(L.LightningModule, ABC):
         return load_model(
             hp.pretrained_model_name_or_path, revision=hp.revision, variant=hp.variant, weight_dtype=hp.weight_dtype,
             vae_name_or_path=hp.get("vae_name_or_path"), options=self.flow_matching_options(),
+            quantize_denoiser=hp.get("quantize_base", "none"),
         )
 
     def flow_matching_options(self) -> FlowMatchingOptions:
@@ -314,10 +326,37 @@ class PersonalizationModule(L.LightningModule, ABC):
         embedding and the time ids, per sample from the batch's ``original_size`` and ``crop_top_left`` and the
         size of its images.
         """
-        text = self.encode_text(batch["caption"], batch_input_ids(batch)) if text is None else text
+        if text is None:
+            text = self.cached_text_states(batch) if self.caches_text_states() else self.encode_text(
+                batch["caption"], batch_input_ids(batch))
         return self.family.denoiser_kwargs(self, text, batch)
 
     denoiser_conditioning = unet_conditioning
+
+    def caches_text_states(self) -> bool:
+        """Whether training reuses text states (``cache_text_states``; never while the text path trains)."""
+        wanted = self.hparams.get("cache_text_states")
+        wanted = self.family.is_flow if wanted is None else wanted
+        if not wanted:
+            return False
+        if self._text_path_trains_in_fit is None:  # walking every parameter each step would cost ms on FLUX
+            return not self.text_path_trains
+        return not self._text_path_trains_in_fit
+
+    def cached_text_states(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """The batch's text states, each caption encoded alone on first sight and then reused.
+
+        Keyed by the caption text: every caption of a run is one of the templates with the concept's words, so the
+        cache holds a few dozen entries.
+        """
+        captions = list(batch["caption"])
+        missing = list(dict.fromkeys(c for c in captions if c not in self._text_cache))
+        for caption in missing:
+            with torch.no_grad():
+                states = self.encode_text([caption])
+            self._text_cache[caption] = {k: v.detach() for k, v in states.items()}
+        rows = [self._text_cache[c] for c in captions]
+        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
 
     def encode_latents(
         self,
@@ -502,6 +541,8 @@ class PersonalizationModule(L.LightningModule, ABC):
         """
         self._latent_cache.clear()
         self._eval_cache.clear()
+        self._text_cache.clear()
+        self._text_path_trains_in_fit = self.text_path_trains
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """Keep only trainable weights (a checkpoint of a full SD model per save would be GBs) and each rank's RNG.

@@ -15,6 +15,7 @@ from typing import Any
 import torch
 
 from lightning_custom.components import resolve_model_path
+from lightning_custom.errors import UserInputError
 from lightning_custom.io import atomic_path
 from lightning_custom.methods.finetuning import FineTuningModule
 from lightning_custom.methods.lora import TEXT_ENCODER_TARGETS, add_lora, lora_dropout_disabled, save_lora
@@ -59,6 +60,9 @@ class DreamBooth(FineTuningModule):
 
     def configure_trainable(self) -> None:
         """Unfreeze the denoiser (in fp32) and, optionally, the text encoder; add the identifier token if new."""
+        if self.hparams.get("quantize_base", "none") != "none":
+            raise UserInputError("--model.init_args.quantize_base: full DreamBooth trains every denoiser weight, which "
+                                 "a quantized base cannot hold; use DreamBoothLoRA (QLoRA) or quantize_base: none")
         self.configure_tokens()
         if self.denoiser.dtype != torch.float32:
             self.denoiser.to(torch.float32)
