@@ -54,6 +54,7 @@ def test_every_method_fits_through_the_cli_and_stops_by_dvar(family, method, con
     assert cli.model.prediction_type == prediction_type and cli.model.is_sdxl == (family == "sdxl")
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["stopped_by"] == "dvar" and summary["stop_step"] < 120, summary["stop_reason"]
+    assert summary["model_family"] == ("sdxl" if family == "sdxl" else "sd")
     for artifact in summary["artifacts"]:
         assert (tmp_path / artifact).exists()
     if config["data"]["init_args"].get("with_prior_preservation") and method == "dreambooth":

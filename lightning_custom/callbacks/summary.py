@@ -406,6 +406,7 @@ def build_summary(trainer: L.Trainer, pl_module: L.LightningModule, wall_seconds
         "artifacts": artifacts,
         "seed": hparams.get("seed"),
         "prediction_type": getattr(pl_module, "prediction_type", None),
+        "model_family": getattr(getattr(pl_module, "family", None), "name", None),
         "learning_rate": getattr(pl_module, "effective_learning_rate", hparams.get("learning_rate")),
         "instance_data_dir": getattr(getattr(trainer, "datamodule", None), "instance_data_dir", None),
     }
