@@ -16,18 +16,11 @@ whose sigmas already carry a static shift (SD3: ``shift=3.0``). FLUX's scheduler
 the scheduler's ``time_shift``) when given the packed image sequence length, so training sees the noise levels that
 inference at that resolution uses (as kohya's ``flux_shift`` and SimpleTuner do).
 
-Flow-matching groundwork (issue 13, in progress). What exists: this module's objective (density, sigma lookup
-with static and dynamic shift, noised input, target, loss weighting, weighted per-sample MSE), VAE latent
-normalization, FLUX's guidance input, 2x2 latent packing and image ids, and DVAR's fixed evaluation sigmas
-(:func:`fixed_evaluation_sigmas`); ``lightning_custom/toy_flow.py``, tiny random FLUX and SD3 pipelines built and
-saved offline (CLIP and optional T5 tokenizers included); ``tests/test_flow_matching.py``, which checks all of it
-against diffusers and trains a tiny FLUX transformer on the loss. What is next: the model-family object
-(``flux.py`` / ``sd3.py`` beside ``sdxl.py``) that the shared base and the data module ask for text states,
-latents, the noised input and target, the weighting and the fixed sigmas; the methods on it (DreamBooth-LoRA,
-Textual Inversion, full DreamBooth, prior preservation) and their exports; ``embedded:tiny-flux`` /
-``embedded:tiny-sd3`` in the CLI; and the quickstart and real-model configs. Not yet covered: SD3's
-``--precondition_outputs`` variant of diffusers' SD3 script (prediction mapped back to x), and loading a pipeline
-folder saved without T5 (pass ``text_encoder_3=None, tokenizer_3=None`` to ``from_pretrained``).
+Where it is used: the model families :mod:`lightning_custom.families.flux` and :mod:`lightning_custom.families.sd3`
+draw training sigmas with :func:`sample_sigmas`, DVAR's fixed ones with :func:`fixed_evaluation_sigmas`, and build
+the loss from :func:`noisy_model_input`, :func:`flow_matching_target`, :func:`loss_weighting` and
+:func:`weighted_mse`; ``tests/test_flow_matching.py`` checks each function against diffusers. Not covered: SD3's
+``--precondition_outputs`` variant of diffusers' SD3 script (prediction mapped back to x).
 """
 
 from __future__ import annotations
