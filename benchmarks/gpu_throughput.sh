@@ -10,9 +10,16 @@
 #   CUDA graphs for the fixed-shape step: not implemented (not measured).
 # Then "time to concept": wall time from the command to the written artifacts (model build included) of a CLI
 # Textual Inversion run with DVAR on the SD 1.5 architecture (the moonshot: under 30 s).
-# Results: benchmarks/results/throughput_gpu15_*.{json,md} and time_to_concept_gpu.txt (dry run: *_dryrun*).
+# Then the flow models (issue 13, item 8): DreamBooth-LoRA and Textual Inversion on the FLUX.1-dev and SD3.5 Medium
+# architectures with random weights built on the GPU (no download), 1024 px, batch 1, bf16 weights under bf16-mixed,
+# gradient checkpointing, DVAR every 5 steps on a fixed batch of 2: ms per step, DVAR share, peak memory. Compare the
+# peaks with the estimates in benchmarks/results/flow_memory.md (benchmarks/flow_memory.py).
+# Results: benchmarks/results/throughput_gpu15_*.{json,md}, time_to_concept_gpu.txt and throughput_flow_*.{json,md}
+# (dry run: *_dryrun*).
 #   bash benchmarks/gpu_throughput.sh
-# Dry run on a CPU with the tiny model, a few steps (checks every command; its numbers mean nothing):
+#   GPU_THROUGHPUT_ONLY=flow bash benchmarks/gpu_throughput.sh     # one part: sd, ttc or flow
+# Dry run on a CPU with the tiny models, a few steps (checks every command; its numbers mean nothing; the flow rows
+# run on embedded:tiny-flux / embedded:tiny-sd3, and are skipped with a note where this checkout has no such model):
 #   GPU_THROUGHPUT_DRY_RUN=1 bash benchmarks/gpu_throughput.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -25,21 +32,48 @@ if [[ "${GPU_THROUGHPUT_DRY_RUN:-0}" == "1" ]]; then
     cli=(--trainer.accelerator cpu --trainer.precision bf16-mixed --model.init_args.weight_dtype bfloat16
          --model.init_args.pretrained_model_name_or_path embedded:tiny-sd --data.init_args.resolution 32
          --trainer.max_steps "${TTC_STEPS:-12}")
+    flow=(--device cpu --resolution 32 --batch-size 1 --precision bf16-mixed --weight-dtype bfloat16 --steps 5
+          --warmup 2 --dvar-every 2 --eval-batch-size 2 --gradient-checkpointing)
+    flux_arch=embedded:tiny-flux sd3_arch=embedded:tiny-sd3
 else
     suffix=""
     common=(--device cuda --arch random:sd15 --resolution 512 --batch-size 2 --precision 16-mixed
             --weight-dtype float16 --steps 120 --warmup 20 --dvar-every 10)
     cli=(--trainer.accelerator cuda --model.init_args.pretrained_model_name_or_path random:sd15
          --trainer.max_steps "${TTC_STEPS:-400}")
+    flow=(--device cuda --resolution 1024 --batch-size 1 --precision bf16-mixed --weight-dtype bfloat16 --steps 25
+          --warmup 5 --dvar-every 5 --eval-batch-size 2 --gradient-checkpointing)
+    flux_arch=random:flux sd3_arch=random:sd3
 fi
+only=${GPU_THROUGHPUT_ONLY:-sd,ttc,flow}
+part() { [[ ",$only," == *",$1,"* ]]; }
 bench() {  # tag, then extra arguments
     local tag=$1; shift
     python benchmarks/throughput.py "${common[@]}" "$@" --tag "gpu15_${tag}${suffix}"
 }
-bench A_frozen_in_autocast --frozen-in-autocast
-bench B_outside_autocast
-bench C_channels_last --channels-last
-bench D_regional_compile --compile regional
+if part sd; then
+    bench A_frozen_in_autocast --frozen-in-autocast
+    bench B_outside_autocast
+    bench C_channels_last --channels-last
+    bench D_regional_compile --compile regional
+fi
+
+# Flow models: the architectures are built on the GPU inside each method's setup (setup_seconds in the rows).
+flow_bench() {  # tag, arch
+    if ! python -c "import sys; from lightning_custom.families import load_model" 2>/dev/null; then
+        echo "flow rows skipped: this checkout has no lightning_custom.families.load_model" >&2; return 0
+    fi
+    if [[ $2 == embedded:* ]] && ! python -c "import sys; from lightning_custom.components import resolve_model_path as r; r(sys.argv[1])" "$2" 2>/dev/null; then
+        echo "flow row $1 skipped: $2 is not an embedded model in this checkout" >&2; return 0
+    fi
+    python benchmarks/throughput.py "${flow[@]}" --arch "$2" --methods dreambooth_lora,textual_inversion \
+        --tag "flow_${1}${suffix}"
+}
+if part flow; then
+    flow_bench flux "$flux_arch"
+    flow_bench sd3 "$sd3_arch"
+fi
+part ttc || exit 0
 
 # Time to concept: Textual Inversion with DVAR (every 10 steps), from the command to learned_embeds.safetensors.
 run_dir=$(mktemp -d)/ttc

@@ -6,7 +6,12 @@ CPU, on the embedded tiny model (a minute or two):
 GPU, on the SD 1.5 architecture with random weights built in-process (no download), as in the issue's table:
     python benchmarks/throughput.py --device cuda --arch random:sd15 --resolution 512 --precision 16-mixed \
         --weight-dtype float16 --steps 120
-(`benchmarks/gpu_throughput.sh` runs the whole GPU set in one call.)
+GPU, flow models (issue 13): FLUX.1-dev or SD3.5 Medium architectures, random weights built on the GPU, 1024 px:
+    python benchmarks/throughput.py --device cuda --arch random:flux --resolution 1024 --batch-size 1 \
+        --precision bf16-mixed --weight-dtype bfloat16 --gradient-checkpointing --methods dreambooth_lora
+(`benchmarks/gpu_throughput.sh` runs the whole GPU set in one call.) Any model the methods load works as --arch
+(a folder, a hub id, embedded:<name>, random:<arch>); a method the model does not support (Custom Diffusion on a
+flow model) is reported as skipped.
 
 Operators per step without a GPU (issue 15): aten ops of one steady-state step by phase, CUDA's fp16 autocast
 emulated on the CPU, for each method and for diffusers' Textual Inversion example (a few minutes):
@@ -19,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import gc
 import json
 import os
 import re
@@ -39,6 +45,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from lightning_custom.callbacks import DVAREarlyStopping  # noqa: E402
 from lightning_custom.components import embedded_concept_path  # noqa: E402
 from lightning_custom.data import ConceptDataModule  # noqa: E402
+from lightning_custom.errors import UserInputError  # noqa: E402
 from lightning_custom.io import write_json  # noqa: E402
 from lightning_custom.methods import CustomDiffusion, DreamBooth, DreamBoothLoRA, TextualInversion  # noqa: E402
 
@@ -100,19 +107,28 @@ def peak_memory_gb(device: str) -> float:
 def run_method(name: str, args: argparse.Namespace) -> dict:
     """Train ``name`` for ``args.steps`` steps with DVAR observing every ``args.dvar_every`` steps."""
     cls, kwargs = METHODS[name]
+    gc.collect()  # the previous method's model (FLUX.1: 33 GB of bf16 weights) must be gone before the next loads
     if args.device == "cuda":
         torch.cuda.empty_cache()
         torch.cuda.reset_peak_memory_stats()
     setup_start = time.perf_counter()
+    # Options only passed when asked for, so the command lines of earlier tables stay valid as they were.
+    options = {"gradient_checkpointing": True} if args.gradient_checkpointing else {}
+    if args.optimizer != "adamw":
+        options["optimizer"] = args.optimizer
     if args.frozen_in_autocast:  # the behaviour before issue 15, for the A/B
         import lightning_custom.methods.base as base
 
         base.autocast_off_for = lambda dtype, device: contextlib.nullcontext()
-    module = cls(pretrained_model_name_or_path=args.arch, weight_dtype=args.weight_dtype, compile_unet=args.compile,
-                 cache_latents=not args.no_cache, cache_eval_batch=not args.no_cache,
-                 channels_last=args.channels_last, **kwargs)
+    try:
+        module = cls(pretrained_model_name_or_path=args.arch, weight_dtype=args.weight_dtype,
+                     compile_unet=args.compile, cache_latents=not args.no_cache, cache_eval_batch=not args.no_cache,
+                     channels_last=args.channels_last, **options, **kwargs)
+    except UserInputError as err:  # e.g. Custom Diffusion on a flow model: a row that says why
+        return {"method": name, "arch": args.arch, "skipped": str(err)}
+    family = getattr(getattr(module, "family", None), "name", "sd")
     data = ConceptDataModule(instance_data_dir=embedded_concept_path(), resolution=args.resolution,
-                             batch_size=args.batch_size, eval_batch_size=4, center_crop=True,
+                             batch_size=args.batch_size, eval_batch_size=args.eval_batch_size, center_crop=True,
                              placeholder_token=kwargs["placeholder_token"],
                              class_noun="toy" if name.startswith("dreambooth") else None)
     setup_seconds = time.perf_counter() - setup_start
@@ -131,6 +147,7 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
     return {
         "method": name,
         "arch": args.arch,
+        "family": family,
         "device": torch.cuda.get_device_name() if args.device == "cuda" else f"cpu x{torch.get_num_threads()}",
         "resolution": args.resolution,
         "batch_size": args.batch_size,
@@ -139,6 +156,9 @@ def run_method(name: str, args: argparse.Namespace) -> dict:
         "caches": not args.no_cache,
         "channels_last": args.channels_last,
         "frozen_in_autocast": args.frozen_in_autocast,
+        "gradient_checkpointing": args.gradient_checkpointing,
+        "optimizer": args.optimizer,
+        "eval_batch_size": args.eval_batch_size,
         "dvar_every": args.dvar_every,
         "clock": args.clock,
         "steps": trainer.global_step,
@@ -526,8 +546,14 @@ def markdown_table(rows: list[dict]) -> str:
     """The results as a markdown table."""
     header = ("| method | device | arch | px | batch | precision | compile | caches | channels last "
               "| frozen in autocast | DVAR every | ms/step | ms/DVAR eval | steps/s (with DVAR) | DVAR share | peak mem GB | first step s |")
-    lines = [header, "|" + "---|" * 17]
+    extra = any(r.get("gradient_checkpointing") or r.get("optimizer", "adamw") != "adamw" for r in rows)
+    if extra:  # the flow-model rows' memory options
+        header += " grad. checkpointing | optimizer |"
+    lines = [header, "|" + "---|" * (19 if extra else 17)]
     for r in rows:
+        if "skipped" in r:
+            lines.append(f"| {r['method']} | | {r['arch']} | skipped: {r['skipped']} |")
+            continue
         lines.append(
             f"| {r['method']} | {r['device']} | {r['arch']} | {r['resolution']} | {r['batch_size']} | {r['precision']} "
             f"| {r['compile']} | {r['caches']} | {r.get('channels_last', False)} "
@@ -535,6 +561,7 @@ def markdown_table(rows: list[dict]) -> str:
             f"| {r['dvar_every']} | {r['ms_per_step']} | {r['ms_per_dvar_eval']} "
             f"| {r['steps_per_second']} | {100 * r['dvar_share']:.1f}% | {r['peak_memory_gb']} "
             f"| {r['first_step_seconds']} |"
+            + (f" {r.get('gradient_checkpointing', False)} | {r.get('optimizer', 'adamw')} |" if extra else "")
         )
     return "\n".join(lines) + "\n"
 
@@ -542,11 +569,17 @@ def markdown_table(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> list[dict]:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu", choices=["cpu", "cuda"])
-    parser.add_argument("--arch", default="embedded", help="embedded, a model folder/hub id, or random:sd15|sd21")
+    parser.add_argument("--arch", default="embedded",
+                        help="embedded[:name], a model folder/hub id, or random:sd15|sd21|sdxl|flux|flux-schnell|sd3|"
+                             "sd35-large (published architectures, random weights)")
     parser.add_argument("--methods", default="textual_inversion,dreambooth_lora,custom_diffusion",
                         help=f"comma-separated, from {sorted(METHODS)}")
     parser.add_argument("--resolution", type=int, default=32)
     parser.add_argument("--batch-size", type=int, default=2)
+    parser.add_argument("--eval-batch-size", type=int, default=4, help="DVAR's fixed evaluation batch")
+    parser.add_argument("--gradient-checkpointing", action="store_true",
+                        help="recompute the denoiser's activations in the backward (FLUX.1-dev on 24-80 GB)")
+    parser.add_argument("--optimizer", default="adamw", choices=["adamw", "adamw_8bit"])
     parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--warmup", type=int, default=10, help="steps left out of the per-step median")
     parser.add_argument("--dvar-every", type=int, default=1, help="evaluate L_det every k optimizer steps")
