@@ -46,6 +46,8 @@ class SD3Family(ModelFamily):
     text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2", "text_encoder_3")
     tokenizer_names: ClassVar[tuple[str, ...]] = ("tokenizer", "tokenizer_2", "tokenizer_3")
     optional_text_encoders: ClassVar[tuple[str, ...]] = ("text_encoder_3",)
+    #: diffusers' SD3 script trains LoRA on both CLIP encoders with --train_text_encoder, never on T5.
+    trainable_text_encoder_names: ClassVar[tuple[str, ...]] = ("text_encoder", "text_encoder_2")
     embedding_keys: ClassVar[tuple[str, ...]] = ("clip_l", "clip_g", "t5")
     # diffusers' train_dreambooth_lora_sd3.py defaults (--lora_layers unset): the joint attention of each block.
     lora_targets: ClassVar[tuple[str, ...]] = (
