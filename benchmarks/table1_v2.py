@@ -515,10 +515,15 @@ def table_phase(args) -> int:
              "measured, '-' none.", ""]
     for n in noise:
         report = json.loads(n.read_text())
-        sds = ", ".join(f"step {s}: {v['sd_over_seeds']:.4f}" for s, v in report["steps"].items())
+        sds = ", ".join(f"step {s}: {v['sd_over_seeds']:.4f} ({100 * v['sd_over_seeds'] / v['mean']:.1f}% of "
+                        f"{v['mean']:.3f})" for s, v in report["steps"].items())
         diffs = ", ".join(f"{k}: {v['sd_over_seeds']:.4f}" for k, v in report.get("paired_differences", {}).items())
         lines.append(f"Probe noise ({report['method']} {report['concept']}, {len(report['seeds'])} seed sets): SD of "
                      f"one probe's identity over seeds {sds}; SD of a paired difference {diffs}.")
+    if noise:
+        lines.append("One concept's retention therefore moves by about the SD's share (2-3%) from sampling alone, as "
+                     "much as the 3% the 97% target allows; the sampling error of a median over n concepts is about 1.25 "
+                     "x that SD / sqrt(n) (paired seeds: every variant of a concept is sampled with the same noise).")
     lines += ["", "## Test split (concepts 50-99): the headline", "", *header]
     csv_rows = []
     for method in args.methods:
