@@ -1,9 +1,14 @@
 """Generate images with a learned concept: from a finished run's artifacts, or from a module while it trains.
 
 A finished run is read through its ``summary.json``: the base model (``pretrained_model_name_or_path``) is loaded
-as a diffusers pipeline, then the method puts its artifacts into it: through the method class's
-``load_into_pipeline(pipe, run_dir) -> pipe`` (a static or class method), else by artifact file name
+as a diffusers pipeline of the class its ``model_index.json`` names (``StableDiffusion(XL)Pipeline``,
+``FluxPipeline``, ``StableDiffusion3Pipeline``), then the method puts its artifacts into it: through the method
+class's ``load_into_pipeline(pipe, run_dir) -> pipe`` (a static or class method), else by artifact file name
 (:data:`ARTIFACT_LOADERS`). A run that exported a complete pipeline (DreamBooth) is loaded from it directly.
+
+Flow-matching models (FLUX.1, SD3/SD3.5) sample with their own ``FlowMatchEulerDiscreteScheduler``: the DDPM-family
+samplers of ``--scheduler`` are refused on them in one line. The guidance scale defaults to each model's own
+(:func:`default_guidance_scale`: FLUX 3.5, SD3 7.0, SD / SDXL 7.5).
 
 Every image has its own seed (a CPU ``torch.Generator``), so an image depends only on its prompt and seed, on any
 device and in any batch.
@@ -41,6 +46,7 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "a red {}",
     "a watercolor painting of {}",
 )
+# The DDPM-family samplers of --scheduler (SD 1.x/2.x and SDXL); flow-matching models keep their own.
 SCHEDULERS = {
     "ddim": "DDIMScheduler",
     "ddpm": "DDPMScheduler",
@@ -48,6 +54,10 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "pndm": "PNDMScheduler",
 }
+#: Guidance scale when none is given: the pipelines' own defaults for the flow families (``FluxPipeline`` 3.5:
+#: FLUX.1-dev's distilled guidance input; ``StableDiffusion3Pipeline`` 7.0), and 7.5 for SD and SDXL as always here.
+FAMILY_GUIDANCE_SCALES: dict[str, float] = {"flux": 3.5, "sd3": 7.0}
+DEFAULT_GUIDANCE_SCALE = 7.5
 
 
 # ------------------------------------------------------------------------------------------------ run folders
@@ -140,6 +150,60 @@ def make_scheduler(name: str, config: Any) -> Any:
     return getattr(diffusers, SCHEDULERS[name]).from_config(config)
 
 
+def is_flow_scheduler(class_name: str | None) -> bool:
+    """Whether a scheduler class name is a flow-matching one (``FlowMatchEulerDiscreteScheduler``...)."""
+    return bool(class_name) and str(class_name).startswith("FlowMatch")
+
+
+def check_sampler(name: str, scheduler_class: str | None, model: str, argument: str = "--scheduler") -> None:
+    """Refuse a DDPM-family sampler (``ddim``, ``euler``...) for a flow-matching model, in one line.
+
+    Their ``from_config`` would accept a ``FlowMatchEulerDiscreteScheduler`` config and sample noise, silently.
+
+    Args:
+        name: the requested sampler (``"default"`` is always accepted).
+        scheduler_class: the class name of the model's own scheduler.
+        model: what the message calls the model (a run folder, a model id).
+        argument: the option to name in the message.
+    """
+    if name != "default" and is_flow_scheduler(scheduler_class):
+        raise UserInputError(f"{argument}: {name!r} is a DDPM-family sampler, but {model} is a flow-matching model "
+                             f"that samples with its own {scheduler_class}; leave {argument} at 'default'")
+
+
+def replace_scheduler(pipe: Any, name: str, model: str, argument: str = "--scheduler") -> Any:
+    """Give ``pipe`` the sampler ``name`` (``"default"``: keep its own); refused on flow-matching models."""
+    check_sampler(name, type(pipe.scheduler).__name__, model, argument)
+    if name != "default":
+        pipe.scheduler = make_scheduler(name, pipe.scheduler.config)
+    return pipe
+
+
+def pipeline_denoiser(pipe: Any) -> Any:
+    """The pipeline's denoiser: ``pipe.unet`` (SD, SDXL) or ``pipe.transformer`` (FLUX, SD3)."""
+    for name in ("unet", "transformer"):
+        module = getattr(pipe, name, None)
+        if module is not None:
+            return module
+    raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
+
+
+def pipeline_family(pipe: Any) -> type | None:
+    """The model family whose pipeline class ``pipe`` is (``None`` for a class no family names)."""
+    from lightning_custom.families import FAMILIES
+
+    return next((f for f in FAMILIES if f.pipeline_class_name == type(pipe).__name__), None)
+
+
+def default_guidance_scale(pipe: Any) -> float:
+    """The guidance scale used when none is given: the family's (:data:`FAMILY_GUIDANCE_SCALES`), else 7.5."""
+    family = pipeline_family(pipe)
+    own = getattr(family, "default_guidance_scale", None)  # a family may name its own
+    if own is not None:
+        return float(own)
+    return FAMILY_GUIDANCE_SCALES.get(getattr(family, "name", ""), DEFAULT_GUIDANCE_SCALE)
+
+
 # ------------------------------------------------------------------------------------------------ artifacts
 def _load_textual_inversion(pipe: Any, run_dir: Path, file: str) -> Any:
     from lightning_custom.methods.tokens import load_embeddings_file
@@ -224,19 +288,52 @@ def resolve_device(device: str) -> torch.device:
     return torch.device(device)
 
 
+def scheduler_class_of(source: str) -> str | None:
+    """The scheduler class a pipeline folder or hub id names in its ``model_index.json`` (``None`` if unreadable)."""
+    import diffusers
+
+    try:
+        entry = diffusers.DiffusionPipeline.load_config(source).get("scheduler") or [None, None]
+    except (OSError, ValueError):
+        return None
+    return entry[-1] if isinstance(entry, (list, tuple)) else None
+
+
+def absent_optional_parts(source: str, index: dict[str, Any]) -> dict[str, None]:
+    """``{name: None}`` for the parts a local folder's ``model_index.json`` lists but the folder lacks, where the
+    family can run without them (SD3's T5: ``text_encoder_3`` and ``tokenizer_3``), so that ``from_pretrained``
+    builds the pipeline without them, as diffusers does for SD3 without T5."""
+    from lightning_custom.families import FAMILIES
+
+    folder = Path(source).expanduser()
+    if not folder.is_dir():
+        return {}
+    family = next((f for f in FAMILIES if f.pipeline_class_name == index.get("_class_name")), None)
+    if family is None:
+        return {}
+    tokenizers = dict(zip(family.text_encoder_names, family.tokenizer_names))
+    optional = {*family.optional_text_encoders, *(tokenizers[name] for name in family.optional_text_encoders)}
+    return {name: None for name in sorted(optional)
+            if isinstance(index.get(name), (list, tuple)) and index[name][-1] is not None
+            and not (folder / name).is_dir()}
+
+
 def load_pipeline(source: str, dtype: torch.dtype | None = None, argument: str = "--base_model") -> Any:
-    """A diffusers pipeline from a folder or hub id, without a safety checker where the pipeline class has one
-    (SDXL's does not, and warns about the keyword); errors are one line naming ``argument``."""
+    """A diffusers pipeline from a folder or hub id, of the class its ``model_index.json`` names, without a safety
+    checker where the pipeline class has one (SDXL's does not, and warns about the keyword), and without the
+    optional parts a folder lacks (:func:`absent_optional_parts`); errors are one line naming ``argument``."""
     import inspect
 
     import diffusers
 
     try:
-        class_name = diffusers.DiffusionPipeline.load_config(source).get("_class_name", "")
+        index = diffusers.DiffusionPipeline.load_config(source)
+        class_name = index.get("_class_name", "")
         parameters = inspect.signature(getattr(diffusers, class_name, diffusers.DiffusionPipeline).__init__).parameters
         no_checker = {"safety_checker": None, "requires_safety_checker": False} if "safety_checker" in parameters \
             else {}
-        return diffusers.DiffusionPipeline.from_pretrained(source, dtype=dtype, **no_checker)
+        return diffusers.DiffusionPipeline.from_pretrained(source, dtype=dtype, **no_checker,
+                                                           **absent_optional_parts(source, index))
     except (OSError, ValueError) as err:
         first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise UserInputError(f"{argument}: cannot load the pipeline {source!r}: {first_line}") from err
@@ -255,7 +352,7 @@ def load_run_pipeline(
     Args:
         run_dir: the folder of a finished fit (holding ``summary.json`` and the artifacts).
         base_model: load this model instead of the one named in the summary.
-        scheduler: ``"default"`` (the model's own) or a name in :data:`SCHEDULERS`.
+        scheduler: ``"default"`` (the model's own) or a name in :data:`SCHEDULERS` (not on flow-matching models).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
         dtype: ``"auto"`` (float16 on CUDA, else float32), ``"float32"``, ``"float16"`` or ``"bfloat16"``.
     """
@@ -267,25 +364,27 @@ def load_run_pipeline(
     torch_device = resolve_device(device)
     dtype = ("float16" if torch_device.type == "cuda" else "float32") if dtype == "auto" else dtype
     source = pipeline_source(run, summary, base_model)
+    check_sampler(scheduler, scheduler_class_of(source), run)  # before loading a 12B model, where the index tells
     pipe = load_pipeline(source, torch_dtype(dtype))
     if source != str(exported_pipeline(run, summary)):  # an exported full pipeline already holds everything
         pipe = load_run_artifacts(pipe, run, summary)
-    if scheduler != "default":
-        pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+    replace_scheduler(pipe, scheduler, str(run))
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch_device), summary
 
 
-def pipeline_from_module(module: Any, scheduler: str = "default") -> Any:
-    """A Stable Diffusion pipeline sharing the (training) module's live components; nothing is copied.
+def pipeline_from_module(module: Any, scheduler: str = "default", argument: str = "--scheduler") -> Any:
+    """The family's pipeline (SD, SDXL, FLUX, SD3) sharing the (training) module's live components; nothing is
+    copied.
 
-    A method may provide its own ``inference_pipeline()`` (DreamBooth, SDXL, ...). The training noise scheduler is
-    never used for sampling: a fresh one is built from its config.
+    A method may provide its own ``inference_pipeline()`` (DreamBooth, ...). The training noise scheduler is never
+    used for sampling: a fresh one is built from its config. A DDPM-family ``scheduler`` on a flow-matching model
+    is refused in one line naming ``argument``.
     """
+    what = f"{type(module).__name__}'s model"
+    check_sampler(scheduler, type(module.noise_scheduler).__name__, what, argument)
     if hasattr(module, "inference_pipeline"):
-        pipe = module.inference_pipeline()
-        if scheduler != "default":
-            pipe.scheduler = make_scheduler(scheduler, pipe.scheduler.config)
+        pipe = replace_scheduler(module.inference_pipeline(), scheduler, what, argument)
         pipe.set_progress_bar_config(disable=True)
         return pipe
     config = module.noise_scheduler.config
@@ -299,11 +398,12 @@ def pipeline_from_module(module: Any, scheduler: str = "default") -> Any:
 
 # ------------------------------------------------------------------------------------------------ generating
 def _mixed_dtype_context(pipe: Any) -> contextlib.AbstractContextManager:
-    """Autocast when the text encoder (fp32 while training) and the UNet (fp16/bf16) differ in dtype."""
-    unet_dtype, text_dtype = pipe.unet.dtype, pipe.text_encoder.dtype
-    if unet_dtype == text_dtype or torch.is_autocast_enabled(pipe.unet.device.type):
+    """Autocast when the text encoder (fp32 while training) and the denoiser (fp16/bf16) differ in dtype."""
+    denoiser = pipeline_denoiser(pipe)
+    denoiser_dtype, text_dtype = denoiser.dtype, pipe.text_encoder.dtype
+    if denoiser_dtype == text_dtype or torch.is_autocast_enabled(denoiser.device.type):
         return contextlib.nullcontext()
-    return torch.autocast(pipe.unet.device.type, dtype=unet_dtype)
+    return torch.autocast(denoiser.device.type, dtype=denoiser_dtype)
 
 
 @torch.no_grad()
@@ -312,7 +412,7 @@ def generate(
     prompts: Sequence[str],
     seeds: Sequence[int],
     *,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     num_inference_steps: int = 50,
     height: int | None = None,
     width: int | None = None,
@@ -321,7 +421,8 @@ def generate(
 ) -> list:
     """One image per ``(prompt, seed)`` pair, in order; each image's initial noise comes from its own seed.
 
-    Images are PIL images, or ``(H, W, 3)`` float arrays in ``[0, 1]`` with ``output_type="np"``.
+    Images are PIL images, or ``(H, W, 3)`` float arrays in ``[0, 1]`` with ``output_type="np"``. ``guidance_scale``
+    ``None`` is the model's own default (:func:`default_guidance_scale`).
 
     The global RNG is left as it was (sampling during training must not change training).
     """
@@ -329,7 +430,8 @@ def generate(
         raise ValueError(f"generate: {len(prompts)} prompts but {len(seeds)} seeds")
     if batch_size < 1:
         raise UserInputError(f"--batch_size: must be at least 1, got {batch_size}")
-    device = pipe.unet.device
+    device = pipeline_denoiser(pipe).device
+    guidance_scale = default_guidance_scale(pipe) if guidance_scale is None else guidance_scale
     images: list[Image.Image] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _mixed_dtype_context(pipe):
         for start in range(0, len(prompts), batch_size):
@@ -381,7 +483,7 @@ def sample_run(
     *,
     images_per_prompt: int = 4,
     seed: int = 0,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     num_inference_steps: int = 50,
     scheduler: str = "default",
     height: int | None = None,
@@ -399,6 +501,7 @@ def sample_run(
     is one template. Image ``j`` of every prompt uses seed ``seed + j``. Writes ``<output_dir>/pNN-sSEED.png``,
     ``grid.png`` (one labelled row per prompt) and ``samples.json`` (prompts, seeds, files and settings); returns
     the latter.
+    ``guidance_scale`` ``None`` is the model's own (:func:`default_guidance_scale`: FLUX 3.5, SD3 7.0, else 7.5).
     ``pipe`` reuses an already loaded pipeline (from :func:`load_run_pipeline`).
     """
     start = time.perf_counter()
@@ -411,6 +514,7 @@ def sample_run(
         pipe, summary = load_run_pipeline(run, base_model=base_model, scheduler=scheduler, device=device, dtype=dtype)
     else:
         summary = read_summary(run)
+    guidance_scale = default_guidance_scale(pipe) if guidance_scale is None else guidance_scale
     token = summary.get("placeholder_token")
     templates = [prompts] if isinstance(prompts, str) else list(prompts) if prompts else list(DEFAULT_PROMPTS)
     entries = concept_prompts(templates, run_concepts(summary))
