@@ -29,6 +29,15 @@ def _close(value: int, published: float, tolerance: float = 0.01) -> bool:
     return abs(value - published) <= tolerance * published
 
 
+def _detected_family(parts: dict) -> str:
+    """The family that ``load_model`` detects for these components (from the denoiser's config, as it does)."""
+    from lightning_custom.families import FAMILIES
+
+    denoiser = parts.get("transformer", parts.get("unet"))
+    config = {**dict(denoiser.config), "_class_name": type(denoiser).__name__}
+    return next(family for family in FAMILIES if family.matches({}, config)).name
+
+
 def test_flux_dev_on_meta_has_the_published_sizes_and_config():
     parts = build_random_components("random:flux", dtype=torch.bfloat16, device="meta")
     transformer, t5, clip, vae = parts["transformer"], parts["text_encoder_2"], parts["text_encoder"], parts["vae"]
@@ -56,7 +65,7 @@ def test_flux_dev_on_meta_has_the_published_sizes_and_config():
     # Frozen-weight dtypes as the flow families load them: transformer, VAE, T5 in the weight dtype, CLIP float32.
     assert transformer.dtype == vae.dtype == t5.dtype == torch.bfloat16 and clip.dtype == torch.float32
     assert parts["tokenizer"].model_max_length == 77 and parts["tokenizer_2"].model_max_length == 512
-    assert architecture_family("random:flux") == "flux"
+    assert architecture_family("random:flux") == "flux" == _detected_family(parts)
 
 
 def test_sd35_medium_on_meta_has_the_published_sizes_and_config():
@@ -76,7 +85,7 @@ def test_sd35_medium_on_meta_has_the_published_sizes_and_config():
     assert (parts["vae"].config.scaling_factor, parts["vae"].config.shift_factor) == (1.5305, 0.0609)
     assert parts["text_encoder_2"].config.hidden_size == 1280 and parts["text_encoder_2"].config.num_hidden_layers == 32
     assert parts["scheduler"].config.shift == 3.0 and not parts["scheduler"].config.use_dynamic_shifting
-    assert architecture_family("random:sd3") == "sd3"
+    assert architecture_family("random:sd3") == "sd3" == _detected_family(parts)
 
 
 def test_schnell_large_and_sd15_on_meta():
@@ -86,7 +95,8 @@ def test_schnell_large_and_sd15_on_meta():
     large = build_random_components("sd35-large", dtype=torch.bfloat16, device="meta")["transformer"]
     assert _close(_stored(large), 8.1e9) and large.config.num_layers == 38
     sd15 = build_random_components("sd15", device="meta")
-    assert _params(sd15["unet"]) == 859_520_964
+    assert _params(sd15["unet"]) == 859_520_964 and _detected_family(sd15) == "sd"
+    assert _detected_family(schnell) == "flux"
     assert architecture_family("sdxl") == "sdxl" and architecture_family("random:sd21") == "sd"
 
 
