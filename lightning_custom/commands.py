@@ -37,7 +37,7 @@ def sample(
     prompts_file: str | None = None,
     images_per_prompt: int = 4,
     seed: int = 0,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     num_inference_steps: int = 50,
     scheduler: str = "default",
     height: int | None = None,
@@ -60,9 +60,10 @@ def sample(
         prompts_file: a text file with one prompt template per line (added after --prompts).
         images_per_prompt: images per prompt; image j of every prompt uses seed + j.
         seed: the first seed.
-        guidance_scale: classifier-free guidance scale.
+        guidance_scale: guidance scale (default: the model's own: 7.5 on SD and SDXL, 3.5 on FLUX.1, 7.0 on SD3).
         num_inference_steps: denoising steps.
-        scheduler: sampler: default (the model's own), ddim, dpm++, euler, pndm or ddpm.
+        scheduler: sampler: default (the model's own), ddim, dpm++, euler, pndm or ddpm (SD and SDXL only; FLUX.1
+            and SD3 keep their flow-matching sampler).
         height: image height in pixels (default: the model's).
         width: image width in pixels (default: the model's).
         batch_size: images generated at once.
@@ -90,9 +91,11 @@ def evaluate(
     prompts_file: str | None = None,
     images_per_prompt: int = 4,
     seed: int = 0,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     num_inference_steps: int = 50,
     scheduler: str = "default",
+    height: int | None = None,
+    width: int | None = None,
     clip_model: str = "openai/clip-vit-base-patch32",
     dino_model: str = "facebook/dino-vits16",
     metrics: list[str] | None = None,
@@ -115,9 +118,11 @@ def evaluate(
         prompts_file: a text file with one prompt template per line.
         images_per_prompt: images per prompt (M); image j of every prompt uses seed + j.
         seed: the first seed.
-        guidance_scale: classifier-free guidance scale.
+        guidance_scale: guidance scale (default: the model's own: 7.5 on SD and SDXL, 3.5 on FLUX.1, 7.0 on SD3).
         num_inference_steps: denoising steps.
-        scheduler: sampler: default, ddim, dpm++, euler, pndm or ddpm.
+        scheduler: sampler: default, ddim, dpm++, euler, pndm or ddpm (SD and SDXL only).
+        height: image height in pixels (default: the model's).
+        width: image width in pixels (default: the model's).
         clip_model: CLIP for CLIP-I and CLIP-T: hub id or local folder.
         dino_model: DINO ViT for the DINO score: hub id or local folder (the paper: ViT-S/16).
         metrics: any of clip_i, clip_t, dino, identity (the world encoder; default: identity on the embedded world
@@ -133,7 +138,8 @@ def evaluate(
     result = evaluate_run(
         run_dir, concept_dir=concept_dir, prompts=_read_prompts(prompts, prompts_file),
         images_per_prompt=images_per_prompt, seed=seed, guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps, scheduler=scheduler, clip_model=clip_model, dino_model=dino_model,
+        num_inference_steps=num_inference_steps, scheduler=scheduler, height=height, width=width,
+        clip_model=clip_model, dino_model=dino_model,
         metrics=metrics, batch_size=batch_size, device=device, dtype=dtype, base_model=base_model,
         output=output,
     )
@@ -233,15 +239,19 @@ def before_after(
     prompts: list[str] | str | None = None,
     images_per_prompt: int = 4,
     num_inference_steps: int = 25,
-    guidance_scale: float = 4.0,
+    guidance_scale: float | None = None,
     output: str | None = None,
     seed: int = 0,
+    height: int | None = None,
+    width: int | None = None,
 ) -> dict:
-    """Samples a world-model run's concept before and after training side by side, scored by the world encoder.
+    """Samples a run's concept before and after training side by side, scored by the world encoder.
 
-    For runs on the embedded world model (the quickstart): "before" prompts the base model with the word the
-    concept's token started from (or its class noun), "after" with the learned token and the class noun. Writes a labelled grid and prints the identity
-    similarity (world-encoder cosine similarity to the concept images) of both sides.
+    Made for runs on the embedded world model (the quickstart): "before" prompts the base model with the word the
+    concept's token started from (or its class noun), "after" with the learned token and the class noun. Writes a
+    labelled grid and prints the identity similarity (world-encoder cosine similarity to the concept images) of
+    both sides. SD and SDXL runs sample with DDIM at the concept images' size; FLUX.1 and SD3 runs with their own
+    flow-matching sampler at the model's size (or --height / --width).
 
     Args:
         run_dir: the run folder (the fit's default_root_dir, holding summary.json and the artifacts).
@@ -250,28 +260,39 @@ def before_after(
         prompts: templates with '{}' for the concept (default: "a photo of a {}" and "a photo of a {} on a grey
             background").
         images_per_prompt: images per prompt and per side; image j uses seed + j on both sides.
-        num_inference_steps: DDIM steps.
-        guidance_scale: classifier-free guidance scale.
+        num_inference_steps: denoising steps.
+        guidance_scale: guidance scale (default: 4.0 on SD and SDXL runs; the model's own on FLUX.1, 3.5, and SD3,
+            7.0).
         output: PNG path of the grid (default: <run_dir>/before_after.png).
         seed: the first seed.
+        height: image height in pixels, FLUX.1 and SD3 runs (default: the model's).
+        width: image width in pixels, FLUX.1 and SD3 runs (default: the model's).
 
     Returns:
         ``{"identity_before", "identity_after", "grid"}``.
     """
+    from lightning_custom.evaluate import before_after_run, is_flow_run
     from lightning_custom.sampling import check_trained, read_summary
     from lightning_custom.world.quickstart import before_after as sample_before_after
 
     run = Path(run_dir)
     if not (run / "summary.json").is_file():
         raise UserInputError(f"run_dir: {run_dir} holds no summary.json (is it a finished fit's default_root_dir?)")
-    check_trained(read_summary(run), run)  # before looking for the word: the more useful error comes first
+    summary = read_summary(run)
+    check_trained(summary, run)  # before looking for the word: the more useful error comes first
     if before_word is None:
         before_word = _initializer_token(run)
     prompts = [prompts] if isinstance(prompts, str) else prompts
-    result = sample_before_after(run, before_word=before_word,
-                                 prompts=prompts or ["a photo of a {}", "a photo of a {} on a grey background"],
-                                 num_images=images_per_prompt, num_inference_steps=num_inference_steps,
-                                 guidance_scale=guidance_scale, out=output, seed=seed)
+    prompts = prompts or ["a photo of a {}", "a photo of a {} on a grey background"]
+    if is_flow_run(run, summary):  # DDIM (the world model's sampler) does not apply to flow-matching models
+        result = before_after_run(run, before_word=before_word, prompts=prompts, num_images=images_per_prompt,
+                                  num_inference_steps=num_inference_steps, guidance_scale=guidance_scale,
+                                  height=height, width=width, out=output, seed=seed)
+    else:
+        result = sample_before_after(run, before_word=before_word, prompts=prompts, num_images=images_per_prompt,
+                                     num_inference_steps=num_inference_steps,
+                                     guidance_scale=4.0 if guidance_scale is None else guidance_scale, out=output,
+                                     seed=seed)
     gain = result["identity_after"] - result["identity_before"]
     print(f"identity similarity to the concept images: before {result['identity_before']:.3f} -> after "
           f"{result['identity_after']:.3f} ({gain:+.3f}); grid: {result['grid']}")

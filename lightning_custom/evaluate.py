@@ -27,7 +27,21 @@ from lightning_custom.metrics import (
     load_dino,
     mean_similarity_to_references,
 )
-from lightning_custom.sampling import check_trained, read_summary, resolve_device, run_concepts, sample_run
+from lightning_custom.sampling import (
+    check_sampler,
+    check_trained,
+    generate,
+    labelled_grid,
+    load_pipeline,
+    load_run_pipeline,
+    pipeline_source,
+    read_summary,
+    resolve_device,
+    run_concepts,
+    sample_run,
+    scheduler_class_of,
+    write_png,
+)
 
 METRICS_FILE = "metrics.json"
 METRIC_NAMES = ("clip_i", "clip_t", "dino", "identity")
@@ -76,9 +90,11 @@ def evaluate_run(
     prompts: Sequence[str] | None = None,
     images_per_prompt: int = 4,
     seed: int = 0,
-    guidance_scale: float = 7.5,
+    guidance_scale: float | None = None,
     num_inference_steps: int = 50,
     scheduler: str = "default",
+    height: int | None = None,
+    width: int | None = None,
     clip_model: str = "openai/clip-vit-base-patch32",
     dino_model: str = "facebook/dino-vits16",
     metrics: Sequence[str] | None = None,
@@ -92,7 +108,8 @@ def evaluate_run(
 
     ``metrics`` defaults to ``identity`` (the world encoder) on the embedded world model, else CLIP-I, CLIP-T and
     DINO. Each concept's images are compared with that concept's own images. See
-    :func:`lightning_custom.sampling.sample_run` for the sampling arguments.
+    :func:`lightning_custom.sampling.sample_run` for the sampling arguments (``guidance_scale`` ``None``: the
+    model's own, e.g. 3.5 on FLUX, 7.0 on SD3, 7.5 on SD / SDXL; flow-matching models refuse a DDPM ``scheduler``).
     """
     start = time.perf_counter()
     run = Path(run_dir).expanduser()
@@ -112,6 +129,8 @@ def evaluate_run(
     needs_references = bool({"clip_i", "dino", "identity"} & set(metrics))
     references = {c["name"]: concept_images(run, summary, concept_dir, c) for c in concepts} if needs_references \
         else {}
+    # A DDPM sampler on a flow model, and a bad model path, fail in a second, not after minutes of loading.
+    check_sampler(scheduler, scheduler_class_of(pipeline_source(run, summary, base_model)), run)
     torch_device = resolve_device(device)
     # Load the scorers before sampling, so a bad model path fails in a second, not after minutes of sampling.
     clip_scorer = load_clip(clip_model, torch_device) if {"clip_i", "clip_t"} & set(metrics) else None
@@ -124,7 +143,8 @@ def evaluate_run(
     samples_dir = run / "eval" / "samples"
     manifest = sample_run(
         run, prompts, images_per_prompt=images_per_prompt, seed=seed, guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps, scheduler=scheduler, batch_size=batch_size, output_dir=samples_dir,
+        num_inference_steps=num_inference_steps, scheduler=scheduler, height=height, width=width,
+        batch_size=batch_size, output_dir=samples_dir,
         base_model=base_model, device=device, dtype=dtype,
     )
     records = manifest["images"]
@@ -173,9 +193,11 @@ def evaluate_run(
         "num_prompts": len(manifest["prompts"]),
         "images_per_prompt": images_per_prompt,
         "seed": seed,
-        "guidance_scale": guidance_scale,
+        "guidance_scale": manifest["guidance_scale"],  # the model's default when none was given
         "num_inference_steps": num_inference_steps,
         "scheduler": scheduler,
+        "height": height,
+        "width": width,
         "clip_model": clip_model if clip_scorer is not None else None,
         "dino_model": dino_model if dino_scorer is not None else None,
         "world_encoder": "embedded" if world_encoder is not None else None,
@@ -189,6 +211,85 @@ def evaluate_run(
     }
     write_json(Path(output) if output is not None else run / METRICS_FILE, result)
     return result
+
+
+def is_flow_run(run_dir: str | Path, summary: dict[str, Any]) -> bool:
+    """Whether the run's model samples with a flow-matching scheduler (FLUX.1, SD3/SD3.5), from its model index."""
+    from lightning_custom.sampling import is_flow_scheduler
+
+    return is_flow_scheduler(scheduler_class_of(pipeline_source(Path(run_dir), summary, None)))
+
+
+def before_after_run(
+    run_dir: str | Path,
+    *,
+    before_word: str,
+    prompts: Sequence[str] = ("a photo of a {}",),
+    num_images: int = 4,
+    num_inference_steps: int = 25,
+    guidance_scale: float | None = None,
+    height: int | None = None,
+    width: int | None = None,
+    out: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """The run's concept before and after training, side by side, with each model's own sampler.
+
+    The counterpart of :func:`lightning_custom.world.quickstart.before_after` (which samples SD models with DDIM)
+    for any pipeline class, flow-matching models included: "before" is the base model prompted with
+    ``before_word``, "after" the run's pipeline prompted with the learned token and class noun; image ``i`` uses
+    seed ``seed + i`` on both sides. Scored by the world encoder's identity similarity to the concept images (a
+    meaningful number on the world model only).
+
+    Args:
+        run_dir: a finished fit (``summary.json`` + artifacts).
+        before_word: the word standing for the concept before training.
+        prompts: templates with ``{}`` for the concept.
+        num_images: samples per prompt and per side.
+        num_inference_steps: denoising steps.
+        guidance_scale: guidance scale (``None``: the model's own; FLUX 3.5, SD3 7.0).
+        height: image height in pixels (default: the model's).
+        width: image width in pixels (default: the model's).
+        out: PNG path of the grid (default ``<run_dir>/before_after.png``).
+        seed: the first seed.
+
+    Returns:
+        ``{"identity_before", "identity_after", "grid", "prompts"}`` (``prompts``: the prompts of each side).
+    """
+    from lightning_custom.components import resolve_model_path
+    from lightning_custom.data.templates import concept_phrase
+    from lightning_custom.world.encoder import WorldEncoder, identity_similarity
+
+    run = Path(run_dir)
+    summary = read_summary(run)
+    check_trained(summary, run)
+    concept = run_concepts(summary)[0]  # a multi-concept run: its first concept
+    token = concept_phrase(concept["placeholder_token"], concept.get("class_noun"))  # "sks toy" for DreamBooth
+    after_pipe, _ = load_run_pipeline(run, device="cpu")
+    before_pipe = load_pipeline(resolve_model_path(summary["pretrained_model_name_or_path"]),
+                                argument="summary.json pretrained_model_name_or_path")
+    before_pipe.set_progress_bar_config(disable=True)
+    references = concept_images(run, summary, None)
+    encoder = WorldEncoder.load()
+    seeds = [seed + i for i in range(num_images)]
+    images, labels, scores, used = [], [], {}, {"before": [], "after": []}
+    for side, pipe, word in (("before", before_pipe, before_word), ("after", after_pipe, token)):
+        side_images = []
+        for template in prompts:
+            prompt = template.format(word)
+            batch = generate(pipe, [prompt] * num_images, seeds, guidance_scale=guidance_scale,
+                             num_inference_steps=num_inference_steps, height=height, width=width,
+                             batch_size=num_images)
+            side_images += batch
+            labels.append(f"{side}: {prompt}")
+            used[side].append(prompt)
+        images += side_images
+        scores[f"identity_{side}"] = identity_similarity(encoder, side_images, references)
+    images += references[:num_images]
+    labels.append("concept images")
+    grid = labelled_grid(images, labels, columns=num_images, cell=96)
+    path = write_png(grid, Path(out) if out else run / "before_after.png")
+    return {**scores, "grid": str(path), "prompts": used}
 
 
 def _mean(values: Any) -> float | None:

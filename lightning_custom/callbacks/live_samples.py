@@ -59,14 +59,18 @@ class LiveSamples(Callback):
         images_per_prompt: images per prompt; image ``j`` uses seed ``seed + j`` in every grid.
         seed: the first seed.
         num_inference_steps: denoising steps.
-        guidance_scale: classifier-free guidance scale.
-        scheduler: sampler: default (the model's own), ddim, dpm++, euler, pndm or ddpm.
+        guidance_scale: guidance scale (default: the model's own: 7.5 on SD and SDXL, 3.5 on FLUX.1, 7.0 on SD3).
+        scheduler: sampler: default (the model's own), ddim, dpm++, euler, pndm or ddpm (SD and SDXL only: FLUX.1
+            and SD3 keep their flow-matching sampler, and a DDPM one is refused before training starts).
         at_stop: also sample when training stops (unless that step was just sampled).
+        height: image height in pixels (default: the model's; FLUX.1's pipeline makes 1024 px images).
+        width: image width in pixels (default: the model's).
     """
 
     def __init__(self, every_n_steps: int = 0, prompts: list[str] | None = None, images_per_prompt: int = 2,
-                 seed: int = 0, num_inference_steps: int = 25, guidance_scale: float = 7.5,
-                 scheduler: str = "default", at_stop: bool = True) -> None:
+                 seed: int = 0, num_inference_steps: int = 25, guidance_scale: float | None = None,
+                 scheduler: str = "default", at_stop: bool = True, height: int | None = None,
+                 width: int | None = None) -> None:
         super().__init__()
         from lightning_custom.errors import UserInputError
 
@@ -78,12 +82,22 @@ class LiveSamples(Callback):
         self.images_per_prompt, self.seed = images_per_prompt, seed
         self.num_inference_steps, self.guidance_scale, self.scheduler = num_inference_steps, guidance_scale, scheduler
         self.at_stop = at_stop
+        self.height, self.width = height, width
         self.grids: list[dict[str, Any]] = []  # {"step", "file", "seconds"} per grid, kept across a resume
 
     @property
     def sampled_steps(self) -> list[int]:
         """The steps a grid was drawn at."""
         return [grid["step"] for grid in self.grids]
+
+    @override
+    def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        """Refuse a DDPM sampler on a flow-matching model before training, not at the first grid."""
+        if self.every_n_steps and getattr(pl_module, "noise_scheduler", None) is not None:
+            from lightning_custom.sampling import check_sampler
+
+            check_sampler(self.scheduler, type(pl_module.noise_scheduler).__name__,
+                          f"{type(pl_module).__name__}'s model", "--sample.scheduler")
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -119,9 +133,10 @@ class LiveSamples(Callback):
         prompts = [e["prompt"] for e in entries for _ in range(self.images_per_prompt)]
         seeds = [self.seed + j for _ in entries for j in range(self.images_per_prompt)]
         with inference_mode(pl_module):
-            pipe = pipeline_from_module(pl_module, self.scheduler)
+            pipe = pipeline_from_module(pl_module, self.scheduler, "--sample.scheduler")
             images = generate(pipe, prompts, seeds, guidance_scale=self.guidance_scale,
-                              num_inference_steps=self.num_inference_steps, batch_size=len(prompts))
+                              num_inference_steps=self.num_inference_steps, height=self.height, width=self.width,
+                              batch_size=len(prompts))
         grid = labelled_grid(images, [f"step {trainer.global_step}: {e['prompt']}" for e in entries],
                              self.images_per_prompt)
         path = write_png(grid, run_folder(trainer) / SAMPLES_FOLDER / f"step_{trainer.global_step:06d}.png")
