@@ -20,11 +20,15 @@ from lightning_custom.io import write_safetensors
 from lightning_custom.methods.base import PersonalizationModule
 from lightning_custom.methods.tokens import (
     SDXL_EMBEDDING_KEYS,
+    T5_EMBEDDING_KEY,
     TOKEN_METADATA_KEY,
+    EmbeddingSlot,
+    TokenVectors,
+    embedding_state,
     learn_new_tokens,
     load_embeddings_file,
-    sdxl_embeddings,
     split_tokens,
+    token_slots,
 )
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
@@ -40,7 +44,10 @@ class FineTuningModule(PersonalizationModule):
         initializer_token: word whose embedding initialises each new token; one for all, or one per token joined
             by ``+``. Used only with ``train_token_embedding``.
         train_token_embedding: add the identifier(s) as new tokens and train their embeddings (other rows of the
-            embedding matrix stay bit-identical).
+            embedding matrix stay bit-identical). The tokens go into every CLIP text encoder (SD: one; SDXL, SD3:
+            CLIP-L and CLIP-G; FLUX: CLIP-L).
+        t5_token_embedding: FLUX and SD3, with ``train_token_embedding``: add the tokens to T5 too and train their
+            T5 vectors (fp32, whatever T5's dtype); otherwise T5 reads the identifier as plain text.
         prior_loss_weight: weight of the class-image loss when the data module serves class images
             (``with_prior_preservation``): loss = instance loss + weight x class loss.
         max_grad_norm: clip the gradient norm to this (``None``: no clipping). The trainer's ``gradient_clip_val``,
@@ -58,12 +65,14 @@ class FineTuningModule(PersonalizationModule):
         train_token_embedding: bool = False,
         prior_loss_weight: float = 1.0,
         max_grad_norm: float | None = 1.0,
+        t5_token_embedding: bool = False,
         **kwargs: Any,
     ) -> None:
         self.placeholder_token = placeholder_token
         self.placeholder_tokens = split_tokens(placeholder_token, "--model.placeholder_token")
         self.initializer_token = initializer_token
         self.train_token_embedding = train_token_embedding
+        self.t5_token_embedding = t5_token_embedding
         self.prior_loss_weight = prior_loss_weight
         self.max_grad_norm = max_grad_norm
         super().__init__(**kwargs)
@@ -72,53 +81,71 @@ class FineTuningModule(PersonalizationModule):
     def configure_tokens(self) -> None:
         """With ``train_token_embedding``, add the identifier tokens and make their vectors trainable.
 
-        On SDXL each token gets a vector in both text encoders (``token_vectors`` and ``token_vectors_2``).
+        Each token gets a vector in every encoder of :attr:`token_slots`: ``token_vectors`` in the first text
+        encoder, ``token_vectors_2`` in the second (SDXL, SD3: CLIP-G; FLUX: T5 when asked), ``token_vectors_3`` in
+        SD3's T5 (when asked); ``None`` where an encoder has no new token.
         """
-        self.token_vectors = self.token_vectors_2 = None
-        if self.train_token_embedding:
-            initializers = split_tokens(self.initializer_token, "--model.initializer_token")
-            self.token_vectors = learn_new_tokens(self.tokenizer, self.text_encoder, self.placeholder_tokens,
-                                                  initializers)
-            self._splice_handle = self.token_vectors.attach(self.text_encoder.get_input_embeddings())
-            if self.is_sdxl:
-                self.token_vectors_2 = learn_new_tokens(self.tokenizer_2, self.text_encoder_2,
-                                                        self.placeholder_tokens, initializers)
-                self._splice_handle_2 = self.token_vectors_2.attach(self.text_encoder_2.get_input_embeddings())
+        from lightning_custom.errors import UserInputError
+
+        for suffix in ("", "_2", "_3"):
+            setattr(self, f"token_vectors{suffix}", None)
+        self.token_slots: list[EmbeddingSlot] = []
+        if self.t5_token_embedding and not self.train_token_embedding:
+            raise UserInputError("--model.t5_token_embedding: needs --model.train_token_embedding true (T5 vectors "
+                                 "are trained for new identifier tokens only)")
+        if not self.train_token_embedding:
+            return
+        initializers = split_tokens(self.initializer_token, "--model.initializer_token")
+        self.token_slots = token_slots(self.family, self, with_t5=self.t5_token_embedding,
+                                       argument="--model.t5_token_embedding",
+                                       source=str(self.hparams.pretrained_model_name_or_path))
+        self._splice_handles = []
+        for slot in self.token_slots:
+            encoder = getattr(self, slot.text_encoder)
+            vectors = learn_new_tokens(getattr(self, slot.tokenizer), encoder, self.placeholder_tokens, initializers,
+                                       where=slot.where)
+            setattr(self, slot.vectors_attribute, vectors)
+            self._splice_handles += vectors.attach_to(encoder)
+
+    @property
+    def token_vector_modules(self) -> list[TokenVectors]:
+        """The learned token vectors, one :class:`TokenVectors` per encoder of :attr:`token_slots`."""
+        return [getattr(self, slot.vectors_attribute) for slot in self.token_slots]
 
     def write_token_vectors(self) -> None:
         """Copy the learned token vectors into the text encoders' embedding matrices (before a full export)."""
-        pairs = ((self.token_vectors, self.text_encoder), (self.token_vectors_2, self.text_encoder_2))
-        for vectors, encoder in pairs:
-            if vectors is not None:
-                vectors.write_into(encoder.get_input_embeddings())
+        for slot, vectors in zip(self.token_slots, self.token_vector_modules):
+            vectors.write_into(getattr(self, slot.text_encoder).get_input_embeddings())
 
     def learned_embeddings(self) -> dict[str, torch.Tensor]:
-        """``{token: (1, dim) tensor}`` for every learned token (empty without ``train_token_embedding``)."""
+        """``{token: (1, dim) tensor}`` for every learned token, the first encoder's vector (empty without
+        ``train_token_embedding``)."""
         if self.token_vectors is None:
             return {}
         vectors = self.token_vectors.vectors.detach().float().cpu()
         return {token: vectors[i : i + 1].clone() for i, token in enumerate(self.placeholder_tokens)}
 
+    def token_embedding_state(self, index: int) -> dict[str, torch.Tensor]:
+        """The file state of learned token ``index``: ``{token: (1, dim)}`` (SD), or ``{"clip_l": (1, dim), ...}``
+        with one tensor per encoder of :attr:`token_slots` (SDXL, FLUX, SD3)."""
+        vectors = [v.vectors[index : index + 1] for v in self.token_vector_modules]
+        return embedding_state(self.token_slots, vectors, self.placeholder_tokens[index])
+
     def export_token_embeddings(self, output_dir: Path) -> list[str]:
         """Write the learned tokens for ``pipe.load_textual_inversion``; return the file names.
 
         One token goes to ``learned_embeds.safetensors``; several (or with :attr:`token_file_per_token`) go to one
-        ``<token>.safetensors`` each, since diffusers loads one token per file. On SDXL a file holds the token's
-        ``clip_l`` and ``clip_g`` vectors, with the token in its metadata.
+        ``<token>.safetensors`` each, since diffusers loads one token per file. On SDXL, FLUX and SD3 a file holds
+        one ``(1, dim)`` tensor per encoder (``clip_l``, ``clip_g``, ``t5``), with the token in its metadata.
         """
-        embeddings = self.learned_embeddings()
-        if not embeddings:
+        if self.token_vectors is None:
             return []
-        single = len(embeddings) == 1 and not self.token_file_per_token
-        second = self.token_vectors_2.vectors if self.token_vectors_2 is not None else None
+        single = len(self.placeholder_tokens) == 1 and not self.token_file_per_token
         names = []
-        for i, (token, vector) in enumerate(embeddings.items()):
+        for i, token in enumerate(self.placeholder_tokens):
             name = LEARNED_EMBEDS if single else token_file_name(token)
-            if second is None:
-                write_safetensors(Path(output_dir) / name, {token: vector})
-            else:
-                write_safetensors(Path(output_dir) / name, sdxl_embeddings([vector, second[i : i + 1]]),
-                                  {TOKEN_METADATA_KEY: token})
+            state = self.token_embedding_state(i)
+            write_safetensors(Path(output_dir) / name, state, None if token in state else {TOKEN_METADATA_KEY: token})
             names.append(name)
         return names
 
@@ -169,13 +196,14 @@ class FineTuningModule(PersonalizationModule):
         """Load every learned-token file of a run into ``pipe`` (``load_textual_inversion``); return the tokens.
 
         A token file holds one tensor whose key is the token: ``learned_embeds.safetensors`` or ``<token>.safetensors``;
-        or, on SDXL, ``clip_l`` and ``clip_g`` with the token in the metadata.
+        or, on SDXL, FLUX and SD3, one tensor per encoder (``clip_l``, ``clip_g``, ``t5``) with the token in the
+        metadata.
         """
         tokens = []
         for path in sorted(Path(run_dir).glob("*.safetensors")):
             with safe_open(str(path), framework="pt") as handle:
                 keys, token = list(handle.keys()), (handle.metadata() or {}).get(TOKEN_METADATA_KEY)
-            if set(keys) == set(SDXL_EMBEDDING_KEYS) and token:
+            if token and SDXL_EMBEDDING_KEYS[0] in keys and set(keys) <= {*SDXL_EMBEDDING_KEYS, T5_EMBEDDING_KEY}:
                 keys = [token]
             elif len(keys) != 1:
                 continue
