@@ -200,6 +200,16 @@ def test_table1_v2_rows_on_synthetic_runs():
     assert rows["full_length"]["outcome"].worst_decile_retention == 0.5
     assert rows["full_length"]["seconds"] == [65.0] * 5
     assert data["splits"]["test"]["oracle"] == [130, 150, 150, 200, 130]
+    # the rule variants: calibrated on the calibration split, replayed on the test split, capped like every rule
+    for name in v2.VARIANTS:
+        assert data["variants"][name].recommended is not None
+        assert all(s <= 130 for s in rows[f"variant_{name}"]["outcome"].steps)
+        assert v2.variant_verdict(data, name).startswith("undecided: 5 test concepts")
+    # no fidelity_probes.json: recolour / prior are unmeasured (nan), not a made-up value
+    assert all(v != v for v in rows["dvar_calibrated"]["recolour"] + rows["dvar_calibrated"]["prior"])
+    # the goal line names the distance: calibrated DVAR (130 steps) cannot be 5x faster than the converged length
+    goal = v2.goal_lines("textual_inversion", data)[0]
+    assert "speed-up 1.0x over the converged length 130 (goal >= 5x: not met, 104 mean steps too many)" in goal
 
 
 def test_recolour_and_prior_fidelity_can_fail():
