@@ -275,18 +275,20 @@ def count_saved_activations(transformer: torch.nn.Module, inputs: dict[str, Any]
                            block_inputs=block_inputs[0] + sum(shared.values()), largest_block=max(blocks, default=0))
 
 
-def transformer_inputs(arch: str, transformer: torch.nn.Module, resolution: int, batch_size: int,
-                       dtype: torch.dtype, text_requires_grad: bool) -> dict[str, Any]:
+def transformer_inputs(arch: str, transformer: torch.nn.Module, resolution: int | tuple[int, int], batch_size: int,
+                       dtype: torch.dtype, text_requires_grad: bool, text_tokens: int | None = None) -> dict[str, Any]:
     """Meta inputs of one training step at ``resolution`` (FLUX: packed 2x2 latents and ids; SD3: latents).
 
-    Text lengths are the pipelines' defaults: FLUX 512 T5 tokens; SD3 77 CLIP + 256 T5 tokens.
+    ``resolution`` is a side or ``(height, width)``. Text lengths default to the pipelines': FLUX 512 T5 tokens; SD3
+    77 CLIP + 256 T5 tokens.
     """
     config = transformer.config
-    side = resolution // 8  # both VAEs downsample by 8
+    height, width = (resolution, resolution) if isinstance(resolution, int) else resolution
+    rows, columns = height // 8, width // 8  # both VAEs downsample by 8
     meta = dict(device="meta", dtype=dtype)
     batch = batch_size
     if FLOW_ARCHITECTURES[arch]["family"] == "flux":
-        tokens, text = (side // 2) ** 2, min(512, T5_MAX_LENGTH)
+        tokens, text = (rows // 2) * (columns // 2), text_tokens or T5_MAX_LENGTH
         inputs = dict(hidden_states=torch.empty(batch, tokens, config.in_channels, **meta),
                       encoder_hidden_states=torch.empty(batch, text, config.joint_attention_dim, **meta),
                       pooled_projections=torch.empty(batch, config.pooled_projection_dim, **meta),
@@ -295,8 +297,8 @@ def transformer_inputs(arch: str, transformer: torch.nn.Module, resolution: int,
         if config.guidance_embeds:
             inputs["guidance"] = torch.empty(batch, device="meta")
     else:
-        text = 77 + 256
-        inputs = dict(hidden_states=torch.empty(batch, config.in_channels, side, side, **meta),
+        text = text_tokens or 77 + 256
+        inputs = dict(hidden_states=torch.empty(batch, config.in_channels, rows, columns, **meta),
                       encoder_hidden_states=torch.empty(batch, text, config.joint_attention_dim, **meta),
                       pooled_projections=torch.empty(batch, config.pooled_projection_dim, **meta),
                       timestep=torch.empty(batch, **meta))
@@ -306,8 +308,13 @@ def transformer_inputs(arch: str, transformer: torch.nn.Module, resolution: int,
     return inputs
 
 
-def measure(arch: str, resolution: int, batch_size: int, rank: int = 16) -> ModelSizes:
-    """Count one architecture's parameters and, per method, its saved activations (all on the meta device)."""
+def measure(arch: str, resolution: int | tuple[int, int], batch_size: int, rank: int = 16,
+            lora_targets: tuple[str, ...] | None = None, text_tokens: int | None = None,
+            methods: tuple[str, ...] = tuple(METHODS)) -> ModelSizes:
+    """Count one architecture's parameters and, per method, its saved activations (all on the meta device).
+
+    ``lora_targets`` defaults to the family's; ``text_tokens`` to the pipeline's text length.
+    """
     from peft import LoraConfig
 
     family = FLOW_ARCHITECTURES[arch]["family"]
@@ -319,16 +326,16 @@ def measure(arch: str, resolution: int, batch_size: int, rank: int = 16) -> Mode
     t5_name = "text_encoder_2" if family == "flux" else "text_encoder_3"
     activations: dict[str, ActivationBytes] = {}
     lora_params = 0
-    for method in METHODS:
+    for method in methods:
         model = build_random_components(arch, dtype=torch.bfloat16, device="meta")["transformer"]
         model.requires_grad_(method == "full")  # built trainable; the frozen base of LoRA and TI saves less
         if method == "lora":
             with torch.device("meta"):
                 model.add_adapter(LoraConfig(r=rank, lora_alpha=rank, init_lora_weights="gaussian",
-                                             target_modules=list(_lora_targets(family))))
+                                             target_modules=list(lora_targets or _lora_targets(family))))
             lora_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
         inputs = transformer_inputs(arch, model, resolution, batch_size, torch.bfloat16,
-                                    text_requires_grad=method == "ti")
+                                    text_requires_grad=method == "ti", text_tokens=text_tokens)
         activations[method] = count_saved_activations(model, inputs)
     return ModelSizes(
         name=arch,
@@ -355,6 +362,22 @@ def _lora_targets(family: str) -> tuple[str, ...]:
         return LORA_TARGETS[family]
 
 
+# A published measurement to hold the estimate against: diffusers' blog "(LoRA) Fine-Tuning FLUX.1-dev on Consumer
+# Hardware" (huggingface.co/blog/flux-qlora, June 2025): RTX 4090, 512x768 px, batch 1, LoRA rank 4 on to_k/to_q/to_v/
+# to_out.0 (4.67M parameters), T5 states of 77 tokens precomputed, latents cached, 8-bit AdamW, gradient
+# checkpointing: peak about 9 GB with an nf4 base (QLoRA), about 26 GB with a bf16 base.
+REFERENCE = dict(resolution=(768, 512), rank=4, lora_targets=("to_k", "to_q", "to_v", "to_out.0"), text_tokens=77,
+                 measured_gb={"nf4": 9, "bf16": 26})
+
+
+def reference_check() -> list[tuple[str, float, float]]:
+    """``(base, estimated GiB, measured GB)`` for the blog's QLoRA and bf16 LoRA settings (:data:`REFERENCE`)."""
+    sizes = measure("flux", REFERENCE["resolution"], 1, rank=REFERENCE["rank"],
+                    lora_targets=REFERENCE["lora_targets"], text_tokens=REFERENCE["text_tokens"], methods=("lora",))
+    return [(base, estimate_memory(sizes, Setting("lora", base, True, "adamw8bit", False))["total"] / GIB, measured)
+            for base, measured in REFERENCE["measured_gb"].items()]
+
+
 # ------------------------------------------------------------------------------------------------- report
 SETTING_ROWS = [
     (method, base, checkpointing)
@@ -370,7 +393,8 @@ def _cell(total: float) -> str:
     return f"{total / GIB:.1f} ({card})" if card else f"{total / GIB:.1f} (>80)"
 
 
-def markdown(models: list[ModelSizes], resolution: int, batch_size: int, rank: int) -> str:
+def markdown(models: list[ModelSizes], resolution: int, batch_size: int, rank: int,
+             reference: list[tuple[str, float, float]] | None = None) -> str:
     """The estimate tables and their assumptions."""
     lines = [
         "# Estimated GPU memory for FLUX.1 / SD3.5 personalization (issue 13, item 5)",
@@ -410,12 +434,22 @@ def markdown(models: list[ModelSizes], resolution: int, batch_size: int, rank: i
         gpus_adamw = fsdp_gpus_needed(sizes, Setting("full", "bf16", True, "adamw", False))
         lines += ["", f"Full DreamBooth with FSDP (weights, gradients and optimizer state fully sharded, checkpointing "
                       f"on, text precomputed): {gpus_adamw} x 80 GiB with AdamW, {gpus} x 80 GiB with 8-bit AdamW.", ""]
+    if reference:
+        lines += ["## Against a published measurement", "",
+                  "diffusers' blog *(LoRA) Fine-Tuning FLUX.1-dev on Consumer Hardware* (huggingface.co/blog/flux-qlora) "
+                  "measured FLUX.1-dev LoRA on an RTX 4090 at 512x768 px, batch 1, rank 4 on to_k/to_q/to_v/to_out.0, "
+                  "77-token T5 states precomputed, latents cached, 8-bit AdamW, gradient checkpointing. This estimate "
+                  "for the same settings (the blog does not say whether its GB are 10^9 or 2^30 bytes):", "",
+                  "| base | estimated GiB | measured (blog) GB |", "|---|---|---|"]
+        lines += [f"| {base} | {estimated:.1f} | ~{measured} |" for base, estimated, measured in reference]
+        lines += [""]
     lines += [
         "## Assumptions",
         "",
         "- Frozen weights: transformer bf16, or bitsandbytes int8 (1 byte per nn.Linear weight + a float32 scale per "
-        "row) / nf4 (0.5 byte + a float32 absmax per 64 values, no double quantization); everything that is not an "
-        "nn.Linear weight stays bf16. VAE bf16 (always resident, for latent caching and samples). CLIP encoders "
+        "row) / nf4 (0.5 byte + a float32 absmax per 64 values, no double quantization), as bitsandbytes stores them "
+        "(tests/test_architectures.py checks both on one layer); everything that is not an nn.Linear weight stays "
+        "bf16. VAE bf16 (always resident, for latent caching and samples). CLIP encoders "
         "float32 (as loaded, since methods may train them), resident when the text is not precomputed and always "
         "for Textual Inversion; T5-XXL bf16, resident only in the `text resident` columns.",
         "- Trainable parameters float32: weight 4 + gradient 4 + optimizer state 8 (AdamW) or 2 (8-bit AdamW) "
@@ -447,11 +481,13 @@ def main(argv: list[str] | None = None) -> list[ModelSizes]:
     parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "flow_memory.md"))
+    parser.add_argument("--no-reference", action="store_true", help="skip the check against the blog's measurement")
     args = parser.parse_args(argv)
     from lightning_custom.io import atomic_path
 
     models = [measure(arch.strip(), args.resolution, args.batch_size, args.rank) for arch in args.archs.split(",")]
-    text = markdown(models, args.resolution, args.batch_size, args.rank)
+    reference = None if args.no_reference else reference_check()
+    text = markdown(models, args.resolution, args.batch_size, args.rank, reference)
     out = Path(args.out)
     with atomic_path(out) as tmp:
         Path(tmp).write_text(text)
