@@ -300,22 +300,26 @@ def scheduler_class_of(source: str) -> str | None:
 
 
 def absent_optional_parts(source: str, index: dict[str, Any]) -> dict[str, None]:
-    """``{name: None}`` for the parts a local folder's ``model_index.json`` lists but the folder lacks, where the
-    family can run without them (SD3's T5: ``text_encoder_3`` and ``tokenizer_3``), so that ``from_pretrained``
-    builds the pipeline without them, as diffusers does for SD3 without T5."""
+    """``{name: None}`` for the parts the family can run without (SD3's T5: ``text_encoder_3`` and
+    ``tokenizer_3``) that the model lacks: saved as ``null`` in (or missing from) ``model_index.json``, or listed
+    there but absent from a local folder. ``from_pretrained`` then builds the pipeline without them, as diffusers
+    runs SD3 without T5 (it does not count them as optional by itself)."""
     from lightning_custom.families import FAMILIES
 
-    folder = Path(source).expanduser()
-    if not folder.is_dir():
-        return {}
     family = next((f for f in FAMILIES if f.pipeline_class_name == index.get("_class_name")), None)
     if family is None:
         return {}
+    folder = Path(source).expanduser()
     tokenizers = dict(zip(family.text_encoder_names, family.tokenizer_names))
     optional = {*family.optional_text_encoders, *(tokenizers[name] for name in family.optional_text_encoders)}
-    return {name: None for name in sorted(optional)
-            if isinstance(index.get(name), (list, tuple)) and index[name][-1] is not None
-            and not (folder / name).is_dir()}
+
+    def absent(name: str) -> bool:
+        entry = index.get(name)
+        if not isinstance(entry, (list, tuple)) or entry[-1] is None:
+            return True
+        return folder.is_dir() and not (folder / name).is_dir()
+
+    return {name: None for name in sorted(optional) if absent(name)}
 
 
 def load_pipeline(source: str, dtype: torch.dtype | None = None, argument: str = "--base_model") -> Any:

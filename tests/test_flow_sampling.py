@@ -22,7 +22,7 @@ from lightning_custom.cli import main
 from lightning_custom.components import embedded_concept_path, resolve_model_path
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
-from lightning_custom.methods import DreamBooth, DreamBoothLoRA
+from lightning_custom.methods import DreamBooth, DreamBoothLoRA, TextualInversion
 from lightning_custom.sampling import (
     generate,
     load_pipeline,
@@ -30,6 +30,7 @@ from lightning_custom.sampling import (
     pipeline_from_module,
     sample_run,
 )
+from lightning_custom.toy_flow import save_tiny_sd3
 from tests.conftest import RESOLUTION, one_thread, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -106,6 +107,36 @@ def test_sample_a_flow_lora_run_like_its_live_module_and_unlike_the_base_model(f
     assert all(np.abs(b.astype(int) - a.astype(int)).max() > 0 for b, a in zip(before, images[2:]))
 
 
+def samples_like_the_live_module(run: Path, module: L.LightningModule, pipeline: str) -> None:
+    """The run loaded by ``load_run_pipeline`` (the method's ``load_into_pipeline``) samples the concept as the
+    trained module does, and the learned token matters."""
+    pipe, _ = load_run_pipeline(run, device="cpu")
+    assert type(pipe).__name__ == pipeline
+    prompts = ["a photo of <cat-toy> toy"] * 2
+    loaded = generate(pipe, prompts, [0, 1], output_type="np", **FAST)
+    live = generate(pipeline_from_module(module.eval()), prompts, [0, 1], output_type="np", **FAST)
+    np.testing.assert_allclose(np.stack(loaded), np.stack(live), atol=1e-4)
+    without = generate(pipe, ["a photo of toy toy"] * 2, [0, 1], output_type="np", **FAST)
+    assert np.abs(np.stack(loaded) - np.stack(without)).max() > 1e-3
+
+
+@pytest.mark.parametrize("model, pipeline", [("embedded:tiny-flux", "FluxPipeline"),
+                                             ("embedded:tiny-sd3", "StableDiffusion3Pipeline")])
+def test_textual_inversion_flow_run_samples_like_its_live_module(model, pipeline, tmp_path):
+    module = TextualInversion(pretrained_model_name_or_path=model, placeholder_token="<cat-toy>",
+                              initializer_token="toy", learning_rate=5e-2)
+    samples_like_the_live_module(fit(tmp_path / "run", module), module, pipeline)
+
+
+def test_sd3_run_without_t5_samples_like_its_live_module(tmp_path):
+    """A base model saved without T5 (``text_encoder_3: [null, null]`` in its model index) loads with it ``None``."""
+    base = save_tiny_sd3(tmp_path / "sd3-no-t5", seed=0, with_t5=False)
+    module = lora(str(base))
+    run = fit(tmp_path / "run", module)
+    assert load_run_pipeline(run, device="cpu")[0].text_encoder_3 is None
+    samples_like_the_live_module(run, module, "StableDiffusion3Pipeline")
+
+
 def test_full_dreambooth_flux_run_samples_from_its_exported_pipeline(tmp_path):
     module = DreamBooth(pretrained_model_name_or_path="embedded:tiny-flux", placeholder_token="sks",
                         learning_rate=1e-3, gradient_checkpointing=False)
@@ -166,7 +197,7 @@ def test_live_samples_draw_grids_on_a_flow_module(flux_lora):
 
 
 def test_sd3_folder_without_t5_loads_without_it(tmp_path):
-    """A downloaded SD3 folder without T5 (model_index.json still lists it) samples as diffusers does without T5."""
+    """A downloaded SD3 folder without T5's subfolders (model_index.json still lists them) samples without T5."""
     folder = tmp_path / "sd3-no-t5"
     shutil.copytree(resolve_model_path("embedded:tiny-sd3"), folder)
     shutil.rmtree(folder / "text_encoder_3")
