@@ -130,6 +130,34 @@ def test_flow_build_on_the_cpu_in_bf16_runs_and_restores_the_default_dtype(monke
     assert torch.equal(next(again["transformer"].parameters()), next(parts["transformer"].parameters()))
 
 
+def test_sd3_build_on_the_cpu_in_bf16_runs(monkeypatch):
+    """SD3.5's layout cut down to one dual-attention, QK-normed layer: dtypes and a forward on the CPU."""
+    small_clip = dict(hidden_size=32, intermediate_size=37, num_hidden_layers=1, num_attention_heads=2,
+                      projection_dim=32)
+    tiny = dict(architectures.FLOW_ARCHITECTURES["sd3"])
+    tiny["transformer"] = dict(architectures.SD35_MEDIUM_TRANSFORMER, num_layers=1, num_attention_heads=2,
+                               attention_head_dim=16, joint_attention_dim=64, caption_projection_dim=32,
+                               pooled_projection_dim=64, pos_embed_max_size=16, dual_attention_layers=(0,))
+    tiny["vae"] = dict(architectures.SD3_VAE, block_out_channels=(32, 32), down_block_types=("DownEncoderBlock2D",) * 2,
+                       up_block_types=("UpDecoderBlock2D",) * 2)
+    tiny["text_encoders"] = (("clip", dict(architectures.CLIP_L, **small_clip), True),
+                             ("clip", dict(architectures.OPENCLIP_BIGG, **small_clip), True),
+                             ("t5", dict(architectures.T5_XXL, d_model=64, d_ff=37, num_layers=1, num_heads=2, d_kv=16),
+                              False))
+    monkeypatch.setitem(architectures.FLOW_ARCHITECTURES, "sd3", tiny)
+    parts = build_random_components("random:sd3", dtype=torch.bfloat16, device="cpu")
+    assert torch.get_default_dtype() == torch.float32
+    assert parts["transformer"].dtype == parts["text_encoder_3"].dtype == torch.bfloat16
+    assert parts["text_encoder"].dtype == parts["text_encoder_2"].dtype == torch.float32
+    pooled = torch.cat([parts[name](parts["tokenizer"]("a dog", return_tensors="pt").input_ids).text_embeds
+                        for name in ("text_encoder", "text_encoder_2")], dim=-1)
+    text = parts["text_encoder_3"](parts["tokenizer_3"]("a dog", return_tensors="pt").input_ids).last_hidden_state
+    latents = torch.randn(1, 16, 8, 8, dtype=torch.bfloat16)
+    out = parts["transformer"](hidden_states=latents, encoder_hidden_states=text, pooled_projections=pooled.bfloat16(),
+                               timestep=torch.tensor([500.0])).sample
+    assert out.shape == latents.shape and torch.isfinite(out.float()).all()
+
+
 def test_unknown_architecture_is_a_one_line_error():
     with pytest.raises(UserInputError, match=r"^--model.pretrained_model_name_or_path: unknown architecture") as err:
         build_random_components("random:flux2")
@@ -215,3 +243,17 @@ def test_flow_memory_counts_saved_activations_of_a_known_block():
     assert act.outside_blocks == 2 * 2 * 100 * 256 + 4 * 100 * 64
     assert act.total == 2 * act.largest_block + act.outside_blocks
     assert act.block_inputs == 2 * 2 * 100 * 64
+
+
+def test_flow_memory_quantized_bytes_match_bitsandbytes():
+    """BASE_BYTES against what bitsandbytes stores for one layer (nf4 at its default 64-value blocks; int8 rows)."""
+    functional = pytest.importorskip("bitsandbytes.functional")
+    fm = _flow_memory()
+    rows, columns = 512, 256
+    weight = torch.randn(rows, columns, dtype=torch.bfloat16)
+    packed, state = functional.quantize_4bit(weight, blocksize=64, quant_type="nf4", compress_statistics=False)
+    nf4 = packed.numel() * packed.element_size() + state.absmax.numel() * state.absmax.element_size()
+    assert nf4 == fm.BASE_BYTES["nf4"][0] * rows * columns
+    quantized, row_stats, _ = functional.int8_vectorwise_quant(weight.float())
+    int8 = quantized.numel() * quantized.element_size() + row_stats.numel() * row_stats.element_size()
+    assert int8 == fm.BASE_BYTES["int8"][0] * rows * columns + fm.BASE_BYTES["int8"][1] * rows
