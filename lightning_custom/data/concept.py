@@ -43,6 +43,29 @@ EvalPart = Literal["images", "latents", "noise", "captions", "timesteps"]
 EVAL_PARTS: tuple[str, ...] = ("images", "latents", "noise", "captions", "timesteps")
 
 
+def denoiser_latent_patch(module: Any) -> int:
+    """Latents per side that one denoiser token covers: 2 for FLUX (2x2 packing) and SD3 (``patch_size`` 2), else 1.
+
+    Read from the model family's ``latent_patch`` where it has one; otherwise from the denoiser's config: its
+    ``patch_size`` times the packing that its input channels imply (FLUX's ``in_channels`` is 4x the VAE's latent
+    channels, one token per 2x2 latents). UNets have neither, so 1.
+    """
+    family_patch = getattr(getattr(module, "family", None), "latent_patch", None)
+    if isinstance(family_patch, int):
+        return family_patch
+    config = getattr(getattr(module, "denoiser", None), "config", None)
+    vae_config = getattr(getattr(module, "vae", None), "config", None)
+    if config is None or vae_config is None:
+        return 1
+    patch = int(getattr(config, "patch_size", None) or 1)
+    in_channels, latent_channels = getattr(config, "in_channels", None), getattr(vae_config, "latent_channels", None)
+    if isinstance(in_channels, int) and isinstance(latent_channels, int) and in_channels % latent_channels == 0:
+        packing = int(round((in_channels // latent_channels) ** 0.5))
+        if packing > 1 and packing * packing * latent_channels == in_channels:
+            patch *= packing
+    return patch
+
+
 @dataclass(frozen=True)
 class EvalBatchSpec:
     """What the data module must know about the model to draw the fixed batch's noise and noise levels.
@@ -343,7 +366,7 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         if module is None or stage != "fit":
             return
         if hasattr(module, "eval_batch_spec"):
-            self.check_resolution(module.eval_batch_spec().latent_downsample)
+            self.check_resolution(module.eval_batch_spec().latent_downsample, denoiser_latent_patch(module))
         self.match_placeholder(module)
         # The training loader's collate tokenizes the captions with the module's tokenizer(s) (issue 15).
         self.caption_tokenizer = module.caption_tokenizer() if hasattr(module, "caption_tokenizer") else None
@@ -371,14 +394,24 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         if self.class_noun is None and getattr(module, "class_noun", None):
             self.class_noun = module.class_noun
 
-    def check_resolution(self, latent_downsample: int) -> None:
-        """Refuse a resolution the model's VAE cannot map to a whole latent grid (it downsamples by this factor)."""
+    def check_resolution(self, latent_downsample: int, latent_patch: int = 1) -> None:
+        """Refuse a resolution the model cannot map to a whole grid of latent patches.
+
+        Args:
+            latent_downsample: the VAE's downsampling factor (pixels per latent side).
+            latent_patch: latents per side of one denoiser token (FLUX packs 2x2 latents; SD3 embeds
+                ``patch_size`` patches; UNets 1).
+        """
         resolution = self.hparams.resolution
-        if resolution % latent_downsample:
-            lower = resolution // latent_downsample * latent_downsample
-            choices = f"{lower} or {lower + latent_downsample}" if lower else str(latent_downsample)
-            raise UserInputError(f"--data.resolution: {resolution} is not a multiple of {latent_downsample}, the "
-                                 f"model's VAE downsampling factor; use e.g. {choices}")
+        multiple = latent_downsample * latent_patch
+        if resolution % multiple:
+            lower = resolution // multiple * multiple
+            choices = f"{lower} or {lower + multiple}" if lower else str(multiple)
+            reason = "the model's VAE downsampling factor" if latent_patch == 1 else (
+                f"the VAE's downsampling {latent_downsample} x the denoiser's {latent_patch}x{latent_patch} latent "
+                "patches")
+            raise UserInputError(f"--data.resolution: {resolution} is not a multiple of {multiple}, {reason}; use "
+                                 f"e.g. {choices}")
 
     @property
     def concept_names(self) -> list[str]:
