@@ -202,7 +202,9 @@ def load_components(
 
     SDXL is recognised by its UNet (``addition_embed_type == "text_time"``); its second tokenizer and text encoder
     (``CLIPTextModelWithProjection``) are then loaded too. ``random:sd15`` / ``random:sd21`` / ``random:sdxl`` build
-    the published architecture with random weights instead (benchmarks).
+    the published architecture with random weights instead (benchmarks). This is the Stable Diffusion family's
+    loader; :func:`lightning_custom.families.load_model` loads any family (also FLUX.1, SD3.5 and their
+    ``random:flux`` / ``random:flux-schnell`` / ``random:sd3`` / ``random:sd35-large`` architectures).
 
     The scheduler's ``prediction_type`` (epsilon or v_prediction) comes from the model's own scheduler config.
     Every part is returned frozen (``requires_grad=False``); the methods unfreeze what they train.
