@@ -84,7 +84,7 @@ def base_images(model: str, prompts: list[str], seeds: list[int], **kwargs) -> l
 @pytest.mark.parametrize("family, model, pipeline, guidance", [
     ("flux", "embedded:tiny-flux", "FluxPipeline", 3.5),
     ("sd3", "embedded:tiny-sd3", "StableDiffusion3Pipeline", 7.0),
-])
+], ids=["flux", "sd3"])
 def test_sample_a_flow_lora_run_like_its_live_module_and_unlike_the_base_model(family, model, pipeline, guidance,
                                                                               request, tmp_path):
     run, module = request.getfixturevalue(f"{family}_lora")[:2]
@@ -121,7 +121,8 @@ def samples_like_the_live_module(run: Path, module: L.LightningModule, pipeline:
 
 
 @pytest.mark.parametrize("model, pipeline", [("embedded:tiny-flux", "FluxPipeline"),
-                                             ("embedded:tiny-sd3", "StableDiffusion3Pipeline")])
+                                             ("embedded:tiny-sd3", "StableDiffusion3Pipeline")],
+                         ids=["flux", "sd3"])
 def test_textual_inversion_flow_run_samples_like_its_live_module(model, pipeline, tmp_path):
     module = TextualInversion(pretrained_model_name_or_path=model, placeholder_token="<cat-toy>",
                               initializer_token="toy", learning_rate=5e-2)
