@@ -145,12 +145,18 @@ def median_curve(runs: Sequence[ProbedRun]) -> tuple[list[int], list[float]]:
     return common, [float(np.median([r.probes[s][IDENTITY - 1] for r in runs])) for s in common]
 
 
-def converged_length(runs: Sequence[ProbedRun], tolerance: float = 0.01) -> int:
+def converged_length(runs: Sequence[ProbedRun], tolerance: float = 0.01, smooth: int = 1) -> int:
     """The first probe step after which the median identity never rises more than ``tolerance`` above its value
-    there: the plateau's start, or the peak if identity falls afterwards (never step 0: some training)."""
+    there: the plateau's start, or the peak if identity falls afterwards (never step 0: some training).
+
+    ``smooth``: apply the criterion to the mean of ``smooth`` consecutive probes of the median curve (centred, the
+    first and last probes average fewer), so one lucky probe cannot end the climb; 1: the probes themselves."""
     steps, median = median_curve(runs)
     if steps and steps[0] == 0 and len(steps) > 1:
         steps, median = steps[1:], median[1:]
+    if smooth > 1:
+        half = smooth // 2
+        median = [float(np.mean(median[max(0, i - half): i + half + 1])) for i in range(len(median))]
     for i, value in enumerate(median):
         if max(median[i:]) <= value * (1 + tolerance):
             return steps[i]

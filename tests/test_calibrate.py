@@ -187,3 +187,13 @@ def test_calibrate_variant_picks_the_cheapest_setting_that_keeps_the_target():
         assert len(result.recommended) == 4  # window, threshold, eval period, the variant's own parameter
         cheaper = [o for o in result.outcomes if o.mean_steps < 130]
         assert cheaper and all(o.median_retention < 0.97 for o in cheaper)
+
+
+def test_converged_length_smoothing_ignores_one_lucky_probe():
+    """One probe at step 50 that already reads the plateau ends the climb there; averaging 3 probes does not."""
+    runs = synthetic_runs()
+    for run in runs:
+        run.probes[50] = [0.0, 1.0, 1.0]
+    assert cal.converged_length(runs) == 50
+    assert cal.converged_length(runs, smooth=3) == 135  # the first step whose 3-probe mean (130, 135, 140) is 1.0
+    assert cal.converged_length(synthetic_runs(), smooth=3) == 135  # without the spike: 130's mean holds 125's 0.5
