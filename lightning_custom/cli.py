@@ -24,6 +24,7 @@ import torch
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
+from lightning.pytorch.strategies import FSDPStrategy
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.callbacks.live_samples import LiveReport, LiveSamples
@@ -43,6 +44,7 @@ from lightning_custom.run_folder import (
     lock_run_folder,
     unlock_run_folder,
 )
+from lightning_custom.strategies import FSDP_STRATEGY_NAMES, DenoiserFSDPStrategy, apply_block_wrap_policy
 
 # Trainer defaults for personalization: DVAR validates on its own cadence; no sanity check is needed
 # because the evaluation batch is the same before and after the first step.
@@ -97,6 +99,31 @@ def _parser_key(lines: list[str]) -> tuple[str | None, list[str]]:
     if match is None:
         return None, lines
     return match.group(1), [match.group(2), *lines[first + 1:]]
+
+
+class CollectiveSafeSaveConfig(RunFolderSaveConfig):
+    """:class:`RunFolderSaveConfig` that makes no collective call on rank 0 alone.
+
+    ``save_config`` runs on rank 0 only, and ``trainer.log_dir`` broadcasts: read there, it paired rank 0's
+    broadcast with the other ranks' next collective, and every CLI run on 2+ processes (``ddp``, ``fsdp``) hung in
+    ``setup``. The folder is read in ``setup`` instead, where every rank runs.
+    """
+
+    _log_dir: str | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            self._log_dir = trainer.log_dir  # a broadcast: every rank calls it here
+        super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
+        folder = Path(getattr(summary, "output_dir", None) or trainer.default_root_dir)
+        target = folder / self.config_filename
+        if self.save_to_log_dir and target.resolve() == (Path(self._log_dir or "") / self.config_filename).resolve():
+            return  # Lightning wrote it there already
+        folder.mkdir(parents=True, exist_ok=True)
+        self.parser.save(self.config, str(target), skip_none=False, overwrite=True, multifile=self.multifile)
 
 
 class PersonalizationCLI(LightningCLI):
@@ -168,6 +195,11 @@ class PersonalizationCLI(LightningCLI):
         added = default_terminal_callbacks({**trainer_config, **kwargs})
         if added:
             kwargs["callbacks"] = [*(kwargs.get("callbacks") or trainer_config.get("callbacks") or []), *added]
+        strategy = kwargs.get("strategy", trainer_config.get("strategy"))
+        if isinstance(strategy, str) and strategy in FSDP_STRATEGY_NAMES:
+            # Lightning's "fsdp" refuses a CPU (and accelerator "auto"), wraps nothing by default and cannot clip
+            # gradient norms; the denoiser's FSDP wraps its transformer blocks (lightning_custom.strategies).
+            kwargs["strategy"] = DenoiserFSDPStrategy(cpu_offload=strategy == "fsdp_cpu_offload")
         return super().instantiate_trainer(**kwargs)
 
     def before_fit(self) -> None:
@@ -177,6 +209,9 @@ class PersonalizationCLI(LightningCLI):
         are cleared (with ``--overwrite``) before the new run writes any.
         """
         trainer, datamodule = self.trainer, self.datamodule
+        if isinstance(trainer.strategy, FSDPStrategy):
+            # A user's own FSDPStrategy (class_path) without a policy still shards by the transformer blocks.
+            apply_block_wrap_policy(trainer.strategy, self.model)
         if hasattr(datamodule, "check_resolution") and hasattr(self.model, "eval_batch_spec"):
             datamodule.check_resolution(self.model.eval_batch_spec().latent_downsample)
         summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
@@ -253,7 +288,7 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
             subclass_mode_data=True,
             seed_everything_default=59,
             parser_class=OneLineErrorParser,
-            save_config_callback=RunFolderSaveConfig,  # config.yaml also beside summary.json
+            save_config_callback=CollectiveSafeSaveConfig,  # config.yaml also beside summary.json
             save_config_kwargs={"overwrite": True},
             args=argv if args is not None else None,
             parser_kwargs={"description": __doc__},
