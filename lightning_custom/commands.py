@@ -70,7 +70,7 @@ def sample(
         output_dir: where to write (default: <run_dir>/samples).
         base_model: load this base model instead of the one recorded in summary.json.
         device: auto, cpu, cuda, cuda:1, ...
-        dtype: auto (float16 on CUDA, else float32), float32, float16 or bfloat16.
+        dtype: auto (on CUDA float16, bfloat16 for FLUX.1 and SD3; else float32), float32, float16 or bfloat16.
     """
     from lightning_custom.sampling import sample_run
 

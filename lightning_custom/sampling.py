@@ -322,6 +322,14 @@ def absent_optional_parts(source: str, index: dict[str, Any]) -> dict[str, None]
     return {name: None for name in sorted(optional) if absent(name)}
 
 
+def auto_dtype(device: torch.device, scheduler_class: str | None) -> str:
+    """``--dtype auto``: float32 off CUDA; on CUDA float16, or bfloat16 for flow-matching models (FLUX.1 and SD3.5
+    overflow in float16; diffusers runs them in bfloat16)."""
+    if device.type != "cuda":
+        return "float32"
+    return "bfloat16" if is_flow_scheduler(scheduler_class) else "float16"
+
+
 def load_pipeline(source: str, dtype: torch.dtype | None = None, argument: str = "--base_model") -> Any:
     """A diffusers pipeline from a folder or hub id, of the class its ``model_index.json`` names, without a safety
     checker where the pipeline class has one (SDXL's does not, and warns about the keyword), and without the
@@ -358,7 +366,8 @@ def load_run_pipeline(
         base_model: load this model instead of the one named in the summary.
         scheduler: ``"default"`` (the model's own) or a name in :data:`SCHEDULERS` (not on flow-matching models).
         device: ``"auto"``, ``"cpu"``, ``"cuda"``, ``"cuda:1"`` ...
-        dtype: ``"auto"`` (float16 on CUDA, else float32), ``"float32"``, ``"float16"`` or ``"bfloat16"``.
+        dtype: ``"auto"`` (on CUDA float16, bfloat16 for flow-matching models; else float32), ``"float32"``,
+            ``"float16"`` or ``"bfloat16"``.
     """
     from lightning_custom.components import torch_dtype
 
@@ -366,9 +375,10 @@ def load_run_pipeline(
     summary = read_summary(run)
     check_trained(summary, run)
     torch_device = resolve_device(device)
-    dtype = ("float16" if torch_device.type == "cuda" else "float32") if dtype == "auto" else dtype
     source = pipeline_source(run, summary, base_model)
-    check_sampler(scheduler, scheduler_class_of(source), run)  # before loading a 12B model, where the index tells
+    scheduler_class = scheduler_class_of(source)
+    check_sampler(scheduler, scheduler_class, run)  # before loading a 12B model, where the index tells
+    dtype = auto_dtype(torch_device, scheduler_class) if dtype == "auto" else dtype
     pipe = load_pipeline(source, torch_dtype(dtype))
     if source != str(exported_pipeline(run, summary)):  # an exported full pipeline already holds everything
         pipe = load_run_artifacts(pipe, run, summary)

@@ -15,6 +15,7 @@ from pathlib import Path
 import lightning as L
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from lightning_custom.callbacks import DVAREarlyStopping, LiveSamples, RunSummary
@@ -24,6 +25,7 @@ from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import DreamBooth, DreamBoothLoRA, TextualInversion
 from lightning_custom.sampling import (
+    auto_dtype,
     generate,
     load_pipeline,
     load_run_pipeline,
@@ -208,3 +210,10 @@ def test_sd3_folder_without_t5_loads_without_it(tmp_path):
     pipe.set_progress_bar_config(disable=True)
     image = generate(pipe, [PROMPT], [0], **FAST)[0]
     assert image.size == (RESOLUTION, RESOLUTION)
+
+
+def test_auto_dtype_is_bfloat16_for_flow_models_on_cuda():
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert auto_dtype(cuda, "FlowMatchEulerDiscreteScheduler") == "bfloat16"
+    assert auto_dtype(cuda, "PNDMScheduler") == "float16" and auto_dtype(cuda, None) == "float16"
+    assert auto_dtype(cpu, "FlowMatchEulerDiscreteScheduler") == "float32"
