@@ -294,8 +294,6 @@ def test_load_textual_inversion_helper_works_on_sd3(folders):
     assert pipeline_prompts(pipe, [f"a {TOKEN}"])["prompt_2"] == [f"a {TOKEN}"]  # CLIP-G has no such token
 
 
-@pytest.mark.xfail(raises=AttributeError, strict=False,
-                   reason="data/class_images.py _InferencePipeline reads pipe.unet (flow pipelines have transformer)")
 @pytest.mark.parametrize("family", ["flux", "sd3"])
 def test_prior_preservation_generates_class_images_with_the_flow_pipeline(folders, family, concept_dir, tmp_path):
     """DreamBooth-LoRA with new identifier tokens (FLUX: in T5 too) and prior preservation: the class images come

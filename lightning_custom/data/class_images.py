@@ -156,15 +156,18 @@ def generation_pipeline(module: Any, device: torch.device | str | None = None,
 
 
 class _InferencePipeline:
-    """Calls the pipeline in eval mode (modes restored after), under autocast when the UNet is half precision."""
+    """Calls the pipeline in eval mode (modes restored after), under autocast when the denoiser is half precision."""
 
     def __init__(self, pipe) -> None:
         self.pipe = pipe
 
     def __call__(self, **kwargs):
-        modules = [m for part in (self.pipe.unet, self.pipe.text_encoder, self.pipe.vae) for m in part.modules()]
+        denoiser = getattr(self.pipe, "unet", None) or self.pipe.transformer  # SD / SDXL, or FLUX / SD3
+        parts = [denoiser, self.pipe.vae] + [getattr(self.pipe, name, None) for name in
+                                             ("text_encoder", "text_encoder_2", "text_encoder_3")]
+        modules = [m for part in parts if part is not None for m in part.modules()]
         modes = [m.training for m in modules]
-        dtype = self.pipe.unet.dtype
+        dtype = denoiser.dtype
         try:
             for m in modules:
                 m.training = False
