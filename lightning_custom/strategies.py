@@ -148,6 +148,37 @@ class DenoiserFSDPStrategy(FSDPStrategy):
             plugin.sharded_root = wrapped
         return wrapped
 
+    def lightning_module_state_dict(self) -> dict[str, Any]:
+        """The full state dict on rank 0 (Lightning's), gathered without CPU offload where the shards are already on
+        the CPU: FSDP's offload of CPU shards frees memory the state dict still points to (a segfault in torch 2.13)."""
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            return super().lightning_module_state_dict()
+        with self._full_state_dict_on_cpu():
+            return self.model.state_dict()
+
+    def optimizer_state(self, optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+        """The full optimizer state on rank 0, keyed by parameter id as Lightning's (CPU: see
+        :meth:`lightning_module_state_dict`)."""
+        if self.root_device.type != "cpu" or self._state_dict_type != "full":
+            return super().optimizer_state(optimizer)
+        from torch.distributed.fsdp import FullyShardedDataParallel, OptimStateKeyType
+
+        optimizer = getattr(optimizer, "_optimizer", optimizer)  # a LightningOptimizer's
+        with self._full_state_dict_on_cpu():
+            state = FullyShardedDataParallel.optim_state_dict(self.model, optimizer)
+            if self.global_rank == 0:
+                state = FullyShardedDataParallel.rekey_optim_state_dict(state, OptimStateKeyType.PARAM_ID, self.model)
+            return state
+
+    def _full_state_dict_on_cpu(self) -> Any:
+        from torch.distributed.fsdp import FullOptimStateDictConfig, FullStateDictConfig, StateDictType
+        from torch.distributed.fsdp import FullyShardedDataParallel
+
+        return FullyShardedDataParallel.state_dict_type(
+            self.model, StateDictType.FULL_STATE_DICT, FullStateDictConfig(offload_to_cpu=False, rank0_only=True),
+            FullOptimStateDictConfig(offload_to_cpu=False, rank0_only=True),
+        )
+
     def on_train_end(self) -> None:
         """Gather the full weights (on every rank: a collective) and, on rank 0, make the module plain again.
 
@@ -182,8 +213,19 @@ def unwrap_fsdp_modules(module: nn.Module, full_state: dict[str, torch.Tensor]) 
         return unwrap_fsdp_modules(module, full_state)
     full_state = {plain_parameter_name(k): v for k, v in full_state.items()}
     module.to("cpu")
-    result = module.load_state_dict(full_state, strict=False, assign=True)
-    missing = [k for k in result.missing_keys if k in dict(module.named_parameters())]
-    if missing:
-        raise RuntimeError(f"the gathered FSDP state lacks {len(missing)} weights, e.g. {missing[0]}")
+    missing = []
+    for name, param in list(module.named_parameters()):
+        value = full_state.get(name)
+        if value is None:
+            missing.append(name)
+            continue
+        # The shards are views of a flat buffer with the wrong shape: replace the parameter (load_state_dict
+        # checks shapes, even with assign=True).
+        owner_name, _, attribute = name.rpartition(".")
+        owner = module.get_submodule(owner_name) if owner_name else module
+        owner._parameters[attribute] = nn.Parameter(value.detach().to("cpu"), requires_grad=param.requires_grad)
+    sharded_missing = [name for name in missing if dict(module.named_parameters())[name].numel() == 0]
+    if sharded_missing:
+        raise RuntimeError(f"the gathered FSDP state lacks {len(sharded_missing)} sharded weights, e.g. "
+                           f"{sharded_missing[0]}")
     return module
