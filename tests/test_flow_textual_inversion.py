@@ -300,7 +300,8 @@ def test_prior_preservation_generates_class_images_with_the_flow_pipeline(folder
     from the family's pipeline and flow scheduler, then both losses train the token vectors."""
     with one_thread():
         module = DreamBoothLoRA(pretrained_model_name_or_path=str(folders[family]), placeholder_token=TOKEN,
-                                initializer_token="toy", train_token_embedding=True, t5_token_embedding=family == "flux")
+                                initializer_token="toy", train_token_embedding=True,
+                                t5_token_embedding=family == "flux")
         before = [v.vectors.detach().clone() for v in module.token_vector_modules]
         datamodule = ConceptDataModule(**data_kwargs(
             concept_dir, batch_size=1, repeats=2, with_prior_preservation=True, class_noun="toy", num_class_images=2,

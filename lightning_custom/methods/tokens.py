@@ -302,12 +302,16 @@ def token_slots(family: Any, parts: Any, *, with_t5: bool, argument: str, source
     if with_t5:
         t5 = next((slot for slot in slots if slot.is_t5), None)
         if t5 is None or getattr(parts, t5.text_encoder, None) is None:
-            raise UserInputError(f"{argument}: {source} has no T5 text encoder"
-                                 f"{f' ({t5.text_encoder})' if t5 else ''}; set it to 0")
-    return [slot for slot in slots if (with_t5 or not slot.is_t5) and getattr(parts, slot.text_encoder, None) is not None]
+            where = f" ({t5.text_encoder})" if t5 else ""
+            raise UserInputError(f"{argument}: {source} has no T5 text encoder{where}; train no T5 vectors, or use a "
+                                 "model with T5")
+    return [slot for slot in slots
+            if (with_t5 or not slot.is_t5) and getattr(parts, slot.text_encoder, None) is not None]
 
 
-def embedding_state(slots: Sequence[EmbeddingSlot], vectors: Sequence[torch.Tensor], token: str) -> dict[str, torch.Tensor]:
+def embedding_state(
+    slots: Sequence[EmbeddingSlot], vectors: Sequence[torch.Tensor], token: str
+) -> dict[str, torch.Tensor]:
     """The safetensors state of one learned token: ``{token: (n, dim)}`` in SD's format, else one ``(n, dim)``
     tensor per encoder key (``{"clip_l": ..., "t5": ...}``), fp32 on the CPU."""
     return {slot.key or token: v.detach().float().cpu().clone() for slot, v in zip(slots, vectors)}
