@@ -154,3 +154,26 @@ def test_clip_early_stopping_samples_the_live_run_without_changing_training(tiny
             assert summary["clip_history"][0][1] != summary["clip_history"][1][1]  # the samples follow training
     # sampling draws from its own generators: the 4 trained steps are bit-identical to a run without the callback
     assert torch.equal(trained[0], trained[1])
+
+
+def test_checks_sample_flow_models_with_their_own_sampler_and_refuse_ddim():
+    """Unset, the checks sample with DDIM on SD (the paper's) and the model's own sampler on FLUX / SD3; an explicit
+    DDPM-family sampler on a flow model fails in one line when the fit starts, not at the first check."""
+    from types import SimpleNamespace
+
+    from lightning_custom.callbacks.clip_early_stopping import CLIPEarlyStopping
+    from lightning_custom.errors import UserInputError
+    from lightning_custom.families.flux import FluxFamily
+    from lightning_custom.families.stable_diffusion import StableDiffusionFamily
+
+    class FlowMatchEulerDiscreteScheduler:  # only the class name is read
+        pass
+
+    flow = SimpleNamespace(family=FluxFamily(None), noise_scheduler=FlowMatchEulerDiscreteScheduler())
+    sd = SimpleNamespace(family=StableDiffusionFamily(None), noise_scheduler=object())
+    assert CLIPEarlyStopping().sampler_name(flow) == "default"
+    assert CLIPEarlyStopping().sampler_name(sd) == "ddim"
+    assert CLIPEarlyStopping(scheduler="euler").sampler_name(sd) == "euler"
+    with pytest.raises(UserInputError) as err:
+        CLIPEarlyStopping(scheduler="ddim").on_fit_start(None, flow)
+    assert "CLIPEarlyStopping.scheduler" in str(err.value) and "\n" not in str(err.value)

@@ -65,7 +65,9 @@ class CLIPEarlyStopping(Callback):
         prompts: prompt templates with ``{}`` for the concept; default: the data module's training templates.
         num_inference_steps: denoising steps per sample.
         guidance_scale: classifier-free guidance scale.
-        scheduler: sampler, ``"default"`` (the model's own) or ``ddim``, ``dpm++``, ``euler``, ``pndm``, ``ddpm``.
+        scheduler: sampler, ``"default"`` (the model's own) or ``ddim``, ``dpm++``, ``euler``, ``pndm``, ``ddpm``;
+            unset: ``ddim`` (the paper's) on SD / SDXL, the model's own flow sampler on FLUX / SD3. A DDPM-family
+            sampler on a flow model is refused in one line when the fit starts.
         seed: image ``i`` of every check uses seed ``seed + i``.
         batch_size: images generated at once.
         min_steps: never stop before this many optimizer steps.
@@ -83,7 +85,7 @@ class CLIPEarlyStopping(Callback):
         prompts: list[str] | None = None,
         num_inference_steps: int = 50,
         guidance_scale: float = 7.5,
-        scheduler: str = "ddim",
+        scheduler: str | None = None,
         seed: int = 0,
         batch_size: int = 4,
         min_steps: int = 0,
@@ -144,7 +146,18 @@ class CLIPEarlyStopping(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        from lightning_custom.sampling import check_sampler
+
+        check_sampler(self.sampler_name(pl_module), type(pl_module.noise_scheduler).__name__,
+                      f"{type(pl_module).__name__}'s model", "CLIPEarlyStopping.scheduler")
         self.setup_scoring(trainer, pl_module)
+
+    def sampler_name(self, pl_module: L.LightningModule) -> str:
+        """The sampler of the checks: the one asked for, else DDIM on SD / SDXL and the model's own on flow models."""
+        if self.scheduler is not None:
+            return self.scheduler
+        family = getattr(pl_module, "family", None)
+        return "default" if getattr(family, "is_flow", False) else "ddim"
 
     def setup_scoring(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Fix the sampling prompts; on rank 0 load CLIP and embed the training images once."""
@@ -163,7 +176,7 @@ class CLIPEarlyStopping(Callback):
         from lightning_custom.metrics import mean_similarity_to_references
         from lightning_custom.sampling import generate, pipeline_from_module
 
-        pipe = pipeline_from_module(pl_module, self.scheduler)
+        pipe = pipeline_from_module(pl_module, self.sampler_name(pl_module))
         seeds = [self.seed + i for i in range(self.num_images)]
         with trainer.precision_plugin.forward_context():
             images = generate(pipe, self._sample_prompts, seeds, guidance_scale=self.guidance_scale,
