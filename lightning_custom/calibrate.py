@@ -236,17 +236,17 @@ class Calibration:
 
 def calibrate(runs: Sequence[ProbedRun], target: float = 0.97, windows: Sequence[int] = DEFAULT_WINDOWS,
               thresholds: Sequence[float] = DEFAULT_THRESHOLDS, eval_every: Sequence[int] = DEFAULT_EVAL_EVERY,
-              tolerance: float = 0.01, budget: int | None = None) -> Calibration:
+              tolerance: float = 0.01, budget: int | None = None, smooth: int = 1) -> Calibration:
     """Replay every (window, threshold, eval period) on ``runs``; recommend the one with the fewest mean steps among
     those whose median retention of the converged identity is at least ``target`` (ties: higher worst decile).
 
     ``budget``: the full length a user would train (a rule that has not fired stops there); default: each run's
-    own length."""
+    own length. ``smooth``: see :func:`converged_length`."""
     if not runs:
         raise UserInputError("runs: no runs to calibrate on")
     if not 0 < target <= 1.5:
         raise UserInputError(f"--target: a share of the converged identity such as 0.97, got {target}")
-    length = converged_length(runs, tolerance)
+    length = converged_length(runs, tolerance, smooth)
     references = [converged_identity(run, length) for run in runs]
     settings, outcomes = [], []
     for period in eval_every:
@@ -302,12 +302,12 @@ def variant_stop_steps(run: ProbedRun, variant: str, window: int, thresholds: Se
 
 def calibrate_variant(runs: Sequence[ProbedRun], variant: str, target: float = 0.97,
                       windows: Sequence[int] = DEFAULT_WINDOWS, eval_every: Sequence[int] = DEFAULT_EVAL_EVERY,
-                      tolerance: float = 0.01, budget: int | None = None) -> Calibration:
+                      tolerance: float = 0.01, budget: int | None = None, smooth: int = 1) -> Calibration:
     """:func:`calibrate` for a rule variant over its own grid; settings are (window, threshold, eval period,
     parameter). Stops without an exact probe are read at the last probe before them (conservative)."""
     if not runs:
         raise UserInputError("runs: no runs to calibrate on")
-    length = converged_length(runs, tolerance)
+    length = converged_length(runs, tolerance, smooth)
     references = [converged_identity(run, length) for run in runs]
     thresholds = VARIANT_THRESHOLDS[variant]
     settings, outcomes = [], []

@@ -186,8 +186,13 @@ def test_table1_v2_rows_on_synthetic_runs():
     for run in calibration + test:  # training-prompt identity (encoder ES reads it) = evaluation identity
         run.probes = {s: [row[1], row[1], row[2]] for s, row in run.probes.items()}
     args = argparse.Namespace(probe_missing=False, workdir="unused", results="unused")
-    data = v2.method_rows(args, "textual_inversion", calibration, test, {r.name: 0.5 for r in calibration + test})
+    pace = {r.name: 0.5 for r in calibration + test}
+    # the table's converged length averages 5 probes: its centred mean first holds only the plateau at 140
+    assert v2.method_rows(args, "textual_inversion", calibration, test, pace)["converged_length"] == 140
+    v2.SMOOTH_PROBES = 1  # the raw probes: the plateau starts at 130, which the numbers below are built on
+    data = v2.method_rows(args, "textual_inversion", calibration, test, pace)
     assert data["converged_length"] == 130
+    assert data["smoothed_lengths"] == "130 / 135 / 150"
     assert data["calibrated"] is not None
     rows = data["splits"]["test"]["rows"]
     assert rows["full_length"]["outcome"].steps == (130,) * 5
