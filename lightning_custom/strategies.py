@@ -13,6 +13,12 @@
   the whole gradient across shards (Lightning's FSDP precision plugin refuses norm clipping);
 - the full weights gathered onto rank 0 when training ends, so that the exports (``export_artifacts``, called
   on rank 0 only by the run summary) see a plain module with every weight, not the shards.
+
+Tested (tests/test_fsdp.py, 2 CPU processes, tiny FLUX, fp32): the same DVAR stop step and exported transformer as
+DDP. Not tested: ``state_dict_type="sharded"``, gradient checkpointing and ``bf16-mixed`` under FSDP (on a GPU use
+``--trainer.precision bf16-mixed``: ``32-true`` makes Lightning cast every component, the frozen T5 too, to fp32),
+and ``validate`` with ``fsdp``. Live sample grids (``--sample.every_n_steps``) sample on rank 0 alone from the
+shards mid-training: do not combine them with FSDP.
 """
 
 from __future__ import annotations
