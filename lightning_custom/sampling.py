@@ -31,6 +31,7 @@ from PIL import Image, ImageDraw, ImageFont
 from lightning_custom.errors import UserInputError
 from lightning_custom.io import atomic_path, write_json
 from lightning_custom.metrics import without_placeholder
+from lightning_custom.methods.tokens import pipeline_prompts
 
 SUMMARY_FILE = "summary.json"
 SAMPLES_FILE = "samples.json"
@@ -451,8 +452,10 @@ def generate(
         for start in range(0, len(prompts), batch_size):
             chunk = list(prompts[start : start + batch_size])
             generators = [torch.Generator().manual_seed(int(s)) for s in seeds[start : start + batch_size]]
+            # SD3's pipeline has no textual-inversion loader and does not write a multi-vector token out: the
+            # prompts per text encoder do (a plain {"prompt": chunk} for SD, SDXL and FLUX).
             out = pipe(
-                prompt=chunk, generator=generators, guidance_scale=guidance_scale,
+                **pipeline_prompts(pipe, chunk), generator=generators, guidance_scale=guidance_scale,
                 num_inference_steps=num_inference_steps, height=height, width=width, output_type=output_type,
             )
             images.extend(list(out.images))
