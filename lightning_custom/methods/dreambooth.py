@@ -36,6 +36,7 @@ class DreamBooth(FineTuningModule):
             ``train_token_embedding``.
         initializer_token: word initialising a new identifier's embedding.
         train_token_embedding: add the identifier as a new token and train its embedding.
+        t5_token_embedding: (passed on to :class:`FineTuningModule`) FLUX / SD3: the new token in T5 too.
         train_text_encoder: fine-tune the whole text encoder too (both CLIP encoders on SDXL and SD3; CLIP-L on
             FLUX, never T5, as diffusers' scripts).
         prior_loss_weight: weight of the class-image loss under prior preservation.
@@ -132,6 +133,7 @@ class DreamBoothLoRA(FineTuningModule):
         placeholder_token: the identifier (``"sks"``, or a new token with ``train_token_embedding``).
         initializer_token: word initialising a new identifier's embedding.
         train_token_embedding: add the identifier as a new token and train its embedding.
+        t5_token_embedding: (passed on to :class:`FineTuningModule`) FLUX / SD3: the new token in T5 too.
         rank: LoRA rank.
         lora_alpha: LoRA scaling numerator (the update is scaled by ``alpha / rank``); defaults to ``rank``.
         lora_dropout: dropout on the LoRA branch during training.
