@@ -213,7 +213,10 @@ class PersonalizationCLI(LightningCLI):
             # A user's own FSDPStrategy (class_path) without a policy still shards by the transformer blocks.
             apply_block_wrap_policy(trainer.strategy, self.model)
         if hasattr(datamodule, "check_resolution") and hasattr(self.model, "eval_batch_spec"):
-            datamodule.check_resolution(self.model.eval_batch_spec().latent_downsample)
+            from lightning_custom.data.concept import denoiser_latent_patch
+
+            datamodule.check_resolution(self.model.eval_batch_spec().latent_downsample,
+                                        denoiser_latent_patch(self.model))
         summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
         folders: dict[str, str] = {}  # run folder -> the option that set it (local ones; URLs are left to fsspec)
         for value, argument in ((trainer.default_root_dir, "--trainer.default_root_dir"),

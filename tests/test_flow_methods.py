@@ -240,3 +240,5 @@ def test_resolution_that_flux_cannot_pack_is_one_line(capsys, concept_dir, tmp_p
     ])
     assert line == ("error: --data.resolution: 15 is not a multiple of 2, the VAE's downsampling 1 x the "
                     "denoiser's 2x2 latent patches; use e.g. 14 or 16"), line
+    run = tmp_path / "run"
+    assert not run.exists() or not any(run.iterdir()), list(run.iterdir())  # refused before anything is written

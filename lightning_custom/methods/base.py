@@ -549,7 +549,9 @@ class PersonalizationModule(L.LightningModule, ABC):
 
         Lightning calls this on every rank (only rank 0 writes the file), so the ranks' RNG states are gathered.
         """
-        trainable = {name for name, p in self.named_parameters() if p.requires_grad}
+        from lightning_custom.strategies import plain_parameter_name  # FSDP prefixes the wrapped blocks' names
+
+        trainable = {plain_parameter_name(name) for name, p in self.named_parameters() if p.requires_grad}
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint[_RNG_KEY] = self.generator_states()
 
