@@ -146,7 +146,7 @@ def test_clip_early_stopping_samples_the_live_run_without_changing_training(tiny
             # the check at step 4 scored the final weights (the run stopped right after it): sampling them again
             # with the callback's prompts and seeds and scoring by hand gives the same CLIP-I
             check = callbacks[0]
-            images = generate(pipeline_from_module(module, check.scheduler), check.sample_prompts(trainer), [0, 1, 2],
+            images = generate(pipeline_from_module(module, check.sampler_name(module)), check.sample_prompts(trainer), [0, 1, 2],
                               guidance_scale=check.guidance_scale, num_inference_steps=1, batch_size=2)
             concept = [load_rgb_image(f) for f in list_image_files(concept_dir)]
             assert summary["clip_history"][1][1] == pytest.approx(clip_i(load_clip(str(clip)), images, concept).mean,

@@ -148,8 +148,10 @@ class CLIPEarlyStopping(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         from lightning_custom.sampling import check_sampler
 
-        check_sampler(self.sampler_name(pl_module), type(pl_module.noise_scheduler).__name__,
-                      f"{type(pl_module).__name__}'s model", "CLIPEarlyStopping.scheduler")
+        scheduler = getattr(pl_module, "noise_scheduler", None)  # absent on a module of your own without one
+        if scheduler is not None:
+            check_sampler(self.sampler_name(pl_module), type(scheduler).__name__,
+                          f"{type(pl_module).__name__}'s model", "CLIPEarlyStopping.scheduler")
         self.setup_scoring(trainer, pl_module)
 
     def sampler_name(self, pl_module: L.LightningModule) -> str:
