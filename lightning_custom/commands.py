@@ -188,6 +188,7 @@ def calibrate(
     eval_every: list[int] | None = None,
     budget: int | None = None,
     output: str = "dvar_calibrated.yaml",
+    smooth: int = 5,
 ) -> dict:
     """Recommend DVAR's (window, threshold, eval period) from finished full-length runs that carry quality probes.
 
@@ -202,12 +203,15 @@ def calibrate(
         eval_every: evaluation periods in steps, multiples of the runs' own (default: 5, 10, 20).
         budget: the most steps you would train (a rule stops here at the latest; default: each run's length).
         output: where to write the YAML snippet (the dvar: block to paste into a config).
+        smooth: average the median identity over this many probes before the 1% plateau criterion that defines
+            the converged length (1: raw probes, which one lucky probe can end early; Table 1's second edition
+            uses 5).
     """
     from lightning_custom import calibrate as cal
 
     probed = cal.load_probed_runs(runs)
     result = cal.calibrate(probed, target, windows or cal.DEFAULT_WINDOWS, thresholds or cal.DEFAULT_THRESHOLDS,
-                           eval_every or cal.DEFAULT_EVAL_EVERY, budget=budget)
+                           eval_every or cal.DEFAULT_EVAL_EVERY, budget=budget, smooth=smooth)
     snippet = cal.yaml_snippet(result, len(probed))
     Path(output).write_text(snippet)
     print(f"{len(probed)} runs, converged length {result.converged_length} steps, target {target:g}\n")
