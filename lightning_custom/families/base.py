@@ -208,3 +208,12 @@ class ModelFamily(ABC):
         """The tokenizers of :meth:`present_text_encoders`."""
         pairs = zip(self.text_encoder_names, self.tokenizer_names)
         return [tok for enc, tok in pairs if getattr(parts, enc, None) is not None]
+
+
+def matches_flow_denoiser(model_index: dict[str, Any], denoiser_config: dict[str, Any], class_name: str) -> bool:
+    """Whether a checkpoint's denoiser is ``class_name`` with, where the model index names one, a
+    ``FlowMatchEulerDiscreteScheduler`` (what tells FLUX and SD3 checkpoints, from their configs alone)."""
+    if denoiser_config.get("_class_name") != class_name:
+        return False
+    scheduler = model_index.get("scheduler")
+    return not scheduler or scheduler[-1] in (None, "FlowMatchEulerDiscreteScheduler")

@@ -19,7 +19,7 @@ import torch
 
 from lightning_custom import flow_matching as fm
 from lightning_custom.errors import UserInputError
-from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts
+from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts, matches_flow_denoiser
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_custom.methods.base import PersonalizationModule
@@ -59,10 +59,7 @@ class FluxFamily(ModelFamily):
     @classmethod
     def matches(cls, model_index: dict[str, Any], denoiser_config: dict[str, Any]) -> bool:
         """A ``FluxTransformer2DModel`` denoiser, with a ``FlowMatchEulerDiscreteScheduler`` where the index names one."""
-        if denoiser_config.get("_class_name") != "FluxTransformer2DModel":
-            return False
-        scheduler = model_index.get("scheduler")
-        return not scheduler or scheduler[-1] in (None, "FlowMatchEulerDiscreteScheduler")
+        return matches_flow_denoiser(model_index, denoiser_config, "FluxTransformer2DModel")
 
     @classmethod
     def load(

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from lightning_custom import flow_matching
-from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts
+from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts, matches_flow_denoiser
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_custom.methods.base import PersonalizationModule
@@ -61,10 +61,7 @@ class SD3Family(ModelFamily):
     @classmethod
     def matches(cls, model_index: dict[str, Any], denoiser_config: dict[str, Any]) -> bool:
         """An ``SD3Transformer2DModel`` with (where the model index names one) a flow-matching Euler scheduler."""
-        if denoiser_config.get("_class_name") != "SD3Transformer2DModel":
-            return False
-        scheduler = model_index.get("scheduler")
-        return not scheduler or scheduler[-1] == "FlowMatchEulerDiscreteScheduler"
+        return matches_flow_denoiser(model_index, denoiser_config, "SD3Transformer2DModel")
 
     @classmethod
     def load(
