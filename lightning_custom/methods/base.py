@@ -331,8 +331,6 @@ class PersonalizationModule(L.LightningModule, ABC):
                 batch["caption"], batch_input_ids(batch))
         return self.family.denoiser_kwargs(self, text, batch)
 
-    denoiser_conditioning = unet_conditioning
-
     def caches_text_states(self) -> bool:
         """Whether training reuses text states (``cache_text_states``; never while the text path trains)."""
         wanted = self.hparams.get("cache_text_states")
