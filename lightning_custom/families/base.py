@@ -52,6 +52,12 @@ class FlowMatchingOptions:
     guidance_scale: float = 3.5
     resolution_shift: bool = True
 
+    def density_kwargs(self) -> dict[str, Any]:
+        """The sigma-density arguments of :func:`lightning_custom.flow_matching.sample_sigmas` (and of
+        ``fixed_evaluation_sigmas``): training and DVAR's fixed batch draw from the same density."""
+        return {"weighting_scheme": self.weighting_scheme, "logit_mean": self.logit_mean,
+                "logit_std": self.logit_std, "mode_scale": self.mode_scale}
+
 
 @dataclass
 class ModelParts:

@@ -149,17 +149,12 @@ class FluxFamily(ModelFamily):
     def _image_seq_len(self, latent_size: tuple[int, int]) -> int | None:
         return fm.packed_sequence_length(*latent_size) if self.options.resolution_shift else None
 
-    def _density_kwargs(self) -> dict[str, Any]:
-        options = self.options
-        return {"weighting_scheme": options.weighting_scheme, "logit_mean": options.logit_mean,
-                "logit_std": options.logit_std, "mode_scale": options.mode_scale}
-
     def sample_noise_levels(
         self, batch_size: int, *, generator: torch.Generator, device: torch.device, latent_size: tuple[int, int]
     ) -> torch.Tensor:
         """Training sigmas ``(B,)`` from the weighting scheme's density, resolution-shifted when configured."""
         _, sigmas = fm.sample_sigmas(self.scheduler, batch_size, generator=generator,
-                                     image_seq_len=self._image_seq_len(latent_size), **self._density_kwargs())
+                                     image_seq_len=self._image_seq_len(latent_size), **self.options.density_kwargs())
         return sigmas.to(device=device, dtype=torch.float32)
 
     def fixed_noise_levels(
@@ -168,7 +163,7 @@ class FluxFamily(ModelFamily):
         """DVAR's B distinct fixed sigmas from the training density and shift (CPU float32 ``(B,)``)."""
         draw = fm.sample_sigmas if resample else fm.fixed_evaluation_sigmas
         _, sigmas = draw(self.scheduler, batch_size, generator=generator,
-                         image_seq_len=self._image_seq_len(latent_size), **self._density_kwargs())
+                         image_seq_len=self._image_seq_len(latent_size), **self.options.density_kwargs())
         return sigmas.to(device="cpu", dtype=torch.float32)
 
     # ----------------------------------------------------------------------------------------------- loss

@@ -158,18 +158,14 @@ class SD3Family(ModelFamily):
                 "pooled_projections": text["pooled_projections"]}
 
     # ------------------------------------------------------------------------------------------ noise levels
-    def _density(self) -> dict[str, Any]:
-        options = self.options
-        return {"weighting_scheme": options.weighting_scheme, "logit_mean": options.logit_mean,
-                "logit_std": options.logit_std, "mode_scale": options.mode_scale}
-
     def sample_noise_levels(
         self, batch_size: int, *, generator: torch.Generator, device: torch.device,
         latent_size: tuple[int, int] | None = None,
     ) -> torch.Tensor:
         """Training sigmas ``(B,)``: the density of ``weighting_scheme`` on the shifted schedule, drawn on the
         generator's device and returned on ``device``. ``latent_size`` is unused (SD3 has no resolution shift)."""
-        _, sigmas = flow_matching.sample_sigmas(self.scheduler, batch_size, generator=generator, **self._density())
+        _, sigmas = flow_matching.sample_sigmas(self.scheduler, batch_size, generator=generator,
+                                                **self.options.density_kwargs())
         return sigmas.to(device)
 
     def fixed_noise_levels(
@@ -181,7 +177,7 @@ class SD3Family(ModelFamily):
         ``resample=True`` draws them like training (:meth:`sample_noise_levels`), repeats allowed.
         """
         draw = flow_matching.sample_sigmas if resample else flow_matching.fixed_evaluation_sigmas
-        _, sigmas = draw(self.scheduler, batch_size, generator=generator, **self._density())
+        _, sigmas = draw(self.scheduler, batch_size, generator=generator, **self.options.density_kwargs())
         return sigmas.float().cpu()
 
     # ----------------------------------------------------------------------------------------------- loss
