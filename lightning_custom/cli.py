@@ -101,31 +101,6 @@ def _parser_key(lines: list[str]) -> tuple[str | None, list[str]]:
     return match.group(1), [match.group(2), *lines[first + 1:]]
 
 
-class CollectiveSafeSaveConfig(RunFolderSaveConfig):
-    """:class:`RunFolderSaveConfig` that makes no collective call on rank 0 alone.
-
-    ``save_config`` runs on rank 0 only, and ``trainer.log_dir`` broadcasts: read there, it paired rank 0's
-    broadcast with the other ranks' next collective, and every CLI run on 2+ processes (``ddp``, ``fsdp``) hung in
-    ``setup``. The folder is read in ``setup`` instead, where every rank runs.
-    """
-
-    _log_dir: str | None = None
-
-    def setup(self, trainer, pl_module, stage: str) -> None:
-        if not self.already_saved and self.save_to_log_dir:
-            self._log_dir = trainer.log_dir  # a broadcast: every rank calls it here
-        super().setup(trainer, pl_module, stage)
-
-    def save_config(self, trainer, pl_module, stage: str) -> None:
-        summary = next((c for c in trainer.callbacks if isinstance(c, RunSummary)), None)
-        folder = Path(getattr(summary, "output_dir", None) or trainer.default_root_dir)
-        target = folder / self.config_filename
-        if self.save_to_log_dir and target.resolve() == (Path(self._log_dir or "") / self.config_filename).resolve():
-            return  # Lightning wrote it there already
-        folder.mkdir(parents=True, exist_ok=True)
-        self.parser.save(self.config, str(target), skip_none=False, overwrite=True, multifile=self.multifile)
-
-
 class PersonalizationCLI(LightningCLI):
     """LightningCLI with the DVAR callback (``--dvar.*``) and the summary writer (``--summary.*``) always on.
 
@@ -291,7 +266,7 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
             subclass_mode_data=True,
             seed_everything_default=59,
             parser_class=OneLineErrorParser,
-            save_config_callback=CollectiveSafeSaveConfig,  # config.yaml also beside summary.json
+            save_config_callback=RunFolderSaveConfig,  # config.yaml also beside summary.json
             save_config_kwargs={"overwrite": True},
             args=argv if args is not None else None,
             parser_kwargs={"description": __doc__},

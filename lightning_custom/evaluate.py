@@ -36,6 +36,7 @@ from lightning_custom.sampling import (
     load_run_pipeline,
     pipeline_source,
     read_summary,
+    replace_scheduler,
     resolve_device,
     run_concepts,
     sample_run,
@@ -232,14 +233,16 @@ def before_after_run(
     width: int | None = None,
     out: str | Path | None = None,
     seed: int = 0,
+    scheduler: str = "default",
+    encoder: str | None = None,
 ) -> dict[str, Any]:
-    """The run's concept before and after training, side by side, with each model's own sampler.
+    """The run's concept before and after training, side by side, with the same sampler on both sides.
 
-    The counterpart of :func:`lightning_custom.world.quickstart.before_after` (which samples SD models with DDIM)
-    for any pipeline class, flow-matching models included: "before" is the base model prompted with
+    For any pipeline class, flow-matching models included: "before" is the base model prompted with
     ``before_word``, "after" the run's pipeline prompted with the learned token and class noun; image ``i`` uses
     seed ``seed + i`` on both sides. Scored by the world encoder's identity similarity to the concept images (a
-    meaningful number on the world model only).
+    meaningful number on the world model only). :func:`lightning_custom.world.quickstart.before_after` is this
+    with DDIM at the concept images' size.
 
     Args:
         run_dir: a finished fit (``summary.json`` + artifacts).
@@ -252,6 +255,9 @@ def before_after_run(
         width: image width in pixels (default: the model's).
         out: PNG path of the grid (default ``<run_dir>/before_after.png``).
         seed: the first seed.
+        scheduler: ``"default"`` (each model's own sampler) or a name in
+            :data:`lightning_custom.sampling.SCHEDULERS`, used on both sides.
+        encoder: world encoder folder (default: the shipped one).
 
     Returns:
         ``{"identity_before", "identity_after", "grid", "prompts"}`` (``prompts``: the prompts of each side).
@@ -265,12 +271,14 @@ def before_after_run(
     check_trained(summary, run)
     concept = run_concepts(summary)[0]  # a multi-concept run: its first concept
     token = concept_phrase(concept["placeholder_token"], concept.get("class_noun"))  # "sks toy" for DreamBooth
-    after_pipe, _ = load_run_pipeline(run, device="cpu")
+    after_pipe, _ = load_run_pipeline(run, scheduler=scheduler, device="cpu")
+    # The base model through the same loader as the run (any pipeline class), with the same sampler.
     before_pipe = load_pipeline(resolve_model_path(summary["pretrained_model_name_or_path"]),
                                 argument="summary.json pretrained_model_name_or_path")
+    replace_scheduler(before_pipe, scheduler, str(run))
     before_pipe.set_progress_bar_config(disable=True)
     references = concept_images(run, summary, None)
-    encoder = WorldEncoder.load()
+    model = WorldEncoder.load(encoder)
     seeds = [seed + i for i in range(num_images)]
     images, labels, scores, used = [], [], {}, {"before": [], "after": []}
     for side, pipe, word in (("before", before_pipe, before_word), ("after", after_pipe, token)):
@@ -284,7 +292,7 @@ def before_after_run(
             labels.append(f"{side}: {prompt}")
             used[side].append(prompt)
         images += side_images
-        scores[f"identity_{side}"] = identity_similarity(encoder, side_images, references)
+        scores[f"identity_{side}"] = identity_similarity(model, side_images, references)
     images += references[:num_images]
     labels.append("concept images")
     grid = labelled_grid(images, labels, columns=num_images, cell=96)

@@ -134,15 +134,26 @@ class RunFolderSaveConfig(SaveConfigCallback):
 
     Lightning saves the config to ``trainer.log_dir``, which is the logger's version folder when a logger is on;
     ``before_after`` and a rerun with ``fit --config RUN/config.yaml`` look for it beside ``summary.json``.
+    ``save_config`` runs on rank 0 only and ``trainer.log_dir`` broadcasts, so the log folder is read in ``setup``,
+    where every rank runs: read in ``save_config`` it paired rank 0's broadcast with the other ranks' next
+    collective, and every run on 2+ processes (``ddp``, ``fsdp``) hung in setup.
     """
+
+    _log_dir: str | None = None
+
+    @override
+    def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        if not self.already_saved and self.save_to_log_dir:
+            self._log_dir = trainer.log_dir  # a broadcast: every rank calls it here
+        super().setup(trainer, pl_module, stage)
 
     @override
     def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         summary = next((c for c in trainer.callbacks if type(c).__name__ == "RunSummary"), None)
         folder = Path(getattr(summary, "output_dir", None) or trainer.default_root_dir)
         target = folder / self.config_filename
-        logged = Path(trainer.log_dir or "") / self.config_filename if self.save_to_log_dir else None
-        if logged is not None and target.resolve() == logged.resolve():
+        logged = Path(self._log_dir or "") / self.config_filename
+        if self.save_to_log_dir and target.resolve() == logged.resolve():
             return  # Lightning wrote it there already
         folder.mkdir(parents=True, exist_ok=True)
         self.parser.save(self.config, str(target), skip_none=False, overwrite=True, multifile=self.multifile)
