@@ -354,7 +354,9 @@ def method_markdown(method: str, data: dict, split: str, variants: bool = False)
 
 
 def goal_lines(method: str, data: dict) -> list[str]:
-    """The issue's goal on the test split, met or with its distance."""
+    """The issue's goal on the test split, met or with its distance, and each number's SE over concepts."""
+    from lightning_custom.calibrate import bootstrap_se, worst_decile
+
     part = data["splits"].get("test")
     if not part or "dvar_calibrated" not in part["rows"]:
         return [f"- {method}: pending (no test-split runs, or no calibrated setting)."]
@@ -367,12 +369,16 @@ def goal_lines(method: str, data: dict) -> list[str]:
 
     gap = fixed.worst_decile_retention - tuned.worst_decile_retention
     excess = tuned.mean_steps - length / 5
-    checks = [f"median retention {tuned.median_retention:.3f} (goal >= 0.97: "
+    # the noise of drawing these concepts (a held-out draw will differ by about this much)
+    median_se = bootstrap_se(np.median, tuned.retention)
+    gap_se = bootstrap_se(lambda a, b: worst_decile(a) - worst_decile(b), fixed.retention, tuned.retention)
+    checks = [f"median retention {tuned.median_retention:.3f} (SE {median_se:.3f}; goal >= 0.97: "
               f"{verdict(tuned.median_retention >= 0.97, f'{0.97 - tuned.median_retention:.4f} short')})",
               f"speed-up {speedup:.1f}x over the converged length {length} (goal >= 5x: "
               f"{verdict(speedup >= 5, f'{excess:.0f} mean steps too many')})",
               f"worst decile {tuned.worst_decile_retention:.3f} vs the equal-cost fixed budget's "
-              f"{fixed.worst_decile_retention:.3f} (goal: more: {verdict(gap < 0, f'{gap:.3f} short')})"]
+              f"{fixed.worst_decile_retention:.3f} (difference SE {gap_se:.3f}; goal: more: "
+              f"{verdict(gap < 0, f'{gap:.3f} short')})"]
     return [f"- {method} ({len(tuned.steps)} test concepts): " + "; ".join(checks)]
 
 
@@ -536,7 +542,10 @@ def table_phase(args) -> int:
         d = data[method]
         if "test" in d["splits"]:
             lines += method_markdown(method, d, "test")
-    lines += ["", "## Goal (test split)", ""] + [g for m in args.methods for g in goal_lines(m, data[m])]
+    lines += ["", "## Goal (test split)", "", "SE: the bootstrap standard error over the test concepts (2000 "
+              "resamplings; the worst-decile difference paired per concept), i.e. how much another draw of as many "
+              "concepts would move the number; each concept's probe noise is inside it.", ""]
+    lines += [g for m in args.methods for g in goal_lines(m, data[m])]
     lines += ["", "## Calibration split (concepts 0-49)", "", *header]
     for method in args.methods:
         if "calibration" in data[method]["splits"]:

@@ -27,7 +27,7 @@ from __future__ import annotations
 import json
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -180,6 +180,27 @@ def worst_decile(values: Sequence[float]) -> float:
     """The mean of the lowest 10% of ``values`` (at least one value)."""
     ordered = sorted(values)
     return float(np.mean(ordered[: max(1, math.ceil(len(ordered) / 10))]))
+
+
+def bootstrap_se(statistic: Callable[..., float], *samples: Sequence[float], draws: int = 2000,
+                 seed: int = 0) -> float:
+    """The standard error of ``statistic(*samples)`` over concepts: its SD over ``draws`` resamplings of the concepts
+    with replacement.
+
+    This is the noise of "which concepts were drawn", the one a held-out set of concepts will show; the probe's
+    sampling noise is inside each value already. Paired samples (one value per concept in each, e.g. two rules'
+    retentions) are resampled together, so a difference between rules keeps its pairing.
+
+    Args:
+        statistic: maps the resampled samples (numpy arrays, one per sample) to a number.
+        *samples: equally long sequences, one value per concept.
+        draws: bootstrap resamplings.
+        seed: the resampling seed (the table is reproducible).
+    """
+    arrays = [np.asarray(sample, dtype=float) for sample in samples]
+    rng = np.random.default_rng(seed)
+    picks = rng.integers(0, len(arrays[0]), size=(draws, len(arrays[0])))
+    return float(np.std([statistic(*(a[pick] for a in arrays)) for pick in picks], ddof=1))
 
 
 def oracle_step(run: ProbedRun, reference: float, share: float = 0.97) -> int:

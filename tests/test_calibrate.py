@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 import pytest
 
 from lightning_custom import calibrate as cal
@@ -197,3 +199,16 @@ def test_converged_length_smoothing_ignores_one_lucky_probe():
     assert cal.converged_length(runs) == 50
     assert cal.converged_length(runs, smooth=3) == 135  # the first step whose 3-probe mean (130, 135, 140) is 1.0
     assert cal.converged_length(synthetic_runs(), smooth=3) == 135  # without the spike: 130's mean holds 125's 0.5
+
+
+def test_bootstrap_se_is_the_standard_error_over_concepts():
+    from lightning_custom.calibrate import bootstrap_se
+
+    values = np.random.default_rng(3).normal(0.9, 0.05, size=400)
+    # the mean's SE is sd / sqrt(n) = 0.0025; the bootstrap estimates it within a few %
+    assert bootstrap_se(np.mean, values) == pytest.approx(values.std(ddof=1) / 20, rel=0.1)
+    assert bootstrap_se(np.median, [0.97] * 12) == pytest.approx(0.0, abs=1e-12)  # identical concepts: no noise
+    # paired samples are resampled together: a constant difference has no noise, an unpaired one would
+    shifted = values + 0.01
+    assert bootstrap_se(lambda a, b: float(np.mean(a - b)), shifted, values) == pytest.approx(0.0, abs=1e-12)
+    assert bootstrap_se(np.median, values, seed=1) != bootstrap_se(np.median, values, seed=2)
