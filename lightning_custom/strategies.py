@@ -24,6 +24,7 @@ shards mid-training: do not combine them with FSDP.
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -153,6 +154,15 @@ class DenoiserFSDPStrategy(FSDPStrategy):
         if isinstance(plugin, ShardedNormClipping):
             plugin.sharded_root = wrapped
         return wrapped
+
+    def load_checkpoint(self, checkpoint_path: Any, weights_only: bool | None = None) -> dict[str, Any]:
+        """Lightning's, after checking that a full checkpoint holds every weight the module trains (Lightning takes
+        the weights out of it before the module's ``on_load_checkpoint`` could look)."""
+        check = getattr(self.lightning_module, "check_checkpoint_weights", None)
+        path = Path(checkpoint_path)
+        if check is not None and path.is_file():
+            check(torch.load(path, map_location="cpu", mmap=True, weights_only=False).get("state_dict", {}))
+        return super().load_checkpoint(checkpoint_path, weights_only)
 
     def lightning_module_state_dict(self) -> dict[str, Any]:
         """The full state dict on rank 0 (Lightning's), gathered without CPU offload where the shards are already on

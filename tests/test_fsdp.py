@@ -70,6 +70,20 @@ def test_frozen_components_are_left_out_of_fsdp_and_the_trained_ones_are_not(flu
     assert frozen == {"vae", "text_encoder_2"}  # a trained CLIP-L stays in FSDP, whose gradients it averages
 
 
+def test_a_full_checkpoint_without_the_trained_weights_is_refused_before_loading(flux_dreambooth, tmp_path):
+    """Lightning's FSDP loader takes the weights out before the module's ``on_load_checkpoint`` sees them, so the
+    strategy checks the file first (the module is not wrapped here: no process group is needed to refuse)."""
+    from lightning_custom.errors import UserInputError
+
+    path = tmp_path / "other.ckpt"
+    torch.save({"state_dict": {"text_encoder.unrelated.weight": torch.zeros(1)}}, path)
+    strategy = DenoiserFSDPStrategy()
+    strategy._lightning_module = flux_dreambooth
+    trained = len(flux_dreambooth.trained_weight_names())
+    with pytest.raises(UserInputError, match=f"lacks {trained} of the {trained} weights this run trains"):
+        strategy.load_checkpoint(path)
+
+
 def test_wrapper_prefixes_are_removed_from_parameter_names():
     name = "transformer.transformer_blocks.0._fsdp_wrapped_module._checkpoint_wrapped_module.attn.to_q.weight"
     assert plain_parameter_name(name) == "transformer.transformer_blocks.0.attn.to_q.weight"

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary, StepCheckpoint
 from lightning_custom.data import ConceptDataModule
+from lightning_custom.errors import UserInputError
 from lightning_custom.methods import TextualInversion
 from lightning_custom.methods.base import _RNG_KEY
 from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
@@ -100,7 +101,7 @@ def test_checkpoint_saves_and_restores_every_ranks_training_rng(tiny_sd):
     torch.randn(5, generator=rank0)
     expected = {0: rank0.get_state(), 1: module.generator.get_state()}
     module.all_gather = lambda state: torch.stack([expected[0], state])  # the other rank's part of the gather
-    checkpoint = {"state_dict": {}}
+    checkpoint = {"state_dict": module.state_dict()}  # as Lightning hands it over
     module.on_save_checkpoint(checkpoint)
     for rank in (0, 1):
         resumed = as_rank(module, rank)
@@ -153,3 +154,16 @@ def test_learning_rate_scaling():
 
     assert scale_learning_rate(5e-3, batch_size=2) == pytest.approx(1e-2)
     assert scale_learning_rate(5e-3, batch_size=2, accumulate_grad_batches=4, num_devices=8) == pytest.approx(0.32)
+
+
+def test_a_checkpoint_without_the_trained_weights_is_refused(tiny_sd):
+    """``strict_loading`` is off (checkpoints leave the frozen model out): without this check Lightning resumed
+    another method's checkpoint silently from the base weights, in a run calling itself resumed."""
+    module = TextualInversion(**ti_kwargs(tiny_sd))
+    module._trainer = SimpleNamespace(ckpt_path="lora.ckpt", global_rank=0, world_size=1)
+    trained = module.trained_weight_names()
+    assert trained == {name for name, p in module.named_parameters() if p.requires_grad} != set()
+    module.on_load_checkpoint({"state_dict": dict.fromkeys(trained, torch.zeros(1))})  # its own kind: accepted
+    with pytest.raises(UserInputError, match=rf"^--ckpt_path lora.ckpt: the checkpoint lacks {len(trained)} of "
+                                             rf"the {len(trained)} weights this run trains \(e.g. "):
+        module.on_load_checkpoint({"state_dict": {"unet.down_blocks.0.lora_A.weight": torch.zeros(1)}})

@@ -547,14 +547,39 @@ class PersonalizationModule(L.LightningModule, ABC):
 
         Lightning calls this on every rank (only rank 0 writes the file), so the ranks' RNG states are gathered.
         """
-        from lightning_custom.strategies import plain_parameter_name  # FSDP prefixes the wrapped blocks' names
-
-        trainable = {plain_parameter_name(name) for name, p in self.named_parameters() if p.requires_grad}
+        trainable = self.trained_weight_names()
         checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
         checkpoint[_RNG_KEY] = self.generator_states()
 
+    def trained_weight_names(self) -> set[str]:
+        """The names of the weights this run trains, as its checkpoints store them."""
+        from lightning_custom.strategies import plain_parameter_name  # FSDP prefixes the wrapped blocks' names
+
+        return {plain_parameter_name(name) for name, p in self.named_parameters() if p.requires_grad}
+
+    def check_checkpoint_weights(self, saved: Any) -> None:
+        """Refuse, in one line, a checkpoint that lacks weights this run trains.
+
+        Checkpoints leave the frozen model out, so ``strict_loading`` is off, and Lightning would resume from such a
+        checkpoint (another method's, another model's) silently with the base weights: a run calling itself resumed
+        that is not.
+
+        Args:
+            saved: the checkpoint's ``state_dict`` (or its keys).
+        """
+        trained = self.trained_weight_names()
+        missing = sorted(trained - set(saved))
+        if missing:
+            where = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
+            raise UserInputError(f"--ckpt_path {where}: the checkpoint lacks {len(missing)} of the {len(trained)} "
+                                 f"weights this run trains (e.g. {missing[0]}); it was saved by another method, "
+                                 "model or setting")
+
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Restore the training RNG so a resumed run draws the same noise as an uninterrupted one, on every rank."""
+        """Check the checkpoint holds every trained weight, and restore the training RNG so a resumed run draws the
+        same noise as an uninterrupted one, on every rank."""
+        if "state_dict" in checkpoint:  # FSDP has taken it out already: its strategy checks it (strategies.py)
+            self.check_checkpoint_weights(checkpoint["state_dict"])
         if _RNG_KEY in checkpoint:
             states = checkpoint[_RNG_KEY]
             saved = 1 if torch.is_tensor(states) else len(states)
