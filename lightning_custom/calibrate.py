@@ -359,13 +359,16 @@ def trade_off_table(result: Calibration, rows: int = 15) -> str:
             best_retention = result.outcomes[i].median_retention
     if result.best is not None and result.best not in front:
         front.append(result.best)
-    lines = ["| window | threshold | eval every | mean steps | median retention | worst-decile retention | "
+    lines = ["| window | threshold | eval every | mean steps | median retention (SE) | worst-decile retention | "
              "exact stops | |", "|---|---|---|---|---|---|---|---|"]
     for i in sorted(front, key=lambda i: result.outcomes[i].mean_steps)[:rows]:
         (w, t, k), o = result.settings[i], result.outcomes[i]
         mark = "**recommended**" if i == result.best else ""
-        lines.append(f"| {w} | {t:g} | {k} | {o.mean_steps:.1f} | {o.median_retention:.3f} | "
-                     f"{o.worst_decile_retention:.3f} | {o.exact}/{len(o.steps)} | {mark} |")
+        lines.append(f"| {w} | {t:g} | {k} | {o.mean_steps:.1f} | {o.median_retention:.3f} "
+                     f"({bootstrap_se(np.median, o.retention):.3f}) | {o.worst_decile_retention:.3f} | "
+                     f"{o.exact}/{len(o.steps)} | {mark} |")
+    lines.append("\nSE: bootstrap over the runs' concepts: how far another draw of as many concepts may move the "
+                 "median; a setting picked at the target's edge keeps less than the target on about half of them.")
     return "\n".join(lines)
 
 

@@ -57,7 +57,9 @@ def test_calibrate_picks_the_known_best_setting():
     assert "dvar:" not in cal.yaml_snippet(impossible, 5)
     assert "window: 40" in cal.yaml_snippet(result, 5) and "eval_every_n_steps: 10" in cal.yaml_snippet(result, 5)
     table = cal.trade_off_table(result)
-    assert "| 40 | 1e-06 | 10 | 130.0 | 1.000 | 0.500 | 5/5 | **recommended** |" in table
+    se = cal.bootstrap_se(np.median, best.retention)  # one concept in five kept half: resampled medians vary
+    assert 0 < se < 0.5
+    assert f"| 40 | 1e-06 | 10 | 130.0 | 1.000 ({se:.3f}) | 0.500 | 5/5 | **recommended** |" in table
 
 
 def test_quality_prefers_the_exact_probe_and_marks_the_fallback():
