@@ -255,3 +255,23 @@ def test_recolour_and_prior_fidelity_can_fail():
         failed = fidelity_scores(overridden, targets, groups, encoder)
         # an off-palette colour can land on a far palette name now and then: at most 1 in 3
         assert failed["recolour"] <= 1 / 3 and failed["prior"] == 0.0, concept.name
+
+
+def test_variant_verdict_wants_a_pareto_gain_larger_than_its_noise():
+    from lightning_custom.calibrate import Outcome
+
+    v2 = load_table1_v2()
+    retention = (0.9, 0.95, 0.97, 0.98, 0.99, 1.0, 0.96, 0.97, 0.99, 0.93)
+    dvar = Outcome("dvar_calibrated", tuple(range(100, 200, 10)), retention, (1.0,) * 10, 10)
+
+    def verdict(steps, kept):
+        variant = Outcome("variant_x", tuple(steps), tuple(kept), (1.0,) * 10, 10)
+        data = {"splits": {"test": {"rows": {"dvar_calibrated": {"outcome": dvar}, "variant_x": {"outcome": variant}}}}}
+        return v2.variant_verdict(data, "x")
+
+    assert verdict([s - 50 for s in dvar.steps], retention).startswith("beats DVAR: ")  # 50 fewer steps, same quality
+    # fewer steps bought with a lower median is no beat, however many steps it saves (the slope variant on CD)
+    assert verdict([s - 50 for s in dvar.steps], [r - 0.02 for r in retention]).startswith("does not beat DVAR")
+    # 20 steps more or fewer by turns, and 2 fewer in all: fewer on paper, inside the noise of the concepts' steps
+    jittered = [s + (20 if i % 2 else -20) - (2 if i == 0 else 0) for i, s in enumerate(dvar.steps)]
+    assert verdict(jittered, retention).startswith("beats DVAR only within the noise")
