@@ -8,8 +8,8 @@ Three phases, each resumable (finished runs, probes and files are reused):
     evaluation. After the run, every step where a setting of the calibration grid
     (:func:`lightning_custom.calibrate.grid_stop_steps`) stops is probed from its snapshot into
     ``exact_probes.json``, with the same sampling seeds as the periodic probes (paired across steps and variants).
-    Full DreamBooth's snapshots (the whole UNet, ~11 MB each) are deleted once probed; the small methods' stay, so
-    more steps can be probed later. ``summary.json`` (without the training-loss series) and ``exact_probes.json``
+    Snapshots stay in the work folder, so more steps can be probed later (full DreamBooth's: ~1.3 GB per run;
+    its runs before 2026-11-30 21:00 deleted theirs once probed). ``summary.json`` (without the training-loss series) and ``exact_probes.json``
     are copied to ``--results``/probed_runs.
 ``noise``: the probe's own noise: one run's snapshots at given steps, probed with ``--seeds`` sampling seeds.
 ``table``: the second-edition table from the runs that exist (see :func:`main`).
@@ -36,7 +36,10 @@ import table1 as v1  # noqa: E402  (the first edition: method settings, run conf
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_STEPS = {"textual_inversion": 1200, "dreambooth_lora": 900, "custom_diffusion": 600, "dreambooth": 600}
-KEEP_SNAPSHOTS = {"textual_inversion", "dreambooth_lora", "custom_diffusion"}  # small; DreamBooth's are deleted
+# Snapshots kept after a run, so stops the grid did not foresee (the equal-cost fixed budget) are probed exactly.
+# DreamBooth's (the whole UNet, ~11 MB each, ~1.3 GB per 600-step run) are kept since 2026-11-30 21:00; its runs
+# before that deleted theirs, and their unforeseen stops are read at the last periodic probe.
+KEEP_SNAPSHOTS = {"textual_inversion", "dreambooth_lora", "custom_diffusion", "dreambooth"}
 CALIBRATION, TEST = range(0, 50), range(50, 100)
 RESULT_RUNS = "probed_runs"  # not "runs": .gitignore ignores every folder of that name
 BULKY_FIELDS = ("train_loss_history",)  # left out of the committed copies of summary.json (a third of its size)
