@@ -41,6 +41,7 @@ LONG_STEPS = {"textual_inversion": 1200, "dreambooth_lora": 900, "custom_diffusi
 # before that deleted theirs, and their unforeseen stops are read at the last periodic probe.
 KEEP_SNAPSHOTS = {"textual_inversion", "dreambooth_lora", "custom_diffusion", "dreambooth"}
 CALIBRATION, TEST = range(0, 50), range(50, 100)
+DEFAULT_CONCEPT_SEED = 2024  # world.concepts.heldout_concepts' seed: the concepts this repository's study uses
 RESULT_RUNS = "probed_runs"  # not "runs": .gitignore ignores every folder of that name
 BULKY_FIELDS = ("train_loss_history",)  # left out of the committed copies of summary.json (a third of its size)
 EVAL_EVERY = 5  # L_det (and a snapshot) every 5 steps; the calibration grid replays periods 5, 10 and 20
@@ -96,11 +97,11 @@ def exact_probe(run_dir: Path, config_file: Path) -> dict:
     return done
 
 
-def concept_of(name: str):
-    """The held-out concept of a run folder name such as ``c050-off_palette``."""
+def concept_of(name: str, seed: int = DEFAULT_CONCEPT_SEED):
+    """The held-out concept of a run folder name such as ``c050-off_palette``, drawn with ``seed``."""
     from lightning_custom.world.concepts import make_concept
 
-    return make_concept(int(name[1:4]))
+    return make_concept(int(name[1:4]), seed)
 
 
 def fidelity_curve_steps(max_steps: int) -> list[int]:
@@ -114,7 +115,8 @@ def read_fidelity(folder: Path) -> dict[int, dict[str, float]]:
     return {int(s): v for s, v in json.loads(path.read_text())["steps"].items()} if path.is_file() else {}
 
 
-def fidelity_probe(run_dir: Path, config_file: Path, name: str, steps: list[int], copies: list[Path]) -> dict:
+def fidelity_probe(run_dir: Path, config_file: Path, name: str, steps: list[int], copies: list[Path],
+                   seed: int = DEFAULT_CONCEPT_SEED) -> dict:
     """Recolour / prior fidelity (:func:`lightning_custom.world.probe.fidelity_checks`) of every step in ``steps``
     that has a snapshot (step 0: the weights before training) and no score yet; written to ``run_dir`` and
     ``copies``. Returns every score of the run."""
@@ -127,7 +129,7 @@ def fidelity_probe(run_dir: Path, config_file: Path, name: str, steps: list[int]
     available = set(snapshot_steps(run_dir / "snapshots")) | {0}
     needed = sorted({s for s in steps if s in available and s not in done})
     if needed and config_file.is_file():
-        checks = fidelity_checks(concept_of(name))
+        checks = fidelity_checks(concept_of(name, seed))
         start = time.time()
         done.update(fidelity_snapshots(config_file, run_dir / "snapshots", needed, checks))
         report = {"checks": [asdict(c) for c in checks], "seconds": round(time.time() - start, 1),
@@ -143,7 +145,7 @@ def run_phase(args) -> int:
     from lightning_custom.world.concepts import heldout_concepts
 
     work, results = Path(args.workdir), Path(args.results) / RESULT_RUNS
-    concepts = heldout_concepts(max(parse_concepts(args.concepts)) + 1)
+    concepts = heldout_concepts(max(parse_concepts(args.concepts)) + 1, seed=args.concept_seed)
     start = time.time()
     jobs = [(index, method) for index in parse_concepts(args.concepts) for method in args.methods]
     if args.shard:
@@ -163,7 +165,7 @@ def run_phase(args) -> int:
         fidelity_steps = fidelity_curve_steps(summary.get("max_steps") or LONG_STEPS[method])
         if method not in KEEP_SNAPSHOTS:  # the stops' fidelity now: these snapshots are deleted below
             fidelity_steps += [int(s) for s in exact["steps"]]
-        fidelity_probe(run_dir, config_file, concept.name, fidelity_steps, [target])
+        fidelity_probe(run_dir, config_file, concept.name, fidelity_steps, [target], args.concept_seed)
         if method not in KEEP_SNAPSHOTS:
             shutil.rmtree(run_dir / "snapshots", ignore_errors=True)
         slim = {k: v for k, v in summary.items() if k not in BULKY_FIELDS}
@@ -220,11 +222,18 @@ def to_eval_step(step: float) -> int:
     return max(EVAL_EVERY, int(round(step / EVAL_EVERY)) * EVAL_EVERY)
 
 
-def load_method_runs(results: Path, method: str) -> tuple[list, list, dict[str, float]]:
+def load_method_runs(results: Path, method: str, calibration_results: Path | None = None
+                     ) -> tuple[list, list, dict[str, float]]:
     """(calibration-split runs, test-split runs, seconds per step by run) of ``method`` under ``results/probed_runs``.
 
     Seconds per step: the run's wall time without its probes (training, L_det evaluations, snapshots) / steps.
+    With ``calibration_results`` (another study's results folder, e.g. concepts drawn with another seed), the
+    calibration split is that study's, and every run under ``results`` is a test run.
     """
+    if calibration_results is not None:
+        calibration, _, pace = load_method_runs(calibration_results, method)
+        own, test, own_pace = load_method_runs(results, method)
+        return calibration, own + test, {**pace, **own_pace}
     from lightning_custom.calibrate import load_probed_run
 
     folder = results / RESULT_RUNS / method
@@ -263,7 +272,7 @@ def probe_missing(args, method: str, runs: list, steps: dict[str, set[int]]) -> 
                 done["steps"].update({str(s): run.exact[s] for s in missing})
                 done["steps"] = dict(sorted(done["steps"].items(), key=lambda kv: int(kv[0])))
                 write_json(path, done)
-        fidelity_probe(run_dir, config_file, run.name, sorted(steps[run.name]), [copy])
+        fidelity_probe(run_dir, config_file, run.name, sorted(steps[run.name]), [copy], args.concept_seed)
 
 
 def method_rows(args, method: str, calibration: list, test: list, pace: dict[str, float]) -> dict:
@@ -307,11 +316,15 @@ def method_rows(args, method: str, calibration: list, test: list, pace: dict[str
                 stops[f"variant_{name}"] = [min(length, cal.variant_stop_steps(r, name, w, [t], k, parameter)[0])
                                             for r in runs]
         curve = {r.name: set(fidelity_curve_steps(r.max_steps)) for r in runs}
-        if args.probe_missing:
+        # Another study's calibration runs (--calibration-results) are read as committed, never probed here: this
+        # work folder's runs of the same names are other concepts.
+        borrowed = split == "calibration" and args.calibration_results is not None
+        results = Path(args.calibration_results if borrowed else args.results)
+        if args.probe_missing and not borrowed:
             wanted = {r.name: {variant[i] for variant in stops.values()} | curve[r.name]
                       for i, r in enumerate(runs)}
             probe_missing(args, method, runs, wanted)
-        fidelity = {r.name: read_fidelity(Path(args.results) / RESULT_RUNS / method / r.name) for r in runs}
+        fidelity = {r.name: read_fidelity(results / RESULT_RUNS / method / r.name) for r in runs}
         rows = {}
         for variant in [*(r for r in ROWS if r in stops), *(k for k in stops if k not in ROWS)]:
             result = cal.outcome(variant, runs, stops[variant], references)
@@ -499,7 +512,7 @@ def table_phase(args) -> int:
     results = Path(args.results)
     data = {}
     for method in args.methods:
-        calibration, test, pace = load_method_runs(results, method)
+        calibration, test, pace = load_method_runs(results, method, args.calibration_results)
         if calibration or test:
             data[method] = method_rows(args, method, calibration, test, pace)
         else:
@@ -552,7 +565,10 @@ def table_phase(args) -> int:
         lines.append("One concept's retention therefore moves by about the SD's share (2-3%) from sampling alone, as "
                      "much as the 3% the 97% target allows; the sampling error of a median over n concepts is about 1.25 "
                      "x that SD / sqrt(n) (paired seeds: every variant of a concept is sampled with the same noise).")
-    lines += ["", "## Test split (concepts 50-99): the headline", "", *header]
+    test_title = ("Test split (concepts 50-99)" if args.calibration_results is None else
+                  f"Test split (every concept of seed {args.concept_seed}; calibrated on "
+                  f"{args.calibration_results}'s concepts 0-49)")
+    lines += ["", f"## {test_title}: the headline", "", *header]
     csv_rows = []
     for method in args.methods:
         d = data[method]
@@ -678,8 +694,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-inference-steps", type=int, default=10)
     parser.add_argument("--class-images", type=int, default=4)
     parser.add_argument("--accelerator", default=None)
-    parser.add_argument("--workdir", default="runs/table1-v2")
-    parser.add_argument("--results", default="benchmarks/results/table1_v2")
+    parser.add_argument("--workdir", default=None, help="work folder (runs, snapshots; default runs/table1-v2, "
+                        "with -seedS appended for --concept-seed S)")
+    parser.add_argument("--results", default=None, help="results folder (default benchmarks/results/table1_v2, "
+                        "with _seedS appended for --concept-seed S)")
+    parser.add_argument("--concept-seed", type=int, default=DEFAULT_CONCEPT_SEED,
+                        help="draw the held-out concepts with this seed: a check of the calibrated settings on "
+                        "concepts this repository never saw (see --calibration-results)")
+    parser.add_argument("--calibration-results", type=Path, default=None, help="table: calibrate on this results "
+                        "folder's calibration split (e.g. benchmarks/results/table1_v2) and treat every run under "
+                        "--results as a test run")
     parser.add_argument("--concept", default=None, help="noise: the concept folder name, e.g. c000-new_shape")
     parser.add_argument("--steps-to-probe", type=int, nargs="+", default=None, help="noise: snapshot steps")
     parser.add_argument("--seeds", type=int, default=16, help="noise: sampling seeds")
@@ -689,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:
                         "snapshots, stop steps that have no probe yet (e.g. the fixed budget)")
     args = parser.parse_args(argv)
     args.argv = list(sys.argv[1:] if argv is None else argv)
+    suffix = "" if args.concept_seed == DEFAULT_CONCEPT_SEED else f"seed{args.concept_seed}"
+    args.workdir = args.workdir or "runs/table1-v2" + (f"-{suffix}" if suffix else "")
+    args.results = args.results or "benchmarks/results/table1_v2" + (f"_{suffix}" if suffix else "")
     if args.phase == "run":
         return run_phase(args)
     if args.phase == "noise":

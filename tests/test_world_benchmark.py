@@ -185,7 +185,7 @@ def test_table1_v2_rows_on_synthetic_runs():
     test = [synthetic_run(at, f"c05{i}-x", max_steps=600) for i, at in enumerate((130, 150, 150, 200, 130))]
     for run in calibration + test:  # training-prompt identity (encoder ES reads it) = evaluation identity
         run.probes = {s: [row[1], row[1], row[2]] for s, row in run.probes.items()}
-    args = argparse.Namespace(probe_missing=False, workdir="unused", results="unused")
+    args = argparse.Namespace(probe_missing=False, workdir="unused", results="unused", calibration_results=None)
     pace = {r.name: 0.5 for r in calibration + test}
     # the table's converged length averages 5 probes: its centred mean first holds only the plateau at 140
     assert v2.method_rows(args, "textual_inversion", calibration, test, pace)["converged_length"] == 140
@@ -215,6 +215,34 @@ def test_table1_v2_rows_on_synthetic_runs():
     # the goal line names the distance: calibrated DVAR (130 steps) cannot be 5x faster than the converged length
     goal = v2.goal_lines("textual_inversion", data)[0]
     assert "speed-up 1.0x over the converged length 130 (goal >= 5x: not met, 104 mean steps too many)" in goal
+
+
+def test_table1_v2_held_out_seed_calibrates_on_the_committed_study(tmp_path):
+    """--concept-seed S draws other concepts into their own folders; --calibration-results calibrates on another
+    study's concepts 0-49 and tests on every run of this one (the check on concepts never used for settings)."""
+    from lightning_custom.world.concepts import make_concept
+    from tests.test_calibrate import synthetic_run, write_run
+
+    v2 = load_table1_v2()
+    assert v2.concept_of("c003-x", 7).attrs != v2.concept_of("c003-x").attrs == make_concept(3).attrs
+    committed, other = tmp_path / "committed", tmp_path / "other"
+    for i, at in enumerate((130, 130, 150)):
+        write_run(committed / v2.RESULT_RUNS / "dreambooth_lora" / f"c00{i}-x", synthetic_run(at, max_steps=600))
+    write_run(committed / v2.RESULT_RUNS / "dreambooth_lora" / "c050-x", synthetic_run(400, max_steps=600))
+    for i, at in enumerate((200, 130)):  # the other seed's indices 0-1 and 50: all of them test runs
+        write_run(other / v2.RESULT_RUNS / "dreambooth_lora" / f"c00{i}-x", synthetic_run(at, max_steps=600))
+    write_run(other / v2.RESULT_RUNS / "dreambooth_lora" / "c050-x", synthetic_run(150, max_steps=600))
+    calibration, test, _ = v2.load_method_runs(other, "dreambooth_lora", committed)
+    assert [r.name for r in calibration] == ["c000-x", "c001-x", "c002-x"]
+    assert sorted(r.name for r in test) == ["c000-x", "c001-x", "c050-x"]
+    assert sorted(r.probes[200][1] for r in test) == [1.0, 1.0, 1.0]  # the other study's runs, not the committed
+    assert sorted(r.probes[140][1] for r in calibration) == [0.5, 1.0, 1.0]
+    # defaults: another seed gets its own work and results folders, so no committed run is reused for it
+    parsed = {}
+    v2.table_phase, v2.run_phase = (lambda a: parsed.setdefault("table", a) and 0), (lambda a: 0)
+    v2.main(["table", "--concept-seed", "7", "--calibration-results", str(committed)])
+    assert parsed["table"].workdir == "runs/table1-v2-seed7"
+    assert parsed["table"].results == "benchmarks/results/table1_v2_seed7"
 
 
 def test_recolour_and_prior_fidelity_can_fail():
