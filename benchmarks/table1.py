@@ -128,12 +128,19 @@ def run_config(method: str, concept, folder: Path, args, live: bool) -> dict:
     return config
 
 
+def finished(run_dir: Path) -> bool:
+    """Whether ``run_dir`` holds a run that ran to its end: a run stopped by Ctrl-C or a signal also writes
+    summary.json (``stopped_by: interrupted``), and is trained again from step 0 instead of being reused."""
+    summary = run_dir / "summary.json"
+    return summary.is_file() and json.loads(summary.read_text()).get("stopped_by") != "interrupted"
+
+
 def fit(config: dict, path: Path) -> dict:
     """Trains one run in-process (skipped when its summary exists) and returns its summary."""
     from lightning_custom.cli import main
 
     run_dir = Path(config["trainer"]["default_root_dir"])
-    if not (run_dir / "summary.json").exists():
+    if not finished(run_dir):
         TRAINED["runs"] += 1
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(yaml.safe_dump(config, sort_keys=False))

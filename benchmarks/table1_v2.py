@@ -157,7 +157,7 @@ def run_phase(args) -> int:
             concept.write_images(work / "concepts" / concept.name)
         run_dir, config_file = run_paths(work, method, concept.name)
         began = time.time()
-        trained = not (run_dir / "summary.json").exists()
+        trained = not v1.finished(run_dir)
         summary = v1.fit(long_config(method, concept, args), config_file)
         exact = exact_probe(run_dir, config_file)
         target = results / method / concept.name

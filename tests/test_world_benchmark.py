@@ -57,6 +57,30 @@ def test_replay_variants_reads_each_stop_and_its_quality():
     assert longer["step"] != dvar_step
 
 
+def test_fit_trains_an_interrupted_run_again_and_reuses_a_finished_one(tmp_path, monkeypatch):
+    """A run stopped by a signal writes summary.json too (stopped_by: interrupted): the benchmark must not take it
+    for a finished run (it did, and its probes then refused it)."""
+    import json
+
+    import lightning_custom.cli
+
+    v1 = load_table1()
+    calls = []
+
+    def fake_main(argv):
+        calls.append(argv)
+        (tmp_path / "run" / "summary.json").write_text(json.dumps({"stopped_by": "max_steps", "global_step": 30}))
+
+    monkeypatch.setattr(lightning_custom.cli, "main", fake_main)
+    config = {"trainer": {"default_root_dir": str(tmp_path / "run")}}
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "summary.json").write_text(json.dumps({"stopped_by": "interrupted", "global_step": 12}))
+    assert not v1.finished(tmp_path / "run")
+    assert v1.fit(config, tmp_path / "config.yaml")["global_step"] == 30 and len(calls) == 1
+    assert v1.finished(tmp_path / "run")
+    assert v1.fit(config, tmp_path / "config.yaml")["global_step"] == 30 and len(calls) == 1  # reused
+
+
 def test_table1_smoke_on_two_concepts(tmp_path):
     WorldEncoder(width=8, dim=16).save(tmp_path / "encoder")
     table1 = load_table1()
