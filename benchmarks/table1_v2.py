@@ -8,8 +8,8 @@ Three phases, each resumable (finished runs, probes and files are reused):
     evaluation. After the run, every step where a setting of the calibration grid
     (:func:`lightning_custom.calibrate.grid_stop_steps`) stops is probed from its snapshot into
     ``exact_probes.json``, with the same sampling seeds as the periodic probes (paired across steps and variants).
-    Snapshots stay in the work folder, so more steps can be probed later (full DreamBooth's: ~1.3 GB per run;
-    its runs before 2026-11-30 21:00 deleted theirs once probed). ``summary.json`` (without the training-loss series) and ``exact_probes.json``
+    Snapshots stay in the work folder, so more steps can be probed later; full DreamBooth's (the whole UNet) are
+    deleted once probed, and ``table --probe-missing`` trains the run again to any step it still needs. ``summary.json`` (without the training-loss series) and ``exact_probes.json``
     are copied to ``--results``/probed_runs.
 ``noise``: the probe's own noise: one run's snapshots at given steps, probed with ``--seeds`` sampling seeds.
 ``table``: the second-edition table from the runs that exist (see :func:`main`).
@@ -26,6 +26,7 @@ import copy
 import json
 import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -36,10 +37,10 @@ import table1 as v1  # noqa: E402  (the first edition: method settings, run conf
 
 ROOT = Path(__file__).resolve().parents[1]
 LONG_STEPS = {"textual_inversion": 1200, "dreambooth_lora": 900, "custom_diffusion": 600, "dreambooth": 600}
-# Snapshots kept after a run, so stops the grid did not foresee (the equal-cost fixed budget) are probed exactly.
-# DreamBooth's (the whole UNet, ~11 MB each, ~1.3 GB per 600-step run) are kept since 2026-11-30 21:00; its runs
-# before that deleted theirs, and their unforeseen stops are read at the last periodic probe.
-KEEP_SNAPSHOTS = {"textual_inversion", "dreambooth_lora", "custom_diffusion", "dreambooth"}
+# Snapshots kept after a run, so stops the grid did not foresee (the equal-cost fixed budget) are probed from them.
+# Full DreamBooth's (the whole UNet, ~11 MB each: 2.6 GB per 1200-step run) are deleted once the grid's stops are
+# probed; `table --probe-missing` trains such a run again to the steps it needs (replay_snapshots: bit-identical).
+KEEP_SNAPSHOTS = {"textual_inversion", "dreambooth_lora", "custom_diffusion"}
 CALIBRATION, TEST = range(0, 50), range(50, 100)
 DEFAULT_CONCEPT_SEED = 2024  # world.concepts.heldout_concepts' seed: the concepts this repository's study uses
 RESULT_RUNS = "probed_runs"  # not "runs": .gitignore ignores every folder of that name
@@ -116,28 +117,48 @@ def read_fidelity(folder: Path) -> dict[int, dict[str, float]]:
 
 
 def fidelity_probe(run_dir: Path, config_file: Path, name: str, steps: list[int], copies: list[Path],
-                   seed: int = DEFAULT_CONCEPT_SEED) -> dict:
+                   seed: int = DEFAULT_CONCEPT_SEED, snapshot_dir: Path | None = None) -> dict:
     """Recolour / prior fidelity (:func:`lightning_custom.world.probe.fidelity_checks`) of every step in ``steps``
-    that has a snapshot (step 0: the weights before training) and no score yet; written to ``run_dir`` and
-    ``copies``. Returns every score of the run."""
+    that has a snapshot (in ``snapshot_dir``, default the run's own; step 0: the weights before training) and no
+    score yet; written to ``run_dir`` and ``copies``. Returns every score of the run."""
     from dataclasses import asdict
 
     from lightning_custom.io import write_json
     from lightning_custom.world.probe import fidelity_checks, fidelity_snapshots, snapshot_steps
 
+    snapshot_dir = snapshot_dir or run_dir / "snapshots"
     done = read_fidelity(run_dir) or (read_fidelity(copies[0]) if copies else {})
-    available = set(snapshot_steps(run_dir / "snapshots")) | {0}
+    available = set(snapshot_steps(snapshot_dir)) | {0}
     needed = sorted({s for s in steps if s in available and s not in done})
     if needed and config_file.is_file():
         checks = fidelity_checks(concept_of(name, seed))
         start = time.time()
-        done.update(fidelity_snapshots(config_file, run_dir / "snapshots", needed, checks))
+        done.update(fidelity_snapshots(config_file, snapshot_dir, needed, checks))
         report = {"checks": [asdict(c) for c in checks], "seconds": round(time.time() - start, 1),
                   "steps": {str(s): done[s] for s in sorted(done)}}
         for folder in [run_dir, *copies]:
             if folder.is_dir():
                 write_json(folder / FIDELITY_FILE, report)
     return done
+
+
+def replay_snapshots(config_file: Path, steps: list[int], folder: Path) -> Path:
+    """Train the run of ``config_file`` again up to the last of ``steps``, saving its trainable weights at ``steps``
+    into ``folder``/snapshots (returned): the scheme for full DreamBooth, whose snapshots are not kept.
+
+    Training is deterministic (same config, seed and data order; the original's periodic probes included), so these
+    are the original run's weights at those steps; ``test_replayed_snapshots_equal_the_kept_ones`` checks it.
+    """
+    import yaml
+
+    config = yaml.safe_load(config_file.read_text())
+    config["trainer"]["default_root_dir"] = str(folder / "run")
+    for callback in config["trainer"]["callbacks"]:
+        if callback["class_path"].endswith(".TrainableSnapshots"):
+            callback["init_args"] = {"dirpath": str(folder / "snapshots"), "steps": sorted(steps),
+                                     "stop_after_last": True}
+    v1.fit(config, folder / "config.yaml")
+    return folder / "snapshots"
 
 
 def run_phase(args) -> int:
@@ -251,28 +272,46 @@ def load_method_runs(results: Path, method: str, calibration_results: Path | Non
 
 def probe_missing(args, method: str, runs: list, steps: dict[str, set[int]]) -> None:
     """Probe, from the work folder's snapshots, each run's steps in ``steps`` (by run name) that have no identity
-    probe yet (where a snapshot exists), and their recolour / prior fidelity; one model rebuild per run."""
-    from lightning_custom.calibrate import EXACT_PROBES_FILE
-    from lightning_custom.io import write_json
-    from lightning_custom.world.probe import probe_snapshots, snapshot_steps
+    probe yet, and their recolour / prior fidelity; one model rebuild per run. A run whose snapshots were not kept
+    (full DreamBooth) is trained again to those steps (:func:`replay_snapshots`)."""
+    from lightning_custom.world.probe import snapshot_steps
 
     for run in runs:
         run_dir, config_file = run_paths(Path(args.workdir), method, run.name)
         copy = Path(args.results) / RESULT_RUNS / method / run.name
         if not config_file.is_file():
             continue
-        available = set(snapshot_steps(run_dir / "snapshots"))
-        missing = sorted(s for s in steps[run.name] if s in available and s not in run.probes and s not in run.exact)
-        if missing:
-            scores = probe_snapshots(config_file, run_dir / "snapshots", missing)
-            run.exact.update({s: rows[0] for s, rows in scores.items()})
-            for folder in (run_dir, copy):
-                path = folder / EXACT_PROBES_FILE
-                done = json.loads(path.read_text()) if path.is_file() else {"steps": {}}
-                done["steps"].update({str(s): run.exact[s] for s in missing})
-                done["steps"] = dict(sorted(done["steps"].items(), key=lambda kv: int(kv[0])))
-                write_json(path, done)
-        fidelity_probe(run_dir, config_file, run.name, sorted(steps[run.name]), [copy], args.concept_seed)
+        snapshot_dir = run_dir / "snapshots"
+        available = set(snapshot_steps(snapshot_dir))
+        missing = sorted(s for s in steps[run.name] if s not in run.probes and s not in run.exact)
+        unscored = {s for s in steps[run.name] if s and s not in read_fidelity(copy)}
+        wanted = sorted(set(missing) | unscored)
+        with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run.name}-replay-") as replay:
+            if any(s not in available for s in wanted):  # snapshots not kept: train the run again to these steps
+                snapshot_dir = replay_snapshots(config_file, wanted, Path(replay))
+                print(f"{method} {run.name}: steps {wanted} replayed from step 0 (snapshots not kept)", flush=True)
+            probe_steps(args, method, run, run_dir, config_file, copy, snapshot_dir, missing, steps[run.name])
+
+
+def probe_steps(args, method: str, run, run_dir: Path, config_file: Path, copy: Path, snapshot_dir: Path,
+                missing: list[int], fidelity_steps: set[int]) -> None:
+    """Identity of the ``missing`` steps and recolour / prior fidelity of ``fidelity_steps`` from ``snapshot_dir``
+    (where it has them), written to the run's and its copy's probe files."""
+    from lightning_custom.calibrate import EXACT_PROBES_FILE
+    from lightning_custom.io import write_json
+    from lightning_custom.world.probe import probe_snapshots, snapshot_steps
+
+    missing = [s for s in missing if s in set(snapshot_steps(snapshot_dir))]
+    if missing:
+        scores = probe_snapshots(config_file, snapshot_dir, missing)
+        run.exact.update({s: rows[0] for s, rows in scores.items()})
+        for folder in (run_dir, copy):
+            path = folder / EXACT_PROBES_FILE
+            done = json.loads(path.read_text()) if path.is_file() else {"steps": {}}
+            done["steps"].update({str(s): run.exact[s] for s in missing})
+            done["steps"] = dict(sorted(done["steps"].items(), key=lambda kv: int(kv[0])))
+            write_json(path, done)
+    fidelity_probe(run_dir, config_file, run.name, sorted(fidelity_steps), [copy], args.concept_seed, snapshot_dir)
 
 
 def method_rows(args, method: str, calibration: list, test: list, pace: dict[str, float]) -> dict:
@@ -529,11 +568,12 @@ def table_phase(args) -> int:
              + f". The issue's study asks for at least {STUDY_CONCEPTS} concepts per split; with fewer, every number "
              "below is a first look, the calibrated setting is fitted to a handful of concepts, and a worst decile "
              "is the single worst concept.**", "",
-             "Runs: " + ", ".join(f"{m} {args.steps or LONG_STEPS[m]}" for m in args.methods) + " steps (3x the "
-             "first edition's full length), DVAR observing "
+             "Runs: " + ", ".join(f"{m} {args.steps or LONG_STEPS[m]} steps "
+                                  f"({(args.steps or LONG_STEPS[m]) / v1.METHODS[m].steps:g}x the first edition's "
+                                  "full length)" for m in args.methods) + ", DVAR observing "
              f"(L_det every {EVAL_EVERY} steps), identity probes every {args.probe_every} steps and at every replayed "
-             "stop step (from snapshots of the trainable weights; 'exact stops' counts the stops read at their own "
-             "step). Converged length: the first probe step after which the calibration split's median identity "
+             "stop step (from snapshots of the trainable weights, or for full DreamBooth from a deterministic replay "
+             "of the run to that step; 'exact stops' counts the stops read at their own step). Converged length: the first probe step after which the calibration split's median identity "
              f"(averaged over {SMOOTH_PROBES} consecutive probes) never rises more than 1% above its value there. "
              "Retention: identity / the concept's converged identity (mean of its probes "
              "from the converged length or half the run on). Worst decile: the mean retention of the worst 10% of "

@@ -4,6 +4,8 @@ fail, and the smoke paths end to end."""
 from __future__ import annotations
 
 import importlib.util
+import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -152,6 +154,49 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
     tolerance = 5e-4
     assert exact == pytest.approx(live_summary["world_probe_history"][-1][1:], abs=tolerance)
     assert max(abs(a - b) for a, b in zip(exact, summary["world_probe_history"][1][1:])) > 2 * tolerance
+
+
+def test_replayed_snapshots_equal_the_kept_ones(tmp_path, monkeypatch):
+    """Full DreamBooth's snapshots are not kept: a stop the grid did not foresee is read from a replay of the run
+    (same config, trained again from step 0 to that step), whose weights are the original run's, bit for bit."""
+    import argparse
+
+    import torch
+    from safetensors.torch import load_file
+
+    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.world.probe import probe_snapshots, snapshot_steps
+
+    torch.manual_seed(0)
+    WorldEncoder(width=8, dim=16).save(tmp_path / "encoder")
+    v2 = load_table1_v2()
+    monkeypatch.setattr(v2, "KEEP_SNAPSHOTS", {"dreambooth"})  # kept here, to compare the replay with them
+    work = tmp_path / "work"
+    argv = ["run", "--concepts", "0", "--methods", "dreambooth", "--steps", "20", "--probe-every", "10",
+            "--probe-images", "1", "--probe-inference-steps", "2", "--class-images", "2", "--workdir", str(work),
+            "--results", str(tmp_path / "results"), "--encoder", str(tmp_path / "encoder")]
+    assert v2.main(argv) == 0
+    name = heldout_concepts(1)[0].name
+    run_dir, config_file = v2.run_paths(work, "dreambooth", name)
+    kept = run_dir / "snapshots"
+    replayed = v2.replay_snapshots(config_file, [10, 15], tmp_path / "replay")
+    assert snapshot_steps(replayed) == [10, 15]  # only the asked steps, and the replay ended at the last one
+    assert json.loads((tmp_path / "replay" / "run" / "summary.json").read_text())["stop_step"] == 15
+    for step in (10, 15):
+        original, again = (load_file(str(d / f"step-{step:06d}.safetensors")) for d in (kept, replayed))
+        assert original.keys() == again.keys() and len(original) > 10  # the whole UNet
+        assert all(torch.equal(original[k], again[k]) for k in original)
+    # The table's --probe-missing takes that path when the snapshots are gone: step 15 is read at step 15.
+    expected = probe_snapshots(config_file, kept, [15])[15][0]
+    shutil.rmtree(kept)
+    from lightning_custom.calibrate import load_probed_run
+
+    run = load_probed_run(tmp_path / "results" / "probed_runs" / "dreambooth" / name / "summary.json", name)
+    run.exact.pop(15, None)
+    args = argparse.Namespace(workdir=str(work), results=str(tmp_path / "results"), concept_seed=2024)
+    v2.probe_missing(args, "dreambooth", [run], {name: {15}})
+    assert run.exact[15] == pytest.approx(expected, abs=5e-4)
+    assert not kept.exists() and not list(run_dir.parent.glob(".*-replay-*"))  # the replay left nothing behind
 
 
 @pytest.mark.slow  # two 30-step runs, their probes and the post hoc fidelity: ~40 CPU-seconds, 2+ minutes when shared

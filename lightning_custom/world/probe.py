@@ -155,16 +155,27 @@ class TrainableSnapshots(Callback):
     (:func:`probe_snapshots`), instead of at the last periodic probe before it. The files hold only parameters with
     ``requires_grad`` (a token embedding, LoRA or Custom Diffusion weights: small; full DreamBooth: the whole UNet).
 
+    A run's snapshots can also be made again later, without keeping them on disk (full DreamBooth's are ~11 MB
+    each): training is deterministic, so the same config with ``steps`` and ``stop_after_last`` saves the weights of
+    the original run at those steps and ends after the last one.
+
     Args:
         dirpath: folder of the ``step-NNNNNN.safetensors`` files.
         every_n_evaluations: keep every this many evaluations (1: all of them).
+        steps: save only at these steps (evaluation steps); ``None``: at every kept evaluation.
+        stop_after_last: end training once the last of ``steps`` is saved.
     """
 
-    def __init__(self, dirpath: str, every_n_evaluations: int = 1) -> None:
+    def __init__(self, dirpath: str, every_n_evaluations: int = 1, steps: list[int] | None = None,
+                 stop_after_last: bool = False) -> None:
         super().__init__()
         if every_n_evaluations < 1:
             raise UserInputError("TrainableSnapshots: every_n_evaluations must be at least 1")
+        if stop_after_last and not steps:
+            raise UserInputError("TrainableSnapshots: stop_after_last needs the steps to save")
         self.dirpath, self.every_n_evaluations = dirpath, every_n_evaluations
+        self.steps = sorted(set(steps)) if steps else None
+        self.stop_after_last = stop_after_last
         self.evaluations = 0
 
     def save(self, pl_module: L.LightningModule, step: int) -> None:
@@ -184,11 +195,20 @@ class TrainableSnapshots(Callback):
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if trainer.sanity_checking or trainer.state.fn != "fit" or not trainer.is_global_zero:
+        if trainer.sanity_checking or trainer.state.fn != "fit":
             return
         self.evaluations += 1
-        if (self.evaluations - 1) % self.every_n_evaluations == 0:
-            self.save(pl_module, trainer.global_step)
+        step = trainer.global_step
+        if self.stop_after_last and step >= self.steps[-1]:  # on every rank, so all of them stop together
+            trainer.should_stop = True
+        if not trainer.is_global_zero:
+            return
+        if self.steps is not None:
+            keep = step in self.steps
+        else:
+            keep = (self.evaluations - 1) % self.every_n_evaluations == 0
+        if keep:
+            self.save(pl_module, step)
 
     @override
     def state_dict(self) -> dict[str, Any]:
