@@ -9,8 +9,9 @@ Three phases, each resumable (finished runs, probes and files are reused):
     (:func:`lightning_custom.calibrate.grid_stop_steps`) stops is probed from its snapshot into
     ``exact_probes.json``, with the same sampling seeds as the periodic probes (paired across steps and variants).
     Snapshots stay in the work folder, so more steps can be probed later; full DreamBooth's (the whole UNet) are
-    deleted once probed, and ``table --probe-missing`` trains the run again to any step it still needs. ``summary.json`` (without the training-loss series) and ``exact_probes.json``
-    are copied to ``--results``/probed_runs.
+    deleted once probed, and ``table --probe-missing`` trains the run again to any step it still needs.
+    ``summary.json`` (without the training-loss series) and ``exact_probes.json`` are copied to
+    ``--results``/probed_runs.
 ``noise``: the probe's own noise: one run's snapshots at given steps, probed with ``--seeds`` sampling seeds.
 ``table``: the second-edition table from the runs that exist (see :func:`main`).
 
@@ -284,16 +285,17 @@ def probe_missing(args, method: str, runs: list, steps: dict[str, set[int]]) -> 
         snapshot_dir = run_dir / "snapshots"
         available = set(snapshot_steps(snapshot_dir))
         missing = sorted(s for s in steps[run.name] if s not in run.probes and s not in run.exact)
-        unscored = {s for s in steps[run.name] if s and s not in read_fidelity(copy)}
+        scored = read_fidelity(copy)
+        unscored = {s for s in steps[run.name] if s and s not in scored}
         wanted = sorted(set(missing) | unscored)
         with tempfile.TemporaryDirectory(dir=run_dir.parent, prefix=f".{run.name}-replay-") as replay:
             if any(s not in available for s in wanted):  # snapshots not kept: train the run again to these steps
                 snapshot_dir = replay_snapshots(config_file, wanted, Path(replay))
                 print(f"{method} {run.name}: steps {wanted} replayed from step 0 (snapshots not kept)", flush=True)
-            probe_steps(args, method, run, run_dir, config_file, copy, snapshot_dir, missing, steps[run.name])
+            probe_steps(args, run, run_dir, config_file, copy, snapshot_dir, missing, steps[run.name])
 
 
-def probe_steps(args, method: str, run, run_dir: Path, config_file: Path, copy: Path, snapshot_dir: Path,
+def probe_steps(args, run, run_dir: Path, config_file: Path, copy: Path, snapshot_dir: Path,
                 missing: list[int], fidelity_steps: set[int]) -> None:
     """Identity of the ``missing`` steps and recolour / prior fidelity of ``fidelity_steps`` from ``snapshot_dir``
     (where it has them), written to the run's and its copy's probe files."""
