@@ -277,6 +277,9 @@ def probe_missing(args, method: str, runs: list, steps: dict[str, set[int]]) -> 
     (full DreamBooth) is trained again to those steps (:func:`replay_snapshots`)."""
     from lightning_custom.world.probe import snapshot_steps
 
+    if args.shard:  # N processes share the probing (full DreamBooth's replays take minutes each)
+        k, n = (int(x) for x in args.shard.split("/"))
+        runs = runs[k::n]
     for run in runs:
         run_dir, config_file = run_paths(Path(args.workdir), method, run.name)
         copy = Path(args.results) / RESULT_RUNS / method / run.name
@@ -365,6 +368,8 @@ def method_rows(args, method: str, calibration: list, test: list, pace: dict[str
             wanted = {r.name: {variant[i] for variant in stops.values()} | curve[r.name]
                       for i, r in enumerate(runs)}
             probe_missing(args, method, runs, wanted)
+            if args.shard:  # this process probed only its share: the other shards' probes may still be missing
+                continue
         fidelity = {r.name: read_fidelity(results / RESULT_RUNS / method / r.name) for r in runs}
         rows = {}
         for variant in [*(r for r in ROWS if r in stops), *(k for k in stops if k not in ROWS)]:
@@ -558,6 +563,9 @@ def table_phase(args) -> int:
             data[method] = method_rows(args, method, calibration, test, pace)
         else:
             data[method] = {"splits": {}}
+    if args.shard:
+        print(f"probe shard {args.shard} done; run the table without --shard once every shard has finished")
+        return 0
     noise = sorted(results.glob("probe_noise_*.json"))
     header = ["| method | variant | concepts | identity | retention | worst-decile retention | fidelity: background | "
               "fidelity: recolour (n) | fidelity: prior (n) | mean steps | median steps | speed-up (x) | seconds | "
@@ -750,10 +758,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps-to-probe", type=int, nargs="+", default=None, help="noise: snapshot steps")
     parser.add_argument("--seeds", type=int, default=16, help="noise: sampling seeds")
     parser.add_argument("--shard", default=None, metavar="K/N", help="run: only jobs K, K+N, ... of the (concept, "
-                        "method) list, so N processes can share the runs (e.g. 0/2 and 1/2 on two free cores)")
+                        "method) list, so N processes can share the runs (e.g. 0/2 and 1/2 on two free cores); "
+                        "table --probe-missing: probe only runs K, K+N, ... of each split and write no table (then "
+                        "run the table once more without --shard)")
     parser.add_argument("--probe-missing", action="store_true", help="table: probe, from the work folder's "
                         "snapshots, stop steps that have no probe yet (e.g. the fixed budget)")
     args = parser.parse_args(argv)
+    if args.shard and args.phase == "table" and not args.probe_missing:
+        parser.error("--shard: the table phase shares only its probing (--probe-missing) between processes")
     args.argv = list(sys.argv[1:] if argv is None else argv)
     suffix = "" if args.concept_seed == DEFAULT_CONCEPT_SEED else f"seed{args.concept_seed}"
     args.workdir = args.workdir or "runs/table1-v2" + (f"-{suffix}" if suffix else "")

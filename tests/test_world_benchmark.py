@@ -193,7 +193,7 @@ def test_replayed_snapshots_equal_the_kept_ones(tmp_path, monkeypatch):
 
     run = load_probed_run(tmp_path / "results" / "probed_runs" / "dreambooth" / name / "summary.json", name)
     run.exact.pop(15, None)
-    args = argparse.Namespace(workdir=str(work), results=str(tmp_path / "results"), concept_seed=2024)
+    args = argparse.Namespace(workdir=str(work), results=str(tmp_path / "results"), concept_seed=2024, shard=None)
     v2.probe_missing(args, "dreambooth", [run], {name: {15}})
     assert run.exact[15] == pytest.approx(expected, abs=5e-4)
     assert not kept.exists() and not list(run_dir.parent.glob(".*-replay-*"))  # the replay left nothing behind
@@ -284,6 +284,32 @@ def test_table1_v2_rows_on_synthetic_runs():
     # the goal line names the distance: calibrated DVAR (130 steps) cannot be 5x faster than the converged length
     goal = v2.goal_lines("textual_inversion", data)[0]
     assert "speed-up 1.0x over the converged length 130 (goal >= 5x: not met, 104 mean steps too many)" in goal
+
+
+def test_table1_v2_probe_shards_split_the_runs_and_write_no_table(tmp_path, monkeypatch):
+    """table --probe-missing --shard K/N probes runs K, K+N, ... of each split (full DreamBooth's replays take
+    minutes each, so two processes share them) and writes no table, whose rows need every shard's probes."""
+    import argparse
+
+    from tests.test_calibrate import synthetic_run
+
+    v2 = load_table1_v2()
+    calibration = [synthetic_run(130, f"c00{i}-x", max_steps=600) for i in range(5)]
+    test = [synthetic_run(150, f"c05{i}-x", max_steps=600) for i in range(5)]
+    probed = []
+
+    def fake_paths(work, method, name):  # record the run, then skip it (no config file): nothing is trained
+        probed.append(name)
+        return tmp_path / name, tmp_path / name / "missing.yaml"
+
+    monkeypatch.setattr(v2, "run_paths", fake_paths)
+    args = argparse.Namespace(probe_missing=True, workdir="unused", results=str(tmp_path), calibration_results=None,
+                              shard="1/2")
+    data = v2.method_rows(args, "textual_inversion", calibration, test, {})
+    assert probed == ["c051-x", "c053-x", "c001-x", "c003-x"]  # test split first, then calibration
+    assert data["splits"] == {}
+    with pytest.raises(SystemExit):  # sharing makes sense only for the probing
+        v2.main(["table", "--shard", "0/2"])
 
 
 def test_table1_v2_held_out_seed_calibrates_on_the_committed_study(tmp_path):
