@@ -284,6 +284,10 @@ def test_table1_v2_rows_on_synthetic_runs():
     # the goal line names the distance: calibrated DVAR (130 steps) cannot be 5x faster than the converged length
     goal = v2.goal_lines("textual_inversion", data)[0]
     assert "speed-up 1.0x over the converged length 130 (goal >= 5x: not met, 104 mean steps too many)" in goal
+    # the ceiling of any rule: the concepts learned at 150 and 200 count at the cap, 130, like every rule's stop
+    assert goal.endswith("would take 130 mean steps (1.0x)")
+    data["splits"]["test"]["oracle"] = [50, 100, 130, 200, 130]  # 200 counts as 130: mean 108
+    assert v2.goal_lines("textual_inversion", data)[0].endswith("would take 108 mean steps (1.2x)")
 
 
 def test_table1_v2_probe_shards_split_the_runs_and_write_no_table(tmp_path, monkeypatch):
