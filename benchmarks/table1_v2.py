@@ -441,7 +441,7 @@ def goal_lines(method: str, data: dict) -> list[str]:
               f"worst decile {tuned.worst_decile_retention:.3f} vs the equal-cost fixed budget's "
               f"{fixed.worst_decile_retention:.3f} (difference SE {gap_se:.3f}; goal: more: "
               f"{verdict(gap < 0, f'{gap:.3f} short')})"]
-    # The ceiling for any stopping rule in this world: each concept stopped at its own 97% step (capped like the rules)
+    # What a rule that knew each concept could reach: every concept stopped at its own 97% step (capped like the rules)
     oracle = np.mean([min(step, length) for step in part["oracle"]])
     checks.append(f"an oracle stopping each concept at its first probe with 97% of its converged identity would "
                   f"take {oracle:.0f} mean steps ({length / max(oracle, 1):.1f}x)")
