@@ -60,6 +60,14 @@ def parse_concepts(spec: str) -> list[int]:
     return list(dict.fromkeys(out))
 
 
+def shard(items: list, spec: str | None) -> list:
+    """Items K, K+N, ... for ``spec`` "K/N" (all of them for None): N processes share a list."""
+    if not spec:
+        return items
+    k, n = (int(x) for x in spec.split("/"))
+    return items[k::n]
+
+
 def run_paths(work: Path, method: str, concept_name: str) -> tuple[Path, Path]:
     """(run folder, config file) of one long run."""
     return work / "runs" / "full" / method / concept_name, work / "configs" / method / f"{concept_name}.yaml"
@@ -170,10 +178,7 @@ def run_phase(args) -> int:
     concepts = heldout_concepts(max(parse_concepts(args.concepts)) + 1, seed=args.concept_seed)
     start = time.time()
     jobs = [(index, method) for index in parse_concepts(args.concepts) for method in args.methods]
-    if args.shard:
-        k, n = (int(x) for x in args.shard.split("/"))
-        jobs = jobs[k::n]
-    for index, method in jobs:
+    for index, method in shard(jobs, args.shard):
         concept = concepts[index]
         if not (work / "concepts" / concept.name).exists():
             concept.write_images(work / "concepts" / concept.name)
@@ -277,10 +282,7 @@ def probe_missing(args, method: str, runs: list, steps: dict[str, set[int]]) -> 
     (full DreamBooth) is trained again to those steps (:func:`replay_snapshots`)."""
     from lightning_custom.world.probe import snapshot_steps
 
-    if args.shard:  # N processes share the probing (full DreamBooth's replays take minutes each)
-        k, n = (int(x) for x in args.shard.split("/"))
-        runs = runs[k::n]
-    for run in runs:
+    for run in shard(runs, args.shard):  # N processes may share the probing (DreamBooth's replays take minutes)
         run_dir, config_file = run_paths(Path(args.workdir), method, run.name)
         copy = Path(args.results) / RESULT_RUNS / method / run.name
         if not config_file.is_file():
