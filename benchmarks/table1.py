@@ -70,6 +70,22 @@ METHODS: dict[str, MethodSettings] = {
 }
 
 
+def shard_spec(text: str) -> tuple[int, int]:
+    """Parse ``--shard K/N`` (this process's share K of N processes), refusing a K outside 0..N-1.
+
+    Raises:
+        argparse.ArgumentTypeError: for anything but two integers with 0 <= K < N (so "2/2" cannot silently
+            skip job 0, which no shard of 1/2 and 2/2 would run).
+    """
+    try:
+        k, n = (int(part) for part in text.split("/"))
+    except ValueError:
+        k, n = -1, 0
+    if not 0 <= k < n:
+        raise argparse.ArgumentTypeError(f"expected K/N with 0 <= K < N (e.g. 0/2 and 1/2), got {text!r}")
+    return k, n
+
+
 def scaled(settings: MethodSettings, steps: int | None) -> tuple[int, int]:
     """(max steps, DVAR window) with the window kept at the same fraction of the run when ``steps`` is given."""
     if steps is None:
@@ -285,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-images", type=int, default=4)
     parser.add_argument("--live", type=int, default=1, help="re-train the first K concepts with live DVAR")
     parser.add_argument("--accelerator", default=None, help="override the configs' trainer.accelerator (cpu, gpu)")
-    parser.add_argument("--shard", default=None, metavar="K/N", help="only train runs K, K+N, K+2N, ... of the "
+    parser.add_argument("--shard", type=shard_spec, default=None, metavar="K/N", help="only train runs K, K+N, K+2N, ... of the "
                         "(method, concept) list and exit; run once more without --shard to replay and write the table")
     parser.add_argument("--note", default="", help="a paragraph written under the title (e.g. what the model is)")
     parser.add_argument("--workdir", default="runs/table1")
@@ -304,7 +320,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries: dict[tuple[str, str], dict] = {}
     jobs = [(method, concept) for method in args.methods for concept in concepts]
     if args.shard:
-        k, n = (int(x) for x in args.shard.split("/"))
+        k, n = args.shard
         for method, concept in jobs[k::n]:
             fit(run_config(method, concept, work, args, live=False), work / "configs" / method / f"{concept.name}.yaml")
         return 0

@@ -60,11 +60,11 @@ def parse_concepts(spec: str) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def shard(items: list, spec: str | None) -> list:
-    """Items K, K+N, ... for ``spec`` "K/N" (all of them for None): N processes share a list."""
+def shard(items: list, spec: tuple[int, int] | None) -> list:
+    """Items K, K+N, ... for ``spec`` (K, N) from ``--shard K/N`` (all of them for None): N processes share a list."""
     if not spec:
         return items
-    k, n = (int(x) for x in spec.split("/"))
+    k, n = spec
     return items[k::n]
 
 
@@ -570,7 +570,8 @@ def table_phase(args) -> int:
         else:
             data[method] = {"splits": {}}
     if args.shard:
-        print(f"probe shard {args.shard} done; run the table without --shard once every shard has finished")
+        k, n = args.shard
+        print(f"probe shard {k}/{n} done; run the table without --shard once every shard has finished")
         return 0
     noise = sorted(results.glob("probe_noise_*.json"))
     header = ["| method | variant | concepts | identity | retention | worst-decile retention | fidelity: background | "
@@ -763,9 +764,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concept", default=None, help="noise: the concept folder name, e.g. c000-new_shape")
     parser.add_argument("--steps-to-probe", type=int, nargs="+", default=None, help="noise: snapshot steps")
     parser.add_argument("--seeds", type=int, default=16, help="noise: sampling seeds")
-    parser.add_argument("--shard", default=None, metavar="K/N", help="run: only jobs K, K+N, ... of the (concept, "
-                        "method) list, so N processes can share the runs (e.g. 0/2 and 1/2 on two free cores); "
-                        "table --probe-missing: probe only runs K, K+N, ... of each split and write no table (then "
+    parser.add_argument("--shard", type=v1.shard_spec, default=None, metavar="K/N", help="run: only jobs K, K+N, "
+                        "... of the (concept, method) list, so N processes can share the runs (e.g. 0/2 and 1/2 on two "
+                        "free cores); table --probe-missing: probe only runs K, K+N, ... of each split and write no table (then "
                         "run the table once more without --shard)")
     parser.add_argument("--probe-missing", action="store_true", help="table: probe, from the work folder's "
                         "snapshots, stop steps that have no probe yet (e.g. the fixed budget)")

@@ -308,12 +308,22 @@ def test_table1_v2_probe_shards_split_the_runs_and_write_no_table(tmp_path, monk
 
     monkeypatch.setattr(v2, "run_paths", fake_paths)
     args = argparse.Namespace(probe_missing=True, workdir="unused", results=str(tmp_path), calibration_results=None,
-                              shard="1/2")
+                              shard=(1, 2))
     data = v2.method_rows(args, "textual_inversion", calibration, test, {})
     assert probed == ["c051-x", "c053-x", "c001-x", "c003-x"]  # test split first, then calibration
     assert data["splits"] == {}
     with pytest.raises(SystemExit):  # sharing makes sense only for the probing
         v2.main(["table", "--shard", "0/2"])
+
+
+@pytest.mark.parametrize("spec", ["2/2", "-1/2", "1/0", "1", "a/b"])
+def test_shard_spec_refuses_a_share_outside_0_to_n_minus_1(spec, capsys):
+    """--shard 2/2 used to take items 2, 4, ... and silently leave job 0 to no process."""
+    v2 = load_table1_v2()
+    with pytest.raises(SystemExit):
+        v2.main(["run", f"--shard={spec}"])
+    assert f"got {spec!r}" in capsys.readouterr().err
+    assert v2.v1.shard_spec("1/2") == (1, 2)
 
 
 def test_table1_v2_held_out_seed_calibrates_on_the_committed_study(tmp_path):
