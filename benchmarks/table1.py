@@ -86,6 +86,14 @@ def shard_spec(text: str) -> tuple[int, int]:
     return k, n
 
 
+def shard(items: list, spec: tuple[int, int] | None) -> list:
+    """Items K, K+N, ... for ``spec`` (K, N) from ``--shard K/N`` (all of them for None): N processes share a list."""
+    if not spec:
+        return items
+    k, n = spec
+    return items[k::n]
+
+
 def scaled(settings: MethodSettings, steps: int | None) -> tuple[int, int]:
     """(max steps, DVAR window) with the window kept at the same fraction of the run when ``steps`` is given."""
     if steps is None:
@@ -320,8 +328,7 @@ def main(argv: list[str] | None = None) -> int:
     summaries: dict[tuple[str, str], dict] = {}
     jobs = [(method, concept) for method in args.methods for concept in concepts]
     if args.shard:
-        k, n = args.shard
-        for method, concept in jobs[k::n]:
+        for method, concept in shard(jobs, args.shard):
             fit(run_config(method, concept, work, args, live=False), work / "configs" / method / f"{concept.name}.yaml")
         return 0
     for method, concept in jobs:

@@ -60,14 +60,6 @@ def parse_concepts(spec: str) -> list[int]:
     return list(dict.fromkeys(out))
 
 
-def shard(items: list, spec: tuple[int, int] | None) -> list:
-    """Items K, K+N, ... for ``spec`` (K, N) from ``--shard K/N`` (all of them for None): N processes share a list."""
-    if not spec:
-        return items
-    k, n = spec
-    return items[k::n]
-
-
 def run_paths(work: Path, method: str, concept_name: str) -> tuple[Path, Path]:
     """(run folder, config file) of one long run."""
     return work / "runs" / "full" / method / concept_name, work / "configs" / method / f"{concept_name}.yaml"
@@ -178,7 +170,7 @@ def run_phase(args) -> int:
     concepts = heldout_concepts(max(parse_concepts(args.concepts)) + 1, seed=args.concept_seed)
     start = time.time()
     jobs = [(index, method) for index in parse_concepts(args.concepts) for method in args.methods]
-    for index, method in shard(jobs, args.shard):
+    for index, method in v1.shard(jobs, args.shard):
         concept = concepts[index]
         if not (work / "concepts" / concept.name).exists():
             concept.write_images(work / "concepts" / concept.name)
@@ -282,7 +274,7 @@ def probe_missing(args, method: str, runs: list, steps: dict[str, set[int]]) -> 
     (full DreamBooth) is trained again to those steps (:func:`replay_snapshots`)."""
     from lightning_custom.world.probe import snapshot_steps
 
-    for run in shard(runs, args.shard):  # N processes may share the probing (DreamBooth's replays take minutes)
+    for run in v1.shard(runs, args.shard):  # N processes may share the probing (DreamBooth's replays take minutes)
         run_dir, config_file = run_paths(Path(args.workdir), method, run.name)
         copy = Path(args.results) / RESULT_RUNS / method / run.name
         if not config_file.is_file():
@@ -766,8 +758,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--seeds", type=int, default=16, help="noise: sampling seeds")
     parser.add_argument("--shard", type=v1.shard_spec, default=None, metavar="K/N", help="run: only jobs K, K+N, "
                         "... of the (concept, method) list, so N processes can share the runs (e.g. 0/2 and 1/2 on two "
-                        "free cores); table --probe-missing: probe only runs K, K+N, ... of each split and write no table (then "
-                        "run the table once more without --shard)")
+                        "free cores); table --probe-missing: probe only runs K, K+N, ... of each split and write no "
+                        "table (then run the table once more without --shard)")
     parser.add_argument("--probe-missing", action="store_true", help="table: probe, from the work folder's "
                         "snapshots, stop steps that have no probe yet (e.g. the fixed budget)")
     args = parser.parse_args(argv)
