@@ -309,8 +309,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--class-images", type=int, default=4)
     parser.add_argument("--live", type=int, default=1, help="re-train the first K concepts with live DVAR")
     parser.add_argument("--accelerator", default=None, help="override the configs' trainer.accelerator (cpu, gpu)")
-    parser.add_argument("--shard", type=shard_spec, default=None, metavar="K/N", help="only train runs K, K+N, K+2N, ... of the "
-                        "(method, concept) list and exit; run once more without --shard to replay and write the table")
+    parser.add_argument("--shard", type=shard_spec, default=None, metavar="K/N", help="only train runs K, K+N, "
+                        "K+2N, ... of the (method, concept) list and exit; run once more without --shard to replay and "
+                        "write the table")
     parser.add_argument("--note", default="", help="a paragraph written under the title (e.g. what the model is)")
     parser.add_argument("--workdir", default="runs/table1")
     parser.add_argument("--out", default="benchmarks/results")
