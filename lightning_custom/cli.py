@@ -12,12 +12,13 @@ runs with quality probes).
 from __future__ import annotations
 
 import itertools
+import json
 import os
 import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import NoReturn, Optional
+from typing import Any, NoReturn, Optional
 
 import torch
 
@@ -32,10 +33,18 @@ from lightning_custom.callbacks.progress import default_terminal_callbacks
 from lightning_custom.commands import COMMANDS, run_command
 from lightning_custom.data.concept import ConceptDataModule, check_data_config
 from lightning_custom.data.templates import check_templates
-from lightning_custom.errors import UserInputError
+from lightning_custom.errors import (
+    BAD_INPUT_EXIT_CODE,
+    EXIT_STATUS_HELP,
+    FinalFilesNotWritten,
+    UserInputError,
+    exit_code_for,
+)
+from lightning_custom.interrupts import exit_code_of, forward_to_workers
 from lightning_custom.methods.base import PersonalizationModule
 from lightning_custom.provenance import RunFolderSaveConfig
 from lightning_custom.quiet import quiet_expected_noise
+from lightning_custom.ranges import RANGES, check_ranges
 from lightning_custom.run_folder import (
     check_finished_run,
     check_output_dir,
@@ -151,6 +160,8 @@ class PersonalizationCLI(LightningCLI):
         if self.subcommand == "fit" and max_steps is not None and (max_steps == 0 or max_steps < -1):
             # Lightning's -1 (no step limit: max_epochs or a callback ends the run) stays allowed.
             raise UserInputError(f"--trainer.max_steps: must be at least 1 (or -1 for no step limit), got {max_steps}")
+        if self.subcommand in ("fit", "validate") and config is not None:
+            check_config_ranges(config)
         if self.subcommand == "fit" and config is not None:
             # Values that are cheap to check fail before the model's weights load (they are checked again where
             # they are used, for Python users): DVAR's settings and the prompt templates.
@@ -232,9 +243,35 @@ class PersonalizationCLI(LightningCLI):
 
     def _run_subcommand(self, subcommand: str) -> None:
         try:
-            super()._run_subcommand(subcommand)
+            if subcommand != "fit":
+                super()._run_subcommand(subcommand)
+                return
+            # With ddp_spawn this process only launches the ranks: it passes SIGTERM and Ctrl-C on to them
+            # and waits for them to save their state, then exits as they did.
+            with forward_to_workers(self.trainer) as signals:
+                try:
+                    super()._run_subcommand(subcommand)
+                except Exception as err:
+                    code = worker_exit_code(err)
+                    if code is None and signals.pending is None:
+                        raise
+                    raise SystemExit(code or exit_code_of(signals.pending)) from None
+            if signals.pending is not None:
+                raise SystemExit(exit_code_of(signals.pending))
         finally:  # a fit that ends in an exception skips after_fit: release the run folders all the same
             self.after_fit()
+
+    def fit_exit_code(self) -> int:
+        """The exit status of the finished fit, from the ``stopped_by`` of the ``summary.json`` it wrote (0 on ranks
+        other than 0, which write none; see :mod:`lightning_custom.errors`)."""
+        summary = next((c for c in self.trainer.callbacks if isinstance(c, RunSummary)), None)
+        if summary is None or not self.trainer.is_global_zero:
+            return 0
+        try:
+            written = json.loads((summary.resolve_output_dir(self.trainer) / "summary.json").read_text())
+        except (OSError, ValueError):
+            return 0
+        return exit_code_for(written.get("stopped_by") if isinstance(written, dict) else None)
 
     def _resuming(self, folder: Path) -> bool:
         """Whether this fit continues the folder's run: from a checkpoint in it (``--ckpt_path``, ``last``), or
@@ -259,7 +296,7 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
     try:
         if argv and argv[0] in COMMANDS:
             return run_command(argv)
-        return PersonalizationCLI(
+        cli = PersonalizationCLI(
             PersonalizationModule,
             ConceptDataModule,
             subclass_mode_model=True,
@@ -269,25 +306,60 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
             save_config_callback=RunFolderSaveConfig,  # config.yaml also beside summary.json
             save_config_kwargs={"overwrite": True},
             args=argv if args is not None else None,
-            parser_kwargs={"description": __doc__},
+            parser_kwargs={"description": f"{__doc__}\n{EXIT_STATUS_HELP}"},
         )
     except Exception as err:  # noqa: BLE001 - re-raised unless it is (or wraps) bad user input
         user_error = find_user_error(err)
         if user_error is None:
             raise
         print(f"error: {user_error}", file=sys.stderr)
-        raise SystemExit(2) from None
+        code = BAD_INPUT_EXIT_CODE if isinstance(user_error, UserInputError) else user_error.exit_code
+        raise SystemExit(code) from None
+    code = cli.fit_exit_code() if cli.subcommand == "fit" else 0
+    if code:  # the run ended but did not work: a scheduler must not take it for a success
+        raise SystemExit(code)
+    return cli
 
 
-def find_user_error(err: BaseException | None) -> UserInputError | None:
-    """The :class:`UserInputError` behind ``err``; jsonargparse wraps errors raised while instantiating classes."""
+def check_config_ranges(config: Any) -> None:
+    """Check every numeric argument of the parsed ``config`` against :data:`lightning_custom.ranges.RANGES`, before
+    any model loads (the classes check them again when built, for Python users)."""
+    def as_dict(value: Any) -> dict[str, Any]:
+        value = value.as_dict() if hasattr(value, "as_dict") else value
+        return value if isinstance(value, dict) else {}
+
+    for group in ("model", "data"):
+        check_ranges(group, as_dict(as_dict(config.get(group)).get("init_args")))
+    for group in ("dvar", "sample", "live_report"):
+        check_ranges(group, as_dict(config.get(group)))
+    check_ranges("cpu_threads", {"cpu_threads": config.get("cpu_threads")})
+    callbacks = as_dict(config.get("trainer")).get("callbacks") or []
+    for callback in callbacks if isinstance(callbacks, list) else [callbacks]:
+        callback = as_dict(callback)
+        name = str(callback.get("class_path", "")).rsplit(".", 1)[-1]
+        if name in RANGES:
+            check_ranges(name, as_dict(callback.get("init_args")))
+
+
+def find_user_error(err: BaseException | None) -> UserInputError | FinalFilesNotWritten | None:
+    """The :class:`UserInputError` (or :class:`FinalFilesNotWritten`) behind ``err``; jsonargparse wraps errors
+    raised while instantiating classes."""
     seen = set()
     while err is not None and id(err) not in seen:
-        if isinstance(err, UserInputError):
+        if isinstance(err, (UserInputError, FinalFilesNotWritten)):
             return err
         seen.add(id(err))
         err = err.__cause__ or err.__context__
     return None
+
+
+def worker_exit_code(err: BaseException) -> int | None:
+    """The exit status of a ``ddp_spawn`` rank that ended the fit by exiting (e.g. 143 after SIGTERM), else
+    ``None``: what the launching process should exit with, without a traceback of its own."""
+    code = getattr(err, "exit_code", None)
+    if type(err).__name__ != "ProcessExitedException" or not isinstance(code, int):
+        return None
+    return code if code > 0 else 128 - code  # killed by a signal: 128 + its number, as a shell reports it
 
 
 if __name__ == "__main__":  # pragma: no cover

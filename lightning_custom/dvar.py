@@ -88,6 +88,13 @@ DIVERGENCE_LOSS_TOLERANCE = 0.02
 DIVERGENCE_NORM_FACTOR = 100.0
 # A series whose spread is below this share of its mean has not moved at all (float32 L_det is exact to ~1e-7).
 FLAT_RELATIVE_SPREAD = 1e-6
+# Where DVAR would stop, L_det must have moved by at least this share of its level, or the run is "undertrained":
+# the ratio var(last W)/var(all) is blind to scale and falls below any threshold on a slow steady drift. On the
+# quickstart, L_det moves 0.011% at learning rate 1e-6 and 0.11% at 1e-5 before the ratio flattens (no identity
+# gain), 0.5% at 5e-5 (+0.006 identity), 17% at the default 5e-3 (+0.154); every committed study run (217 stops
+# at their own settings) moved at least 6.9% by its stop, and 0.27% at the most eager setting of a window of 4 or
+# more values (benchmarks/divergence_guard.py).
+UNDERTRAINED_RELATIVE_SPREAD = 2e-3
 
 
 def head_values(window: int) -> int:
@@ -142,16 +149,34 @@ def divergence(values: Sequence[float], window: int, initial_norm: float | None 
     return loss_divergence(values, window, tolerance)
 
 
+def relative_spread(values: Sequence[float]) -> float:
+    """``(max - min) / mean(|values|)``: how far a series moved, as a share of its level (0 for < 2 values)."""
+    if len(values) < 2:
+        return 0.0
+    series = np.asarray(values, dtype=np.float64)
+    return float(series.max() - series.min()) / max(float(np.abs(series).mean()), np.finfo(np.float64).tiny)
+
+
 def is_flat(values: Sequence[float], rel_spread: float = FLAT_RELATIVE_SPREAD) -> bool:
     """Whether a series has not moved at all (max - min within ``rel_spread`` of its mean magnitude).
 
     The variance ratio of such a series is 0/0; read as "converged" it hides a run where nothing trains.
     """
-    if len(values) < 2:
-        return False
-    series = np.asarray(values, dtype=np.float64)
-    spread = float(series.max() - series.min())
-    return spread <= rel_spread * max(float(np.abs(series).mean()), np.finfo(np.float64).tiny)
+    return len(values) >= 2 and relative_spread(values) <= rel_spread
+
+
+def barely_moved(values: Sequence[float], min_spread: float = UNDERTRAINED_RELATIVE_SPREAD) -> str | None:
+    """Why a series that DVAR would call converged has in truth barely moved (it is undertrained), or ``None``.
+
+    The variance ratio compares the last window with the whole series, whatever their scale: a slow, steady
+    drift falls below any threshold after a fixed number of windows. A run whose L_det moved by less than
+    ``min_spread`` of its level has barely started to learn.
+    """
+    spread = relative_spread(values)
+    if len(values) < 2 or spread >= min_spread:
+        return None
+    return (f"L_det moved by only {100 * spread:.3g}% of its value over {len(values)} evaluations (less than "
+            f"{100 * min_spread:g}%)")
 
 
 # ------------------------------------------------------------------------------ rule variants (issue 12, item 5)

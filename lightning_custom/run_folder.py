@@ -17,6 +17,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -44,8 +45,18 @@ def is_remote(folder: str | os.PathLike) -> bool:
 
 
 def is_writable(folder: Path) -> bool:
-    """Whether this process may create files in the existing ``folder``."""
-    return os.access(folder, os.W_OK | os.X_OK)
+    """Whether this process may create files in the existing ``folder``.
+
+    Tried for real (a temporary folder made and removed at once): the permission bits do not tell for root, a
+    read-only mount or a pseudo file system such as ``/proc``.
+    """
+    if not os.access(folder, os.W_OK | os.X_OK):
+        return False
+    try:
+        tempfile.TemporaryDirectory(prefix=".write-check-", dir=folder).cleanup()
+    except OSError:
+        return False
+    return True
 
 
 def check_output_dir(folder: str | os.PathLike, argument: str) -> Path:

@@ -155,3 +155,52 @@ def test_first_ctrl_c_stops_after_the_step_and_exits_130(tmp_path, tiny_sd, conc
     assert [s for s, _ in summary["train_loss_history"]] == [1, 2, 3, 4]
     assert torch.load(tmp_path / "checkpoints" / "interrupted.ckpt", weights_only=False)["global_step"] == 4
     assert signal.getsignal(signal.SIGINT) is handler  # Ctrl-C is given back after the fit
+
+
+class SigtermToLauncher(Callback):
+    """On one rank of a ``ddp_spawn`` fit, sends SIGTERM to the launching process (as SLURM or ``kill`` would)."""
+
+    def __init__(self, step: int, rank: int = 1) -> None:
+        self.step, self.rank, self.sent = step, rank, False
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank and not self.sent:
+            self.sent = True
+            os.kill(os.getppid(), signal.SIGTERM)
+
+
+DDP = ("--trainer.strategy", "ddp_spawn", "--trainer.devices", "2", "--dvar.window", "25", "--trainer.max_steps",
+       "300", "--dvar.divergence_norm_factor", "1e6")
+
+
+@pytest.mark.slow
+def test_sigterm_under_two_process_ddp_saves_the_state_and_resumes_exactly(tmp_path, tiny_sd, concept_dir):
+    straight = tmp_path / "straight"
+    result = run_cli(*quick_args(straight, concept_dir, tiny_sd, *DDP))
+    assert result.returncode == 0, result.stderr[-3000:]
+    expected = json.loads((straight / "summary.json").read_text())
+    assert expected["stopped_by"] == "dvar" and expected["stop_step"] > 20
+
+    signal_config = tmp_path / "signal.yaml"
+    signal_config.write_text("trainer:\n  callbacks:\n    - class_path: tests.test_interrupts.SigtermToLauncher\n"
+                             "      init_args: {step: 13}\n")
+    folder = tmp_path / "run"
+    result = run_cli(*quick_args(folder, concept_dir, tiny_sd, *DDP, "--config", str(signal_config)))
+    assert result.returncode == 143, result.stderr[-3000:]
+    assert "Ctrl-C" not in result.stderr and "Traceback" not in result.stderr
+    assert "leaked semaphore" not in result.stderr
+    summary = json.loads((folder / "summary.json").read_text())
+    checkpoint = folder / "checkpoints" / "interrupted.ckpt"
+    assert summary["stopped_by"] == "interrupted" and summary["stop_reason"].startswith("Interrupted by SIGTERM")
+    step = summary["stop_step"]
+    assert 13 <= step <= 15 and checkpoint.is_file() and torch.load(checkpoint, weights_only=False)[
+        "global_step"] == step  # every rank stopped after the same step, where the checkpoint was taken
+
+    resumed = run_cli(*quick_args(folder, concept_dir, tiny_sd, *DDP, "--ckpt_path", str(checkpoint)))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    summary = json.loads((folder / "summary.json").read_text())
+    assert summary["stopped_by"] == "dvar" and summary["stop_step"] == expected["stop_step"]
+    assert summary["dvar_history"] == expected["dvar_history"]
+    weights = load_file(folder / "learned_embeds.safetensors")
+    expected_weights = load_file(straight / "learned_embeds.safetensors")
+    assert all(torch.equal(weights[k], expected_weights[k]) for k in expected_weights)

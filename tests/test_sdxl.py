@@ -313,7 +313,8 @@ def test_sdxl_quickstart_runs_offline_and_its_run_loads_for_sampling(tmp_path):
               "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_progress_bar", "false",
               "--trainer.enable_model_summary", "false"])
     summary = json.loads((tmp_path / "summary.json").read_text())
-    assert summary["stopped_by"] == "dvar" and summary["stop_step"] < summary["max_steps"]
+    # Random weights learn nothing (DVAR would call it undertrained): the quickstart runs a fixed 100 steps.
+    assert summary["stopped_by"] == "max_steps" and summary["stop_step"] == 100 and len(summary["dvar_history"]) == 10
     pipe, _ = load_run_pipeline(tmp_path, device="cpu")
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
     assert "<cat-toy>" in pipe.tokenizer.get_vocab() and "<cat-toy>" in pipe.tokenizer_2.get_vocab()

@@ -13,6 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_custom.errors import UserInputError
+from lightning_custom.ranges import check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -93,12 +94,7 @@ class CLIPEarlyStopping(Callback):
         verbose: bool = True,
     ) -> None:
         super().__init__()
-        for name, value in (("every_n_steps", every_n_steps), ("num_images", num_images), ("patience", patience),
-                            ("num_inference_steps", num_inference_steps), ("batch_size", batch_size)):
-            if value < 1:
-                raise UserInputError(f"CLIPEarlyStopping.{name}: must be at least 1, got {value}")
-        if min_delta < 0:
-            raise UserInputError(f"CLIPEarlyStopping.min_delta: must not be negative, got {min_delta}")
+        check_ranges("CLIPEarlyStopping", locals())
         if prompts is not None and not prompts:
             raise UserInputError("CLIPEarlyStopping.prompts: give at least one prompt, or leave it unset")
         self.clip_model, self.every_n_steps, self.num_images = clip_model, every_n_steps, num_images

@@ -17,9 +17,13 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_custom.callbacks.final_files import DEFAULT_SNAPSHOT_MAX_MB, HealthyWeights
 from lightning_custom.dvar import (
     DIVERGENCE_LOSS_TOLERANCE,
     DIVERGENCE_NORM_FACTOR,
+    UNDERTRAINED_RELATIVE_SPREAD,
+    barely_moved,
+    head_values,
     is_flat,
     loss_divergence,
     norm_divergence,
@@ -27,11 +31,12 @@ from lightning_custom.dvar import (
     window_in_values,
 )
 from lightning_custom.errors import UserInputError
+from lightning_custom.ranges import check_ranges
 
 log = logging.getLogger(__name__)
 
 # Why a run stopped, least to most severe: when ranks disagree, all of them take the most severe reason.
-STOP_KINDS: tuple[str, ...] = ("max_steps", "dvar", "not_training", "diverged", "non_finite")
+STOP_KINDS: tuple[str, ...] = ("max_steps", "dvar", "undertrained", "not_training", "diverged", "non_finite")
 
 
 class DVAREarlyStopping(Callback):
@@ -47,7 +52,12 @@ class DVAREarlyStopping(Callback):
       end of training, without a host sync per step);
     - ``"diverged"``: the trainable parameters' norm grew more than ``divergence_norm_factor`` times, or, where
       DVAR would stop, L_det's last window is above its first values by more than ``divergence_tolerance``;
-    - ``"not_training"``: L_det has not changed at all over a full window (nothing reaches the loss).
+    - ``"not_training"``: L_det has not changed at all over a full window (nothing reaches the loss);
+    - ``"undertrained"``: where DVAR would stop, L_det has moved by less than ``undertrained_below`` of its level
+      (the variance ratio is blind to scale: a slow drift at a far too small learning rate flattens it too).
+
+    At every evaluation that passes these checks it keeps a CPU copy of the trainable weights (up to
+    ``healthy_snapshot_max_mb``): a run that diverges or goes NaN exports those, under ``last_healthy/``.
 
     A run resumed from a checkpoint taken after it stopped ends at once, with the same stop step and reason.
 
@@ -67,6 +77,10 @@ class DVAREarlyStopping(Callback):
             mean of its first values by more than this share.
         divergence_norm_factor: call the run diverged once the trainable parameters' norm exceeds this many times
             its value before the first step.
+        undertrained_below: where DVAR would stop, call the run undertrained if L_det moved by less than this share
+            of its level over the whole run (0: never).
+        healthy_snapshot_max_mb: keep a copy of the trainable weights at each healthy evaluation if they take at
+            most this many MB (0: never; full DreamBooth's are GBs).
     """
 
     def __init__(
@@ -81,30 +95,16 @@ class DVAREarlyStopping(Callback):
         verbose: bool = True,
         divergence_tolerance: float = DIVERGENCE_LOSS_TOLERANCE,
         divergence_norm_factor: float = DIVERGENCE_NORM_FACTOR,
+        undertrained_below: float = UNDERTRAINED_RELATIVE_SPREAD,
+        healthy_snapshot_max_mb: float = DEFAULT_SNAPSHOT_MAX_MB,
     ) -> None:
         super().__init__()
-        if window < 2:
-            raise UserInputError(f"--dvar.window: must be at least 2 steps, got {window}")
-        if eval_every_n_steps < 1:
-            raise UserInputError(f"--dvar.eval_every_n_steps: must be at least 1, got {eval_every_n_steps}")
-        if not 0 < threshold < 1:  # also refuses NaN
-            raise UserInputError(
-                f"--dvar.threshold: must be between 0 and 1 (the paper: 0.15), got {threshold}; the ratio "
-                "var(window)/var(all) of a loss that still moves is already below 1, so 1 or more stops at the "
-                "first full window"
-            )
-        if max_steps is not None and max_steps < 1:
-            raise UserInputError(f"--dvar.max_steps: must be at least 1 (or null for no cap), got {max_steps}")
-        if min_steps < 0:
-            raise UserInputError(f"--dvar.min_steps: must be 0 or more, got {min_steps}")
-        if not divergence_tolerance >= 0:
-            raise UserInputError(f"--dvar.divergence_tolerance: must be 0 or more, got {divergence_tolerance}")
-        if not divergence_norm_factor > 1:
-            raise UserInputError(f"--dvar.divergence_norm_factor: must be above 1, got {divergence_norm_factor}")
+        check_ranges("dvar", locals())
         self.window, self.threshold = window, threshold
         self.eval_every_n_steps, self.min_steps, self.max_steps = eval_every_n_steps, min_steps, max_steps
         self.monitor, self.stop, self.verbose = monitor, stop, verbose
         self.divergence_tolerance, self.divergence_norm_factor = divergence_tolerance, divergence_norm_factor
+        self.undertrained_below, self.healthy_snapshot_max_mb = undertrained_below, healthy_snapshot_max_mb
         self.reset()
 
     def reset(self) -> None:
@@ -119,6 +119,7 @@ class DVAREarlyStopping(Callback):
         self.stop_reason: str = ""
         # Device-side "first step with a non-finite training loss" (-1: none yet), read only at evaluations.
         self._non_finite_step: torch.Tensor | None = None
+        self.healthy_weights = HealthyWeights(self.healthy_snapshot_max_mb)
 
     @property
     def state_key(self) -> str:
@@ -267,7 +268,22 @@ class DVAREarlyStopping(Callback):
         known = [r for r in ratios.values() if r is not None and math.isfinite(r)]
         if known:
             pl_module.log("dvar_ratio", max(known), prog_bar=True, batch_size=1)
-        self._decide(trainer, pl_module, step, self._verdict(step, values, ratios, norm))
+        verdict = self._verdict(step, values, ratios, norm)
+        if trainer.is_global_zero and self._healthy(values, norm):  # only rank 0 exports
+            self.healthy_weights.keep(pl_module, step)
+        self._decide(trainer, pl_module, step, verdict)
+
+    def _healthy(self, values: dict[str, float], norm: float) -> bool:
+        """Whether this evaluation's weights are sound: finite, not exploded, L_det not above where it started."""
+        if self._read_non_finite_step() is not None or not math.isfinite(norm):
+            return False
+        if norm_divergence(self.initial_norm, norm, self.divergence_norm_factor):
+            return False
+        for key, loss in values.items():
+            head = [v for _, v in self.histories[key][: head_values(self.window_values)]]
+            if not math.isfinite(loss) or loss > sum(head) / len(head) * (1 + self.divergence_tolerance):
+                return False
+        return True
 
     def _verdict(self, step: int, values: dict[str, float], ratios: dict[str, float | None],
                  norm: float) -> tuple[str, str] | None:
@@ -297,6 +313,15 @@ class DVAREarlyStopping(Callback):
                     detail = "; ".join(f"{key}: {why}" for key, why in worse.items())
                     return "diverged", (f"Diverged: the variance ratio is below {self.threshold} but {detail}; "
                                         f"stopping at step {step}.")
+                barely = {key: barely_moved(s, self.undertrained_below) for key, s in series.items()}
+                barely = {key: why for key, why in barely.items() if why}
+                if barely and self.undertrained_below > 0:
+                    detail = "; ".join(f"{key}: {why}" for key, why in barely.items())
+                    return "undertrained", (
+                        f"Undertrained: the variance ratio is below {self.threshold}, but {detail}: training has "
+                        "barely started, it has not converged. Raise the learning rate (--model.init_args."
+                        "learning_rate), or let it train longer before DVAR may stop (--dvar.min_steps); "
+                        f"--dvar.undertrained_below 0 turns this check off. Stopping at step {step}.")
                 detail = ", ".join(f"{k}={r:.4f}" for k, r in ratios.items())
                 return "dvar", (f"DVAR: variance ratio {detail} fell below threshold {self.threshold} "
                                 f"(window {self.window} steps) at step {step}; stopping.")
@@ -366,6 +391,7 @@ class DVAREarlyStopping(Callback):
             "stop_step": self.stop_step,
             "stopped_by": self.stopped_by,
             "stop_reason": self.stop_reason,
+            "healthy_weights": self.healthy_weights.state_dict(),
         }
 
     @override
@@ -378,6 +404,7 @@ class DVAREarlyStopping(Callback):
         self.stop_step = state_dict.get("stop_step")
         self.stopped_by = state_dict.get("stopped_by")
         self.stop_reason = state_dict.get("stop_reason", "")
+        self.healthy_weights.load_state_dict(state_dict.get("healthy_weights", {}))
 
 
 def trainable_norm(pl_module: L.LightningModule) -> float:

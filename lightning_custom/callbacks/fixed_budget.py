@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_custom.errors import UserInputError
+from lightning_custom.ranges import check_ranges
 
 
 class FixedBudget(Callback):
@@ -24,8 +24,7 @@ class FixedBudget(Callback):
 
     def __init__(self, steps: int = 475) -> None:
         super().__init__()
-        if steps < 1:
-            raise UserInputError(f"FixedBudget.steps: must be at least 1, got {steps}")
+        check_ranges("FixedBudget", locals())
         self.steps = steps
         self.stop_step: int | None = None
         self.stopped_by: str | None = None

@@ -72,12 +72,9 @@ class LiveSamples(Callback):
                  scheduler: str = "default", at_stop: bool = True, height: int | None = None,
                  width: int | None = None) -> None:
         super().__init__()
-        from lightning_custom.errors import UserInputError
+        from lightning_custom.ranges import check_ranges
 
-        if every_n_steps < 0:
-            raise UserInputError(f"--sample.every_n_steps: must be 0 (off) or more, got {every_n_steps}")
-        if images_per_prompt < 1 or num_inference_steps < 1:
-            raise UserInputError("--sample.images_per_prompt and --sample.num_inference_steps: must be at least 1")
+        check_ranges("sample", locals())
         self.every_n_steps, self.prompts = every_n_steps, list(prompts or ["a photo of {}"])
         self.images_per_prompt, self.seed = images_per_prompt, seed
         self.num_inference_steps, self.guidance_scale, self.scheduler = num_inference_steps, guidance_scale, scheduler

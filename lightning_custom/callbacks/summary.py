@@ -5,10 +5,8 @@ from __future__ import annotations
 import datetime
 import json
 import logging
-import os
 import signal
 import sys
-import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,7 +18,14 @@ from lightning.pytorch.callbacks import Callback, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
+from lightning_custom.callbacks.final_files import keep_what_was_trained, last_healthy_artifacts
 from lightning_custom.callbacks.live_samples import SAMPLES_FOLDER
+from lightning_custom.interrupts import (
+    CTRL_C_NAME,
+    StopSignals,
+    exit_code_of,
+    stop_lightning_after_this_step,
+)
 from lightning_custom.io import publish, remove_path, replace_path, staging_folder, write_json
 from lightning_custom.provenance import run_provenance
 from lightning_custom.run_folder import lock_run_folder, unlock_run_folder
@@ -29,8 +34,6 @@ SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.png"
 INTERRUPTED_CHECKPOINT = "checkpoints/interrupted.ckpt"
 KEPT_FILES = ("config.yaml",)  # written by the CLI when the fit starts: part of the run, never stale
-SIGTERM_EXIT_CODE = 143
-CTRL_C_EXIT_CODE = 130
 log = logging.getLogger(__name__)
 
 
@@ -46,13 +49,20 @@ class RunSummary(Callback):
     unnormalized losses, averaged over ranks under DDP. The losses stay on the device and are read in batches
     (at each validation, checkpoint and at the end of fit), so recording them costs no host synchronization.
 
-    Weights that hold NaN or infinite values (or a run stopped with ``stopped_by: "non_finite"``) are not
-    exported: the summary lists no artifact and says why in ``artifacts_withheld``.
+    Weights that hold NaN or infinite values (or a run stopped with ``stopped_by: "non_finite"`` or
+    ``"diverged"``) are not exported: only the last healthy weights, under ``last_healthy/``, or nothing (the
+    summary says why in ``artifacts_withheld``).
 
-    On SIGTERM (what SLURM sends before it kills a job) or Ctrl-C, the run stops after the current step, saves a
-    resumable checkpoint to ``checkpoints/interrupted.ckpt`` in the run folder and the summary
-    (``stopped_by: "interrupted"``), and the process exits non-zero (143 after SIGTERM, 130 after Ctrl-C; a
-    second Ctrl-C stops at once, with Lightning's exit status 1, saving the state at that point).
+    On SIGTERM (what SLURM sends before it kills a job) or Ctrl-C, the run stops after the current step (every
+    rank after the same one), saves a resumable checkpoint to ``checkpoints/interrupted.ckpt`` in the run folder
+    and the summary (``stopped_by: "interrupted"``), and the process exits non-zero (143 after SIGTERM, 130 after
+    Ctrl-C; a second Ctrl-C stops at once, with Lightning's exit status 1, saving the state at that point). A
+    signal that arrives after training, while the final files are written, waits until they are complete (the
+    summary records it in ``signal_during_export``); the fit then ends with ``SystemExit(143)`` (or 130).
+
+    A diverged or non-finite run never exports its broken weights under the usual names: the weights of its last
+    healthy evaluation go to ``last_healthy/`` (see ``DVAREarlyStopping``), or nothing is exported. When the final
+    files cannot be written (a full disk), what was trained is kept and :class:`FinalFilesNotWritten` says where.
 
     Args:
         output_dir: where to write; defaults to ``trainer.default_root_dir``.
@@ -78,8 +88,8 @@ class RunSummary(Callback):
         self._validation_start: float | None = None
         self.resumed_from: str | None = None
         self.resumed_at_step: int | None = None
-        self._ctrl_c = False
-        self._previous_sigint: Any = None
+        self._signals = StopSignals()
+        self._final_files_written = False
 
     def resolve_output_dir(self, trainer: L.Trainer) -> Path:
         """The folder every file of this run goes to."""
@@ -95,8 +105,17 @@ class RunSummary(Callback):
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
-        if stage == "fit":
-            unlock_run_folder(self.resolve_output_dir(trainer))
+        if stage != "fit":
+            return
+        unlock_run_folder(self.resolve_output_dir(trainer))
+        self._signals.restore()
+        if self._signals.pending is not None:
+            # The signal came after training; it was held until the final files were complete. Act on it now.
+            code = exit_code_of(self._signals.pending)
+            if trainer.is_global_zero:
+                print(f"{self._signals.pending} arrived while the final files were written; they are complete in "
+                      f"{self.resolve_output_dir(trainer)}. Exiting with status {code}.", file=sys.stderr)
+            raise SystemExit(code)
 
     def _folder_argument(self) -> str:
         return "--summary.output_dir" if self.output_dir else "--trainer.default_root_dir"
@@ -106,6 +125,17 @@ class RunSummary(Callback):
         self._start = time.perf_counter()
         if trainer.is_global_zero:
             remove_temporaries(self.resolve_output_dir(trainer))
+        # Before Lightning registers its SIGTERM handler (after this hook): ours is then what its teardown puts
+        # back, so a SIGTERM during the final export is held too (lightning_custom.interrupts).
+        self._signals.announce = trainer.is_global_zero
+        self._signals.install(on_first_signal=lambda: self._on_first_signal(trainer))
+
+    def _on_first_signal(self, trainer: L.Trainer) -> None:
+        launcher = trainer.strategy.launcher
+        if launcher is not None:  # ranks this process started (strategy "ddp"): they stop with it
+            launcher.kill(signal.SIGTERM)
+        if trainer.world_size == 1:  # one process: stop after the step under way (under DDP: see agree())
+            stop_lightning_after_this_step(trainer)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -113,33 +143,9 @@ class RunSummary(Callback):
         self._last_step = trainer.global_step
         if trainer.ckpt_path:
             self.resumed_from, self.resumed_at_step = str(trainer.ckpt_path), trainer.global_step
-        self._catch_ctrl_c()
-
-    def _catch_ctrl_c(self) -> None:
-        """Make the first Ctrl-C stop the run like SIGTERM: after the current step, so it resumes exactly.
-
-        Lightning turns Ctrl-C into a ``KeyboardInterrupt`` wherever it lands (mid-step, possibly between the
-        optimizer step and the progress counters). Here the first Ctrl-C sends this process SIGTERM, which
-        Lightning handles at the next step boundary; a second Ctrl-C interrupts at once.
-        """
-        if threading.current_thread() is not threading.main_thread():
-            return  # signal handlers can only be set in the main thread
-        self._ctrl_c = False
-        self._previous_sigint = signal.getsignal(signal.SIGINT)
-        signal.signal(signal.SIGINT, self._on_ctrl_c)
-
-    def _on_ctrl_c(self, signum: int, frame: Any) -> None:
-        self._ctrl_c = True
-        self._release_ctrl_c()
-        print("Ctrl-C: stopping after this step and saving the state; press Ctrl-C again to stop at once.",
-              file=sys.stderr)
-        os.kill(os.getpid(), signal.SIGTERM)
-
-    def _release_ctrl_c(self) -> None:
-        """Give Ctrl-C back to whoever handled it before the fit."""
-        if self._previous_sigint is not None and threading.current_thread() is threading.main_thread():
-            signal.signal(signal.SIGINT, self._previous_sigint)
-        self._previous_sigint = None
+        self._signals.take_over_from_lightning()
+        if self._signals.pending is not None and trainer.world_size == 1:
+            stop_lightning_after_this_step(trainer)  # it came while the model loaded (Lightning's flag was reset)
 
     @override
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
@@ -153,6 +159,8 @@ class RunSummary(Callback):
             scale = trainer.accumulate_grad_batches / len(self._micro_losses)
             self._step_losses.append((trainer.global_step, torch.stack(self._micro_losses).float().sum() * scale))
             self._micro_losses, self._last_step = [], trainer.global_step
+            if self._signals.agree(trainer) is not None:  # every rank, after the same optimizer step
+                stop_lightning_after_this_step(trainer)
 
     def read_losses(self) -> None:
         """Move the recorded step losses to ``train_loss_history``: one host transfer, averaged over ranks.
@@ -190,19 +198,23 @@ class RunSummary(Callback):
 
     @override
     def on_fit_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        self._release_ctrl_c()
         wall = self.wall_seconds()
         self.read_losses()
         if trainer.is_global_zero:
             self.write_final_files(trainer, pl_module, wall)
+        self._final_files_written = True
 
     @override
     def on_exception(self, trainer: L.Trainer, pl_module: L.LightningModule, exception: BaseException) -> None:
-        self._release_ctrl_c()
+        # Lightning's teardown, which runs after this hook, puts back the handlers it found (ours): give it the
+        # ones from before the fit instead.
+        getattr(trainer._signal_connector, "_original_handlers", {}).update(self._signals.previous_handlers())
+        self._signals.restore()
         if trainer.state.fn != "fit":
             return
         try:
-            if isinstance(exception, (SIGTERMException, KeyboardInterrupt)):
+            interrupted = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
+            if interrupted and not self._final_files_written:  # a finished run's files stand as they are
                 self.stop_interrupted_run(trainer, pl_module, exception)
         finally:
             # Lightning calls no teardown hook after an exception: release the folder here, once the summary is
@@ -216,7 +228,8 @@ class RunSummary(Callback):
         try:
             checkpoint = self.save_interrupted_checkpoint(trainer)
             if trainer.is_global_zero:
-                signal_name = "Ctrl-C (SIGINT)" if self._ctrl_c or not sigterm else "SIGTERM"
+                ctrl_c = self._signals.pending == CTRL_C_NAME or not sigterm
+                signal_name = "Ctrl-C (SIGINT)" if ctrl_c else "SIGTERM"
                 reason = (
                     f"Interrupted by {signal_name} at step {trainer.global_step}; the resumable state is in "
                     f"{checkpoint}. Resume by running the same command with --ckpt_path {checkpoint} "
@@ -231,7 +244,7 @@ class RunSummary(Callback):
             # Lightning ends a SIGTERM'd fit with SystemExit(None), i.e. exit status 0: a scheduler would take
             # the run for finished. 143 (128 + 15) is what a shell reports for a process ended by SIGTERM, 130
             # (128 + 2) for one ended by Ctrl-C.
-            exception.code = CTRL_C_EXIT_CODE if self._ctrl_c else SIGTERM_EXIT_CODE
+            exception.code = exit_code_of(self._signals.pending)
 
     def save_interrupted_checkpoint(self, trainer: L.Trainer) -> Path:
         """Save a resumable checkpoint (every callback's state) to ``checkpoints/interrupted.ckpt``, atomically.
@@ -262,42 +275,75 @@ class RunSummary(Callback):
         out = self.resolve_output_dir(trainer)
         earlier = files_named_by(out / SUMMARY_FILE)
         with staging_folder(out) as staging:
-            stopped_by, _ = stop_information(trainer)
-            withheld = None if interrupted else withheld_reason(stopped_by, pl_module)
-            export = self.export and not interrupted and withheld is None
-            artifacts = pl_module.export_artifacts(staging) if export else []
-            summary = build_summary(trainer, pl_module, wall, artifacts)
-            if interrupted:
-                # Nothing was saved against the budget: the run is paused, not finished.
-                summary.update(interrupted, steps_saved=None, seconds_saved=None)
-            if withheld is not None:
-                summary["artifacts_withheld"] = withheld
-                summary["stop_reason"] = f"{summary['stop_reason']} {withheld}".strip()
-            if self.resumed_from is not None:
-                summary["resumed_from"], summary["resumed_at_step"] = self.resumed_from, self.resumed_at_step
-                summary["stop_reason"] += (
-                    f" This run was resumed from {self.resumed_from} at step {self.resumed_at_step}."
-                )
-            summary["train_loss_history"] = self.train_loss_history
-            summary["dvar_seconds"] = round(self.dvar_seconds, 3)
-            summary["dvar_share"] = round(self.dvar_seconds / wall, 4) if wall > 0 else 0.0
-            if self.report:
-                from lightning_custom.report import write_report
-
-                try:
-                    write_report(summary, staging / REPORT_FILE)
-                except Exception as err:  # noqa: BLE001 - a plot must not cost the run its artifacts and summary
-                    log.warning("RunSummary: could not draw %s: %s", REPORT_FILE, err)
-            files = {p.name for p in staging.iterdir()} | {SUMMARY_FILE}
-            files |= {name for name in KEPT_FILES if (out / name).exists()}
-            if (out / INTERRUPTED_CHECKPOINT).is_file():  # this run's own (a resumed one keeps it)
-                files.add(INTERRUPTED_CHECKPOINT)
-            # LiveSamples' grids (written during this run: an earlier run's are cleared before it starts).
-            files |= {f"{SAMPLES_FOLDER}/{grid.name}" for grid in (out / SAMPLES_FOLDER).glob("*.png")}
-            summary["files"] = sorted(files)
-            write_json(staging / SUMMARY_FILE, summary)
-            publish(staging, out, last=SUMMARY_FILE, stale=earlier - set(KEPT_FILES))
+            exported = False
+            try:
+                artifacts, fields = self._export(trainer, pl_module, staging, interrupted)
+                exported = True
+                self._write_summary(trainer, pl_module, wall, out, staging, artifacts, fields, interrupted)
+                publish(staging, out, last=SUMMARY_FILE, stale=earlier - set(KEPT_FILES))
+            except OSError as err:
+                if interrupted:
+                    raise
+                raise keep_what_was_trained(out, staging, exported, pl_module, err) from err
         return out / SUMMARY_FILE
+
+    def _export(self, trainer: L.Trainer, pl_module: L.LightningModule, staging: Path,
+                interrupted: dict[str, Any] | None) -> tuple[list[str], dict[str, Any]]:
+        """The artifacts written into ``staging`` and the summary fields that describe them.
+
+        A run that diverged or went NaN exports only the weights of its last healthy evaluation, under
+        ``last_healthy/`` (or nothing), never its broken weights under the usual names.
+        """
+        if interrupted or not self.export:
+            return [], {}
+        stopped_by, _ = stop_information(trainer)
+        failure = {"diverged": "diverged", "non_finite": "stopped on a non-finite value"}.get(stopped_by)
+        if failure is None and not trainable_weights_finite(pl_module):
+            failure = "ended with NaN or infinite weights"
+        if failure is None:
+            return pl_module.export_artifacts(staging), {}
+        dvar = find_callback(trainer, "DVAREarlyStopping")
+        return last_healthy_artifacts(pl_module, getattr(dvar, "healthy_weights", None), staging, failure)
+
+    def _write_summary(self, trainer: L.Trainer, pl_module: L.LightningModule, wall: float, out: Path,
+                       staging: Path, artifacts: list[str], fields: dict[str, Any],
+                       interrupted: dict[str, Any] | None) -> None:
+        """Write ``report.png`` and ``summary.json`` into ``staging``."""
+        summary = build_summary(trainer, pl_module, wall, artifacts)
+        if interrupted:
+            # Nothing was saved against the budget: the run is paused, not finished.
+            summary.update(interrupted, steps_saved=None, seconds_saved=None)
+        summary.update(fields)
+        for note in (fields.get("artifacts_withheld"), fields.get("artifacts_note")):
+            if note:
+                summary["stop_reason"] = f"{summary['stop_reason']} {note}".strip()
+        if self._signals.pending is not None and not interrupted:
+            summary["signal_during_export"] = (
+                f"{self._signals.pending} arrived after training, while these files were written; they were "
+                "completed before the process exited.")
+        if self.resumed_from is not None:
+            summary["resumed_from"], summary["resumed_at_step"] = self.resumed_from, self.resumed_at_step
+            summary["stop_reason"] += (
+                f" This run was resumed from {self.resumed_from} at step {self.resumed_at_step}."
+            )
+        summary["train_loss_history"] = self.train_loss_history
+        summary["dvar_seconds"] = round(self.dvar_seconds, 3)
+        summary["dvar_share"] = round(self.dvar_seconds / wall, 4) if wall > 0 else 0.0
+        if self.report:
+            from lightning_custom.report import write_report
+
+            try:
+                write_report(summary, staging / REPORT_FILE)
+            except Exception as err:  # noqa: BLE001 - a plot must not cost the run its artifacts and summary
+                log.warning("RunSummary: could not draw %s: %s", REPORT_FILE, err)
+        files = {p.name for p in staging.iterdir()} | {SUMMARY_FILE}
+        files |= {name for name in KEPT_FILES if (out / name).exists()}
+        if (out / INTERRUPTED_CHECKPOINT).is_file():  # this run's own (a resumed one keeps it)
+            files.add(INTERRUPTED_CHECKPOINT)
+        # LiveSamples' grids (written during this run: an earlier run's are cleared before it starts).
+        files |= {f"{SAMPLES_FOLDER}/{grid.name}" for grid in (out / SAMPLES_FOLDER).glob("*.png")}
+        summary["files"] = sorted(files)
+        write_json(staging / SUMMARY_FILE, summary)
 
     @override
     def state_dict(self) -> dict[str, Any]:
@@ -336,15 +382,6 @@ def trainable_weights_finite(pl_module: L.LightningModule) -> bool:
     """Whether every trainable parameter holds only finite values (one host synchronization)."""
     checks = [torch.isfinite(p.detach()).all() for p in pl_module.parameters() if p.requires_grad]
     return bool(torch.stack(checks).all()) if checks else True
-
-
-def withheld_reason(stopped_by: str, pl_module: L.LightningModule) -> str | None:
-    """Why no artifact may be exported (NaN or infinite weights), or ``None`` if they may."""
-    if stopped_by == "non_finite":
-        return "No artifact was written: training stopped on a non-finite value."
-    if not trainable_weights_finite(pl_module):
-        return "No artifact was written: the trained weights hold NaN or infinite values."
-    return None
 
 
 def _synchronize(pl_module: L.LightningModule) -> None:

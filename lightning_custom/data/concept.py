@@ -36,6 +36,7 @@ from lightning_custom.data.prior import PriorPreservationData
 from lightning_custom.data.templates import TEMPLATES, check_templates, concept_phrase, format_prompt
 from lightning_custom.diffusion import distinct_timesteps
 from lightning_custom.errors import UserInputError
+from lightning_custom.ranges import check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -318,10 +319,7 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         unknown = sorted(set(resample or ()) - set(EVAL_PARTS))
         if unknown:
             raise UserInputError(f"--data.resample: unknown part(s) {unknown}; choose from {list(EVAL_PARTS)}")
-        for name, value in (("resolution", resolution), ("batch_size", batch_size), ("repeats", repeats),
-                            ("eval_batch_size", eval_batch_size)):
-            if value < 1:
-                raise UserInputError(f"--data.{name}: must be at least 1, got {value}")
+        check_ranges("data", {**self.hparams, "seed": seed})
         if prompt_templates is not None:  # an empty list is an error, not a request for the built-in templates
             check_templates(prompt_templates, "--data.prompt_templates")
         self.templates = list(prompt_templates) if prompt_templates is not None else list(TEMPLATES[learnable_property])

@@ -17,6 +17,7 @@ from lightning_custom.components import WeightDtype, match_frozen_weights_to_pre
 from lightning_custom.data.concept import EvalBatchSpec
 from lightning_custom.diffusion import sample_latents, scale_learning_rate
 from lightning_custom.errors import UserInputError
+from lightning_custom.ranges import check_ranges
 from lightning_custom.families import FlowMatchingOptions, ModelFamily, ModelParts, load_model
 from lightning_custom.flow_matching import WeightingScheme
 from lightning_custom.methods.tokens import CaptionTokenizer, batch_input_ids, tokenize_captions
@@ -125,6 +126,7 @@ class PersonalizationModule(L.LightningModule, ABC):
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
+        check_ranges("model", self.hparams)  # every method's numbers, before any weights load
         # Checkpoints hold only trainable weights (see on_save_checkpoint), so loading is non-strict.
         self.strict_loading = False
         self._generator: torch.Generator | None = None

@@ -12,6 +12,7 @@ from torch import nn
 
 from lightning_custom.components import cast_trainable_to_fp32
 from lightning_custom.errors import UserInputError
+from lightning_custom.ranges import check_value
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")
@@ -53,10 +54,8 @@ def add_lora(
     """
     from peft import LoraConfig, inject_adapter_in_model
 
-    if rank < 1:
-        raise UserInputError(f"--model.rank: must be at least 1, got {rank}")
-    if not 0.0 <= dropout < 1.0:
-        raise UserInputError(f"--model.lora_dropout: must be in [0, 1), got {dropout}")
+    check_value("model", "rank", rank)  # also for callers other than the methods, which check their hparams
+    check_value("model", "lora_dropout", dropout)
     check_target_modules(model, targets, argument, model_name)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                         target_modules=list(targets))

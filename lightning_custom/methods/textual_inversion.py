@@ -69,10 +69,6 @@ class TextualInversion(PersonalizationModule):
         ``token_vectors`` belongs to the first text encoder, ``token_vectors_2`` to the second (SDXL, SD3: CLIP-G;
         FLUX: T5) and ``token_vectors_3`` to the third (SD3's T5); an encoder without the token has ``None``.
         """
-        from lightning_custom.errors import UserInputError
-
-        if self.t5_num_vectors < 0:
-            raise UserInputError(f"--model.t5_num_vectors: must be 0 (no T5 token) or more, got {self.t5_num_vectors}")
         self.token_slots: list[EmbeddingSlot] = token_slots(
             self.family, self, with_t5=self.t5_num_vectors > 0, argument="--model.t5_num_vectors",
             source=str(self.hparams.pretrained_model_name_or_path),
