@@ -40,7 +40,7 @@ from lightning_custom.errors import (
     UserInputError,
     exit_code_for,
 )
-from lightning_custom.interrupts import exit_code_of, forward_to_workers
+from lightning_custom.interrupts import exit_code_of, forward_to_workers, report_exceptions_in_spawned_ranks
 from lightning_custom.methods.base import PersonalizationModule
 from lightning_custom.provenance import RunFolderSaveConfig
 from lightning_custom.quiet import quiet_expected_noise
@@ -186,7 +186,9 @@ class PersonalizationCLI(LightningCLI):
             # Lightning's "fsdp" refuses a CPU (and accelerator "auto"), wraps nothing by default and cannot clip
             # gradient norms; the denoiser's FSDP wraps its transformer blocks (lightning_custom.strategies).
             kwargs["strategy"] = DenoiserFSDPStrategy(cpu_offload=strategy == "fsdp_cpu_offload")
-        return super().instantiate_trainer(**kwargs)
+        trainer = super().instantiate_trainer(**kwargs)
+        report_exceptions_in_spawned_ranks(trainer.strategy)  # ddp_spawn ranks save their state when interrupted
+        return trainer
 
     def before_fit(self) -> None:
         """Check every output location and lock the run folder before anything is written or trained.
@@ -306,7 +308,8 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
             save_config_callback=RunFolderSaveConfig,  # config.yaml also beside summary.json
             save_config_kwargs={"overwrite": True},
             args=argv if args is not None else None,
-            parser_kwargs={"description": f"{__doc__}\n{EXIT_STATUS_HELP}"},
+            parser_kwargs={"description": f"{__doc__}\n{EXIT_STATUS_HELP}",
+                           "fit": {"description": f"Train a method; DVAR stops it. {EXIT_STATUS_HELP}"}},
         )
     except Exception as err:  # noqa: BLE001 - re-raised unless it is (or wraps) bad user input
         user_error = find_user_error(err)

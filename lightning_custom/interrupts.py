@@ -9,10 +9,12 @@ Lightning's own SIGTERM handling has three gaps that lose runs:
   step: ranks that got the signal at different moments stop at different steps, or pair a broadcast with a
   gradient all-reduce and hang;
 * with ``ddp_spawn`` the launching process (not a rank) has no handler at all: SIGTERM kills it, and its workers
-  get SIGINT from the kernel (``PR_SET_PDEATHSIG``) with nobody left to collect them.
+  get SIGINT from the kernel (``PR_SET_PDEATHSIG``) with nobody left to collect them; and the ranks it spawns never
+  call the callbacks' ``on_exception`` hooks (Lightning calls them only around ``Trainer.fit`` in the launching
+  process), so an interrupted rank saves nothing and exits 0 without a result, and the launcher waits forever.
 
 :class:`StopSignals` closes the first two inside the fit (``RunSummary`` owns one); :func:`forward_to_workers`
-closes the third in the launching process.
+and :func:`report_exceptions_in_spawned_ranks` close the third.
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ from typing import Any
 
 import lightning as L
 import torch
+from lightning.pytorch.strategies.launchers.multiprocessing import _MultiProcessingLauncher
+from lightning.pytorch.trainer.call import _interrupt
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from lightning_custom.errors import CTRL_C_EXIT_CODE, SIGTERM_EXIT_CODE
 
@@ -141,7 +146,7 @@ def forward_to_workers(trainer: L.Trainer) -> Iterator[StopSignals]:
     """
     signals = StopSignals(announce=False)
     launcher = getattr(trainer.strategy, "launcher", None)
-    if launcher is None or type(launcher).__name__ != "_MultiProcessingLauncher":
+    if not isinstance(launcher, _MultiProcessingLauncher):
         yield signals
         return
     signals.install(on_first_signal=lambda: launcher.kill(signal.SIGTERM))
@@ -149,3 +154,36 @@ def forward_to_workers(trainer: L.Trainer) -> Iterator[StopSignals]:
         yield signals
     finally:
         signals.restore()
+
+
+class _ReportingSpawnLauncher(_MultiProcessingLauncher):
+    """``ddp_spawn``'s launcher, whose ranks call the ``on_exception`` hooks (and save their state) as one process
+    does, and exit with the interruption's status (143, 130) instead of 0."""
+
+    def _wrapping_function(self, process_idx: int, trainer: L.Trainer | None, function: Callable, *args: Any,
+                           **kwargs: Any) -> None:
+        def run_with_exception_hooks(*fn_args: Any, **fn_kwargs: Any) -> Any:
+            try:
+                return function(*fn_args, **fn_kwargs)
+            except BaseException as exception:
+                if trainer is not None:
+                    _interrupt(trainer, exception)
+                    # No rank may exit before rank 0 has written the state: torch's launcher terminates the others
+                    # as soon as one rank exits non-zero.
+                    with contextlib.suppress(Exception):
+                        trainer.strategy.barrier("interrupted")
+                    trainer._teardown()
+                if isinstance(exception, KeyboardInterrupt):  # torch's spawn wrapper would exit 0 on it
+                    raise SystemExit(CTRL_C_EXIT_CODE) from None
+                if isinstance(exception, SIGTERMException) and exception.code is None:
+                    exception.code = SIGTERM_EXIT_CODE
+                raise
+
+        super()._wrapping_function(process_idx, trainer, run_with_exception_hooks, *args, **kwargs)
+
+
+def report_exceptions_in_spawned_ranks(strategy: Any) -> None:
+    """Give a ``ddp_spawn`` strategy the launcher whose ranks run the exception hooks (see the module docstring)."""
+    launcher = getattr(strategy, "_launcher", None)
+    if type(launcher) is _MultiProcessingLauncher:
+        strategy._launcher = _ReportingSpawnLauncher(strategy, start_method=launcher._start_method)

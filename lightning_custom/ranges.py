@@ -134,7 +134,7 @@ RANGES: dict[str, dict[str, Range]] = {
         "min_steps": NON_NEGATIVE,
     },
     "FixedBudget": {"steps": AT_LEAST_1},
-    "StepCheckpoint": {"every_n_steps": AT_LEAST_1},
+    "StepCheckpoint": {"every_n_steps": AT_LEAST_1, "save_top_k": Range(-1, note="(-1: keep every one)")},
 }
 # Groups named by their CLI option (--model.learning_rate); callbacks given as classes are named by class.
 _CLI_GROUPS = ("model", "data", "dvar", "sample", "live_report")

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 import logging
+import typing
 from pathlib import Path
 
 import pytest
 
 from lightning_custom import run_folder
 from lightning_custom.cli import main, one_line_parse_error
+from lightning_custom.ranges import check_value
 from tests.test_cli import quick_args as tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -43,6 +46,14 @@ BAD_VALUES = [
     (["--dvar.threshold", "2.5"], "error: --dvar.threshold: must be between 0 and 1"),
     (["--dvar.threshold", "0"], "error: --dvar.threshold: must be between 0 and 1"),
     (["--data.init_args.repeats", "many"], "error: --data.repeats: Expected a int. Got value: many"),
+    (["--model.init_args.learning_rate", "-1"], "error: --model.learning_rate: must be above 0, got -1.0"),
+    (["--model.init_args.adam_betas", "[0.9, 1.5]"], "error: --model.adam_betas: must be in [0, 1), got (0.9, 1.5)"),
+    (["--data.init_args.eval_batch_size", "0"], "error: --data.eval_batch_size: must be at least 1, got 0"),
+    (["--dvar.undertrained_below", "-0.1"], "error: --dvar.undertrained_below: must be in [0, 1) (0: never)"),
+    (["--sample.num_inference_steps", "0"], "error: --sample.num_inference_steps: must be at least 1, got 0"),
+    (["--cpu_threads", "0"], "error: --cpu_threads: must be at least 1, got 0"),
+    (["--summary.output_dir", "/proc/nope"],
+     "error: --summary.output_dir: cannot create /proc/nope: /proc is not writable; choose a folder you can write to"),
 ]
 
 
@@ -118,3 +129,98 @@ def test_nested_parse_errors_name_the_inner_argument():
         "          Expected a <class 'int'>. Got value: abc\n    - Expected a <class 'NoneType'>\n"
     )
     assert one_line_parse_error(message) == "--data.resolution: Expected a int. Got value: abc (see --help)"
+
+
+# ------------------------------------------------------------------------- every numeric argument has a range
+def numeric_parameters(cls) -> dict[str, object]:
+    """The ``__init__`` parameters of ``cls`` (and its bases) annotated with int or float (optional or not)."""
+    found = {}
+    for klass in reversed(cls.__mro__):
+        init = klass.__dict__.get("__init__")
+        if init is None or not klass.__module__.startswith("lightning_custom"):  # Lightning's own check theirs
+            continue
+        hints = typing.get_type_hints(init)
+        for name, param in inspect.signature(init).parameters.items():
+            hint = hints.get(name)
+            args = set(typing.get_args(hint)) - {type(None)} or {hint}
+            inner = {a for t in args for a in (typing.get_args(t) or (t,))}  # tuple[float, float]
+            if inner and inner <= {int, float} and param.default is not inspect.Parameter.empty:
+                found[name] = param.default
+    return found
+
+
+# Numbers that may take any finite value: a mean on the logit scale (negative shifts the density to low noise).
+UNBOUNDED = {"logit_mean"}
+
+
+def checked_classes():
+    from lightning_custom.callbacks import CLIPEarlyStopping, DVAREarlyStopping, FixedBudget, LiveReport, LiveSamples
+    from lightning_custom.callbacks import StepCheckpoint
+    from lightning_custom.data import ConceptDataModule
+    from lightning_custom.methods import CustomDiffusion, DreamBooth, DreamBoothLoRA, TextualInversion
+
+    return {
+        "model": [TextualInversion, DreamBoothLoRA, CustomDiffusion, DreamBooth],
+        "data": [ConceptDataModule],
+        "dvar": [DVAREarlyStopping],
+        "sample": [LiveSamples],
+        "live_report": [LiveReport],
+        "CLIPEarlyStopping": [CLIPEarlyStopping],
+        "FixedBudget": [FixedBudget],
+        "StepCheckpoint": [StepCheckpoint],
+    }
+
+
+def test_every_numeric_argument_has_a_range_that_admits_its_default():
+    from lightning_custom.ranges import RANGES
+
+    for group, classes in checked_classes().items():
+        for cls in classes:
+            numbers = numeric_parameters(cls)
+            assert numbers, cls
+            for name, default in numbers.items():
+                if name in UNBOUNDED:
+                    continue
+                assert name in RANGES[group], f"{cls.__name__}.{name} has no range in lightning_custom.ranges"
+                check_value(group, name, default)  # the default itself is valid
+
+
+@pytest.mark.parametrize("group,name", [(g, n) for g, rules in __import__("lightning_custom.ranges", fromlist=[
+    "RANGES"]).RANGES.items() for n in rules])
+def test_each_range_refuses_values_outside_it_in_one_line(group, name):
+    from lightning_custom.errors import UserInputError
+    from lightning_custom.ranges import RANGES, argument_name
+
+    rule = RANGES[group][name]
+    bad = [float("nan")]
+    if rule.low is not None:
+        bad.append(rule.low if rule.low_open else rule.low - 1)
+    if rule.high is not None:
+        bad.append(rule.high if rule.high_open else rule.high + 1)
+    if not rule.optional:
+        bad.append(None)
+    for value in bad:
+        with pytest.raises(UserInputError) as refused:
+            check_value(group, name, value)
+        assert str(refused.value).startswith(f"{argument_name(group, name)}: must be ") and "\n" not in str(
+            refused.value)
+
+
+def test_the_classes_check_their_ranges_when_built(tiny_sd):
+    from lightning_custom.callbacks import DVAREarlyStopping, LiveSamples
+    from lightning_custom.data import ConceptDataModule
+    from lightning_custom.errors import UserInputError
+    from lightning_custom.methods import DreamBoothLoRA, TextualInversion
+
+    cases = [
+        (lambda: TextualInversion(pretrained_model_name_or_path="/no/such/model", learning_rate=-1.0),
+         "--model.learning_rate: must be above 0"),  # refused before any weights load
+        (lambda: DreamBoothLoRA(pretrained_model_name_or_path=tiny_sd, lora_dropout=1.0), "--model.lora_dropout"),
+        (lambda: TextualInversion(pretrained_model_name_or_path=tiny_sd, num_vectors=0), "--model.num_vectors"),
+        (lambda: ConceptDataModule(instance_data_dir="embedded", num_workers=-1), "--data.num_workers"),
+        (lambda: DVAREarlyStopping(healthy_snapshot_max_mb=-1), "--dvar.healthy_snapshot_max_mb"),
+        (lambda: LiveSamples(images_per_prompt=0), "--sample.images_per_prompt"),
+    ]
+    for build, needle in cases:
+        with pytest.raises(UserInputError, match=needle.replace(".", r"\.")):
+            build()

@@ -215,6 +215,7 @@ def test_quickstart_stops_by_dvar_through_the_cli_with_two_concepts(tmp_path, ti
         "--model.init_args.placeholder_token", "<new1>+<new2>", "--model.init_args.initializer_token", "toy+cat",
         "--data.init_args.concepts", json.dumps(concepts), "--data.init_args.resolution", "16",
         "--data.init_args.repeats", "20", "--dvar.window", "10",
+        "--dvar.undertrained_below", "0",  # the tiny random model's L_det barely moves: see tests.test_cli.quick_args
     ])
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["method"] == "CustomDiffusion" and summary["placeholder_token"] == "<new1>+<new2>"

@@ -25,7 +25,8 @@ WINDOW, THRESHOLD, MAX_STEPS = 10, 0.15, 30
 
 def fit_ti(tiny_sd, concept_dir, root, stop):
     module = TextualInversion(**ti_kwargs(tiny_sd))
-    dvar = DVAREarlyStopping(window=WINDOW, threshold=THRESHOLD, stop=stop, verbose=False)
+    dvar = DVAREarlyStopping(window=WINDOW, threshold=THRESHOLD, stop=stop, verbose=False,
+                             undertrained_below=0)  # the tiny random model's L_det barely moves: see quick_args
     trainer = L.Trainer(max_steps=MAX_STEPS, callbacks=[dvar, RunSummary(report=False)], **trainer_kwargs(root))
     trainer.fit(module, datamodule=ConceptDataModule(**data_kwargs(concept_dir)))
     return json.loads((root / "summary.json").read_text())

@@ -23,7 +23,7 @@ def fit(root, tiny_sd, concept_dir, callbacks, ckpt_path=None, dvar_overrides=No
         **trainer_overrides):
     module = TextualInversion(**ti_kwargs(tiny_sd, learning_rate=0.02))
     dm = ConceptDataModule(**data_kwargs(concept_dir, **(data_overrides or {})))
-    dvar = DVAREarlyStopping(window=15, threshold=0.15, **(dvar_overrides or {}))
+    dvar = DVAREarlyStopping(window=15, threshold=0.15, **{"undertrained_below": 0, **(dvar_overrides or {})})
     summary = RunSummary()
     kwargs = trainer_kwargs(root, **trainer_overrides)
     trainer = L.Trainer(max_steps=200, callbacks=[dvar, summary, *callbacks], **kwargs)

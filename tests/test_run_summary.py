@@ -120,7 +120,7 @@ class NoHostSync(torch.Tensor):
 
 def test_recording_a_step_loss_reads_nothing_on_the_host():
     summary = RunSummary()
-    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=2)
+    trainer = SimpleNamespace(global_step=0, accumulate_grad_batches=2, world_size=1)
     for step, value in ((0, 1.0), (1, 3.0), (1, 5.0), (2, 7.0)):
         trainer.global_step = step
         summary.on_train_batch_end(trainer, None, {"loss": torch.tensor(value).as_subclass(NoHostSync)}, None, 0)

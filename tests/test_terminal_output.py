@@ -118,7 +118,8 @@ def test_quickstart_output_is_only_what_matters(tmp_path):
     result = run_cli("fit", "--config", str(ROOT / "configs" / "quickstart.yaml"),
                      "--model.init_args.pretrained_model_name_or_path", "embedded:tiny-sd",
                      "--data.init_args.resolution", "16", "--trainer.default_root_dir", str(run),
-                     "--trainer.max_steps", "200", "--dvar.window", "10", cwd=tmp_path)
+                     "--trainer.max_steps", "200", "--dvar.window", "10",
+                     "--dvar.undertrained_below", "0", cwd=tmp_path)  # see tests.test_cli.quick_args
     output = result.stdout + result.stderr
     assert result.returncode == 0, output[-3000:]
     found = {name: line for name, needle in NOISE.items() for line in output.splitlines() if needle in line}

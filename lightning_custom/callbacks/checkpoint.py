@@ -10,6 +10,8 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
+from lightning_custom.ranges import check_ranges
+
 log = logging.getLogger(__name__)
 
 
@@ -31,6 +33,7 @@ class StepCheckpoint(ModelCheckpoint):
     """
 
     def __init__(self, every_n_steps: int = 100, save_top_k: int = -1, **kwargs: Any) -> None:
+        check_ranges("StepCheckpoint", locals())
         super().__init__(every_n_train_steps=0, every_n_epochs=0, train_time_interval=None, save_top_k=save_top_k,
                          **kwargs)
         self.requested_every_n_steps = self.every_n_steps = every_n_steps

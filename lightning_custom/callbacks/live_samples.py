@@ -194,6 +194,9 @@ class LiveReport(Callback):
     """
 
     def __init__(self, every_n_seconds: float = 30.0) -> None:
+        from lightning_custom.ranges import check_ranges
+
+        check_ranges("live_report", locals())
         super().__init__()
         self.every_n_seconds = every_n_seconds
         self._last: float | None = None
