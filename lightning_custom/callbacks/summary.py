@@ -209,14 +209,12 @@ class RunSummary(Callback):
         # Lightning's teardown, which runs after this hook, puts back the handlers it found (ours): give it the
         # ones from before the fit instead.
         getattr(trainer._signal_connector, "_original_handlers", {}).update(self._signals.previous_handlers())
-        self._signals.restore()
-        if trainer.state.fn != "fit":
-            return
         try:
             interrupted = isinstance(exception, (SIGTERMException, KeyboardInterrupt))
-            if interrupted and not self._final_files_written:  # a finished run's files stand as they are
-                self.stop_interrupted_run(trainer, pl_module, exception)
+            if trainer.state.fn == "fit" and interrupted and not self._final_files_written:
+                self.stop_interrupted_run(trainer, pl_module, exception)  # a further SIGTERM is held meanwhile
         finally:
+            self._signals.restore()
             # Lightning calls no teardown hook after an exception: release the folder here, once the summary is
             # written, so a later fit in this process (or another process) may use it and no .lock stays behind.
             unlock_run_folder(self.resolve_output_dir(trainer))
