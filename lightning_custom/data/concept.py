@@ -20,6 +20,7 @@ from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, defaul
 
 from lightning_custom.data.class_images import WithClassSamples
 from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
+from lightning_custom.data.fleet import FleetLoader
 from lightning_custom.data.images import (
     WHITE,
     BackgroundColour,
@@ -435,8 +436,15 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             parts.append(part)
         return parts[0] if len(parts) == 1 else ConcatDataset(parts)
 
-    def train_dataloader(self) -> ResumableDataLoader:
-        """Shuffled, resumable batches of ``{"pixel_values", "caption", "original_size", "crop_top_left"}``."""
+    def train_dataloader(self) -> ResumableDataLoader | FleetLoader:
+        """Shuffled, resumable batches of ``{"pixel_values", "caption", "original_size", "crop_top_left"}``.
+
+        For a module that trains a fleet of independent concepts (``trains_a_fleet``), a :class:`FleetLoader` of
+        ``{concept name: batch}``, each concept's batches exactly those of its own run.
+        """
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if getattr(module, "trains_a_fleet", False):
+            return self.fleet_loader(module)
         dataset = self.train_dataset()
         return ResumableDataLoader(
             dataset,
@@ -448,6 +456,19 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             progress=self._progress,
             collate_fn=partial(collate_with_token_ids, tokenize=getattr(self, "caption_tokenizer", None)),
         )
+
+    def fleet_loader(self, module: Any) -> FleetLoader:
+        """Per-concept loaders as each concept's own run would build them (its images, the run's seed), served
+        together for the concepts ``module.active_concepts`` still trains."""
+        collate = partial(collate_with_token_ids, tokenize=getattr(self, "caption_tokenizer", None))
+        loaders = {}
+        for i, name in enumerate(self.concept_names):
+            dataset = ConceptDataset(self.concept_images[i], self.templates, self.concept_phrase(i),
+                                     self.hparams.repeats, self.seed)
+            loaders[name] = DataLoader(dataset, batch_size=self.batch_size,
+                                       sampler=EpochShuffleSampler(len(dataset), self.seed),
+                                       drop_last=len(dataset) >= self.batch_size, collate_fn=collate)
+        return FleetLoader(loaders, lambda: list(module.active_concepts))
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count training batches as they are consumed (not as they are prefetched), for exact resume."""

@@ -11,7 +11,7 @@ from typing import Any
 from lightning_custom.errors import UserInputError
 
 REQUIRED_FIELDS = ("instance_data_dir", "placeholder_token")
-OPTIONAL_FIELDS = ("name", "class_noun", "class_prompt", "class_data_dir")
+OPTIONAL_FIELDS = ("name", "class_noun", "class_prompt", "class_data_dir", "initializer_token")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -26,6 +26,7 @@ class ConceptSpec:
         class_noun: class word after the token in prompts ("<new1> cat").
         class_prompt: prompt of the concept's class images (prior preservation).
         class_data_dir: folder of class images; ``None`` generates them with the base model.
+        initializer_token: the word this concept's token starts from (Textual Inversion fleets).
     """
 
     name: str
@@ -34,6 +35,7 @@ class ConceptSpec:
     class_noun: str | None = None
     class_prompt: str | None = None
     class_data_dir: str | None = None
+    initializer_token: str | None = None
 
 
 def default_concept_name(placeholder_token: str) -> str:

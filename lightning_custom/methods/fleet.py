@@ -1,0 +1,192 @@
+"""Many Textual Inversion concepts in one process, each trained exactly as in a run of its own (issue 24).
+
+Textual Inversion concepts are independent: the model is frozen and each concept owns only its vectors. So one
+process can hold the model once and train many concepts side by side. Each concept keeps what its own run would
+have: its token (and vectors in every text encoder that takes one), its training RNG, its optimizer state (one
+parameter per concept, so AdamW's step count and moments are its own) and its batches. The loss of a step is the
+sum over concepts of each concept's mean loss, computed concept by concept with the shapes of a single run, so a
+concept's gradient equals, to the bit, the one its own run gets on the same samples.
+
+A concept that stops (:meth:`TextualInversionFleet.freeze_concept`) keeps its vectors from then on: they leave the
+optimizer's work (no gradient: AdamW skips them) and its samples leave the batch, so the steps get cheaper.
+
+Status: the module and its batches. Per-concept DVAR stops, the fleet's outputs and its CLI config are the next
+part of issue 24.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
+from lightning_custom.io import write_safetensors
+from lightning_custom.methods.textual_inversion import LEARNED_EMBEDS, TextualInversion
+from lightning_custom.methods.tokens import (
+    TOKEN_METADATA_KEY,
+    CaptionTokenizer,
+    embedding_state,
+    expand_placeholder,
+    learn_new_token,
+    token_slots,
+)
+
+
+class TextualInversionFleet(TextualInversion):
+    """Textual Inversion for several independent concepts at once (see the module docstring).
+
+    Training batches are ``{concept name: that concept's batch}`` (``ConceptDataModule`` serves them to a fleet);
+    the step's loss is ``sum over active concepts of mean loss``.
+
+    Args:
+        concepts: the concepts list (``concepts.json`` format: ``name``, ``instance_data_dir``,
+            ``placeholder_token`` and an optional ``initializer_token`` per concept), or the path of its file;
+            give the data module the same list.
+        initializer_token: the initializer of concepts that name none.
+        num_vectors: vectors per concept in each CLIP encoder.
+        t5_num_vectors: FLUX and SD3: vectors per concept in T5.
+        **kwargs: see :class:`~lightning_custom.methods.base.PersonalizationModule`.
+    """
+
+    trains_a_fleet = True
+
+    def __init__(self, concepts: list[dict[str, Any]] | str, initializer_token: str = "object", num_vectors: int = 1,
+                 t5_num_vectors: int = 0, **kwargs: Any) -> None:
+        self.concept_specs: list[ConceptSpec] = parse_concepts(concepts, "--model.concepts")
+        self.active_concepts: list[str] = [spec.name for spec in self.concept_specs]
+        super().__init__(placeholder_token=self.concept_specs[0].placeholder_token,
+                         initializer_token=initializer_token, num_vectors=num_vectors,
+                         t5_num_vectors=t5_num_vectors, **kwargs)
+
+    # ------------------------------------------------------------------------------------------- trainables
+    def configure_trainable(self) -> None:
+        """One :class:`TokenVectors` per concept and text encoder, each concept's token added to every tokenizer."""
+        self.token_slots = token_slots(
+            self.family, self, with_t5=self.t5_num_vectors > 0, argument="--model.t5_num_vectors",
+            source=str(self.hparams.pretrained_model_name_or_path),
+        )
+        self.concept_vectors = nn.ModuleDict()
+        self.names_by_concept: dict[str, dict[str, list[str]]] = {}
+        self._splice_handles = []
+        for i, spec in enumerate(self.concept_specs):
+            per_slot, names_by_tokenizer = nn.ModuleList(), {}
+            for slot in self.token_slots:
+                count = self.t5_num_vectors if slot.is_t5 else self.num_vectors
+                names, vectors = learn_new_token(
+                    getattr(self, slot.tokenizer), getattr(self, slot.text_encoder), spec.placeholder_token,
+                    spec.initializer_token or self.initializer_token, count,
+                    argument_prefix=f"--model.concepts[{i}]",
+                    num_vectors_argument="t5_num_vectors" if slot.is_t5 else "num_vectors", where=slot.where,
+                )
+                names_by_tokenizer[slot.tokenizer] = names
+                per_slot.append(vectors)
+                self._splice_handles += vectors.attach_to(getattr(self, slot.text_encoder))
+            self.concept_vectors[spec.name] = per_slot
+            self.names_by_concept[spec.name] = names_by_tokenizer
+        first = self.concept_specs[0].name
+        self.names_by_tokenizer = self.names_by_concept[first]
+        self.placeholder_names = self.names_by_tokenizer[self.token_slots[0].tokenizer]
+        self.placeholder_tokens = [spec.placeholder_token for spec in self.concept_specs]
+        self._concept_generators: dict[str, torch.Generator] = {}
+
+    @property
+    def token_vector_modules(self) -> list[Any]:
+        """Every concept's vectors (all slots), in concept order."""
+        return [vectors for per_slot in self.concept_vectors.values() for vectors in per_slot]
+
+    def concept_parameters(self, name: str) -> list[nn.Parameter]:
+        """The trainable vectors of concept ``name`` (one tensor per text encoder)."""
+        return [vectors.vectors for vectors in self.concept_vectors[name]]
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Every concept's vectors, one parameter per concept and encoder (so each has its own AdamW state)."""
+        return [p for name in self.concept_vectors for p in self.concept_parameters(name)]
+
+    def freeze_concept(self, name: str) -> None:
+        """Stop training concept ``name``: its vectors keep their values and its samples leave the batch."""
+        if name in self.active_concepts:
+            self.active_concepts.remove(name)
+        for param in self.concept_parameters(name):
+            param.requires_grad_(False)
+            param.grad = None
+
+    # --------------------------------------------------------------------------------------------- captions
+    def _rewrite(self, captions: list[str], tokenizer_name: str) -> list[str]:
+        for spec in self.concept_specs:
+            names = self.names_by_concept[spec.name].get(tokenizer_name, [spec.placeholder_token])
+            captions = expand_placeholder(list(captions), spec.placeholder_token, names)
+        return captions
+
+    def prepare_captions(self, captions: list[str]) -> list[str]:
+        """Expand every concept's multi-vector placeholder into its (CLIP) tokens."""
+        return self._rewrite(captions, self.token_slots[0].tokenizer)
+
+    def captions_for(self, tokenizer_name: str, captions: list[str]) -> list[str]:
+        """``captions`` with every concept's placeholder written out as ``tokenizer_name``'s tokens."""
+        return self._rewrite(captions, tokenizer_name)
+
+    def caption_tokenizer(self) -> CaptionTokenizer:
+        """The data loader's tokenizer, expanding every concept's placeholder per tokenizer."""
+        from functools import partial
+
+        names = self.family.present_tokenizers(self)
+        rewrites = [partial(self._rewrite, tokenizer_name=n) for n in names]
+        return CaptionTokenizer(self.tokenizers, rewrites, [self.token_max_length(t) for t in self.tokenizers])
+
+    # ----------------------------------------------------------------------------------------------- training
+    def concept_generator(self, name: str) -> torch.Generator:
+        """Concept ``name``'s training RNG, seeded as its own run's (``seed + global rank``)."""
+        generator = self._concept_generators.get(name)
+        if generator is None or generator.device != self.device:
+            generator = torch.Generator(device=self.device)
+            generator.manual_seed(self.hparams.seed + self.global_rank)
+            self._concept_generators[name] = generator
+        return generator
+
+    def concept_losses(self, batch: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Each active concept's mean training loss, computed with its own RNG and its own batch shape."""
+        losses = {}
+        for name in self.active_concepts:
+            if name not in batch:
+                continue
+            self._generator = self.concept_generator(name)  # training_loss draws from self.generator
+            try:
+                losses[name] = self.training_loss(batch[name])
+            finally:
+                self._generator = None
+        return losses
+
+    def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
+        """The sum over concepts of each concept's mean loss (each concept's gradient is its own run's)."""
+        losses = self.concept_losses(batch)
+        self.last_concept_losses = {name: loss.detach() for name, loss in losses.items()}
+        total = torch.stack(list(losses.values())).sum()
+        self.log_training_losses({"train_loss": total}, sum(b["pixel_values"].shape[0] for b in batch.values()))
+        return total
+
+    # ----------------------------------------------------------------------------------------------- export
+    def concept_embeddings(self, name: str) -> dict[str, torch.Tensor]:
+        """Concept ``name``'s file tensors, in diffusers' Textual Inversion formats (see ``learned_embeddings``)."""
+        spec = next(s for s in self.concept_specs if s.name == name)
+        return embedding_state(self.token_slots, self.concept_parameters(name), spec.placeholder_token)
+
+    def export_concept(self, name: str, output_dir: Path) -> list[str]:
+        """Write concept ``name``'s ``learned_embeds.safetensors`` into ``output_dir`` (loads with
+        ``pipe.load_textual_inversion``), as its own run would."""
+        spec = next(s for s in self.concept_specs if s.name == name)
+        embeddings = self.concept_embeddings(name)
+        metadata = None if spec.placeholder_token in embeddings else {TOKEN_METADATA_KEY: spec.placeholder_token}
+        write_safetensors(Path(output_dir) / LEARNED_EMBEDS, embeddings, metadata)
+        return [LEARNED_EMBEDS]
+
+    def export_artifacts(self, output_dir: Path) -> list[str]:
+        """One folder per concept, each with what its own run writes."""
+        written = []
+        for spec in self.concept_specs:
+            folder = Path(output_dir) / spec.name
+            folder.mkdir(parents=True, exist_ok=True)
+            written += [f"{spec.name}/{name}" for name in self.export_concept(spec.name, folder)]
+        return written
