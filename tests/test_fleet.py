@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
+import json
+
+import lightning as L
 import pytest
 import torch
+from lightning.pytorch.callbacks import Callback
+from safetensors.torch import load_file
 
+from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.methods import TextualInversion
 from lightning_custom.methods.fleet import TextualInversionFleet
 from lightning_custom.toy_models import make_example_concept_images
-from tests.conftest import data_kwargs, ti_kwargs
+from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -92,3 +98,37 @@ def test_a_frozen_concept_keeps_its_vectors_while_the_others_train(tiny_sd, conc
         optimizer.step()
     assert torch.equal(frozen.detach(), before_a)  # no gradient, no AdamW step, no weight decay
     assert not torch.equal(training.detach(), before_b)
+
+
+class ExplodeConcept(Callback):
+    """Blows up one concept's vectors after a step (a learning rate that diverges, for that concept only)."""
+
+    def __init__(self, name: str, step: int) -> None:
+        self.name, self.step = name, step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        if trainer.global_step == self.step:
+            with torch.no_grad():
+                pl_module.concept_parameters(self.name)[0].mul_(1e4)
+
+
+def test_every_concept_stops_by_itself_and_writes_its_own_run_folder(tmp_path, tiny_sd, concept_dir,
+                                                                     second_concept):
+    fleet, data = fleet_of_two(tiny_sd, concept_dir, second_concept, learning_rate=0.02)
+    # undertrained_below 0: the tiny random model's L_det barely moves (see tests.test_cli.quick_args)
+    dvar = DVAREarlyStopping(window=15, threshold=0.15, eval_every_n_steps=5, verbose=False, undertrained_below=0)
+    trainer = L.Trainer(max_steps=300, callbacks=[dvar, RunSummary(report=False), ExplodeConcept("a", 7)],
+                        **trainer_kwargs(tmp_path))
+    trainer.fit(fleet, datamodule=data)
+    run = json.loads((tmp_path / "summary.json").read_text())
+    stops = {c["name"]: c for c in run["concepts"]}
+    assert stops["a"]["stopped_by"] == "diverged" and stops["a"]["stop_step"] == 10  # the first evaluation after
+    assert stops["b"]["stopped_by"] == "dvar" and stops["b"]["stop_step"] > 10  # b went on alone
+    assert run["stopped_by"] == "diverged" and run["stop_step"] == stops["b"]["stop_step"] == trainer.global_step
+    for name, stop in stops.items():
+        own = json.loads((tmp_path / name / "summary.json").read_text())
+        assert own["stop_step"] == stop["stop_step"] and own["stopped_by"] == stop["stopped_by"]
+        assert own["placeholder_token"] == f"<{name}>" and own["dvar_history"][-1][0] == stop["stop_step"]
+    assert not (tmp_path / "a" / "learned_embeds.safetensors").exists()  # the exploded vectors are not exported
+    embeds = load_file(tmp_path / "b" / "learned_embeds.safetensors")
+    assert torch.equal(embeds["<b>"][0], fleet.concept_parameters("b")[0].detach()[0])

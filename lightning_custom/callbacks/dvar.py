@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_custom.callbacks.final_files import DEFAULT_SNAPSHOT_MAX_MB, HealthyWeights
+from lightning_custom.callbacks.fleet_stops import FleetStops
 from lightning_custom.dvar import (
     DIVERGENCE_LOSS_TOLERANCE,
     DIVERGENCE_NORM_FACTOR,
@@ -120,6 +121,7 @@ class DVAREarlyStopping(Callback):
         # Device-side "first step with a non-finite training loss" (-1: none yet), read only at evaluations.
         self._non_finite_step: torch.Tensor | None = None
         self.healthy_weights = HealthyWeights(self.healthy_snapshot_max_mb)
+        self.fleet = FleetStops()  # used when the module trains a fleet of concepts
 
     @property
     def state_key(self) -> str:
@@ -202,6 +204,8 @@ class DVAREarlyStopping(Callback):
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         if self.initial_norm is None:  # not restored: this is the norm before the first step
             self.initial_norm = trainable_norm(pl_module)
+        if getattr(pl_module, "trains_a_fleet", False):
+            self.fleet.start(pl_module)
         if self.stop_step is None:
             return
         if self._stop_still_holds():
@@ -222,8 +226,8 @@ class DVAREarlyStopping(Callback):
     def on_train_batch_end(self, trainer: L.Trainer, pl_module: L.LightningModule, outputs: Any, batch: Any,
                            batch_idx: int) -> None:
         loss = outputs.get("loss") if isinstance(outputs, Mapping) else outputs
-        if not torch.is_tensor(loss):
-            return
+        if not torch.is_tensor(loss) or getattr(pl_module, "trains_a_fleet", False):
+            return  # a fleet's loss sums its concepts': one concept's NaN shows in its own L_det and norm
         if self._non_finite_step is None or self._non_finite_step.device != loss.device:
             self._non_finite_step = torch.full((), -1, dtype=torch.long, device=loss.device)
         # Stays on the device: no host sync per step; read at the next evaluation.
@@ -252,6 +256,10 @@ class DVAREarlyStopping(Callback):
             return
         step = trainer.global_step
         values = self._series(trainer)
+        if getattr(pl_module, "trains_a_fleet", False):  # a stopped concept's L_det is no longer evaluated
+            values = {k: v for k, v in values.items() if k.split("/", 1)[-1] in pl_module.active_concepts}
+            if not values:
+                return
         if not values:
             raise RuntimeError(f"DVAREarlyStopping: the module logged no '{self.monitor}' in validation")
         if any(self.histories.get(key) and self.histories[key][-1][0] >= step for key in values):
@@ -268,6 +276,9 @@ class DVAREarlyStopping(Callback):
         known = [r for r in ratios.values() if r is not None and math.isfinite(r)]
         if known:
             pl_module.log("dvar_ratio", max(known), prog_bar=True, batch_size=1)
+        if getattr(pl_module, "trains_a_fleet", False):  # every concept stops by itself
+            self.fleet.decide(self, trainer, pl_module, step, values, ratios)
+            return
         verdict = self._verdict(step, values, ratios, norm)
         if trainer.is_global_zero and self._healthy(values, norm):  # only rank 0 exports
             self.healthy_weights.keep(pl_module, step)
@@ -285,17 +296,22 @@ class DVAREarlyStopping(Callback):
                 return False
         return True
 
-    def _verdict(self, step: int, values: dict[str, float], ratios: dict[str, float | None],
-                 norm: float) -> tuple[str, str] | None:
-        """This rank's ``(stopped_by, reason)`` at ``step``, or ``None`` to go on training."""
+    def _verdict(self, step: int, values: dict[str, float], ratios: dict[str, float | None], norm: float,
+                 initial_norm: float | None = None, keys: list[str] | None = None) -> tuple[str, str] | None:
+        """This rank's ``(stopped_by, reason)`` at ``step``, or ``None`` to go on training.
+
+        ``initial_norm`` and ``keys`` judge part of the run alone (one concept of a fleet): its norm before the
+        first step and its series (default: the whole run's).
+        """
         non_finite = self._non_finite_reason(step, values, norm)
         if non_finite:
             return "non_finite", non_finite
         if self.stop:
-            exploded = norm_divergence(self.initial_norm, norm, self.divergence_norm_factor)
+            exploded = norm_divergence(initial_norm if keys else self.initial_norm, norm, self.divergence_norm_factor)
             if exploded:
                 return "diverged", f"Diverged: {exploded}; stopping at step {step}."
-            series = {key: [v for _, v in points] for key, points in self.histories.items()}
+            series = {key: [v for _, v in points] for key, points in self.histories.items()
+                      if keys is None or key in keys}
             full = all(len(s) >= self.window_values for s in series.values())
             if full and step >= self.min_steps:
                 flat = [key for key, s in series.items() if is_flat(s)]
@@ -366,6 +382,12 @@ class DVAREarlyStopping(Callback):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if getattr(pl_module, "trains_a_fleet", False):
+            self.fleet.finish(trainer, pl_module, trainer.global_step)
+            if self.stop_step is None:
+                self.stopped_by, self.stop_reason = self.fleet.run_verdict(trainer.global_step)
+                self.stop_step = trainer.global_step
+            return
         # A non-finite loss after the last evaluation (e.g. the run hit max_steps in between) is still reported.
         reason = self._non_finite_reason(trainer.global_step) if self.stop_step is None else None
         agreed = int(trainer.strategy.reduce(torch.tensor(int(reason is not None), device=pl_module.device),
@@ -392,6 +414,7 @@ class DVAREarlyStopping(Callback):
             "stopped_by": self.stopped_by,
             "stop_reason": self.stop_reason,
             "healthy_weights": self.healthy_weights.state_dict(),
+            "fleet": self.fleet.state_dict(),
         }
 
     @override
@@ -405,6 +428,7 @@ class DVAREarlyStopping(Callback):
         self.stopped_by = state_dict.get("stopped_by")
         self.stop_reason = state_dict.get("stop_reason", "")
         self.healthy_weights.load_state_dict(state_dict.get("healthy_weights", {}))
+        self.fleet.load_state_dict(state_dict.get("fleet", {}))
 
 
 def trainable_norm(pl_module: L.LightningModule) -> float:

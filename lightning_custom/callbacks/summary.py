@@ -19,6 +19,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
 from lightning_custom.callbacks.final_files import keep_what_was_trained, last_healthy_artifacts
+from lightning_custom.callbacks.fleet_stops import concept_summary
 from lightning_custom.callbacks.live_samples import SAMPLES_FOLDER
 from lightning_custom.interrupts import (
     CTRL_C_NAME,
@@ -294,6 +295,8 @@ class RunSummary(Callback):
         """
         if interrupted or not self.export:
             return [], {}
+        if getattr(pl_module, "trains_a_fleet", False):  # each concept's own stop decides (failed ones: nothing)
+            return pl_module.export_artifacts(staging), {}
         stopped_by, _ = stop_information(trainer)
         failure = {"diverged": "diverged", "non_finite": "stopped on a non-finite value"}.get(stopped_by)
         if failure is None and not trainable_weights_finite(pl_module):
@@ -334,6 +337,9 @@ class RunSummary(Callback):
                 write_report(summary, staging / REPORT_FILE)
             except Exception as err:  # noqa: BLE001 - a plot must not cost the run its artifacts and summary
                 log.warning("RunSummary: could not draw %s: %s", REPORT_FILE, err)
+        dvar = find_callback(trainer, "DVAREarlyStopping")
+        if getattr(pl_module, "trains_a_fleet", False) and dvar is not None:
+            self._write_concept_summaries(summary, pl_module, dvar, staging)
         files = {p.name for p in staging.iterdir()} | {SUMMARY_FILE}
         files |= {name for name in KEPT_FILES if (out / name).exists()}
         if (out / INTERRUPTED_CHECKPOINT).is_file():  # this run's own (a resumed one keeps it)
@@ -342,6 +348,28 @@ class RunSummary(Callback):
         files |= {f"{SAMPLES_FOLDER}/{grid.name}" for grid in (out / SAMPLES_FOLDER).glob("*.png")}
         summary["files"] = sorted(files)
         write_json(staging / SUMMARY_FILE, summary)
+
+    def _write_concept_summaries(self, summary: dict[str, Any], pl_module: L.LightningModule, dvar: Any,
+                                 staging: Path) -> None:
+        """A fleet: each concept's folder gets the ``summary.json`` (and ``report.png``) its own run would write;
+        the run's summary lists every concept with its stop."""
+        summary["concepts"] = []
+        for spec in pl_module.concept_specs:
+            folder = staging / spec.name
+            folder.mkdir(exist_ok=True)
+            own = concept_summary(summary, pl_module, dvar, spec.name,
+                                  sorted(p.name for p in folder.iterdir() if p.is_file()))
+            if self.report:
+                from lightning_custom.report import write_report
+
+                try:
+                    write_report(own, folder / REPORT_FILE)
+                except Exception as err:  # noqa: BLE001 - a plot must not cost the run its summary
+                    log.warning("RunSummary: could not draw %s/%s: %s", spec.name, REPORT_FILE, err)
+            own["files"] = sorted(p.name for p in folder.iterdir()) + [SUMMARY_FILE]
+            write_json(folder / SUMMARY_FILE, own)
+            summary["concepts"].append({"name": spec.name, "folder": spec.name,
+                                        **{k: own[k] for k in ("stop_step", "stopped_by", "stop_reason")}})
 
     @override
     def state_dict(self) -> dict[str, Any]:

@@ -57,6 +57,7 @@ class TextualInversionFleet(TextualInversion):
                  t5_num_vectors: int = 0, **kwargs: Any) -> None:
         self.concept_specs: list[ConceptSpec] = parse_concepts(concepts, "--model.concepts")
         self.active_concepts: list[str] = [spec.name for spec in self.concept_specs]
+        self.failed_concepts: set[str] = set()
         super().__init__(placeholder_token=self.concept_specs[0].placeholder_token,
                          initializer_token=initializer_token, num_vectors=num_vectors,
                          t5_num_vectors=t5_num_vectors, **kwargs)
@@ -105,8 +106,15 @@ class TextualInversionFleet(TextualInversion):
         """Every concept's vectors, one parameter per concept and encoder (so each has its own AdamW state)."""
         return [p for name in self.concept_vectors for p in self.concept_parameters(name)]
 
-    def freeze_concept(self, name: str) -> None:
-        """Stop training concept ``name``: its vectors keep their values and its samples leave the batch."""
+    def freeze_concept(self, name: str, failed: bool = False) -> None:
+        """Stop training concept ``name``: its vectors keep their values and its samples leave the batch.
+
+        Args:
+            name: the concept.
+            failed: it diverged or went NaN: its broken vectors are not exported.
+        """
+        if failed:
+            self.failed_concepts.add(name)
         if name in self.active_concepts:
             self.active_concepts.remove(name)
         for param in self.concept_parameters(name):
@@ -167,6 +175,12 @@ class TextualInversionFleet(TextualInversion):
         self.log_training_losses({"train_loss": total}, sum(b["pixel_values"].shape[0] for b in batch.values()))
         return total
 
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor | None:
+        """L_det of each concept still training (a stopped concept's is no longer computed)."""
+        if batch.get("concept") not in self.active_concepts:
+            return None
+        return super().validation_step(batch, batch_idx, dataloader_idx)
+
     # ----------------------------------------------------------------------------------------------- export
     def concept_embeddings(self, name: str) -> dict[str, torch.Tensor]:
         """Concept ``name``'s file tensors, in diffusers' Textual Inversion formats (see ``learned_embeddings``)."""
@@ -183,10 +197,12 @@ class TextualInversionFleet(TextualInversion):
         return [LEARNED_EMBEDS]
 
     def export_artifacts(self, output_dir: Path) -> list[str]:
-        """One folder per concept, each with what its own run writes."""
+        """One folder per concept, each with what its own run writes (nothing for a concept that diverged or went
+        NaN: its summary says why)."""
         written = []
         for spec in self.concept_specs:
             folder = Path(output_dir) / spec.name
             folder.mkdir(parents=True, exist_ok=True)
-            written += [f"{spec.name}/{name}" for name in self.export_concept(spec.name, folder)]
+            if spec.name not in self.failed_concepts:
+                written += [f"{spec.name}/{name}" for name in self.export_concept(spec.name, folder)]
         return written
