@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import lightning as L
 import pytest
@@ -18,6 +19,7 @@ from lightning_custom.toy_models import make_example_concept_images
 from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -132,3 +134,32 @@ def test_every_concept_stops_by_itself_and_writes_its_own_run_folder(tmp_path, t
     assert not (tmp_path / "a" / "learned_embeds.safetensors").exists()  # the exploded vectors are not exported
     embeds = load_file(tmp_path / "b" / "learned_embeds.safetensors")
     assert torch.equal(embeds["<b>"][0], fleet.concept_parameters("b")[0].detach()[0])
+
+
+def test_the_fleet_quickstart_runs_through_the_cli(tmp_path, tiny_sd, concept_dir, second_concept):
+    """configs/quickstart_fleet.yaml as shipped, on the tiny model and two concepts (the shipped eight take ~40 s)."""
+    from lightning_custom.cli import main
+
+    concepts = json.dumps([{"name": "a", "instance_data_dir": concept_dir, "placeholder_token": "<a>"},
+                           {"name": "b", "instance_data_dir": second_concept, "placeholder_token": "<b>"}])
+    main(["fit", "--config", str(ROOT / "configs" / "quickstart_fleet.yaml"), "--trainer.default_root_dir",
+          str(tmp_path), "--trainer.enable_progress_bar", "false", "--model.init_args.pretrained_model_name_or_path",
+          tiny_sd, "--model.init_args.initializer_token", "toy", "--model.init_args.concepts", concepts,
+          "--data.init_args.concepts", concepts, "--data.init_args.resolution", "16", "--trainer.max_steps", "300",
+          "--dvar.window", "15", "--dvar.undertrained_below", "0"])  # the tiny random model: see quick_args
+    run = json.loads((tmp_path / "summary.json").read_text())
+    assert [c["name"] for c in run["concepts"]] == ["a", "b"] and run["method"] == "TextualInversionFleet"
+    assert all(c["stopped_by"] == "dvar" and c["stop_step"] < 300 for c in run["concepts"])
+    assert run["stop_step"] == max(c["stop_step"] for c in run["concepts"])
+    for name in ("a", "b"):
+        assert (tmp_path / name / "learned_embeds.safetensors").is_file()
+
+
+def test_world_concepts_resolve_to_rendered_folders(tmp_path, monkeypatch):
+    from lightning_custom.data.concept import _resolve_instance_dir
+
+    monkeypatch.setenv("LIGHTNING_CUSTOM_CACHE", str(tmp_path))
+    folder = Path(_resolve_instance_dir("world:3"))
+    assert folder.parent.name == "seed2024" and folder.name.startswith("c003-") and len(list(folder.glob("*.png"))) >= 4
+    assert Path(_resolve_instance_dir("world:3@7")).parent.name == "seed7"
+    assert _resolve_instance_dir("world:3") == str(folder)  # rendered once

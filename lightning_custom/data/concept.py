@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib
 import logging
+import re
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from functools import cached_property, partial
@@ -630,11 +631,32 @@ def check_data_config(data: Any) -> None:
 
 
 def _resolve_instance_dir(folder: str) -> str:
-    """``"embedded"`` -> the example concept shipped with the package (``"embedded:cat-toy"``: the other one)."""
+    """``"embedded"`` -> the example concept shipped with the package (``"embedded:cat-toy"``: the other one);
+    ``"world:7"`` -> held-out concept 7 of the embedded world (``"world:7@5"``: drawn with seed 5, default 2024)."""
     from lightning_custom.components import EMBEDDED_CONCEPTS, embedded_concept_path
 
     if folder == "embedded":
         return embedded_concept_path()
     if folder.startswith("embedded:") and folder.split(":", 1)[1] in EMBEDDED_CONCEPTS:
         return embedded_concept_path(folder.split(":", 1)[1])
+    match = re.fullmatch(r"world:(\d+)(?:@(\d+))?", folder)
+    if match:
+        return str(world_concept_dir(int(match.group(1)), int(match.group(2) or WORLD_CONCEPT_SEED)))
+    return folder
+
+
+WORLD_CONCEPT_SEED = 2024  # the seed of lightning_custom.world's held-out concepts (the studies' too)
+
+
+def world_concept_dir(index: int, seed: int = WORLD_CONCEPT_SEED) -> Path:
+    """The images of held-out world concept ``index`` (drawn with ``seed``), rendered once into the cache."""
+    from lightning_custom.data.class_images import default_cache_root
+    from lightning_custom.io import atomic_path
+    from lightning_custom.world.concepts import make_concept
+
+    concept = make_concept(index, seed)
+    folder = default_cache_root().parent / "world_concepts" / f"seed{seed}" / concept.name
+    if not folder.is_dir():
+        with atomic_path(folder) as partial:
+            concept.write_images(partial)
     return folder

@@ -4,6 +4,7 @@ from lightning_custom.methods.base import PersonalizationModule
 from lightning_custom.methods.custom_diffusion import CustomDiffusion
 from lightning_custom.methods.dreambooth import DreamBooth, DreamBoothLoRA
 from lightning_custom.methods.finetuning import FineTuningModule
+from lightning_custom.methods.fleet import TextualInversionFleet
 from lightning_custom.methods.textual_inversion import TextualInversion
 
 __all__ = [
@@ -13,4 +14,5 @@ __all__ = [
     "FineTuningModule",
     "PersonalizationModule",
     "TextualInversion",
+    "TextualInversionFleet",
 ]
