@@ -11,7 +11,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
-from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
+from lightning_custom.callbacks import DVAREarlyStopping, RunSummary, StepCheckpoint
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.methods import TextualInversion
 from lightning_custom.methods.fleet import TextualInversionFleet
@@ -163,3 +163,30 @@ def test_world_concepts_resolve_to_rendered_folders(tmp_path, monkeypatch):
     assert folder.parent.name == "seed2024" and folder.name.startswith("c003-") and len(list(folder.glob("*.png"))) >= 4
     assert Path(_resolve_instance_dir("world:3@7")).parent.name == "seed7"
     assert _resolve_instance_dir("world:3") == str(folder)  # rendered once
+
+
+def fleet_fit(root, tiny_sd, concept_dir, second_concept, callbacks=(), ckpt_path=None):
+    fleet, data = fleet_of_two(tiny_sd, concept_dir, second_concept, learning_rate=0.02)
+    dvar = DVAREarlyStopping(window=15, threshold=0.15, eval_every_n_steps=5, verbose=False, undertrained_below=0)
+    trainer = L.Trainer(max_steps=300, callbacks=[dvar, RunSummary(report=False), *callbacks],
+                        **trainer_kwargs(root, enable_checkpointing=any(isinstance(c, StepCheckpoint)
+                                                                        for c in callbacks)))
+    trainer.fit(fleet, datamodule=data, ckpt_path=ckpt_path)
+    return fleet, json.loads((root / "summary.json").read_text())
+
+
+def test_a_fleet_resumed_after_some_concepts_stopped_ends_with_the_same_stops_and_vectors(
+        tmp_path, tiny_sd, concept_dir, second_concept):
+    checkpoints = StepCheckpoint(dirpath=tmp_path / "ckpt", every_n_steps=15)
+    straight, expected = fleet_fit(tmp_path / "straight", tiny_sd, concept_dir, second_concept,
+                                   [ExplodeConcept("a", 7), checkpoints])
+    stops = {c["name"]: c["stop_step"] for c in expected["concepts"]}
+    assert stops["a"] == 10 and stops["b"] > 20  # the checkpoint at 15 has one concept stopped, one training
+    resumed, summary = fleet_fit(tmp_path / "resumed", tiny_sd, concept_dir, second_concept,
+                                 ckpt_path=str(next((tmp_path / "ckpt").glob("*step=15*.ckpt"))))
+    assert summary["concepts"] == expected["concepts"]
+    for name in ("a", "b"):
+        assert torch.equal(resumed.concept_parameters(name)[0], straight.concept_parameters(name)[0]), name
+    own = json.loads((tmp_path / "resumed" / "b" / "summary.json").read_text())
+    assert own["dvar_history"] == json.loads((tmp_path / "straight" / "b" / "summary.json").read_text())[
+        "dvar_history"]

@@ -469,7 +469,7 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             loaders[name] = DataLoader(dataset, batch_size=self.batch_size,
                                        sampler=EpochShuffleSampler(len(dataset), self.seed),
                                        drop_last=len(dataset) >= self.batch_size, collate_fn=collate)
-        return FleetLoader(loaders, lambda: list(module.active_concepts))
+        return FleetLoader(loaders, lambda: list(module.active_concepts), self._progress)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
         """Count training batches as they are consumed (not as they are prefetched), for exact resume."""

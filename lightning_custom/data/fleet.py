@@ -16,34 +16,46 @@ class FleetLoader:
     its own: when its loader is exhausted, its sampler moves to the next epoch (as Lightning's ``set_epoch`` does
     for a single run) and it starts again. The fleet's own epoch never ends; ``max_steps`` or the stops end it.
 
+    A resumed fleet goes on where it stopped: Lightning saves :meth:`state_dict` (the batches consumed, counted
+    by the data module as they are trained on, not as they are prefetched) and every concept still training has
+    trained on each of them, so each continues at that batch of its own sequence.
+
     Args:
         loaders: one loader per concept, by name.
         active: the names of the concepts still training (read before every batch).
+        progress: the batches consumed so far (shared with the data module, which counts them).
     """
 
-    def __init__(self, loaders: dict[str, DataLoader], active: Callable[[], list[str]]) -> None:
-        self.loaders, self.active = loaders, active
+    def __init__(self, loaders: dict[str, DataLoader], active: Callable[[], list[str]], progress: Any) -> None:
+        self.loaders, self.active, self.progress = loaders, active, progress
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
-        epochs = {name: -1 for name in self.loaders}
+        skip, self.progress.skip = self.progress.skip, 0
+        self.progress.consumed = skip
+        positions = {name: skip for name in self.loaders}  # the batch each concept draws next
         iterators: dict[str, Iterator[Any]] = {}
         while True:
-            batch = {}
-            for name in self.active():
-                batch[name] = self._next(name, epochs, iterators)
+            batch = {name: self._next(name, positions, iterators) for name in self.active()}
             if not batch:
                 return
             yield batch
 
-    def _next(self, name: str, epochs: dict[str, int], iterators: dict[str, Iterator[Any]]) -> Any:
-        iterator = iterators.get(name)
-        if iterator is not None:
-            item = next(iterator, None)
-            if item is not None:
-                return item
-        epochs[name] += 1
-        loader = self.loaders[name]
-        if hasattr(loader.sampler, "set_epoch"):
-            loader.sampler.set_epoch(epochs[name])
-        iterators[name] = iter(loader)
+    def _next(self, name: str, positions: dict[str, int], iterators: dict[str, Iterator[Any]]) -> Any:
+        loader, position = self.loaders[name], positions[name]
+        positions[name] += 1
+        per_epoch = max(1, len(loader))
+        if name not in iterators or position % per_epoch == 0:  # a new epoch of this concept's own loader
+            if hasattr(loader.sampler, "set_epoch"):
+                loader.sampler.set_epoch(position // per_epoch)
+            iterators[name] = iter(loader)
+            for _ in range(position % per_epoch):  # resumed mid-epoch
+                next(iterators[name])
         return next(iterators[name])
+
+    def state_dict(self) -> dict[str, int]:
+        """The batches trained on so far (Lightning saves it in checkpoints)."""
+        return {"consumed": self.progress.consumed}
+
+    def load_state_dict(self, state_dict: dict[str, int]) -> None:
+        """Continue after the consumed batches at the next iteration."""
+        self.progress.skip = int(state_dict.get("consumed", 0))

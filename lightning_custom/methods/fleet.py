@@ -24,6 +24,7 @@ from torch import nn
 
 from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
 from lightning_custom.io import write_safetensors
+from lightning_custom.methods.base import rank_generator_state
 from lightning_custom.methods.textual_inversion import LEARNED_EMBEDS, TextualInversion
 from lightning_custom.methods.tokens import (
     TOKEN_METADATA_KEY,
@@ -33,6 +34,9 @@ from lightning_custom.methods.tokens import (
     learn_new_token,
     token_slots,
 )
+
+
+FLEET_RNG_KEY = "lightning_custom_fleet_rng"
 
 
 class TextualInversionFleet(TextualInversion):
@@ -92,6 +96,7 @@ class TextualInversionFleet(TextualInversion):
         self.placeholder_names = self.names_by_tokenizer[self.token_slots[0].tokenizer]
         self.placeholder_tokens = [spec.placeholder_token for spec in self.concept_specs]
         self._concept_generators: dict[str, torch.Generator] = {}
+        self._pending_concept_rng: dict[str, Any] = {}
 
     @property
     def token_vector_modules(self) -> list[Any]:
@@ -146,13 +151,40 @@ class TextualInversionFleet(TextualInversion):
 
     # ----------------------------------------------------------------------------------------------- training
     def concept_generator(self, name: str) -> torch.Generator:
-        """Concept ``name``'s training RNG, seeded as its own run's (``seed + global rank``)."""
+        """Concept ``name``'s training RNG, seeded as its own run's (``seed + global rank``); a resumed run
+        continues it from the checkpoint."""
         generator = self._concept_generators.get(name)
         if generator is None or generator.device != self.device:
             generator = torch.Generator(device=self.device)
             generator.manual_seed(self.hparams.seed + self.global_rank)
+            pending = self._pending_concept_rng.pop(name, None)
+            state = rank_generator_state(pending, self.global_rank) if pending is not None else None
+            if state is not None:
+                generator.set_state(state)
             self._concept_generators[name] = generator
         return generator
+
+    def trained_weight_names(self) -> set[str]:
+        """Every concept's vectors, stopped ones included: a resumed fleet exports what each concept learned."""
+        return {name for name, _ in self.named_parameters() if name.startswith("concept_vectors.")}
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """The base checkpoint, plus every concept's training RNG on every rank."""
+        super().on_save_checkpoint(checkpoint)
+        states = {}
+        for spec in self.concept_specs:
+            state = self.concept_generator(spec.name).get_state()
+            if self._trainer is not None and self.trainer.world_size > 1:
+                states[spec.name] = [row.cpu().clone() for row in self.all_gather(state.to(self.device))]
+            else:
+                states[spec.name] = [state]
+        checkpoint[FLEET_RNG_KEY] = states
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """Restore the base state and every concept's training RNG."""
+        super().on_load_checkpoint(checkpoint)
+        self._pending_concept_rng = dict(checkpoint.get(FLEET_RNG_KEY, {}))
+        self._concept_generators = {}
 
     def concept_losses(self, batch: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
         """Each active concept's mean training loss, computed with its own RNG and its own batch shape."""
