@@ -315,8 +315,8 @@ def _initializer_token(run: Path) -> str:
     if config.is_file():
         loaded = yaml.safe_load(config.read_text()) or {}
         token = ((loaded.get("model") or {}).get("init_args") or {}).get("initializer_token")
-    if not token:
-        token = read_summary(run).get("class_noun")
+    summary = read_summary(run)
+    token = token or summary.get("initializer_token") or summary.get("class_noun")  # a fleet's concept folder
     if not token:
         raise UserInputError(f"--before_word: {run} has no config.yaml naming an initializer_token; give the word "
                              f"the concept's token started from")

@@ -1,0 +1,218 @@
+"""A fleet of Textual Inversion concepts against the same concepts trained alone (issue 24, items 5, 7 and 8).
+
+Two measurements, each a CLI run per row (``python -m lightning_custom fit``, start-up and model loading included),
+on held-out concepts of the embedded world (``world:N``, seed 2024) with the quickstart's settings:
+
+* ``equivalence``: each of ``--concepts`` (default 50-59, the studies' test split) trained alone and in one fleet,
+  same seeds; the paired differences of the stop step, of the learned vectors and of the identity at the stop
+  (the world encoder's similarity of 4 samples to the concept images, as ``before_after`` scores it).
+* ``throughput``: N concepts (``--sizes``, default 1 4 16 40) as N separate runs and as one fleet: concepts per
+  CPU-hour (the children's user + system CPU time), wall time, and the fleet's peak memory (so the memory per
+  concept).
+
+Rows are appended to ``<out>/fleet_runs.jsonl`` as they finish; a row already there is not run again, so the job
+resumes where it stopped. ``table`` writes ``fleet.md`` from them::
+
+    nice python benchmarks/fleet.py equivalence throughput --out benchmarks/results/fleet
+    python benchmarks/fleet.py table --out benchmarks/results/fleet
+
+Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from lightning_custom.world.concepts import make_concept  # noqa: E402
+
+QUICKSTART = ROOT / "configs" / "quickstart.yaml"
+FLEET = ROOT / "configs" / "quickstart_fleet.yaml"
+COMMON = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--overwrite", "true"]
+
+
+def concept_entry(index: int) -> dict[str, str]:
+    """The concepts-list entry of held-out world concept ``index``."""
+    concept = make_concept(index)
+    return {"name": f"c{index:03d}", "instance_data_dir": f"world:{index}",
+            "placeholder_token": f"<c{index:03d}>", "initializer_token": concept.initializer_token}
+
+
+def run_cli(args: list[str]) -> dict[str, float]:
+    """Run ``python -m lightning_custom`` and return its wall time, CPU time and peak memory (of the child)."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
+    start = time.perf_counter()
+    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
+    result = subprocess.run([sys.executable, "-m", "lightning_custom", *args], capture_output=True, text=True,
+                            env=env, cwd=ROOT)
+    wall = time.perf_counter() - start
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    if result.returncode != 0:
+        raise RuntimeError(f"{' '.join(args[:4])}...: exit {result.returncode}\n{result.stderr[-2000:]}")
+    return {"wall_s": wall, "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
+            "peak_rss_mb": after.ru_maxrss / 1024}
+
+
+def alone(index: int, folder: Path) -> dict[str, float]:
+    """Concept ``index`` trained alone, into ``folder``."""
+    entry = concept_entry(index)
+    return run_cli(["fit", "--config", str(QUICKSTART), "--trainer.default_root_dir", str(folder),
+                    "--data.init_args.instance_data_dir", entry["instance_data_dir"],
+                    "--model.init_args.placeholder_token", entry["placeholder_token"],
+                    "--model.init_args.initializer_token", entry["initializer_token"], *COMMON])
+
+
+def fleet(indices: list[int], folder: Path) -> dict[str, float]:
+    """The concepts ``indices`` trained as one fleet, into ``folder``."""
+    concepts = json.dumps([concept_entry(i) for i in indices])
+    return run_cli(["fit", "--config", str(FLEET), "--trainer.default_root_dir", str(folder),
+                    "--model.init_args.concepts", concepts, "--data.init_args.concepts", concepts, *COMMON])
+
+
+def identity_at_stop(run: Path) -> float:
+    """The world encoder's identity similarity of the run's samples to its concept images (``before_after``)."""
+    from lightning_custom.world.quickstart import before_after
+
+    summary = json.loads((run / "summary.json").read_text())
+    word = summary.get("initializer_token") or json.loads((run / "summary.json").read_text()).get("class_noun")
+    with tempfile.TemporaryDirectory() as tmp:
+        return float(before_after(run, before_word=word or "shape", out=Path(tmp) / "grid.png")["identity_after"])
+
+
+def embeddings(run: Path, token: str) -> Any:
+    from safetensors.torch import load_file
+
+    return load_file(run / "learned_embeds.safetensors")[token]
+
+
+class Rows:
+    """The measurements so far (``fleet_runs.jsonl``), appended one row at a time."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out / "fleet_runs.jsonl"
+        out.mkdir(parents=True, exist_ok=True)
+        self.rows = [json.loads(line) for line in self.path.read_text().splitlines()] if self.path.exists() else []
+
+    def has(self, **key: Any) -> bool:
+        return any(all(row.get(k) == v for k, v in key.items()) for row in self.rows)
+
+    def add(self, row: dict[str, Any]) -> None:
+        self.rows.append(row)
+        with self.path.open("a") as f:
+            f.write(json.dumps(row) + "\n")
+        print(json.dumps(row), flush=True)
+
+
+def equivalence(rows: Rows, indices: list[int], work: Path) -> None:
+    """Each concept alone and in one fleet of all of them: stop steps, vectors, identity at the stop."""
+    fleet_dir = work / f"fleet_of_{len(indices)}"
+    if not rows.has(kind="equivalence_fleet", size=len(indices)):
+        rows.add({"kind": "equivalence_fleet", "size": len(indices), **fleet(indices, fleet_dir)})
+    for index in indices:
+        name = f"c{index:03d}"
+        if rows.has(kind="equivalence", concept=name):
+            continue
+        alone_dir = work / f"alone_{name}"
+        cost = alone(index, alone_dir)
+        own, together = (json.loads((d / "summary.json").read_text()) for d in (alone_dir, fleet_dir / name))
+        token = own["placeholder_token"]
+        difference = float((embeddings(alone_dir, token) - embeddings(fleet_dir / name, token)).abs().max())
+        rows.add({"kind": "equivalence", "concept": name, "stop_alone": own["stop_step"],
+                  "stop_fleet": together["stop_step"], "stopped_by_alone": own["stopped_by"],
+                  "stopped_by_fleet": together["stopped_by"], "max_vector_difference": difference,
+                  "history_identical": own["dvar_history"] == together["dvar_history"],
+                  "identity_alone": identity_at_stop(alone_dir), "identity_fleet": identity_at_stop(fleet_dir / name),
+                  "alone_wall_s": cost["wall_s"]})
+
+
+def throughput(rows: Rows, sizes: list[int], work: Path) -> None:
+    """N concepts as N separate runs and as one fleet."""
+    for size in sizes:
+        indices = list(range(size))
+        if not rows.has(kind="throughput_fleet", size=size):
+            rows.add({"kind": "throughput_fleet", "size": size, **fleet(indices, work / f"tp_fleet_{size}")})
+        if not rows.has(kind="throughput_separate", size=size):
+            costs = [alone(i, work / f"tp_alone_{size}_{i}") for i in indices]
+            rows.add({"kind": "throughput_separate", "size": size, "wall_s": sum(c["wall_s"] for c in costs),
+                      "cpu_s": sum(c["cpu_s"] for c in costs),
+                      "peak_rss_mb": max(c["peak_rss_mb"] for c in costs)})
+
+
+def table(rows: Rows) -> str:
+    """The markdown report of the rows."""
+    lines = ["# A fleet of Textual Inversion concepts against the same concepts alone", "",
+             "Embedded world model, quickstart settings (batch 2 per concept, DVAR window 40, every 5), one CPU "
+             "thread per run; `python benchmarks/fleet.py table` rebuilds this page from `fleet_runs.jsonl`.", ""]
+    pairs = [r for r in rows.rows if r["kind"] == "equivalence"]
+    if pairs:
+        steps = [r["stop_fleet"] - r["stop_alone"] for r in pairs]
+        ids = [r["identity_fleet"] - r["identity_alone"] for r in pairs]
+        gains = [r["identity_alone"] for r in pairs]
+
+        def se(values: list[float]) -> float:
+            return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+
+        lines += [f"## Equivalence ({len(pairs)} held-out concepts, alone vs in one fleet of {len(pairs)})", "",
+                  "| concept | stop alone | stop in fleet | stopped_by | max vector difference | L_det history "
+                  "identical | identity alone | identity in fleet |", "|---|---|---|---|---|---|---|---|"]
+        lines += [f"| {r['concept']} | {r['stop_alone']} | {r['stop_fleet']} | {r['stopped_by_alone']} / "
+                  f"{r['stopped_by_fleet']} | {r['max_vector_difference']:.3g} | {r['history_identical']} | "
+                  f"{r['identity_alone']:.3f} | {r['identity_fleet']:.3f} |" for r in pairs]
+        lines += ["", f"Paired difference of the stop step: mean {statistics.mean(steps):+.2f} (SE {se(steps):.2f}); "
+                  f"of the identity at the stop: mean {statistics.mean(ids):+.4f} (SE {se(ids):.4f}), against a "
+                  "single probe's SD of 0.020-0.025 (benchmarks/results/table1_v2/probe_noise_*.json); median "
+                  f"identity alone {statistics.median(gains):.3f}.", ""]
+    tp = {(r["kind"], r["size"]): r for r in rows.rows if r["kind"].startswith("throughput")}
+    sizes = sorted({size for _, size in tp})
+    if sizes:
+        lines += ["## Throughput (start-up and model loading included)", "",
+                  "| N | separate runs: wall s | CPU s | concepts / CPU-hour | fleet: wall s | CPU s | concepts / "
+                  "CPU-hour | gain | fleet peak memory MB |", "|---|---|---|---|---|---|---|---|---|"]
+        for size in sizes:
+            sep, flt = tp.get(("throughput_separate", size)), tp.get(("throughput_fleet", size))
+            if not sep or not flt:
+                continue
+            rate_sep, rate_flt = size / (sep["cpu_s"] / 3600), size / (flt["cpu_s"] / 3600)
+            lines.append(f"| {size} | {sep['wall_s']:.0f} | {sep['cpu_s']:.0f} | {rate_sep:.0f} | {flt['wall_s']:.0f}"
+                         f" | {flt['cpu_s']:.0f} | {rate_flt:.0f} | {rate_flt / rate_sep:.1f}x | "
+                         f"{flt['peak_rss_mb']:.0f} |")
+        fleets = [tp[("throughput_fleet", s)] for s in sizes if ("throughput_fleet", s) in tp]
+        if len(fleets) > 1:
+            per = (fleets[-1]["peak_rss_mb"] - fleets[0]["peak_rss_mb"]) / (fleets[-1]["size"] - fleets[0]["size"])
+            lines += ["", f"Peak memory grows by {per:.1f} MB per concept in the fleet (its vectors, batches, "
+                      "activations and fixed evaluation batch)."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("parts", nargs="+", choices=["equivalence", "throughput", "table"])
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fleet")
+    parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lightning_custom_fleet")
+    parser.add_argument("--concepts", type=int, nargs="+", default=list(range(50, 60)))
+    parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 40])
+    args = parser.parse_args(argv)
+    rows = Rows(args.out)
+    if "equivalence" in args.parts:
+        equivalence(rows, args.concepts, args.work)
+    if "throughput" in args.parts:
+        throughput(rows, args.sizes, args.work)
+    (args.out / "fleet.md").write_text(table(rows))
+    print(f"wrote {args.out / 'fleet.md'}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
