@@ -39,7 +39,26 @@ def find_summaries(roots: list[str]) -> list[Path]:
             found.update(inside)
         else:
             raise UserInputError(f"gather: {root} is neither a folder nor a summary.json")
-    return sorted(found, key=natural_key)
+    # A fleet's own summary lists its concepts, whose folders hold their summaries: each concept is one row.
+    fleets = {path for path in found if path.parent.is_dir() and is_fleet_summary(path)
+              and any((path.parent / c / "summary.json") in found for c in fleet_folders(path))}
+    return sorted(found - fleets, key=natural_key)
+
+
+def fleet_folders(path: Path) -> list[str]:
+    """The concept folders a fleet's ``summary.json`` names (empty for a single run's)."""
+    import json
+
+    try:
+        concepts = json.loads(path.read_text()).get("concepts") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [str(c["folder"]) for c in concepts if isinstance(c, dict) and c.get("folder")]
+
+
+def is_fleet_summary(path: Path) -> bool:
+    """Whether ``path`` is the run summary of a fleet (its concepts have folders of their own)."""
+    return bool(fleet_folders(path))
 
 
 def concept_label(summary: dict[str, Any]) -> str | None:

@@ -153,6 +153,12 @@ def test_the_fleet_quickstart_runs_through_the_cli(tmp_path, tiny_sd, concept_di
     assert run["stop_step"] == max(c["stop_step"] for c in run["concepts"])
     for name in ("a", "b"):
         assert (tmp_path / name / "learned_embeds.safetensors").is_file()
+    from lightning_custom.gather import gather_table
+
+    rows = gather_table([str(tmp_path)])  # one row per concept, not the fleet's own summary beside them
+    assert sorted(row["placeholder_token"] for row in rows) == ["<a>", "<b>"]
+    walls = [json.loads((tmp_path / n / "summary.json").read_text())["wall_seconds"] for n in ("a", "b")]
+    assert sum(walls) == pytest.approx(run["wall_seconds"], abs=0.01)  # the fleet's time, shared out by steps
 
 
 def test_world_concepts_resolve_to_rendered_folders(tmp_path, monkeypatch):
@@ -190,3 +196,30 @@ def test_a_fleet_resumed_after_some_concepts_stopped_ends_with_the_same_stops_an
     own = json.loads((tmp_path / "resumed" / "b" / "summary.json").read_text())
     assert own["dvar_history"] == json.loads((tmp_path / "straight" / "b" / "summary.json").read_text())[
         "dvar_history"]
+
+
+def test_bad_concept_lists_are_one_line_and_train_nothing(tmp_path, tiny_sd, concept_dir, capsys):
+    from lightning_custom.cli import main
+
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (tmp_path / "bad.json").write_text("[{")
+    good = {"instance_data_dir": concept_dir, "placeholder_token": "<a>", "name": "a"}
+    cases = {
+        "same token": ([good, {**good, "name": "b"}], "placeholder_token ['<a>'] used by more than one concept"),
+        "same name": ([good, {**good, "placeholder_token": "<b>"}], "name ['a'] used by more than one concept"),
+        "empty folder": ([{**good, "instance_data_dir": str(empty)}], "holds no images"),
+        "not JSON": (str(tmp_path / "bad.json"), "is not valid JSON"),
+        "no concepts": ([], "expected a non-empty list of concepts"),
+    }
+    for label, (concepts, needle) in cases.items():
+        value = concepts if isinstance(concepts, str) else json.dumps(concepts)
+        root = tmp_path / label.replace(" ", "_")
+        with pytest.raises(SystemExit) as refused:
+            main(["fit", "--config", str(ROOT / "configs" / "quickstart_fleet.yaml"), "--trainer.default_root_dir",
+                  str(root), "--model.init_args.pretrained_model_name_or_path", tiny_sd,
+                  "--model.init_args.concepts", value, "--data.init_args.concepts", value])
+        err = capsys.readouterr().err
+        errors = [line for line in err.splitlines() if line.startswith("error:")]
+        assert refused.value.code == 2 and len(errors) == 1 and needle in errors[0], (label, err[-1500:])
+        assert "Traceback" not in err and not root.exists(), label

@@ -122,4 +122,12 @@ def concept_summary(run_summary: dict[str, Any], pl_module: L.LightningModule, d
     max_steps = run_summary.get("max_steps")
     if max_steps and max_steps > 0 and summary["stop_step"] is not None:
         summary["steps_saved"] = max(0, max_steps - summary["stop_step"])
+    # The fleet's time, shared out by the steps each concept trained (a step costs about the same per concept), so
+    # that the concepts' wall times add up to the fleet's.
+    steps = {n: (s.get("stop_step") or 0) for n, s in dvar.fleet.stops.items()}
+    wall = run_summary.get("wall_seconds")
+    if wall is not None and sum(steps.values()) > 0:
+        summary["wall_seconds"] = round(wall * steps.get(name, 0) / sum(steps.values()), 3)
+        summary["fleet_wall_seconds"] = wall
+        summary["seconds_saved"] = None  # the fleet's pace is not this concept's alone
     return summary

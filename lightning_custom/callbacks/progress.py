@@ -116,6 +116,9 @@ class StepProgressBar(RichProgressBar):
         dvar = find_dvar(trainer)
         if dvar is not None and trainer.state.fn == "fit":
             metrics["DVAR ratio"] = dvar_status(dvar)
+        specs = getattr(pl_module, "concept_specs", None)
+        if getattr(pl_module, "trains_a_fleet", False) and specs:  # a fleet: how many concepts still train
+            metrics["concepts training"] = f"{len(pl_module.active_concepts)}/{len(specs)}"
         return metrics
 
     def step_description(self, trainer: L.Trainer) -> str:
