@@ -223,3 +223,25 @@ def test_bad_concept_lists_are_one_line_and_train_nothing(tmp_path, tiny_sd, con
         errors = [line for line in err.splitlines() if line.startswith("error:")]
         assert refused.value.code == 2 and len(errors) == 1 and needle in errors[0], (label, err[-1500:])
         assert "Traceback" not in err and not root.exists(), label
+
+
+@pytest.mark.slow
+def test_under_two_process_ddp_each_concept_stops_where_its_own_ddp_run_stops(tmp_path, tiny_sd, concept_dir,
+                                                                             second_concept):
+    fleet, data = fleet_of_two(tiny_sd, concept_dir, second_concept, learning_rate=0.02)
+    ddp = dict(strategy="ddp_spawn", devices=2)
+    dvar = dict(window=15, threshold=0.15, eval_every_n_steps=5, verbose=False, undertrained_below=0)
+    trainer = L.Trainer(max_steps=300, callbacks=[DVAREarlyStopping(**dvar), RunSummary(report=False)],
+                        **trainer_kwargs(tmp_path / "fleet", **ddp))
+    trainer.fit(fleet, datamodule=data)
+    run = json.loads((tmp_path / "fleet" / "summary.json").read_text())
+    for name, folder, initializer in (("a", concept_dir, "toy"), ("b", second_concept, "cat")):
+        module, alone_data = single_run(tiny_sd, folder, f"<{name}>", initializer, learning_rate=0.02)
+        trainer = L.Trainer(max_steps=300, callbacks=[DVAREarlyStopping(**dvar), RunSummary(report=False)],
+                            **trainer_kwargs(tmp_path / name, **ddp))
+        trainer.fit(module, datamodule=alone_data)
+        alone = json.loads((tmp_path / name / "summary.json").read_text())
+        together = json.loads((tmp_path / "fleet" / name / "summary.json").read_text())
+        assert together["stop_step"] == alone["stop_step"] and together["stopped_by"] == alone["stopped_by"]
+        assert together["dvar_history"] == alone["dvar_history"]  # the ranks' shares are the single run's
+    assert len(run["concepts"]) == 2

@@ -466,9 +466,14 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         for i, name in enumerate(self.concept_names):
             dataset = ConceptDataset(self.concept_images[i], self.templates, self.concept_phrase(i),
                                      self.hparams.repeats, self.seed)
-            loaders[name] = DataLoader(dataset, batch_size=self.batch_size,
-                                       sampler=EpochShuffleSampler(len(dataset), self.seed),
-                                       drop_last=len(dataset) >= self.batch_size, collate_fn=collate)
+            loader = DataLoader(dataset, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(dataset), self.seed),
+                                drop_last=len(dataset) >= self.batch_size, collate_fn=collate)
+            if self.trainer is not None:  # under DDP, each rank its share, exactly as Lightning shares a single run's
+                from lightning.pytorch.trainer.connectors.data_connector import _process_dataloader
+                from lightning.pytorch.trainer.states import RunningStage
+
+                loader = _process_dataloader(self.trainer, self.trainer.state.fn, RunningStage.TRAINING, loader)
+            loaders[name] = loader
         return FleetLoader(loaders, lambda: list(module.active_concepts), self._progress)
 
     def on_before_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:

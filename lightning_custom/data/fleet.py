@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from typing import Any
 
+from lightning.fabric.utilities.data import _set_sampler_epoch
 from torch.utils.data import DataLoader
 
 
@@ -45,8 +46,7 @@ class FleetLoader:
         positions[name] += 1
         per_epoch = max(1, len(loader))
         if name not in iterators or position % per_epoch == 0:  # a new epoch of this concept's own loader
-            if hasattr(loader.sampler, "set_epoch"):
-                loader.sampler.set_epoch(position // per_epoch)
+            _set_sampler_epoch(loader, position // per_epoch)  # as Lightning does at a single run's epoch start
             iterators[name] = iter(loader)
             for _ in range(position % per_epoch):  # resumed mid-epoch
                 next(iterators[name])

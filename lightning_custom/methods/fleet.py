@@ -164,6 +164,16 @@ class TextualInversionFleet(TextualInversion):
             self._concept_generators[name] = generator
         return generator
 
+    def setup(self, stage: str) -> None:
+        """Under DDP, let the ranks find the parameters a step did not use: a stopped concept's vectors get no
+        gradient from then on (DDP would otherwise stop the run at the first step after a concept stopped)."""
+        super().setup(stage)
+        from lightning.pytorch.strategies import DDPStrategy
+
+        strategy = self._trainer.strategy if self._trainer is not None else None
+        if isinstance(strategy, DDPStrategy):
+            strategy._ddp_kwargs["find_unused_parameters"] = True
+
     def trained_weight_names(self) -> set[str]:
         """Every concept's vectors, stopped ones included: a resumed fleet exports what each concept learned."""
         return {name for name, _ in self.named_parameters() if name.startswith("concept_vectors.")}
