@@ -245,3 +245,23 @@ def test_under_two_process_ddp_each_concept_stops_where_its_own_ddp_run_stops(tm
         assert together["stop_step"] == alone["stop_step"] and together["stopped_by"] == alone["stopped_by"]
         assert together["dvar_history"] == alone["dvar_history"]  # the ranks' shares are the single run's
     assert len(run["concepts"]) == 2
+
+
+@pytest.mark.parametrize("family", ["sdxl", "flux"])
+def test_multi_encoder_fleets_match_their_single_runs_to_the_bit(family, tiny_sdxl, concept_dir, second_concept):
+    """SDXL (CLIP-L + CLIP-G) and FLUX.1's pivotal variant (CLIP-L + T5): every encoder's vectors, per concept."""
+    model = tiny_sdxl if family == "sdxl" else "embedded:tiny-flux"
+    extra = {"t5_num_vectors": 1} if family == "flux" else {}
+    fleet, fleet_data = fleet_of_two(model, concept_dir, second_concept, **extra)
+    batch = next(iter(fleet_data.fleet_loader(fleet)))
+    fleet.training_step(batch, 0).backward()
+    alone, alone_data = single_run(model, second_concept, "<b>", "cat", **extra)
+    alone_data.train_dataloader().sampler.set_epoch(0)
+    alone.training_loss(next(iter(alone_data.train_dataloader()))).backward()
+    together = fleet.concept_parameters("b")
+    own = [module.vectors for module in alone.token_vector_modules]
+    assert len(together) == len(own) == 2
+    for mine, theirs in zip(together, own):
+        assert mine.grad is not None and torch.equal(mine.grad, theirs.grad)
+    keys = set(fleet.concept_embeddings("b"))
+    assert keys == ({"clip_l", "clip_g"} if family == "sdxl" else {"clip_l", "t5"})
