@@ -16,7 +16,8 @@ resumes where it stopped. ``table`` writes ``fleet.md`` from them::
     nice python benchmarks/fleet.py equivalence throughput --out benchmarks/results/fleet
     python benchmarks/fleet.py table --out benchmarks/results/fleet
 
-Not collected by pytest.
+``--cli-args`` adds arguments to every fit (``benchmarks/gpu_throughput.sh`` measures the SD 1.5 architecture on a
+GPU this way). Not collected by pytest.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -41,6 +43,7 @@ from lightning_custom.world.concepts import make_concept  # noqa: E402
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 FLEET = ROOT / "configs" / "quickstart_fleet.yaml"
 COMMON = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--overwrite", "true"]
+EXTRA: list[str] = []  # --cli-args
 
 
 def concept_entry(index: int) -> dict[str, str]:
@@ -55,7 +58,7 @@ def run_cli(args: list[str]) -> dict[str, float]:
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
     env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "lightning_custom", *args], capture_output=True, text=True,
+    result = subprocess.run([sys.executable, "-m", "lightning_custom", *args, *EXTRA], capture_output=True, text=True,
                             env=env, cwd=ROOT)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
@@ -203,7 +206,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lightning_custom_fleet")
     parser.add_argument("--concepts", type=int, nargs="+", default=list(range(50, 60)))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 40])
+    parser.add_argument("--cli-args", default="", help="more arguments for every fit, e.g. the GPU and the model")
     args = parser.parse_args(argv)
+    EXTRA[:] = shlex.split(args.cli_args)
     rows = Rows(args.out)
     if "equivalence" in args.parts:
         equivalence(rows, args.concepts, args.work)

@@ -14,10 +14,13 @@
 # architectures with random weights built on the GPU (no download), 1024 px, batch 1, bf16 weights under bf16-mixed,
 # gradient checkpointing, DVAR every 5 steps on a fixed batch of 2: ms per step, DVAR share, peak memory. Compare the
 # peaks with the estimates in benchmarks/results/flow_memory.md (benchmarks/flow_memory.py).
-# Results: benchmarks/results/throughput_gpu15_*.{json,md}, time_to_concept_gpu.txt and throughput_flow_*.{json,md}
-# (dry run: *_dryrun*).
+# Then the fleet (issue 24, item 8): 1 and 16 Textual Inversion concepts on the SD 1.5 architecture at 512 px, as
+# separate CLI runs and as one fleet, 100 steps each (random weights learn nothing: no DVAR stop), start-up included:
+# concepts per GPU-process CPU-hour and wall time (benchmarks/fleet.py throughput).
+# Results: benchmarks/results/throughput_gpu15_*.{json,md}, time_to_concept_gpu.txt, throughput_flow_*.{json,md} and
+# fleet_gpu/fleet.md (dry run: *_dryrun*).
 #   bash benchmarks/gpu_throughput.sh
-#   GPU_THROUGHPUT_ONLY=flow bash benchmarks/gpu_throughput.sh     # one part: sd, ttc or flow
+#   GPU_THROUGHPUT_ONLY=flow bash benchmarks/gpu_throughput.sh     # one part: sd, ttc, flow or fleet
 # Dry run on a CPU with the tiny models, a few steps (checks every command; its numbers mean nothing; the flow rows
 # run on embedded:tiny-flux / embedded:tiny-sd3, and are skipped with a note where this checkout has no such model):
 #   GPU_THROUGHPUT_DRY_RUN=1 bash benchmarks/gpu_throughput.sh
@@ -45,7 +48,7 @@ else
           --warmup 5 --dvar-every 5 --eval-batch-size 2 --gradient-checkpointing)
     flux_arch=random:flux sd3_arch=random:sd3
 fi
-only=${GPU_THROUGHPUT_ONLY:-sd,ttc,flow}
+only=${GPU_THROUGHPUT_ONLY:-sd,ttc,flow,fleet}
 part() { [[ ",$only," == *",$1,"* ]]; }
 bench() {  # tag, then extra arguments
     local tag=$1; shift
@@ -72,6 +75,18 @@ flow_bench() {  # tag, arch
 if part flow; then
     flow_bench flux "$flux_arch"
     flow_bench sd3 "$sd3_arch"
+fi
+if part fleet; then
+    if [[ "$suffix" == "_dryrun" ]]; then
+        fleet_args="--model.init_args.pretrained_model_name_or_path embedded:tiny-sd --data.init_args.resolution 32"
+        fleet_args+=" --dvar.stop false --trainer.max_steps 10"
+    else
+        fleet_args="--trainer.accelerator cuda --trainer.precision 16-mixed --model.init_args.weight_dtype float16"
+        fleet_args+=" --model.init_args.pretrained_model_name_or_path random:sd15 --data.init_args.resolution 512"
+        fleet_args+=" --dvar.stop false --trainer.max_steps 100"
+    fi
+    python benchmarks/fleet.py throughput --sizes 1 16 --out "$out/fleet_gpu$suffix" --work /tmp/fleet_gpu$suffix \
+        --cli-args "$fleet_args"
 fi
 part ttc || exit 0
 
