@@ -53,19 +53,31 @@ def concept_entry(index: int) -> dict[str, str]:
             "placeholder_token": f"<c{index:03d}>", "initializer_token": concept.initializer_token}
 
 
+# Runs the CLI as ``python -m lightning_custom`` does, then writes the process's own peak memory to a file (the
+# children's maximum that getrusage reports in the parent is over every child so far, not this one).
+_MEASURED = """import atexit, json, os, resource, runpy, sys
+atexit.register(lambda: open(os.environ["FLEET_BENCH_RSS"], "w").write(
+    str(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)))
+sys.argv = ["lightning_custom", *sys.argv[1:]]
+runpy.run_module("lightning_custom", run_name="__main__")
+"""
+
+
 def run_cli(args: list[str]) -> dict[str, float]:
-    """Run ``python -m lightning_custom`` and return its wall time, CPU time and peak memory (of the child)."""
+    """Run ``python -m lightning_custom`` and return its wall time, CPU time and peak memory."""
     before = resource.getrusage(resource.RUSAGE_CHILDREN)
     start = time.perf_counter()
-    env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1")
-    result = subprocess.run([sys.executable, "-m", "lightning_custom", *args, *EXTRA], capture_output=True, text=True,
-                            env=env, cwd=ROOT)
+    with tempfile.NamedTemporaryFile(suffix=".rss") as rss:
+        env = dict(os.environ, HF_HUB_OFFLINE="1", OMP_NUM_THREADS="1", FLEET_BENCH_RSS=rss.name)
+        result = subprocess.run([sys.executable, "-c", _MEASURED, *args, *EXTRA], capture_output=True, text=True,
+                                env=env, cwd=ROOT)
+        peak_kb = float(Path(rss.name).read_text() or 0)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
     if result.returncode != 0:
         raise RuntimeError(f"{' '.join(args[:4])}...: exit {result.returncode}\n{result.stderr[-2000:]}")
     return {"wall_s": wall, "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
-            "peak_rss_mb": after.ru_maxrss / 1024}
+            "peak_rss_mb": peak_kb / 1024}
 
 
 def alone(index: int, folder: Path) -> dict[str, float]:

@@ -265,3 +265,22 @@ def test_multi_encoder_fleets_match_their_single_runs_to_the_bit(family, tiny_sd
         assert mine.grad is not None and torch.equal(mine.grad, theirs.grad)
     keys = set(fleet.concept_embeddings("b"))
     assert keys == ({"clip_l", "clip_g"} if family == "sdxl" else {"clip_l", "t5"})
+
+
+def test_a_fleet_of_one_stops_where_its_single_run_stops(tmp_path, tiny_sd, concept_dir):
+    concepts = [{"name": "a", "instance_data_dir": concept_dir, "placeholder_token": "<a>"}]
+    kwargs = ti_kwargs(tiny_sd, learning_rate=0.02)
+    kwargs.pop("placeholder_token")
+    dvar = dict(window=15, threshold=0.15, eval_every_n_steps=5, verbose=False, undertrained_below=0)
+    fleet = TextualInversionFleet(concepts=concepts, **kwargs)
+    trainer = L.Trainer(max_steps=300, callbacks=[DVAREarlyStopping(**dvar), RunSummary(report=False)],
+                        **trainer_kwargs(tmp_path / "fleet"))
+    trainer.fit(fleet, datamodule=ConceptDataModule(**data_kwargs(concept_dir, concepts=concepts)))
+    module, data = single_run(tiny_sd, concept_dir, "<a>", "toy", learning_rate=0.02)
+    trainer = L.Trainer(max_steps=300, callbacks=[DVAREarlyStopping(**dvar), RunSummary(report=False)],
+                        **trainer_kwargs(tmp_path / "alone"))
+    trainer.fit(module, datamodule=data)
+    together = json.loads((tmp_path / "fleet" / "a" / "summary.json").read_text())
+    alone = json.loads((tmp_path / "alone" / "summary.json").read_text())
+    assert together["stopped_by"] == alone["stopped_by"] == "dvar" and together["stop_step"] == alone["stop_step"]
+    assert together["dvar_history"] == alone["dvar_history"]

@@ -218,10 +218,14 @@ class TextualInversionFleet(TextualInversion):
         return total
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor | None:
-        """L_det of each concept still training (a stopped concept's is no longer computed)."""
-        if batch.get("concept") not in self.active_concepts:
+        """L_det of each concept still training, as ``dvar_loss/<name>`` (a stopped concept's is no longer
+        computed)."""
+        name = batch.get("concept") or self.concept_specs[0].name  # a fleet of one: the data module names none
+        if name not in self.active_concepts:
             return None
-        return super().validation_step(batch, batch_idx, dataloader_idx)
+        loss = self.deterministic_loss(batch)
+        self.log(f"dvar_loss/{name}", loss, prog_bar=True, sync_dist=True, batch_size=1, add_dataloader_idx=False)
+        return loss
 
     # ----------------------------------------------------------------------------------------------- export
     def concept_embeddings(self, name: str) -> dict[str, torch.Tensor]:
