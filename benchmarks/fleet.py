@@ -89,11 +89,12 @@ def alone(index: int, folder: Path) -> dict[str, float]:
                     "--model.init_args.initializer_token", entry["initializer_token"], *COMMON])
 
 
-def fleet(indices: list[int], folder: Path) -> dict[str, float]:
-    """The concepts ``indices`` trained as one fleet, into ``folder``."""
+def fleet(indices: list[int], folder: Path, forward: str) -> dict[str, float]:
+    """The concepts ``indices`` trained as one fleet (``forward``: batched or per_concept), into ``folder``."""
     concepts = json.dumps([concept_entry(i) for i in indices])
     return run_cli(["fit", "--config", str(FLEET), "--trainer.default_root_dir", str(folder),
-                    "--model.init_args.concepts", concepts, "--data.init_args.concepts", concepts, *COMMON])
+                    "--model.init_args.concepts", concepts, "--data.init_args.concepts", concepts,
+                    "--model.init_args.forward", forward, *COMMON])
 
 
 def identity_at_stop(run: Path) -> float:
@@ -130,21 +131,22 @@ class Rows:
         print(json.dumps(row), flush=True)
 
 
-def equivalence(rows: Rows, indices: list[int], work: Path) -> None:
+def equivalence(rows: Rows, indices: list[int], work: Path, forward: str) -> None:
     """Each concept alone and in one fleet of all of them: stop steps, vectors, identity at the stop."""
-    fleet_dir = work / f"fleet_of_{len(indices)}"
-    if not rows.has(kind="equivalence_fleet", size=len(indices)):
-        rows.add({"kind": "equivalence_fleet", "size": len(indices), **fleet(indices, fleet_dir)})
+    fleet_dir = work / f"fleet_of_{len(indices)}_{forward}"
+    if not rows.has(kind="equivalence_fleet", size=len(indices), forward=forward):
+        rows.add({"kind": "equivalence_fleet", "size": len(indices), "forward": forward,
+                  **fleet(indices, fleet_dir, forward)})
     for index in indices:
         name = f"c{index:03d}"
-        if rows.has(kind="equivalence", concept=name):
+        if rows.has(kind="equivalence", concept=name, forward=forward):
             continue
         alone_dir = work / f"alone_{name}"
-        cost = alone(index, alone_dir)
+        cost = alone(index, alone_dir) if not (alone_dir / "summary.json").is_file() else {"wall_s": None}
         own, together = (json.loads((d / "summary.json").read_text()) for d in (alone_dir, fleet_dir / name))
         token = own["placeholder_token"]
         difference = float((embeddings(alone_dir, token) - embeddings(fleet_dir / name, token)).abs().max())
-        rows.add({"kind": "equivalence", "concept": name, "stop_alone": own["stop_step"],
+        rows.add({"kind": "equivalence", "concept": name, "forward": forward, "stop_alone": own["stop_step"],
                   "stop_fleet": together["stop_step"], "stopped_by_alone": own["stopped_by"],
                   "stopped_by_fleet": together["stopped_by"], "max_vector_difference": difference,
                   "history_identical": own["dvar_history"] == together["dvar_history"],
@@ -152,12 +154,14 @@ def equivalence(rows: Rows, indices: list[int], work: Path) -> None:
                   "alone_wall_s": cost["wall_s"]})
 
 
-def throughput(rows: Rows, sizes: list[int], work: Path) -> None:
+def throughput(rows: Rows, sizes: list[int], work: Path, forwards: list[str]) -> None:
     """N concepts as N separate runs and as one fleet."""
     for size in sizes:
         indices = list(range(size))
-        if not rows.has(kind="throughput_fleet", size=size):
-            rows.add({"kind": "throughput_fleet", "size": size, **fleet(indices, work / f"tp_fleet_{size}")})
+        for forward in forwards:
+            if not rows.has(kind="throughput_fleet", size=size, forward=forward):
+                rows.add({"kind": "throughput_fleet", "size": size, "forward": forward,
+                          **fleet(indices, work / f"tp_fleet_{size}_{forward}", forward)})
         if not rows.has(kind="throughput_separate", size=size):
             costs = [alone(i, work / f"tp_alone_{size}_{i}") for i in indices]
             rows.add({"kind": "throughput_separate", "size": size, "wall_s": sum(c["wall_s"] for c in costs),
@@ -170,7 +174,16 @@ def table(rows: Rows) -> str:
     lines = ["# A fleet of Textual Inversion concepts against the same concepts alone", "",
              "Embedded world model, quickstart settings (batch 2 per concept, DVAR window 40, every 5), one CPU "
              "thread per run; `python benchmarks/fleet.py table` rebuilds this page from `fleet_runs.jsonl`.", ""]
-    pairs = [r for r in rows.rows if r["kind"] == "equivalence"]
+    for forward in ("per_concept", "batched"):
+        lines += equivalence_section([r for r in rows.rows if r["kind"] == "equivalence"
+                                      and r.get("forward") == forward], forward)
+    lines += throughput_section(rows)
+    return "\n".join(lines) + "\n"
+
+
+def equivalence_section(pairs: list[dict[str, Any]], forward: str) -> list[str]:
+    """The markdown of one forward mode's equivalence rows."""
+    lines: list[str] = []
     if pairs:
         steps = [r["stop_fleet"] - r["stop_alone"] for r in pairs]
         ids = [r["identity_fleet"] - r["identity_alone"] for r in pairs]
@@ -179,7 +192,8 @@ def table(rows: Rows) -> str:
         def se(values: list[float]) -> float:
             return statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
 
-        lines += [f"## Equivalence ({len(pairs)} held-out concepts, alone vs in one fleet of {len(pairs)})", "",
+        lines += [f"## Equivalence, forward={forward} ({len(pairs)} held-out concepts, alone vs in one fleet of "
+                  f"{len(pairs)})", "",
                   "| concept | stop alone | stop in fleet | stopped_by | max vector difference | L_det history "
                   "identical | identity alone | identity in fleet |", "|---|---|---|---|---|---|---|---|"]
         lines += [f"| {r['concept']} | {r['stop_alone']} | {r['stop_fleet']} | {r['stopped_by_alone']} / "
@@ -189,26 +203,35 @@ def table(rows: Rows) -> str:
                   f"of the identity at the stop: mean {statistics.mean(ids):+.4f} (SE {se(ids):.4f}), against a "
                   "single probe's SD of 0.020-0.025 (benchmarks/results/table1_v2/probe_noise_*.json); median "
                   f"identity alone {statistics.median(gains):.3f}.", ""]
-    tp = {(r["kind"], r["size"]): r for r in rows.rows if r["kind"].startswith("throughput")}
-    sizes = sorted({size for _, size in tp})
-    if sizes:
-        lines += ["## Throughput (start-up and model loading included)", "",
-                  "| N | separate runs: wall s | CPU s | concepts / CPU-hour | fleet: wall s | CPU s | concepts / "
-                  "CPU-hour | gain | fleet peak memory MB |", "|---|---|---|---|---|---|---|---|---|"]
-        for size in sizes:
-            sep, flt = tp.get(("throughput_separate", size)), tp.get(("throughput_fleet", size))
+    return lines
+
+
+def throughput_section(rows: Rows) -> list[str]:
+    """The markdown of the throughput rows: separate runs against each forward mode's fleet."""
+    tp = {(r["kind"], r["size"], r.get("forward")): r for r in rows.rows if r["kind"].startswith("throughput")}
+    sizes = sorted({size for _, size, _ in tp})
+    if not sizes:
+        return []
+    lines = ["## Throughput (start-up and model loading included, one CPU thread)", "",
+             "| N | fleet forward | separate runs: wall s | CPU s | concepts / CPU-hour | fleet: wall s | CPU s | "
+             "concepts / CPU-hour | gain | fleet peak memory MB |", "|---|---|---|---|---|---|---|---|---|---|"]
+    for size in sizes:
+        sep = tp.get(("throughput_separate", size, None))
+        for forward in ("batched", "per_concept"):
+            flt = tp.get(("throughput_fleet", size, forward))
             if not sep or not flt:
                 continue
             rate_sep, rate_flt = size / (sep["cpu_s"] / 3600), size / (flt["cpu_s"] / 3600)
-            lines.append(f"| {size} | {sep['wall_s']:.0f} | {sep['cpu_s']:.0f} | {rate_sep:.0f} | {flt['wall_s']:.0f}"
-                         f" | {flt['cpu_s']:.0f} | {rate_flt:.0f} | {rate_flt / rate_sep:.1f}x | "
+            lines.append(f"| {size} | {forward} | {sep['wall_s']:.0f} | {sep['cpu_s']:.0f} | {rate_sep:.0f} | "
+                         f"{flt['wall_s']:.0f} | {flt['cpu_s']:.0f} | {rate_flt:.0f} | {rate_flt / rate_sep:.1f}x | "
                          f"{flt['peak_rss_mb']:.0f} |")
-        fleets = [tp[("throughput_fleet", s)] for s in sizes if ("throughput_fleet", s) in tp]
+    for forward in ("batched", "per_concept"):
+        fleets = [tp[("throughput_fleet", s, forward)] for s in sizes if ("throughput_fleet", s, forward) in tp]
         if len(fleets) > 1:
             per = (fleets[-1]["peak_rss_mb"] - fleets[0]["peak_rss_mb"]) / (fleets[-1]["size"] - fleets[0]["size"])
-            lines += ["", f"Peak memory grows by {per:.1f} MB per concept in the fleet (its vectors, batches, "
+            lines += ["", f"forward={forward}: peak memory grows by {per:.1f} MB per concept (its vectors, batches, "
                       "activations and fixed evaluation batch)."]
-    return "\n".join(lines) + "\n"
+    return lines
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -219,13 +242,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concepts", type=int, nargs="+", default=list(range(50, 60)))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 40])
     parser.add_argument("--cli-args", default="", help="more arguments for every fit, e.g. the GPU and the model")
+    parser.add_argument("--forward", nargs="+", default=["batched", "per_concept"], choices=["batched", "per_concept"])
     args = parser.parse_args(argv)
     EXTRA[:] = shlex.split(args.cli_args)
     rows = Rows(args.out)
     if "equivalence" in args.parts:
-        equivalence(rows, args.concepts, args.work)
+        for forward in args.forward:
+            equivalence(rows, args.concepts, args.work, forward)
     if "throughput" in args.parts:
-        throughput(rows, args.sizes, args.work)
+        throughput(rows, args.sizes, args.work, args.forward)
     (args.out / "fleet.md").write_text(table(rows))
     print(f"wrote {args.out / 'fleet.md'}")
     return 0

@@ -33,9 +33,10 @@ def fleet_of_two(tiny_sd, concept_dir, second_concept, **overrides):
     concepts = [{"name": "a", "instance_data_dir": concept_dir, "placeholder_token": "<a>"},
                 {"name": "b", "instance_data_dir": second_concept, "placeholder_token": "<b>",
                  "initializer_token": "cat"}]
+    forward = overrides.pop("forward", "batched")
     kwargs = ti_kwargs(tiny_sd, **overrides)
     kwargs.pop("placeholder_token")
-    module = TextualInversionFleet(concepts=concepts, **kwargs)
+    module = TextualInversionFleet(concepts=concepts, forward=forward, **kwargs)
     data = ConceptDataModule(**data_kwargs(concept_dir, concepts=concepts))
     return module, data
 
@@ -69,7 +70,7 @@ def test_a_concepts_batches_are_those_of_its_own_run(tiny_sd, concept_dir, secon
 
 
 def test_a_concepts_gradient_in_the_fleet_equals_its_own_runs_to_the_bit(tiny_sd, concept_dir, second_concept):
-    fleet, fleet_data = fleet_of_two(tiny_sd, concept_dir, second_concept)
+    fleet, fleet_data = fleet_of_two(tiny_sd, concept_dir, second_concept, forward="per_concept")
     batch = next(iter(fleet_data.fleet_loader(fleet)))
     fleet.training_step(batch, 0).backward()
     for name, folder, initializer in (("a", concept_dir, "toy"), ("b", second_concept, "cat")):
@@ -252,7 +253,7 @@ def test_multi_encoder_fleets_match_their_single_runs_to_the_bit(family, tiny_sd
     """SDXL (CLIP-L + CLIP-G) and FLUX.1's pivotal variant (CLIP-L + T5): every encoder's vectors, per concept."""
     model = tiny_sdxl if family == "sdxl" else "embedded:tiny-flux"
     extra = {"t5_num_vectors": 1} if family == "flux" else {}
-    fleet, fleet_data = fleet_of_two(model, concept_dir, second_concept, **extra)
+    fleet, fleet_data = fleet_of_two(model, concept_dir, second_concept, forward="per_concept", **extra)
     batch = next(iter(fleet_data.fleet_loader(fleet)))
     fleet.training_step(batch, 0).backward()
     alone, alone_data = single_run(model, second_concept, "<b>", "cat", **extra)
@@ -284,3 +285,23 @@ def test_a_fleet_of_one_stops_where_its_single_run_stops(tmp_path, tiny_sd, conc
     alone = json.loads((tmp_path / "alone" / "summary.json").read_text())
     assert together["stopped_by"] == alone["stopped_by"] == "dvar" and together["stop_step"] == alone["stop_step"]
     assert together["dvar_history"] == alone["dvar_history"]
+
+
+
+def test_the_batched_forward_draws_the_same_noise_and_matches_the_exact_gradient(tiny_sd, concept_dir,
+                                                                                 second_concept):
+    """One forward over every concept's samples: the same per-concept draws, the gradient up to float rounding."""
+    grads = {}
+    for forward in ("per_concept", "batched"):
+        fleet, data = fleet_of_two(tiny_sd, concept_dir, second_concept, forward=forward)
+        batch = next(iter(data.fleet_loader(fleet)))
+        losses = fleet.concept_losses(batch)
+        torch.stack(list(losses.values())).sum().backward()
+        grads[forward] = ({n: fleet.concept_parameters(n)[0].grad.clone() for n in ("a", "b")},
+                          {n: loss.detach() for n, loss in losses.items()})
+        assert {str(g.get_state().sum().item()) for g in fleet._concept_generators.values()} == {
+            str(fleet.concept_generator("a").get_state().sum().item())}  # each concept drew the same amount
+    for name in ("a", "b"):
+        exact, batched = grads["per_concept"][0][name], grads["batched"][0][name]
+        assert torch.allclose(batched, exact, rtol=1e-4, atol=1e-8) and exact.abs().sum() > 0
+        assert torch.allclose(grads["batched"][1][name], grads["per_concept"][1][name], rtol=1e-5)
