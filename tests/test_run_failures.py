@@ -327,3 +327,23 @@ def test_stop_signals_agree_across_ranks_on_the_most_severe_signal():
     lone = StopSignals()
     lone.pending = "SIGTERM"
     assert lone.agree(SimpleNamespace(world_size=1, strategy=None)) == "SIGTERM"
+
+
+class SignalWhileSettingUp(TextualInversion):
+    """Gets SIGTERM while the fit sets the model up (after the callbacks' setup, before training)."""
+
+    def configure_model(self):
+        super().configure_model()
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def test_a_sigterm_while_the_fit_sets_up_stops_after_the_first_step_with_a_checkpoint(tmp_path, tiny_sd,
+                                                                                       concept_dir):
+    module = SignalWhileSettingUp(**ti_kwargs(tiny_sd, learning_rate=0.02))
+    with pytest.raises(SystemExit) as stopped:
+        fit_ti(tmp_path, tiny_sd, concept_dir, module=module)
+    assert stopped.value.code == 143
+    summary = read(tmp_path)
+    assert summary["stopped_by"] == "interrupted" and summary["stop_step"] == 1
+    assert (tmp_path / "checkpoints" / "interrupted.ckpt").is_file()
+    assert signal.getsignal(signal.SIGTERM) == signal.SIG_DFL

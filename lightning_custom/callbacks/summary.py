@@ -103,6 +103,11 @@ class RunSummary(Callback):
             self._reduce = trainer.strategy.reduce
             if trainer.is_global_zero:  # one run at a time in the folder (a no-op where the CLI locked it)
                 lock_run_folder(self.resolve_output_dir(trainer), self._folder_argument())
+            # From here on (before Lightning registers its SIGTERM handler, right before training): ours is then
+            # what its teardown puts back, so a SIGTERM during the final export is held too, and one while the
+            # model is set up or restored stops the run after its first step (lightning_custom.interrupts).
+            self._signals.announce = trainer.is_global_zero
+            self._signals.install(on_first_signal=lambda: self._on_first_signal(trainer))
 
     @override
     def teardown(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
@@ -126,10 +131,6 @@ class RunSummary(Callback):
         self._start = time.perf_counter()
         if trainer.is_global_zero:
             remove_temporaries(self.resolve_output_dir(trainer))
-        # Before Lightning registers its SIGTERM handler (after this hook): ours is then what its teardown puts
-        # back, so a SIGTERM during the final export is held too (lightning_custom.interrupts).
-        self._signals.announce = trainer.is_global_zero
-        self._signals.install(on_first_signal=lambda: self._on_first_signal(trainer))
 
     def _on_first_signal(self, trainer: L.Trainer) -> None:
         launcher = trainer.strategy.launcher
