@@ -38,6 +38,7 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from lightning_custom.errors import FAILED_RUN_EXIT_CODES  # noqa: E402
 from lightning_custom.world.concepts import make_concept  # noqa: E402
 
 QUICKSTART = ROOT / "configs" / "quickstart.yaml"
@@ -74,7 +75,8 @@ def run_cli(args: list[str]) -> dict[str, float]:
         peak_kb = float(Path(rss.name).read_text() or 0)
     wall = time.perf_counter() - start
     after = resource.getrusage(resource.RUSAGE_CHILDREN)
-    if result.returncode != 0:
+    # A concept that stops as undertrained (or diverged...) makes the run exit 3-6: still a measured run.
+    if result.returncode not in (0, *FAILED_RUN_EXIT_CODES.values()):
         raise RuntimeError(f"{' '.join(args[:4])}...: exit {result.returncode}\n{result.stderr[-2000:]}")
     return {"wall_s": wall, "cpu_s": (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime),
             "peak_rss_mb": peak_kb / 1024}

@@ -431,10 +431,12 @@ class DVAREarlyStopping(Callback):
         self.fleet.load_state_dict(state_dict.get("fleet", {}))
 
 
-def trainable_norm(pl_module: L.LightningModule) -> float:
-    """The L2 norm of every parameter the optimizer trains (the module's ``trainable_parameters()`` if it has one)."""
-    params = (pl_module.trainable_parameters() if hasattr(pl_module, "trainable_parameters")
-              else [p for p in pl_module.parameters() if p.requires_grad])
+def trainable_norm(pl_module: L.LightningModule, params: list[torch.Tensor] | None = None) -> float:
+    """The L2 norm of ``params``, by default every parameter the optimizer trains (the module's
+    ``trainable_parameters()`` if it has one)."""
+    if params is None:
+        params = (pl_module.trainable_parameters() if hasattr(pl_module, "trainable_parameters")
+                  else [p for p in pl_module.parameters() if p.requires_grad])
     if not params:
         return 0.0
     with torch.no_grad():

@@ -19,8 +19,9 @@ FLEET_RUN_REASON = "every concept of the fleet has stopped"
 
 def concept_norm(pl_module: L.LightningModule, name: str) -> float:
     """The L2 norm of concept ``name``'s trainable vectors."""
-    with torch.no_grad():
-        return float(torch.nn.utils.get_total_norm([p.detach().float() for p in pl_module.concept_parameters(name)]))
+    from lightning_custom.callbacks.dvar import trainable_norm
+
+    return trainable_norm(pl_module, pl_module.concept_parameters(name))
 
 
 class FleetStops:

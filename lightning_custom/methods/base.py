@@ -420,13 +420,19 @@ class PersonalizationModule(L.LightningModule, ABC):
 
         ``reduction="none"`` returns one loss per sample (prior preservation splits instance and class samples).
         """
+        latents, noise, timesteps = self.training_draws(batch)
+        return self.denoising_loss(latents, noise, timesteps, self.unet_conditioning(batch), reduction=reduction)
+
+    def training_draws(self, batch: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """A training step's random inputs, drawn from :attr:`generator` in this order: the VAE latents' sample, the
+        noise, the noise levels (timesteps, or sigmas on flow models)."""
         keys = batch.get("latent_key") if self.hparams.cache_latents else None
         latents = self.encode_latents(batch["pixel_values"], cache_keys=list(keys) if keys is not None else None)
         noise = torch.randn(latents.shape, generator=self.generator, device=self.device)
         timesteps = self.family.sample_noise_levels(
             latents.shape[0], generator=self.generator, device=self.device, latent_size=tuple(latents.shape[-2:])
         )
-        return self.denoising_loss(latents, noise, timesteps, self.unet_conditioning(batch), reduction=reduction)
+        return latents, noise, timesteps
 
     @torch.no_grad()
     def deterministic_loss(self, batch: dict[str, Any]) -> torch.Tensor:

@@ -216,17 +216,11 @@ class TextualInversionFleet(TextualInversion):
             return losses
         draws = []
         for name in names:
-            part = batch[name]
-            self._generator = generator = self.concept_generator(name)
+            self._generator = self.concept_generator(name)  # training_draws draws from self.generator
             try:
-                keys = part.get("latent_key") if self.hparams.cache_latents else None
-                latents = self.encode_latents(part["pixel_values"], cache_keys=list(keys) if keys is not None else None)
+                draws.append(self.training_draws(batch[name]))
             finally:
                 self._generator = None
-            noise = torch.randn(latents.shape, generator=generator, device=self.device)
-            levels = self.family.sample_noise_levels(latents.shape[0], generator=generator, device=self.device,
-                                                     latent_size=tuple(latents.shape[-2:]))
-            draws.append((latents, noise, levels))
         joined = concatenate_batches([batch[name] for name in names])
         per_sample = self.denoising_loss(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]),
                                          torch.cat([d[2] for d in draws]), self.unet_conditioning(joined),
