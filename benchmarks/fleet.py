@@ -45,13 +45,14 @@ QUICKSTART = ROOT / "configs" / "quickstart.yaml"
 FLEET = ROOT / "configs" / "quickstart_fleet.yaml"
 COMMON = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--overwrite", "true"]
 EXTRA: list[str] = []  # --cli-args
+INITIALIZER: list[str] = []  # --initializer: one word for every concept (a model whose vocabulary lacks the world's)
 
 
 def concept_entry(index: int) -> dict[str, str]:
     """The concepts-list entry of held-out world concept ``index``."""
     concept = make_concept(index)
     return {"name": f"c{index:03d}", "instance_data_dir": f"world:{index}",
-            "placeholder_token": f"<c{index:03d}>", "initializer_token": concept.initializer_token}
+            "placeholder_token": f"<c{index:03d}>", "initializer_token": (INITIALIZER or [concept.initializer_token])[0]}
 
 
 # Runs the CLI as ``python -m lightning_custom`` does, then writes the process's own peak memory to a file (the
@@ -244,9 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concepts", type=int, nargs="+", default=list(range(50, 60)))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 40])
     parser.add_argument("--cli-args", default="", help="more arguments for every fit, e.g. the GPU and the model")
+    parser.add_argument("--initializer", help="one initializer word for every concept (default: each concept's own)")
     parser.add_argument("--forward", nargs="+", default=["batched", "per_concept"], choices=["batched", "per_concept"])
     args = parser.parse_args(argv)
     EXTRA[:] = shlex.split(args.cli_args)
+    INITIALIZER[:] = [args.initializer] if args.initializer else []
     rows = Rows(args.out)
     if "equivalence" in args.parts:
         for forward in args.forward:
