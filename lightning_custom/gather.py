@@ -39,10 +39,17 @@ def find_summaries(roots: list[str]) -> list[Path]:
             found.update(inside)
         else:
             raise UserInputError(f"gather: {root} is neither a folder nor a summary.json")
-    # A fleet's own summary lists its concepts, whose folders hold their summaries: each concept is one row.
-    fleets = {path for path in found if path.parent.is_dir() and is_fleet_summary(path)
-              and any((path.parent / c / "summary.json") in found for c in fleet_folders(path))}
-    return sorted(found - fleets, key=natural_key)
+    return sorted(expand_fleets(found), key=natural_key)
+
+
+def expand_fleets(paths: set[Path] | list[Path]) -> list[Path]:
+    """``paths`` with each fleet's own summary replaced by its concepts' summaries (each concept is one run)."""
+    out: list[Path] = []
+    for path in paths:
+        concepts = [path.parent / folder / "summary.json" for folder in fleet_folders(path)]
+        concepts = [c for c in concepts if c.is_file()]
+        out.extend(concepts or [path])
+    return list(dict.fromkeys(out))
 
 
 def fleet_folders(path: Path) -> list[str]:

@@ -77,7 +77,9 @@ def find_summaries(paths: Sequence[str | Path]) -> list[Path]:
             found.extend(nested)
         else:
             raise UserInputError(f"runs: no such run folder or file {str(raw)!r}")
-    return list(dict.fromkeys(found))
+    from lightning_custom.gather import expand_fleets  # a fleet: each of its concepts is a run of its own
+
+    return expand_fleets(found)
 
 
 def load_run(summary_file: Path, root: Path | None = None) -> RunHistory:

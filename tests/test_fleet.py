@@ -158,6 +158,9 @@ def test_the_fleet_quickstart_runs_through_the_cli(tmp_path, tiny_sd, concept_di
 
     rows = gather_table([str(tmp_path)])  # one row per concept, not the fleet's own summary beside them
     assert sorted(row["placeholder_token"] for row in rows) == ["<a>", "<b>"]
+    from lightning_custom.replay import find_summaries
+
+    assert find_summaries([tmp_path]) == [tmp_path / "a" / "summary.json", tmp_path / "b" / "summary.json"]
     walls = [json.loads((tmp_path / n / "summary.json").read_text())["wall_seconds"] for n in ("a", "b")]
     assert sum(walls) == pytest.approx(run["wall_seconds"], abs=0.01)  # the fleet's time, shared out by steps
 
