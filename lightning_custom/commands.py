@@ -393,4 +393,25 @@ def run_command(args: Sequence[str]):
     config = parser.parse_args(rest)
     kwargs = {k: v for k, v in vars(config).items() if k != "config"}
     kwargs = {k.replace("-", "_"): v for k, v in kwargs.items()}
-    return COMMANDS[name](**kwargs)
+    concepts = fleet_concept_folders(kwargs.get("run_dir")) if name in PER_RUN_COMMANDS else []
+    if not concepts:
+        return COMMANDS[name](**kwargs)
+    # A fleet's folder: the command runs on each concept's folder, as on a run of its own.
+    chosen = [key for key in ("output", "output_dir") if kwargs.get(key)]
+    if chosen:
+        raise UserInputError(f"--{chosen[0]}: {kwargs['run_dir']} is a fleet of {len(concepts)} concepts; each "
+                             f"concept's {name} goes into its own folder (give one concept's folder to choose)")
+    return [COMMANDS[name](**{**kwargs, "run_dir": str(folder)}) for folder in concepts]
+
+
+PER_RUN_COMMANDS = ("sample", "evaluate", "before_after")
+
+
+def fleet_concept_folders(run_dir: str | None) -> list[Path]:
+    """The concept folders of a fleet's run folder (empty for any other folder)."""
+    from lightning_custom.gather import fleet_folders
+
+    if not run_dir:
+        return []
+    run = Path(run_dir)
+    return [run / folder for folder in fleet_folders(run / "summary.json") if (run / folder / "summary.json").is_file()]

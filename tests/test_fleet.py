@@ -161,6 +161,10 @@ def test_the_fleet_quickstart_runs_through_the_cli(tmp_path, tiny_sd, concept_di
     from lightning_custom.replay import find_summaries
 
     assert find_summaries([tmp_path]) == [tmp_path / "a" / "summary.json", tmp_path / "b" / "summary.json"]
+    # sample on the fleet's folder samples every concept into its own folder
+    main(["sample", str(tmp_path), "--prompts", "a photo of a {}", "--images_per_prompt", "1",
+          "--num_inference_steps", "2", "--device", "cpu"])
+    assert all((tmp_path / name / "samples" / "grid.png").is_file() for name in ("a", "b"))
     walls = [json.loads((tmp_path / n / "summary.json").read_text())["wall_seconds"] for n in ("a", "b")]
     assert sum(walls) == pytest.approx(run["wall_seconds"], abs=0.01)  # the fleet's time, shared out by steps
 
