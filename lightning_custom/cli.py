@@ -29,6 +29,7 @@ from lightning.pytorch.strategies import FSDPStrategy
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.callbacks.live_samples import LiveReport, LiveSamples
+from lightning_custom.callbacks.summary import SUMMARY_FILE
 from lightning_custom.callbacks.progress import default_terminal_callbacks
 from lightning_custom.commands import COMMANDS, run_command
 from lightning_custom.data.concept import ConceptDataModule, check_data_config
@@ -163,10 +164,7 @@ class PersonalizationCLI(LightningCLI):
         if self.subcommand in ("fit", "validate") and config is not None:
             check_config_ranges(config)
         if self.subcommand == "fit" and config is not None:
-            # Values that are cheap to check fail before the model's weights load (they are checked again where
-            # they are used, for Python users): DVAR's settings and the prompt templates.
-            if config.get("dvar") is not None:
-                DVAREarlyStopping(**config.dvar.as_dict())
+            # The prompt templates fail before the model's weights load too (checked again where they are used).
             templates = (config.get("data") or {}).get("init_args", {}).get("prompt_templates")
             if templates is not None:
                 check_templates(templates, "--data.prompt_templates")
@@ -270,7 +268,7 @@ class PersonalizationCLI(LightningCLI):
         if summary is None or not self.trainer.is_global_zero:
             return 0
         try:
-            written = json.loads((summary.resolve_output_dir(self.trainer) / "summary.json").read_text())
+            written = json.loads((summary.resolve_output_dir(self.trainer) / SUMMARY_FILE).read_text())
         except (OSError, ValueError):
             return 0
         return exit_code_for(written.get("stopped_by") if isinstance(written, dict) else None)
