@@ -169,8 +169,11 @@ def run_phase(args) -> int:
     work, results = Path(args.workdir), Path(args.results) / RESULT_RUNS
     concepts = heldout_concepts(max(parse_concepts(args.concepts)) + 1, seed=args.concept_seed)
     start = time.time()
-    jobs = [(index, method) for index in parse_concepts(args.concepts) for method in args.methods]
-    for index, method in v1.shard(jobs, args.shard):
+    jobs = v1.shard([(index, method) for index in parse_concepts(args.concepts) for method in args.methods],
+                    args.shard)
+    if args.fleet:
+        train_as_fleets(args, work, [concepts[i] for i, method in jobs if method == "textual_inversion"])
+    for index, method in jobs:
         concept = concepts[index]
         if not (work / "concepts" / concept.name).exists():
             concept.write_images(work / "concepts" / concept.name)
@@ -196,6 +199,25 @@ def run_phase(args) -> int:
               f"{summary['wall_seconds']:.0f}s of which probes {summary.get('world_probe_seconds', 0):.0f}s; "
               f"{len(exact['steps'])} exact probes in {exact.get('seconds', 0):.0f}s)", flush=True)
     return 0
+
+
+def train_as_fleets(args, work: Path, concepts: list) -> None:
+    """Train the Textual Inversion runs of ``concepts`` not trained yet as fleets of ``--fleet`` concepts
+    (``fleet_runs.train_fleet``): each concept's folder then holds what its single run would, and is reused."""
+    from fleet_runs import train_fleet
+
+    todo = [c for c in concepts if not v1.finished(run_paths(work, "textual_inversion", c.name)[0])]
+    for first in range(0, len(todo), args.fleet):
+        group = todo[first:first + args.fleet]
+        for concept in group:
+            if not (work / "concepts" / concept.name).exists():
+                concept.write_images(work / "concepts" / concept.name)
+        singles = {c.name: (long_config("textual_inversion", c, args), run_paths(work, "textual_inversion", c.name)[1])
+                   for c in group}
+        began = time.time()
+        train_fleet(singles, work / "runs" / "fleets" / f"{group[0].name[:4]}-{group[-1].name[:4]}", args.forward)
+        print(f"[{time.strftime('%H:%M:%S')}] fleet of {len(group)} ({group[0].name}..{group[-1].name}) trained "
+              f"and probed in {time.time() - began:.0f}s", flush=True)
 
 
 def noise_phase(args) -> int:
@@ -753,6 +775,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--calibration-results", type=Path, default=None, help="table: calibrate on this results "
                         "folder's calibration split (e.g. benchmarks/results/table1_v2) and treat every run under "
                         "--results as a test run")
+    parser.add_argument("--fleet", type=int, default=0, metavar="N", help="run: train Textual Inversion's runs "
+                        "as fleets of N concepts (one process, one batched forward; fleet_runs.py), 0: one by one")
+    parser.add_argument("--forward", choices=("batched", "per_concept"), default="batched",
+                        help="run --fleet: the fleet's forward (per_concept: bit-identical to the single runs)")
     parser.add_argument("--concept", default=None, help="noise: the concept folder name, e.g. c000-new_shape")
     parser.add_argument("--steps-to-probe", type=int, nargs="+", default=None, help="noise: snapshot steps")
     parser.add_argument("--seeds", type=int, default=16, help="noise: sampling seeds")

@@ -412,3 +412,50 @@ def test_variant_verdict_wants_a_pareto_gain_larger_than_its_noise():
     # 20 steps more or fewer by turns, and 2 fewer in all: fewer on paper, inside the noise of the concepts' steps
     jittered = [s + (20 if i % 2 else -20) - (2 if i == 0 else 0) for i, s in enumerate(dvar.steps)]
     assert verdict(jittered, retention).startswith("beats DVAR only within the noise")
+
+
+def test_table1_v2_fleet_mode_leaves_each_concept_its_single_runs_folder(tmp_path):
+    """``run --fleet 2``: two concepts trained as one fleet leave the folders their single runs leave: the same
+    L_det history and bit-identical snapshots (forward=per_concept, each concept with its own run's ``repeats``:
+    the two concepts have different image counts), the periodic probes taken afterwards from the snapshots equal
+    the single runs' live probes within sampling float noise, and the concept summaries feed the table."""
+    import json
+
+    import torch
+    from safetensors.torch import load_file
+
+    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.world.probe import snapshot_steps
+
+    torch.manual_seed(0)
+    WorldEncoder(width=8, dim=16).save(tmp_path / "encoder")
+    v2 = load_table1_v2()
+    concepts = heldout_concepts(52)[50:]
+    assert len(concepts[0].image_seeds) != len(concepts[1].image_seeds)  # different repeats in their own runs
+    common = ["run", "--concepts", "50-51", "--methods", "textual_inversion", "--steps", "20", "--probe-every", "10",
+              "--probe-images", "1", "--probe-inference-steps", "2", "--encoder", str(tmp_path / "encoder")]
+    alone, fleet = tmp_path / "alone", tmp_path / "fleet"
+    assert v2.main([*common, "--workdir", str(alone), "--results", str(alone / "results")]) == 0
+    assert v2.main([*common, "--workdir", str(fleet), "--results", str(fleet / "results"), "--fleet", "2",
+                    "--forward", "per_concept"]) == 0
+    assert (fleet / "runs" / "fleets").is_dir()  # one fleet trained them
+    for concept in concepts:
+        single, in_fleet = (v2.run_paths(root, "textual_inversion", concept.name)[0] for root in (alone, fleet))
+        a, b = (json.loads((d / "summary.json").read_text()) for d in (single, in_fleet))
+        assert b["dvar_history"] == a["dvar_history"] and len(a["dvar_history"]) == 4
+        assert b["stopped_by"] == a["stopped_by"] == "max_steps" and b["max_steps"] == 20
+        assert snapshot_steps(in_fleet / "snapshots") == snapshot_steps(single / "snapshots") == [5, 10, 15, 20]
+        for step in (5, 20):
+            x, y = (load_file(str(d / "snapshots" / f"step-{step:06d}.safetensors")) for d in (single, in_fleet))
+            assert set(x) == set(y) == {"token_vectors.vectors"} and torch.equal(x["token_vectors.vectors"],
+                                                                                   y["token_vectors.vectors"])
+        assert [r[0] for r in b["world_probe_history"]] == [0, 10, 20]
+        for live, offline in zip(a["world_probe_history"], b["world_probe_history"]):
+            assert offline[1:3] == pytest.approx(live[1:3], abs=5e-4)
+        copied = fleet / "results" / "probed_runs" / "textual_inversion" / concept.name / "summary.json"
+        assert json.loads(copied.read_text())["dvar_history"] == a["dvar_history"]
+    moved = load_file(str(v2.run_paths(fleet, "textual_inversion", concepts[0].name)[0] / "snapshots"
+                          / "step-000020.safetensors"))["token_vectors.vectors"]
+    first = load_file(str(v2.run_paths(fleet, "textual_inversion", concepts[0].name)[0] / "snapshots"
+                          / "step-000005.safetensors"))["token_vectors.vectors"]
+    assert not torch.equal(moved, first)  # the vectors trained (a snapshot of nothing would also be "equal")

@@ -464,8 +464,9 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         collate = partial(collate_with_token_ids, tokenize=getattr(self, "caption_tokenizer", None))
         loaders = {}
         for i, name in enumerate(self.concept_names):
+            repeats = getattr(self.concept_specs[i], "repeats", None) if self.concept_specs else None
             dataset = ConceptDataset(self.concept_images[i], self.templates, self.concept_phrase(i),
-                                     self.hparams.repeats, self.seed)
+                                     repeats or self.hparams.repeats, self.seed)
             loader = DataLoader(dataset, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(dataset), self.seed),
                                 drop_last=len(dataset) >= self.batch_size, collate_fn=collate)
             if self.trainer is not None:  # under DDP, each rank its share, exactly as Lightning shares a single run's

@@ -11,7 +11,7 @@ from typing import Any
 from lightning_custom.errors import UserInputError
 
 REQUIRED_FIELDS = ("instance_data_dir", "placeholder_token")
-OPTIONAL_FIELDS = ("name", "class_noun", "class_prompt", "class_data_dir", "initializer_token")
+OPTIONAL_FIELDS = ("name", "class_noun", "class_prompt", "class_data_dir", "initializer_token", "repeats")
 _NAME = re.compile(r"^[A-Za-z0-9_.-]+$")
 
 
@@ -27,6 +27,8 @@ class ConceptSpec:
         class_prompt: prompt of the concept's class images (prior preservation).
         class_data_dir: folder of class images; ``None`` generates them with the base model.
         initializer_token: the word this concept's token starts from (Textual Inversion fleets).
+        repeats: passes over this concept's images per epoch in a fleet (default: the data module's ``repeats``).
+            A fleet concept's batches are its own run's only with its run's ``repeats`` (they set the shuffle).
     """
 
     name: str
@@ -36,6 +38,7 @@ class ConceptSpec:
     class_prompt: str | None = None
     class_data_dir: str | None = None
     initializer_token: str | None = None
+    repeats: int | None = None
 
 
 def default_concept_name(placeholder_token: str) -> str:
@@ -76,7 +79,12 @@ def parse_concepts(value: list[dict[str, Any]] | str, argument: str = "--data.co
             raise UserInputError(
                 f"{where}: unknown field(s) {unknown}; allowed: {list(REQUIRED_FIELDS + OPTIONAL_FIELDS)}"
             )
-        values = {k: (str(v) if v is not None else None) for k, v in entry.items()}
+        values = {k: (str(v) if v is not None else None) for k, v in entry.items() if k != "repeats"}
+        if entry.get("repeats") is not None:
+            repeats = entry["repeats"]
+            if isinstance(repeats, bool) or not isinstance(repeats, int) or repeats < 1:
+                raise UserInputError(f"{where}.repeats: expected a whole number of at least 1, got {repeats!r}")
+            values["repeats"] = repeats
         name = values.get("name") or default_concept_name(values["placeholder_token"])
         if not _NAME.match(name):
             raise UserInputError(f"{where}.name: {name!r} may hold only letters, digits, '_', '-' and '.'")

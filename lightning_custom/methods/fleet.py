@@ -252,6 +252,12 @@ class TextualInversionFleet(TextualInversion):
         spec = next(s for s in self.concept_specs if s.name == name)
         return embedding_state(self.token_slots, self.concept_parameters(name), spec.placeholder_token)
 
+    def single_run_weights(self, name: str) -> dict[str, torch.Tensor]:
+        """Concept ``name``'s vectors on the CPU under the parameter names of its own run (``TextualInversion``'s
+        ``token_vectors.vectors``...), so that a snapshot taken in a fleet loads into a single run's module."""
+        return {f"{slot.vectors_attribute}.vectors": vectors.vectors.detach().to("cpu", copy=True).contiguous()
+                for slot, vectors in zip(self.token_slots, self.concept_vectors[name])}
+
     def export_concept(self, name: str, output_dir: Path) -> list[str]:
         """Write concept ``name``'s ``learned_embeds.safetensors`` into ``output_dir`` (loads with
         ``pipe.load_textual_inversion``), as its own run would."""

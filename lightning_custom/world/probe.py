@@ -159,8 +159,12 @@ class TrainableSnapshots(Callback):
     each): training is deterministic, so the same config with ``steps`` and ``stop_after_last`` saves the weights of
     the original run at those steps and ends after the last one.
 
+    In a fleet (``TextualInversionFleet``) each concept still training gets its own folder, ``dirpath`` with
+    ``{concept}`` replaced by its name, and its snapshots hold its vectors under its own run's parameter names: they
+    load into the single run of that concept (:func:`probe_snapshots` with the single run's config).
+
     Args:
-        dirpath: folder of the ``step-NNNNNN.safetensors`` files.
+        dirpath: folder of the ``step-NNNNNN.safetensors`` files (in a fleet, with ``{concept}`` in it).
         every_n_evaluations: keep every this many evaluations (1: all of them).
         steps: save only at these steps (evaluation steps); ``None``: at every kept evaluation.
         stop_after_last: end training once the last of ``steps`` is saved.
@@ -186,12 +190,19 @@ class TrainableSnapshots(Callback):
 
         from lightning_custom.io import atomic_path
 
-        tensors = {name: p.detach().to("cpu", copy=True).contiguous()
-                   for name, p in pl_module.named_parameters() if p.requires_grad}
-        folder = Path(self.dirpath)
-        folder.mkdir(parents=True, exist_ok=True)
-        with atomic_path(folder / SNAPSHOT_PATTERN.format(step)) as tmp:
-            save_file(tensors, str(tmp))
+        if getattr(pl_module, "trains_a_fleet", False):
+            if "{concept}" not in self.dirpath:
+                raise UserInputError(f"TrainableSnapshots: dirpath {self.dirpath!r} needs '{{concept}}' in a fleet "
+                                     "(one folder per concept)")
+            folders = {Path(self.dirpath.format(concept=name)): pl_module.single_run_weights(name)
+                       for name in pl_module.active_concepts}
+        else:
+            folders = {Path(self.dirpath): {name: p.detach().to("cpu", copy=True).contiguous()
+                                            for name, p in pl_module.named_parameters() if p.requires_grad}}
+        for folder, tensors in folders.items():
+            folder.mkdir(parents=True, exist_ok=True)
+            with atomic_path(folder / SNAPSHOT_PATTERN.format(step)) as tmp:
+                save_file(tensors, str(tmp))
 
     @override
     def on_validation_epoch_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -273,13 +284,16 @@ def probe_snapshots(config_file: str | Any, snapshot_dir: str | Any, steps: list
     it); for each step the snapshot's weights are loaded and sampled with each seed (default: the probe's own seed,
     so the scores equal the live probe's at that step).
 
+    Step 0 is the weights before training (the freshly built module), with or without a snapshot.
+
     Returns:
         ``{step: [[identity_train, identity_eval, fidelity] per seed]}``.
     """
     probe, module, phrase, trainable = rebuild_run(config_file)
     out: dict[int, list[list[float]]] = {}
-    for step in steps:
-        load_snapshot(module, snapshot_dir, step, trainable)
+    for step in sorted(steps):  # step 0 first: the freshly built module holds its weights
+        if step:
+            load_snapshot(module, snapshot_dir, step, trainable)
         out[step] = [probe.scores(module, phrase, seed) for seed in (seeds or [None])]
     return out
 
