@@ -90,8 +90,10 @@ def probe_steps(config: dict[str, Any]) -> list[int]:
     return sorted(set(range(0, last + 1, every)) | {last})
 
 
-def finish_concept(fleet_dir: Path, name: str, config: dict[str, Any], config_file: Path) -> dict[str, Any]:
-    """Turn concept ``name``'s part of a finished fleet into its single run's folder (returns its summary)."""
+def finish_concept(fleet_dir: Path, name: str, config: dict[str, Any], config_file: Path, probe: bool = True
+                   ) -> dict[str, Any]:
+    """Turn concept ``name``'s part of a finished fleet into its single run's folder (returns its summary); with
+    ``probe``, its ``WorldProbe``'s periodic probes are taken from the snapshots into ``world_probe_history``."""
     from lightning_custom.io import write_json
     from lightning_custom.world.probe import probe_snapshots
 
@@ -99,6 +101,9 @@ def finish_concept(fleet_dir: Path, name: str, config: dict[str, Any], config_fi
     summary = json.loads((fleet_dir / name / "summary.json").read_text())
     config_file.parent.mkdir(parents=True, exist_ok=True)
     config_file.write_text(yaml.safe_dump(config, sort_keys=False))
+    if not probe:
+        write_json(run_dir / "summary.json", summary)
+        return summary
     start = time.time()
     scores = probe_snapshots(config_file, run_dir / "snapshots", probe_steps(config))
     seconds = time.time() - start
@@ -112,8 +117,8 @@ def finish_concept(fleet_dir: Path, name: str, config: dict[str, Any], config_fi
     return summary
 
 
-def train_fleet(singles: dict[str, tuple[dict[str, Any], Path]], fleet_dir: Path, forward: str = "batched"
-                ) -> dict[str, dict[str, Any]]:
+def train_fleet(singles: dict[str, tuple[dict[str, Any], Path]], fleet_dir: Path, forward: str = "batched",
+                probe: bool = True) -> dict[str, dict[str, Any]]:
     """Train the concepts of ``singles`` (folder name -> (single-run config, where its config file goes)) as one
     fleet in this process, then lay each concept out as its single run's folder. Returns the summaries by name."""
     sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -122,4 +127,4 @@ def train_fleet(singles: dict[str, tuple[dict[str, Any], Path]], fleet_dir: Path
     config = fleet_config({name: c for name, (c, _) in singles.items()}, fleet_dir, forward)
     if not v1.finished(fleet_dir):
         v1.fit(config, fleet_dir.parent / f"{fleet_dir.name}.yaml")
-    return {name: finish_concept(fleet_dir, name, c, path) for name, (c, path) in singles.items()}
+    return {name: finish_concept(fleet_dir, name, c, path, probe) for name, (c, path) in singles.items()}

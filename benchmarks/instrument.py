@@ -1,0 +1,154 @@
+"""Can the identity probe tell a trained concept from no training at all? (issue 25, Part 1)
+
+For each run of a study's work folder (``table1_v2.py run`` or ``settings_study.py``; their snapshots are kept), the
+training prompt is sampled at step 0 (the untrained model) and at the run's last step (converged), ``--groups``
+probes of ``--images`` images each, every probe with its own seeds. Two identity measures score each probe:
+
+* ``cosine``: the world encoder's mean cosine similarity to the concept images (CLIP-I's form; Table 1 v2's);
+* ``discriminator``: :class:`lightning_custom.world.identity.ConceptDiscriminator`, the probability that an image
+  shows the concept rather than one of its near misses (DINO's intent: the subject, not its class).
+
+Per run and measure: the gain (converged - untrained, means over the probes), the SD of one probe at that image
+count (over the probes, pooled over the two steps), and gain / SD. ``instrument.md`` states, per measure and image
+count, the share of concepts whose gain is at least 8 SDs of one probe (the issue's goal: 90%)::
+
+    nice python benchmarks/instrument.py --workdir runs/table1-v2-fleet --out benchmarks/results/instrument
+
+Not collected by pytest.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+GOAL_RATIO = 8.0
+# cosine and discriminator score the training prompt's images; discriminator_all_prompts also the probe's
+# evaluation prompts' (the concept on other backgrounds: the discriminator is trained on every background).
+MEASURES = ("cosine", "discriminator", "discriminator_all_prompts")
+
+
+def sample_prompts(probe, module, templates: list[str], phrase: str, count: int, first_seed: int) -> list:
+    """``count`` samples of each template (the concept phrase filled in), seeds ``first_seed``.. (the probe's
+    sampler settings); template after template."""
+    from lightning_custom.data.templates import format_prompt
+    from lightning_custom.sampling import generate, pipeline_from_module
+
+    size = probe._references[0].size[0]
+    pipe = pipeline_from_module(module, "ddim")
+    prompts = [format_prompt(t, phrase) for t in templates for _ in range(count)]
+    return generate(pipe, prompts, [first_seed + i for i in range(len(prompts))], height=size, width=size,
+                    guidance_scale=probe.guidance_scale, num_inference_steps=probe.num_inference_steps,
+                    batch_size=min(len(prompts), 64))
+
+
+def measure_run(config_file: Path, snapshot_dir: Path, step: int, concept, images: int, groups: int) -> dict:
+    """Per measure: ``{"untrained": [score per probe], "converged": [...]}`` for one run."""
+    from lightning_custom.world.encoder import identity_similarity
+    from lightning_custom.world.identity import ConceptDiscriminator
+    from lightning_custom.world.probe import load_snapshot, rebuild_run
+
+    probe, module, phrase, trainable = rebuild_run(config_file)
+    discriminator = ConceptDiscriminator(probe._encoder, concept)
+    out: dict[str, dict[str, list[float]]] = {m: {} for m in MEASURES}
+    templates = [probe.train_prompt, *probe.eval_prompts]
+    for label, at in (("untrained", 0), ("converged", step)):
+        if at:
+            load_snapshot(module, snapshot_dir, at, trainable)
+        out["cosine"][label], out["discriminator"][label], out["discriminator_all_prompts"][label] = [], [], []
+        for group in range(groups):  # a probe: `images` per template, its own seeds
+            samples = sample_prompts(probe, module, templates, phrase, images, first_seed=10_000 + 1000 * group)
+            train = samples[:images]
+            out["cosine"][label].append(identity_similarity(probe._encoder, train, probe._references))
+            out["discriminator"][label].append(discriminator.score(train))
+            out["discriminator_all_prompts"][label].append(discriminator.score(samples))
+    return out
+
+
+def summarise(scores: dict[str, list[float]]) -> dict[str, float]:
+    """Gain, the SD of one probe (pooled over the two steps) and their ratio."""
+    a, b = np.array(scores["untrained"]), np.array(scores["converged"])
+    sd = float(np.sqrt((a.var(ddof=1) + b.var(ddof=1)) / 2))
+    gain = float(b.mean() - a.mean())
+    return {"untrained": float(a.mean()), "converged": float(b.mean()), "gain": gain, "probe_sd": sd,
+            "ratio": gain / sd if sd > 0 else float("inf")}
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--workdir", type=Path, required=True, help="a study's work folder (runs/full/<method>/...)")
+    parser.add_argument("--methods", nargs="+", default=["textual_inversion"])
+    parser.add_argument("--concepts", default=None, help="only these run folder prefixes, e.g. c050,c051")
+    parser.add_argument("--images", type=int, nargs="+", default=[2, 8], help="images per probe")
+    parser.add_argument("--groups", type=int, default=8, help="probes per step (their SD is one probe's noise)")
+    parser.add_argument("--concept-seed", type=int, default=2024)
+    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "instrument")
+    args = parser.parse_args(argv)
+    from lightning_custom.world.concepts import make_concept
+    from lightning_custom.world.probe import snapshot_steps
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_file = args.out / "instrument_runs.jsonl"
+    done = {(r["method"], r["run"], r["images"]) for r in map(json.loads, rows_file.read_text().splitlines())
+            } if rows_file.is_file() else set()
+    for method in args.methods:
+        for run_dir in sorted((args.workdir / "runs" / "full" / method).iterdir()):
+            if args.concepts and not any(run_dir.name.startswith(p) for p in args.concepts.split(",")):
+                continue
+            steps = snapshot_steps(run_dir / "snapshots")
+            config_file = args.workdir / "configs" / method / f"{run_dir.name}.yaml"
+            if not steps or not config_file.is_file():
+                continue
+            concept = make_concept(int(run_dir.name[1:4]), args.concept_seed)
+            for images in args.images:
+                if (method, run_dir.name, images) in done:
+                    continue
+                measured = measure_run(config_file, run_dir / "snapshots", steps[-1], concept, images, args.groups)
+                row = {"method": method, "run": run_dir.name, "images": images, "groups": args.groups,
+                       "step": steps[-1], "scores": measured,
+                       **{m: summarise(s) for m, s in measured.items()}}
+                with rows_file.open("a") as f:
+                    f.write(json.dumps(row) + "\n")
+                print(f"{method} {run_dir.name} {images} images: " + ", ".join(
+                    f"{m} gain {row[m]['gain']:.3f} / sd {row[m]['probe_sd']:.3f} = {row[m]['ratio']:.1f}"
+                    for m in measured), flush=True)
+    write_table(rows_file, args.out / "instrument.md")
+    return 0
+
+
+def write_table(rows_file: Path, out: Path) -> None:
+    """``instrument.md``: per method, measure and image count, the gain-to-noise of the concepts."""
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    lines = ["# Can the identity probe tell a trained concept from no training at all?", "",
+             "Per run: the training prompt sampled at step 0 and at the run's last step, several probes each (own "
+             "seeds); gain = converged - untrained (means), one probe's SD pooled over the two steps. Goal: gain >= "
+             f"{GOAL_RATIO:g} SDs of one probe for at least 90% of concepts. `python benchmarks/instrument.py` "
+             "rebuilds this page.", "",
+             "| method | measure | images per probe | runs | median untrained | median converged | median gain | "
+             "median probe SD | median gain / SD | concepts with gain >= 8 SD |", "|---|---|---|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["method"], m, r["images"]) for r in rows for m in MEASURES if m in r})
+    for method, measure, images in keys:
+        picked = [r[measure] for r in rows if r["method"] == method and r["images"] == images]
+        med = {k: float(np.median([p[k] for p in picked])) for k in ("untrained", "converged", "gain", "probe_sd",
+                                                                      "ratio")}
+        passing = sum(p["ratio"] >= GOAL_RATIO for p in picked)
+        lines.append(f"| {method} | {measure} | {images} | {len(picked)} | {med['untrained']:.3f} | "
+                     f"{med['converged']:.3f} | {med['gain']:.3f} | {med['probe_sd']:.3f} | {med['ratio']:.1f} | "
+                     f"{passing}/{len(picked)} ({100 * passing / len(picked):.0f}%) |")
+    lines += ["", "## Per run (gain / SD of one probe)", "", "| method | run | images | " + " | ".join(MEASURES) + " |",
+              "|---|---|---|" + "---|" * len(MEASURES)]
+    for r in rows:
+        cells = [f"{r[m]['gain']:.3f} / {r[m]['probe_sd']:.3f}" if m in r else "" for m in MEASURES]
+        lines.append(f"| {r['method']} | {r['run']} | {r['images']} | " + " | ".join(cells) + " |")
+    out.write_text("\n".join(lines) + "\n")
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
