@@ -41,8 +41,14 @@ sys.path.insert(0, str(ROOT))
 from lightning_custom.errors import FAILED_RUN_EXIT_CODES  # noqa: E402
 from lightning_custom.world.concepts import make_concept  # noqa: E402
 
-QUICKSTART = ROOT / "configs" / "quickstart.yaml"
-FLEET = ROOT / "configs" / "quickstart_fleet.yaml"
+# per method: (single-run config, fleet config, single-run arguments that make it its fleet concept's twin)
+METHODS = {
+    "textual_inversion": ("quickstart.yaml", "quickstart_fleet.yaml", []),
+    # a fleet concept learns its own token, with no class noun in its prompts
+    "dreambooth_lora": ("quickstart_dreambooth_lora.yaml", "quickstart_lora_fleet.yaml",
+                        ["--model.init_args.train_token_embedding", "true", "--data.init_args.class_noun", "null"]),
+}
+METHOD = ["textual_inversion"]  # --method
 COMMON = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false", "--overwrite", "true"]
 EXTRA: list[str] = []  # --cli-args
 INITIALIZER: list[str] = []  # --initializer: one word for every concept (a model whose vocabulary lacks the world's)
@@ -86,16 +92,18 @@ def run_cli(args: list[str]) -> dict[str, float]:
 def alone(index: int, folder: Path) -> dict[str, float]:
     """Concept ``index`` trained alone, into ``folder``."""
     entry = concept_entry(index)
-    return run_cli(["fit", "--config", str(QUICKSTART), "--trainer.default_root_dir", str(folder),
+    single, _, twin = METHODS[METHOD[0]]
+    return run_cli(["fit", "--config", str(ROOT / "configs" / single), "--trainer.default_root_dir", str(folder),
                     "--data.init_args.instance_data_dir", entry["instance_data_dir"],
                     "--model.init_args.placeholder_token", entry["placeholder_token"],
-                    "--model.init_args.initializer_token", entry["initializer_token"], *COMMON])
+                    "--model.init_args.initializer_token", entry["initializer_token"], *twin, *COMMON])
 
 
 def fleet(indices: list[int], folder: Path, forward: str) -> dict[str, float]:
     """The concepts ``indices`` trained as one fleet (``forward``: batched or per_concept), into ``folder``."""
     concepts = json.dumps([concept_entry(i) for i in indices])
-    return run_cli(["fit", "--config", str(FLEET), "--trainer.default_root_dir", str(folder),
+    return run_cli(["fit", "--config", str(ROOT / "configs" / METHODS[METHOD[0]][1]),
+                    "--trainer.default_root_dir", str(folder),
                     "--model.init_args.concepts", concepts, "--data.init_args.concepts", concepts,
                     "--model.init_args.forward", forward, *COMMON])
 
@@ -110,10 +118,16 @@ def identity_at_stop(run: Path) -> float:
         return float(before_after(run, before_word=word or "shape", out=Path(tmp) / "grid.png")["identity_after"])
 
 
-def embeddings(run: Path, token: str) -> Any:
+def weight_difference(a: Path, b: Path) -> float:
+    """The largest difference between the trained weights two runs wrote (token vectors, and LoRA if any)."""
     from safetensors.torch import load_file
 
-    return load_file(run / "learned_embeds.safetensors")[token]
+    largest = 0.0
+    for name in ("learned_embeds.safetensors", "pytorch_lora_weights.safetensors"):
+        if (a / name).is_file():
+            x, y = load_file(a / name), load_file(b / name)
+            largest = max(largest, *(float((x[k] - y[k]).abs().max()) for k in x))
+    return largest
 
 
 class Rows:
@@ -147,8 +161,7 @@ def equivalence(rows: Rows, indices: list[int], work: Path, forward: str) -> Non
         alone_dir = work / f"alone_{name}"
         cost = alone(index, alone_dir) if not (alone_dir / "summary.json").is_file() else {"wall_s": None}
         own, together = (json.loads((d / "summary.json").read_text()) for d in (alone_dir, fleet_dir / name))
-        token = own["placeholder_token"]
-        difference = float((embeddings(alone_dir, token) - embeddings(fleet_dir / name, token)).abs().max())
+        difference = weight_difference(alone_dir, fleet_dir / name)
         rows.add({"kind": "equivalence", "concept": name, "forward": forward, "stop_alone": own["stop_step"],
                   "stop_fleet": together["stop_step"], "stopped_by_alone": own["stopped_by"],
                   "stopped_by_fleet": together["stopped_by"], "max_vector_difference": difference,
@@ -174,9 +187,13 @@ def throughput(rows: Rows, sizes: list[int], work: Path, forwards: list[str]) ->
 
 def table(rows: Rows) -> str:
     """The markdown report of the rows."""
-    lines = ["# A fleet of Textual Inversion concepts against the same concepts alone", "",
-             "Embedded world model, quickstart settings (batch 2 per concept, DVAR window 40, every 5), one CPU "
-             "thread per run; `python benchmarks/fleet.py table` rebuilds this page from `fleet_runs.jsonl`.", ""]
+    single, fleet_config, _ = METHODS[METHOD[0]]
+    title = {"textual_inversion": "Textual Inversion", "dreambooth_lora": "DreamBooth-LoRA"}[METHOD[0]]
+    lines = [f"# A fleet of {title} concepts against the same concepts alone", "",
+             f"Embedded world model, `configs/{single}` alone against `configs/{fleet_config}` (batch 2 per concept, "
+             "DVAR window 40, every 5), one CPU thread per run; `python benchmarks/fleet.py table "
+             f"--method {METHOD[0]}` rebuilds this page from `fleet_runs.jsonl`. Max weight difference: over the "
+             "token vectors and (LoRA) the adapter's weights.", ""]
     for forward in ("per_concept", "batched"):
         lines += equivalence_section([r for r in rows.rows if r["kind"] == "equivalence"
                                       and r.get("forward") == forward], forward)
@@ -240,7 +257,9 @@ def throughput_section(rows: Rows) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("parts", nargs="+", choices=["equivalence", "throughput", "table"])
-    parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "fleet")
+    parser.add_argument("--method", choices=list(METHODS), default="textual_inversion")
+    parser.add_argument("--out", type=Path, default=None, help="default benchmarks/results/fleet (Textual "
+                        "Inversion) or fleet_<method>")
     parser.add_argument("--work", type=Path, default=Path(tempfile.gettempdir()) / "lightning_custom_fleet")
     parser.add_argument("--concepts", type=int, nargs="+", default=list(range(50, 60)))
     parser.add_argument("--sizes", type=int, nargs="+", default=[1, 4, 16, 40])
@@ -248,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--initializer", help="one initializer word for every concept (default: each concept's own)")
     parser.add_argument("--forward", nargs="+", default=["batched", "per_concept"], choices=["batched", "per_concept"])
     args = parser.parse_args(argv)
+    METHOD[:] = [args.method]
+    args.out = args.out or ROOT / "benchmarks" / "results" / (
+        "fleet" if args.method == "textual_inversion" else f"fleet_{args.method}")
+    args.work = args.work / args.method if args.method != "textual_inversion" else args.work
     EXTRA[:] = shlex.split(args.cli_args)
     INITIALIZER[:] = [args.initializer] if args.initializer else []
     rows = Rows(args.out)

@@ -128,3 +128,71 @@ def train_fleet(singles: dict[str, tuple[dict[str, Any], Path]], fleet_dir: Path
     if not v1.finished(fleet_dir):
         v1.fit(config, fleet_dir.parent / f"{fleet_dir.name}.yaml")
     return {name: finish_concept(fleet_dir, name, c, path, probe) for name, (c, path) in singles.items()}
+
+
+# ------------------------------------------------------------------------------------------- against single runs
+def compare(single: Path, fleet: Path, method: str, window: int, threshold: float, eval_every: int,
+            converged_from: int) -> str:
+    """Markdown: each concept's fleet run against its committed single run (``<results>/probed_runs/<method>``):
+    the L_det history, the converged identity (mean of the probes from ``converged_from`` on), the DVAR stop of one
+    setting (``window``, ``threshold``, ``eval_every``) and the identity there (exact probe)."""
+    import statistics
+
+    from lightning_custom.calibrate import load_probed_run, stop_steps
+
+    rows, diffs = [], {"converged": [], "at_stop": [], "stop": []}
+    for folder in sorted((fleet / "probed_runs" / method).iterdir()):
+        twin = single / "probed_runs" / method / folder.name
+        if not (twin / "summary.json").is_file():
+            continue
+        a, b = (load_probed_run(d / "summary.json", d.name) for d in (twin, folder))
+        la, lb = (dict(r.losses) for r in (a, b))
+        ldet = max(abs(lb[s] - la[s]) / abs(la[s]) for s in la)
+        conv = [statistics.mean(r.probes[s][0] for s in r.probes if s >= converged_from) for r in (a, b)]
+        stops = [stop_steps(r, window, [threshold], eval_every)[0] for r in (a, b)]
+        at = [r.exact.get(s, r.probes.get(s, [float("nan")]))[0] for r, s in zip((a, b), stops)]
+        for key, d in (("wall_single", twin), ("wall_fleet", folder)):
+            diffs.setdefault(key, []).append(json.loads((d / "summary.json").read_text())["wall_seconds"])
+        diffs["converged"].append(conv[1] - conv[0])
+        diffs["at_stop"].append(at[1] - at[0])
+        diffs["stop"].append(stops[1] - stops[0])
+        rows.append(f"| {folder.name} | {ldet:.2g} | {conv[0]:.3f} / {conv[1]:.3f} | {stops[0]} / {stops[1]} | "
+                    f"{at[0]:.3f} / {at[1]:.3f} |")
+
+    def mean_se(values: list[float]) -> str:
+        se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float("nan")
+        return f"{statistics.mean(values):+.2g} (SE {se:.2g}, largest {max(values, key=abs):+.2g})"
+
+    return "\n".join([
+        f"# {method}: runs trained in a fleet against the same runs trained alone", "",
+        f"Single runs: `{single}`; fleet runs: `{fleet}` (`table1_v2.py run --fleet 10`, forward batched). Identity: "
+        "the world encoder's cosine identity of the training prompt's probe (2 images, Table 1 v2's instrument). "
+        f"DVAR: the calibrated setting of Table 1 v2 (window {window}, threshold {threshold}, every {eval_every}).", "",
+        "| concept | largest relative L_det difference | converged identity alone / fleet | DVAR stop alone / fleet | "
+        "identity at the stop alone / fleet |", "|---|---|---|---|---|", *rows, "",
+        f"Paired differences (fleet - alone) over {len(rows)} concepts: converged identity {mean_se(diffs['converged'])}; "
+        f"identity at the stop {mean_se(diffs['at_stop'])}; stop step {mean_se(diffs['stop'])}. One probe's SD is "
+        "0.020-0.025 (Table 1 v2's probe_noise_*.json).", "",
+        f"Time (training, L_det, snapshots and the periodic probes; a fleet concept's share of its fleet's training "
+        f"plus its own probes): {sum(diffs['wall_single']):.0f} s for the single runs, "
+        f"{sum(diffs['wall_fleet']):.0f} s in the fleet (the single runs shared this CPU with other jobs, so the "
+        "ratio is indicative only).", ""])
+
+
+if __name__ == "__main__":
+    import argparse
+
+    parser = argparse.ArgumentParser(description="compare fleet-trained runs with their committed single runs")
+    parser.add_argument("compare", choices=["compare"])
+    parser.add_argument("--single", type=Path, default=Path("benchmarks/results/table1_v2"))
+    parser.add_argument("--fleet", type=Path, default=Path("benchmarks/results/table1_v2_fleet"))
+    parser.add_argument("--method", default="textual_inversion")
+    parser.add_argument("--setting", type=float, nargs=3, default=[20, 0.4, 10], metavar=("WINDOW", "THRESHOLD",
+                                                                                          "EVERY"))
+    parser.add_argument("--converged-from", type=int, default=200)
+    args = parser.parse_args()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    text = compare(args.single, args.fleet, args.method, int(args.setting[0]), args.setting[1],
+                   int(args.setting[2]), args.converged_from)
+    (args.fleet / "compare.md").write_text(text)
+    print(text)

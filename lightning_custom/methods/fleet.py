@@ -17,6 +17,7 @@ The per-concept stops live in ``lightning_custom.callbacks.fleet_stops`` (used b
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -96,6 +97,8 @@ class TextualInversionFleet(TextualInversion):
                 self._splice_handles += vectors.attach_to(getattr(self, slot.text_encoder))
             self.concept_vectors[spec.name] = per_slot
             self.names_by_concept[spec.name] = names_by_tokenizer
+            if i == 0:  # the random state a single run is in once its token is added (resizing draws new rows)
+                self.rng_after_one_concept = torch.get_rng_state()
         first = self.concept_specs[0].name
         self.names_by_tokenizer = self.names_by_concept[first]
         self.placeholder_names = self.names_by_tokenizer[self.token_slots[0].tokenizer]
@@ -210,7 +213,8 @@ class TextualInversionFleet(TextualInversion):
             for name in names:
                 self._generator = self.concept_generator(name)  # training_loss draws from self.generator
                 try:
-                    losses[name] = self.training_loss(batch[name])
+                    with self.samples_of([name] * batch[name]["pixel_values"].shape[0]):
+                        losses[name] = self.training_loss(batch[name])
                 finally:
                     self._generator = None
             return losses
@@ -222,11 +226,18 @@ class TextualInversionFleet(TextualInversion):
             finally:
                 self._generator = None
         joined = concatenate_batches([batch[name] for name in names])
-        per_sample = self.denoising_loss(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]),
-                                         torch.cat([d[2] for d in draws]), self.unet_conditioning(joined),
-                                         reduction="none")
         sizes = [d[0].shape[0] for d in draws]
+        with self.samples_of([name for name, size in zip(names, sizes) for _ in range(size)]):
+            per_sample = self.denoising_loss(torch.cat([d[0] for d in draws]), torch.cat([d[1] for d in draws]),
+                                             torch.cat([d[2] for d in draws]), self.unet_conditioning(joined),
+                                             reduction="none")
         return {name: part.mean() for name, part in zip(names, torch.split(per_sample, sizes))}
+
+    def samples_of(self, names: list[str]) -> contextlib.AbstractContextManager:
+        """Inside the block, sample ``i`` of every forward belongs to concept ``names[i]``. Textual Inversion needs
+        nothing (each caption holds its concept's token); a fleet with per-concept weights in the denoiser routes
+        each sample through its concept's (``DreamBoothLoRAFleet``)."""
+        return contextlib.nullcontext()
 
     def training_step(self, batch: dict[str, dict[str, Any]], batch_idx: int) -> torch.Tensor:
         """The sum over concepts of each concept's mean loss (each concept's gradient is its own run's)."""
@@ -242,7 +253,8 @@ class TextualInversionFleet(TextualInversion):
         name = batch.get("concept") or self.concept_specs[0].name  # a fleet of one: the data module names none
         if name not in self.active_concepts:
             return None
-        loss = self.deterministic_loss(batch)
+        with self.samples_of([name] * batch["noise"].shape[0]):
+            loss = self.deterministic_loss(batch)
         self.log(f"dvar_loss/{name}", loss, prog_bar=True, sync_dist=True, batch_size=1, add_dataloader_idx=False)
         return loss
 
@@ -250,7 +262,8 @@ class TextualInversionFleet(TextualInversion):
     def concept_embeddings(self, name: str) -> dict[str, torch.Tensor]:
         """Concept ``name``'s file tensors, in diffusers' Textual Inversion formats (see ``learned_embeddings``)."""
         spec = next(s for s in self.concept_specs if s.name == name)
-        return embedding_state(self.token_slots, self.concept_parameters(name), spec.placeholder_token)
+        vectors = [vectors.vectors for vectors in self.concept_vectors[name]]
+        return embedding_state(self.token_slots, vectors, spec.placeholder_token)
 
     def single_run_weights(self, name: str) -> dict[str, torch.Tensor]:
         """Concept ``name``'s vectors on the CPU under the parameter names of its own run (``TextualInversion``'s

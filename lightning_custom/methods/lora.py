@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -44,24 +45,32 @@ def check_target_modules(model: nn.Module, targets: Sequence[str], argument: str
 
 
 def add_lora(
-    model: nn.Module, rank: int, alpha: float, dropout: float, targets: Sequence[str], argument: str, model_name: str
+    model: nn.Module, rank: int, alpha: float, dropout: float, targets: Sequence[str], argument: str, model_name: str,
+    adapter: str = ADAPTER,
 ) -> None:
     """Inject a trainable LoRA adapter into ``model``'s ``targets``; the wrapped base weights stay untouched.
 
     Uses ``peft.inject_adapter_in_model`` directly (``transformers``' ``add_adapter`` needs a newer peft), then
     records the config as ``model.peft_config`` the way diffusers' and transformers' ``add_adapter`` do, so that
     ``get_peft_model_state_dict`` works. LoRA weights stay fp32; dropout layers are put in training mode.
+    ``adapter`` names the adapter; a model may hold several (a fleet: one per concept), every one trainable.
     """
     from peft import LoraConfig, inject_adapter_in_model
 
     check_value("model", "rank", rank)  # also for callers other than the methods, which check their hparams
     check_value("model", "lora_dropout", dropout)
-    check_target_modules(model, targets, argument, model_name)
+    if not getattr(model, "peft_config", None):  # a further adapter wraps the same (already checked) layers
+        check_target_modules(model, targets, argument, model_name)
     config = LoraConfig(r=rank, lora_alpha=alpha, lora_dropout=dropout, init_lora_weights="gaussian",
                         target_modules=list(targets))
-    inject_adapter_in_model(config, model, ADAPTER)
-    model.peft_config = {ADAPTER: config}
+    with warnings.catch_warnings():  # "multiple adapters in the model": what a fleet (one per concept) wants
+        warnings.filterwarnings("ignore", message="Already found a `peft_config`")
+        inject_adapter_in_model(config, model, adapter)
+    model.peft_config = {**getattr(model, "peft_config", {}), adapter: config}
     model._hf_peft_config_loaded = True
+    for name, param in model.named_parameters():
+        if f".{adapter}." in name and ".lora_" in name:
+            param.requires_grad_(True)  # peft leaves a model's other adapters inactive (frozen) when it adds one
     for name, module in model.named_modules():
         if "lora_dropout" in name:
             module.train()  # the DVAR evaluation runs in eval mode (Lightning restores the modes after it)
@@ -82,7 +91,7 @@ def lora_dropout_disabled(*models: nn.Module) -> Iterator[None]:
             layer.training = mode
 
 
-def lora_layers(model: nn.Module, peft_naming: bool = False) -> dict[str, torch.Tensor]:
+def lora_layers(model: nn.Module, peft_naming: bool = False, adapter: str = ADAPTER) -> dict[str, torch.Tensor]:
     """The adapter's weights, on the CPU: under diffusers' key names (``lora.down``/``lora.up``, what SD / SDXL
     files hold), or with ``peft_naming`` under peft's (``lora_A``/``lora_B``), what diffusers' FLUX and SD3 scripts
     save: diffusers' conversion renames only some of a flow transformer's layers, and its loader, seeing the first
@@ -90,21 +99,22 @@ def lora_layers(model: nn.Module, peft_naming: bool = False) -> dict[str, torch.
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft.utils import get_peft_model_state_dict
 
-    state = get_peft_model_state_dict(model, adapter_name=ADAPTER)
+    state = get_peft_model_state_dict(model, adapter_name=adapter)
     if not peft_naming:
         state = convert_state_dict_to_diffusers(state)
     return {key: value.detach().cpu().contiguous() for key, value in state.items()}
 
 
-def save_lora(output_dir: str | Path, family: Any, models: dict[str, nn.Module]) -> str:
+def save_lora(output_dir: str | Path, family: Any, models: dict[str, nn.Module], adapter: str = ADAPTER) -> str:
     """Write ``pytorch_lora_weights.safetensors`` (with the adapters' rank/alpha metadata) for ``load_lora_weights``.
 
     ``models`` maps each pipeline component name that carries an adapter (``"unet"`` or ``"transformer"``,
     ``"text_encoder"``, ``"text_encoder_2"``) to the module. The family's pipeline class writes the file
     (``StableDiffusionPipeline``, ``StableDiffusionXLPipeline``, ``FluxPipeline``, ``StableDiffusion3Pipeline``),
-    so its ``load_lora_weights(folder)`` puts each part back where it came from.
+    so its ``load_lora_weights(folder)`` puts each part back where it came from. ``adapter``: which of the
+    models' adapters (a fleet holds one per concept).
     """
-    layers = {name: lora_layers(model, peft_naming=family.is_flow) for name, model in models.items()}
-    metadata = {name: model.peft_config[ADAPTER].to_dict() for name, model in models.items()}
+    layers = {name: lora_layers(model, peft_naming=family.is_flow, adapter=adapter) for name, model in models.items()}
+    metadata = {name: model.peft_config[adapter].to_dict() for name, model in models.items()}
     family.save_lora(output_dir, LORA_WEIGHT_NAME, layers, metadata)
     return LORA_WEIGHT_NAME
