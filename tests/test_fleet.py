@@ -312,3 +312,29 @@ def test_the_batched_forward_draws_the_same_noise_and_matches_the_exact_gradient
         exact, batched = grads["per_concept"][0][name], grads["batched"][0][name]
         assert torch.allclose(batched, exact, rtol=1e-4, atol=1e-8) and exact.abs().sum() > 0
         assert torch.allclose(grads["batched"][1][name], grads["per_concept"][1][name], rtol=1e-5)
+
+
+def test_the_batched_fleet_evaluates_every_concept_in_one_forward_with_each_ones_own_l_det(tmp_path, tiny_sd,
+                                                                                           concept_dir,
+                                                                                           second_concept):
+    """forward=batched: the data module serves every concept's fixed batch as one, and each concept's L_det from
+    the one forward equals its own evaluation (float rounding); a stopped concept is no longer computed."""
+    fleet, data = fleet_of_two(tiny_sd, concept_dir, second_concept)
+    trainer = L.Trainer(max_steps=1, **trainer_kwargs(tmp_path))
+    trainer.strategy.connect(fleet)
+    data.trainer, fleet.trainer = trainer, trainer
+    data.setup("fit")
+    together = data.val_dataloader()
+    batch = next(iter(together))
+    assert set(batch["concepts"]) == {"a", "b"}
+    losses = fleet.concept_deterministic_losses(batch["concepts"])
+    for name in ("a", "b"):
+        alone = fleet.deterministic_loss(batch["concepts"][name])
+        torch.testing.assert_close(losses[name], alone, rtol=1e-5, atol=0)
+    assert not torch.equal(losses["a"], losses["b"])
+    fleet.freeze_concept("a")
+    assert set(fleet.concept_deterministic_losses(batch["concepts"])) == {"b"}
+    per_concept, _ = fleet_of_two(tiny_sd, concept_dir, second_concept, forward="per_concept")
+    trainer.strategy.connect(per_concept)
+    per_concept.trainer = trainer
+    assert isinstance(data.val_dataloader(), list)  # one loader per concept: each concept's own forward, bit-exact

@@ -513,10 +513,18 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         self._restored_resample_states = dict(state_dict.get("resample_states", {}))
 
     def val_dataloader(self) -> EVAL_DATALOADERS:
-        """DVAR's fixed evaluation batch, served whole (``batch_size=None``); one loader per concept."""
+        """DVAR's fixed evaluation batch, served whole (``batch_size=None``); one loader per concept, or one loader
+        of every concept's batch for a module that evaluates them together (``evaluates_concepts_together``: a
+        fleet with a batched forward)."""
         spec = self.eval_batch_spec()
-        loaders = [DataLoader(self.build_eval_dataset(spec, i), batch_size=None, num_workers=0)
-                   for i in range(len(self.concept_images))]
+        datasets = [self.build_eval_dataset(spec, i) for i in range(len(self.concept_images))]
+        module = self.trainer.lightning_module if self.trainer is not None else None
+        if len(datasets) > 1 and getattr(module, "evaluates_concepts_together", False):
+            from lightning_custom.data.fleet import FleetEvalDataset
+
+            together = FleetEvalDataset(dict(zip(self.concept_names, datasets)))
+            return DataLoader(together, batch_size=None, num_workers=0)  # type: ignore[arg-type]
+        loaders = [DataLoader(dataset, batch_size=None, num_workers=0) for dataset in datasets]
         return loaders[0] if len(loaders) == 1 else loaders
 
     def draw_eval_parts(

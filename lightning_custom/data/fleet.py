@@ -59,3 +59,17 @@ class FleetLoader:
     def load_state_dict(self, state_dict: dict[str, int]) -> None:
         """Continue after the consumed batches at the next iteration."""
         self.progress.skip = int(state_dict.get("consumed", 0))
+
+
+class FleetEvalDataset:
+    """One item: every concept's fixed evaluation batch, ``{"concepts": {name: batch}}``, so that a fleet with a
+    batched forward computes every concept's L_det in one forward (``TextualInversionFleet``)."""
+
+    def __init__(self, datasets: dict[str, Any]) -> None:
+        self.datasets = datasets
+
+    def __len__(self) -> int:
+        return 1
+
+    def __getitem__(self, index: int) -> dict[str, Any]:
+        return {"concepts": {name: dataset[0] for name, dataset in self.datasets.items()}}

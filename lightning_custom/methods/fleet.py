@@ -247,9 +247,39 @@ class TextualInversionFleet(TextualInversion):
         self.log_training_losses({"train_loss": total}, sum(b["pixel_values"].shape[0] for b in batch.values()))
         return total
 
+    @property
+    def evaluates_concepts_together(self) -> bool:
+        """With the batched forward, every concept's L_det comes from one forward over all their fixed batches (the
+        data module then serves them as one batch)."""
+        return self.forward_mode == "batched"
+
+    @torch.no_grad()
+    def concept_deterministic_losses(self, batches: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """L_det of every active concept in ``batches`` (name -> its fixed batch), from one forward."""
+        names = [name for name in self.active_concepts if name in batches]
+        if not names:
+            return {}
+        latents = [self._eval_cached("latents", batches[n].get("latents_cache_key"),
+                                     lambda b=batches[n]: self.encode_latents(b["pixel_values"], b["latent_noise"]))
+                   for n in names]
+        joined = concatenate_batches([{k: v for k, v in batches[n].items() if not isinstance(v, str)}
+                                      for n in names])
+        sizes = [part.shape[0] for part in latents]
+        with self.samples_of([name for name, size in zip(names, sizes) for _ in range(size)]):
+            conditioning = self.unet_conditioning(joined, self.encode_text(joined["caption"]))
+            latents_all = torch.cat(latents)
+            per_sample = self.denoising_loss(latents_all, joined["noise"].to(latents_all), joined["timesteps"],
+                                             conditioning, reduction="none")
+        return {name: part.mean() for name, part in zip(names, torch.split(per_sample, sizes))}
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> torch.Tensor | None:
         """L_det of each concept still training, as ``dvar_loss/<name>`` (a stopped concept's is no longer
-        computed)."""
+        computed); with every concept's batch at once (``evaluates_concepts_together``) from one forward."""
+        if "concepts" in batch:
+            for name, loss in self.concept_deterministic_losses(batch["concepts"]).items():
+                self.log(f"dvar_loss/{name}", loss, prog_bar=True, sync_dist=True, batch_size=1,
+                         add_dataloader_idx=False)
+            return None
         name = batch.get("concept") or self.concept_specs[0].name  # a fleet of one: the data module names none
         if name not in self.active_concepts:
             return None

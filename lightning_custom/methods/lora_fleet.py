@@ -134,6 +134,12 @@ class DreamBoothLoRAFleet(TextualInversionFleet):
         with lora_dropout_disabled(self.denoiser):
             return super().deterministic_loss(batch)
 
+    @torch.no_grad()
+    def concept_deterministic_losses(self, batches: dict[str, dict[str, Any]]) -> dict[str, torch.Tensor]:
+        """Every active concept's L_det from one forward, with LoRA dropout off."""
+        with lora_dropout_disabled(self.denoiser):
+            return super().concept_deterministic_losses(batches)
+
     def clips_gradients(self) -> bool:
         """Whether gradients are clipped (each concept by its own norm)."""
         return self.max_grad_norm is not None or super().clips_gradients()
