@@ -246,3 +246,62 @@ def slope_stop_index(values: Sequence[float], window: int, threshold: float) -> 
         if slope is not None and slope < threshold:
             return i
     return None
+
+
+# ------------------------------------------------------------------- time-scale-free rules (issue 25, Part 2)
+# DVAR's fixed window makes it a fixed budget in disguise: on any steady drift var(last W) / var(all) falls below
+# the threshold after a fixed number of windows, however slow the drift. The two rules below measure the recent
+# change against the whole run's, so they stop at a fixed multiple of the loss's own time constant (exponential
+# decay: L = a + b exp(-t / tau)) whatever tau is, and never on a straight-line drift.
+MIN_RULE_VALUES = 4  # a window of fewer values is degenerate (2 values: (L_k - L_k-1)^2 / 4 over the whole variance)
+
+
+def growing_window_ratio(values: Sequence[float], fraction: float, min_values: int = MIN_RULE_VALUES) -> float | None:
+    """DVAR's ratio with a window of the last ``fraction`` of the series (at least ``min_values`` values); ``None``
+    while the series is shorter than twice that minimum.
+
+    On a straight line the ratio is ``fraction ** 2`` at every length; on an exponential decay it falls with
+    ``t / tau`` alone.
+    """
+    if len(values) < 2 * min_values:
+        return None
+    window = max(min_values, round(fraction * len(values)))
+    return variance_ratio(values, window)
+
+
+def growing_window_stop_index(values: Sequence[float], fraction: float, threshold: float,
+                              min_values: int = MIN_RULE_VALUES) -> int | None:
+    """The first index where :func:`growing_window_ratio` is below ``threshold`` (``None``: never). Only a
+    ``threshold`` below ``fraction ** 2`` tells a decay from a drift (a straight line's ratio is ``fraction ** 2``)."""
+    for i in range(2 * min_values - 1, len(values)):
+        ratio = growing_window_ratio(values[: i + 1], fraction, min_values)
+        if ratio is not None and ratio < threshold:
+            return i
+    return None
+
+
+def late_improvement(values: Sequence[float], span: int) -> float | None:
+    """How much of the whole run's improvement the second half of the run made: ``(L(t/2) - L(t)) / (L(0) - L(t))``
+    on the causal moving average of ``span`` values; ``None`` before ``4 * span`` values or while the loss has not
+    fallen at all (a rise is not convergence).
+
+    A straight-line drift gives 0.5 at every length; an exponential decay ``(e^-x/2 - e^-x) / (1 - e^-x)`` with
+    ``x = t / tau``, which falls towards 0 as the run outlasts its time constant.
+    """
+    if len(values) < 4 * span:
+        return None
+    smooth = moving_average(values, span)
+    start, middle, end = smooth[span - 1], smooth[(len(smooth) - 1) // 2], smooth[-1]
+    total = start - end
+    if not total > 0:
+        return None
+    return (middle - end) / total
+
+
+def late_improvement_stop_index(values: Sequence[float], fraction: float, span: int = 4) -> int | None:
+    """The first index where :func:`late_improvement` is below ``fraction`` (``None``: never)."""
+    for i in range(4 * span - 1, len(values)):
+        share = late_improvement(values[: i + 1], span)
+        if share is not None and share < fraction:
+            return i
+    return None
