@@ -151,3 +151,29 @@ def test_the_lora_fleet_quickstart_then_sample_and_evaluate_each_concept(tmp_pat
     for name in ("c000", "c001"):
         metrics = json.loads((tmp_path / name / "metrics.json").read_text())
         assert 0 < metrics["identity"] <= 1 and metrics["per_concept"][0]["concept_images"] >= 4
+
+
+def test_a_lora_fleet_resumed_from_a_checkpoint_ends_with_the_same_weights(tmp_path, tiny_sd, concept_dir,
+                                                                           second_concept):
+    """Every concept's LoRA, token, AdamW state and RNG travel in the checkpoint: the resumed fleet's exported files
+    equal the uninterrupted one's to the bit."""
+    from lightning_custom.callbacks import StepCheckpoint
+
+    concepts = concepts_of(concept_dir, second_concept)
+
+    def run(root: Path, callbacks=(), ckpt_path=None) -> None:
+        L.seed_everything(59)
+        fleet = DreamBoothLoRAFleet(concepts=concepts, forward="per_concept", **lora_kwargs(tiny_sd))
+        dvar = DVAREarlyStopping(window=10, threshold=0.15, eval_every_n_steps=5, verbose=False, stop=False,
+                                 undertrained_below=0)
+        trainer = L.Trainer(max_steps=STEPS, callbacks=[dvar, RunSummary(report=False), *callbacks],
+                            **trainer_kwargs(root, enable_checkpointing=bool(callbacks)))
+        trainer.fit(fleet, datamodule=ConceptDataModule(**data_kwargs(concept_dir, concepts=concepts)),
+                    ckpt_path=ckpt_path)
+
+    run(tmp_path / "straight", [StepCheckpoint(dirpath=tmp_path / "ckpt", every_n_steps=5)])
+    run(tmp_path / "resumed", ckpt_path=str(next((tmp_path / "ckpt").glob("*step=5*.ckpt"))))
+    for name in ("a", "b"):
+        for file in (LORA_WEIGHT_NAME, "learned_embeds.safetensors"):
+            x, y = (load_file(tmp_path / d / name / file) for d in ("straight", "resumed"))
+            assert all(torch.equal(x[k], y[k]) for k in x), (name, file)
