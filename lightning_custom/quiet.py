@@ -17,6 +17,8 @@ EXPECTED_WARNINGS: tuple[tuple[str, type[Warning]], ...] = (
     (r"Found \d+ module\(s\) in eval mode at the start of training", UserWarning),
     # Lightning 2.6's own pytree helper uses torch's deprecated LeafSpec; nothing a user can change.
     (r"`isinstance\(treespec, LeafSpec\)` is deprecated", FutureWarning),
+    # diffusers' loaders still pass huggingface_hub's retired argument when a model is fetched; it is ignored.
+    (r"The `local_dir_use_symlinks` argument is deprecated and ignored", UserWarning),
 )
 
 # Log records (logger name, message regex) that say nothing about this run.
@@ -32,6 +34,17 @@ EXPECTED_LOG_MESSAGES: tuple[tuple[str, str], ...] = (
     # Adding a placeholder token grows the embedding table; the new row is overwritten with the initializer
     # token's vector right after, so how transformers initialises it does not matter.
     ("transformers.modeling_utils", r"The new embeddings will be initialized from a multivariate normal"),
+    # bitsandbytes (imported by diffusers at model load, installed by lightning[pytorch-extra]) tries to fetch an
+    # optional CPU kernel for 4-bit layers through `kernels`; offline it says so twice. No method here runs 4-bit
+    # layers on a CPU, and --model.quantize_base needs a CUDA GPU.
+    ("kernels._internals.hf_hub", r"Skipping publisher trust check for 'kernels-community/quantization-bitsandbytes'"),
+    ("bitsandbytes.backends.cpu.ops", r"Failed to load CPU gemm_4bit_forward from kernels-community"),
+    # A LoRA trained on the denoiser alone (train_text_encoder false, the default) has no text-encoder keys, by
+    # design; diffusers' load_lora_weights says so for each text encoder.
+    ("diffusers.loaders.lora_base", r"No LoRA keys associated to \w+ found with the prefix='text_encoder(_2)?'"),
+    # Our own StopSignals says what a SIGTERM does to the run (lightning_custom.interrupts); Lightning's line is a
+    # second, bare one.
+    ("lightning.pytorch.trainer.connectors.signal_connector", r"Received SIGTERM: \d+"),
 )
 
 # Callbacks that print their stop line themselves, so their INFO records are not shown a second time.
