@@ -219,9 +219,9 @@ def check_finished_run(folder: str | os.PathLike, *, overwrite: bool, resuming: 
     if overwrite:
         return True
     if summary.get("stopped_by") == "interrupted" and summary.get("resume_checkpoint"):
-        hint = f"resume it with --ckpt_path {summary['resume_checkpoint']}, or pass --overwrite to replace it"
+        hint = f"resume it with --ckpt_path {summary['resume_checkpoint']}, or pass --overwrite true to replace it"
     else:
-        hint = "pass --overwrite (or set overwrite: true in the config) to replace it, or choose another folder"
+        hint = "pass --overwrite true (or set overwrite: true in the config) to replace it, or choose another folder"
     raise UserInputError(f"{argument}: {folder} holds a finished run ({SUMMARY_FILE}); {hint}")
 
 

@@ -138,9 +138,9 @@ def test_a_finished_run_is_refused_and_overwrite_replaces_it_whole(tmp_path, tin
     ti = quick_args(tmp_path, concept_dir, tiny_sd, "--trainer.max_steps", "5")
     line = run_expecting_one_error(capsys, [*ti, "--overwrite", "false"])
     assert line.startswith(f"error: --trainer.default_root_dir: {tmp_path} holds a finished run (summary.json); "
-                           "pass --overwrite")
+                           "pass --overwrite true")
     assert {p.name: p.read_bytes() for p in tmp_path.iterdir() if p.is_file()} == before  # untouched
-    main(ti)  # the quickstart config sets overwrite: true
+    main([*ti, "--overwrite", "true"])  # what the hint says works (a bare --overwrite once did not)
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["method"] == "TextualInversion" and summary["artifacts"] == ["learned_embeds.safetensors"]
     assert not (tmp_path / "pytorch_lora_weights.safetensors").exists()
