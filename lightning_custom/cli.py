@@ -293,6 +293,9 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     quiet_expected_noise()
     argv = list(args) if args is not None else sys.argv[1:]
+    if not argv or (not argv[0].startswith("-") and argv[0] not in (*TRAINER_SUBCOMMANDS, *COMMANDS)):
+        print(subcommand_listing(argv[0] if argv else None), file=sys.stderr)
+        raise SystemExit(BAD_INPUT_EXIT_CODE)
     try:
         if argv and argv[0] in COMMANDS:
             return run_command(argv)
@@ -306,7 +309,7 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
             save_config_callback=RunFolderSaveConfig,  # config.yaml also beside summary.json
             save_config_kwargs={"overwrite": True},
             args=argv if args is not None else None,
-            parser_kwargs={"description": f"{__doc__}\n{EXIT_STATUS_HELP}",
+            parser_kwargs={"prog": PROGRAM, "description": f"{__doc__}\n{EXIT_STATUS_HELP}",
                            "fit": {"description": f"Train a method; DVAR stops it. {EXIT_STATUS_HELP}"}},
         )
     except Exception as err:  # noqa: BLE001 - re-raised unless it is (or wraps) bad user input
@@ -320,6 +323,32 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
     if code:  # the run ended but did not work: a scheduler must not take it for a success
         raise SystemExit(code)
     return cli
+
+
+PROGRAM = "python -m lightning_custom"
+TRAINER_SUBCOMMANDS = {"fit": "train a method on a concept; DVAR stops it (--config configs/quickstart.yaml)",
+                       "validate": "L_det of a config's model on its fixed evaluation batch"}
+
+
+def subcommand_listing(given: str | None = None) -> str:
+    """Every subcommand with its one line; with ``given`` (an unknown one), an error line first, naming the
+    closest subcommand."""
+    import difflib
+
+    lines = []
+    if given is not None:
+        close = difflib.get_close_matches(given, [*TRAINER_SUBCOMMANDS, *COMMANDS], n=1)
+        lines.append(f"error: unknown subcommand {given!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    lines.append(f"usage: {PROGRAM} <subcommand> [options]   ({PROGRAM} <subcommand> --help for its options)")
+    lines.append("subcommands:")
+    for name, words in {**TRAINER_SUBCOMMANDS, **command_summaries()}.items():
+        lines.append(f"  {name:<13} {words}")
+    return "\n".join(lines)
+
+
+def command_summaries() -> dict[str, str]:
+    """The first line of each run command's docstring (``sample``, ``evaluate``...)."""
+    return {name: (function.__doc__ or "").strip().splitlines()[0].rstrip(".") for name, function in COMMANDS.items()}
 
 
 def check_config_ranges(config: Any) -> None:

@@ -184,3 +184,25 @@ def test_validate_measures_l_det_and_writes_nothing(tmp_path, tiny_sd, concept_d
     loss = float(cli.trainer.callback_metrics["dvar_loss"])
     assert 0 < loss < 10
     assert not (tmp_path / "run").exists() or not list((tmp_path / "run").iterdir())  # no config.yaml
+
+
+@pytest.mark.parametrize(("argv", "first_line"), [
+    ([], "usage: python -m lightning_custom <subcommand> [options]"),
+    (["fitt"], "error: unknown subcommand 'fitt'; did you mean 'fit'?"),
+    (["gathr", "runs"], "error: unknown subcommand 'gathr'; did you mean 'gather'?"),
+])
+def test_no_or_an_unknown_subcommand_lists_all_eight(argv, first_line, capsys):
+    """Before: 'expected "subcommand" to be one of {fit,validate}': six of the eight were hidden."""
+    with pytest.raises(SystemExit) as stopped:
+        main(argv)
+    assert stopped.value.code == 2
+    err = capsys.readouterr().err
+    assert err.splitlines()[0].startswith(first_line)
+    listed = [line.split()[0] for line in err.splitlines() if line.startswith("  ")]
+    assert listed == ["fit", "validate", "sample", "evaluate", "replay", "gather", "before_after", "calibrate"]
+
+
+def test_usage_names_the_program_as_typed(capsys):
+    with pytest.raises(SystemExit):
+        main(["fit", "--help"])
+    assert capsys.readouterr().out.startswith("usage: python -m lightning_custom ")
