@@ -206,3 +206,11 @@ def test_usage_names_the_program_as_typed(capsys):
     with pytest.raises(SystemExit):
         main(["fit", "--help"])
     assert capsys.readouterr().out.startswith("usage: python -m lightning_custom ")
+
+
+def test_summary_records_the_configured_and_the_scaled_learning_rate(tmp_path, tiny_sd, concept_dir, single_thread):
+    """Before: learning_rate 0.01 while the config said 5e-3 (scaled by the batch of 2, never said)."""
+    main(quick_args(tmp_path, concept_dir, tiny_sd, "--trainer.max_steps", "3", "--data.init_args.batch_size", "3"))
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["configured_learning_rate"] == 5e-3 and summary["scale_lr"] is True
+    assert summary["learning_rate"] == pytest.approx(3 * 5e-3)

@@ -471,7 +471,11 @@ def build_summary(trainer: L.Trainer, pl_module: L.LightningModule, wall_seconds
         "seed": hparams.get("seed"),
         "prediction_type": getattr(pl_module, "prediction_type", None),
         "model_family": getattr(getattr(pl_module, "family", None), "name", None),
+        # What the optimizer used: the configured rate x batch size x accumulation x devices with scale_lr (the
+        # paper's scaling), beside the configured value, so neither is mistaken for the other.
         "learning_rate": getattr(pl_module, "effective_learning_rate", hparams.get("learning_rate")),
+        "configured_learning_rate": hparams.get("learning_rate"),
+        "scale_lr": hparams.get("scale_lr"),
         "instance_data_dir": getattr(getattr(trainer, "datamodule", None), "instance_data_dir", None),
     }
     if trainer.max_steps and trainer.max_steps > 0:

@@ -61,7 +61,8 @@ class PersonalizationModule(L.LightningModule, ABC):
         weight_dtype: dtype of the frozen VAE and UNet; trainable parameters always stay fp32. (SDXL's VAE stays
             fp32, since it overflows in fp16, unless ``vae_name_or_path`` gives an fp16-safe one.)
         learning_rate: base learning rate, per sample.
-        scale_lr: multiply the learning rate by batch size x gradient accumulation x devices (as the paper).
+        scale_lr: multiply the learning rate by batch size x gradient accumulation x devices (as the paper; on by
+            default, so batch size 2 trains at twice ``learning_rate``; summary.json records both).
         weight_decay: AdamW weight decay.
         adam_betas: AdamW betas.
         adam_epsilon: AdamW epsilon.
