@@ -8,6 +8,7 @@ space-separated (``--windows 100 200``), in YAML/JSON form (``--windows '[100, 2
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -20,7 +21,7 @@ def _read_prompts(prompts: list[str] | str | None, prompts_file: str | None) -> 
     if isinstance(prompts, str):
         prompts = [prompts]
     if prompts_file is None:
-        return prompts
+        return _warn_without_concept(prompts)
     path = Path(prompts_file).expanduser()
     if not path.is_file():
         raise UserInputError(f"--prompts_file: no such file {prompts_file!r}")
@@ -28,7 +29,16 @@ def _read_prompts(prompts: list[str] | str | None, prompts_file: str | None) -> 
     listed = [line for line in lines if line and not line.startswith("#")]
     if not listed:
         raise UserInputError(f"--prompts_file: {prompts_file} holds no prompts")
-    return (prompts or []) + listed
+    return _warn_without_concept((prompts or []) + listed)
+
+
+def _warn_without_concept(prompts: list[str] | None) -> list[str] | None:
+    """One line for each prompt without ``{}``: it is sampled as typed, without the learned concept."""
+    for prompt in prompts or []:
+        if "{}" not in prompt:
+            print(f"warning: the prompt {prompt!r} has no '{{}}', so it does not hold the learned concept (write "
+                  "'a photo of {} on the moon' to use it)", file=sys.stderr)
+    return prompts
 
 
 def sample(
@@ -145,6 +155,8 @@ def evaluate(
     )
     scores = ", ".join(f"{name} {result[name]:.4f}" for name in METRIC_NAMES if result.get(name) is not None)
     print(f"{result['num_prompts']} prompts x {images_per_prompt} images: {scores}")
+    written = Path(output) if output else Path(run_dir) / "metrics.json"
+    print(f"wrote {written} and the samples in {result['samples_dir']}")
     return result
 
 
@@ -234,6 +246,8 @@ def gather(runs: list[str], output: str | None = None) -> list[dict]:
 
     rows = gather_table(list(runs), output)
     print(markdown(rows), end="")
+    if output:
+        print(f"wrote {output} ({len(rows)} runs)")
     return rows
 
 

@@ -204,3 +204,19 @@ def test_commands_on_a_run_without_trained_artifacts_end_in_one_line(tmp_path, t
     err = capsys.readouterr().err.strip().splitlines()
     assert err == [f"error: run_dir: {run} has no trained artifacts {reason}"]
     assert not (run / "samples").exists() and not (run / "before_after.png").exists()
+
+
+def test_a_prompt_without_the_concept_is_warned_in_one_line(capsys):
+    from lightning_custom.commands import _read_prompts
+
+    assert _read_prompts(["a photo of {}", "a red car"], None) == ["a photo of {}", "a red car"]
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "'a red car' has no '{}'" in err[0]
+
+
+def test_gather_prints_where_it_wrote(tmp_path, capsys):
+    run = write_run(tmp_path / "run", method="TextualInversion", placeholder_token="<s>", stopped_by="dvar",
+                    stop_step=70)
+    main(["gather", str(run), "--output", str(tmp_path / "table.csv")])
+    assert f"wrote {tmp_path / 'table.csv'} (1 runs)" in capsys.readouterr().out
+    assert (tmp_path / "table.csv").is_file()
