@@ -14,7 +14,8 @@
 # architectures with random weights built on the GPU (no download), 1024 px, batch 1, bf16 weights under bf16-mixed,
 # gradient checkpointing, DVAR every 5 steps on a fixed batch of 2: ms per step, DVAR share, peak memory. Compare the
 # peaks with the estimates in benchmarks/results/flow_memory.md (benchmarks/flow_memory.py).
-# Then the fleet (issue 24, item 8): 1 and 16 Textual Inversion concepts on the SD 1.5 architecture at 512 px, as
+# Then the fleets (issue 24, item 8): 1 and 16 Textual Inversion (then DreamBooth-LoRA) concepts on the SD 1.5
+# architecture at 512 px, as
 # separate CLI runs and as one fleet, 100 steps each (random weights learn nothing: no DVAR stop), start-up included:
 # concepts per GPU-process CPU-hour and wall time (benchmarks/fleet.py throughput).
 # Results: benchmarks/results/throughput_gpu15_*.{json,md}, time_to_concept_gpu.txt, throughput_flow_*.{json,md} and
@@ -88,7 +89,9 @@ if part fleet; then
         fleet_args+=" --dvar.stop false --trainer.max_steps 100"
     fi
     python benchmarks/fleet.py throughput --sizes 1 16 --out "$out/fleet_gpu$suffix" --work /tmp/fleet_gpu$suffix \
-        --cli-args "$fleet_args" "${fleet_initializer[@]}"
+        --cli-args "$fleet_args" "${fleet_initializer[@]}" --forward batched
+    python benchmarks/fleet.py throughput --method dreambooth_lora --sizes 1 16 --forward batched \
+        --out "$out/fleet_lora_gpu$suffix" --work /tmp/fleet_gpu$suffix --cli-args "$fleet_args" "${fleet_initializer[@]}"
 fi
 part ttc || exit 0
 
