@@ -75,7 +75,7 @@ def fmt_params(params: tuple) -> str:
 def rules_section(result: dict) -> list[str]:
     lines = ["## Rules, calibrated once over the calibration settings, at every test setting", "",
              "| rule | parameters | setting | median share (SE) | worst decile | mean steps | oracle mean steps | "
-             "steps / oracle | background fidelity | exact stops | goals met |",
+             "steps / oracle | fidelity: background / recolour (n) | exact stops | goals met |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
     verdicts = {}
     for name, row in result["rows"].items():
@@ -87,7 +87,8 @@ def rules_section(result: dict) -> list[str]:
                     met.append((setting, ok, s))
                 lines.append(f"| {name} | {fmt_params(row['params'])} | {setting} ({split}) | {s['median']:.2f} "
                              f"({s['median_se']:.2f}) | {s['worst']:.2f} | {s['steps']:.0f} | {s['oracle']:.0f} | "
-                             f"{s['cost']:.2f} | {s['background']:.2f} | {s['exact']}/{s['n']} | "
+                             f"{s['cost']:.2f} | {s['background']:.2f} / {s['recolour']:.2f} ({s['recolour_n']}) | "
+                             f"{s['exact']}/{s['n']} | "
                              f"{'yes' if ok else 'no'} |")
         verdicts[name] = met
     lines += ["", "Rules: " + "; ".join(f"**{k}**: {v}" for k, v in RULE_WORDS.items()) + ".", "",

@@ -88,21 +88,26 @@ def run_config(setting: Setting, concept, work: Path, args) -> dict:
     return config
 
 
-def probe_run(run_dir: Path, config_file: Path, concept, steps: list[int], results: Path) -> dict:
+def probe_run(run_dir: Path, config_file: Path, concept, steps: list[int], results: Path,
+              recolour_steps: tuple[int, ...] = ()) -> dict:
     """Probe ``steps`` of one run not probed yet: cosine identity (training prompt), the discriminator's identity
-    (every prompt's images) and background fidelity; kept in ``results/probes.json``."""
+    (every prompt's images) and background fidelity; and at ``recolour_steps`` (the rules' stops) the recolour
+    fidelity (the concept in a colour it never has, ``world.probe.fidelity_checks``). Kept in ``probes.json``."""
     from lightning_custom.io import write_json
     from lightning_custom.world.identity import ConceptDiscriminator
-    from lightning_custom.world.probe import load_snapshot, rebuild_run, snapshot_steps
+    from lightning_custom.world.probe import (fidelity_checks, load_snapshot, rebuild_run, sample_fidelity,
+                                              snapshot_steps)
 
     path = results / "probes.json"
     done = json.loads(path.read_text()) if path.is_file() else {"steps": {}}
     available = set(snapshot_steps(run_dir / "snapshots")) | {0}
-    todo = [s for s in sorted(steps) if str(s) not in done["steps"] and s in available]
+    todo = sorted(s for s in available if (s in steps and str(s) not in done["steps"])
+                  or (s in recolour_steps and "recolour" not in done["steps"].get(str(s), {})))
     if not todo:
         return done
     probe, module, phrase, trainable = rebuild_run(config_file)
     discriminator = ConceptDiscriminator(probe._encoder, concept)
+    checks = [c for c in fidelity_checks(concept) if c.group == "recolour"]
     from instrument import sample_prompts
 
     from lightning_custom.world.encoder import identity_similarity, judge
@@ -112,13 +117,17 @@ def probe_run(run_dir: Path, config_file: Path, concept, steps: list[int], resul
     for step in todo:  # ascending: step 0 first, from the freshly built module
         if step:
             load_snapshot(module, snapshot_dir=run_dir / "snapshots", step=step, trainable=trainable)
-        images = sample_prompts(probe, module, templates, phrase, PROBE_IMAGES, first_seed=0)
-        evaluated = images[PROBE_IMAGES:]
-        background = judge(probe._encoder, evaluated).labels["background"]
-        done["steps"][str(step)] = {
-            "discriminator": discriminator.score(images),
-            "cosine": identity_similarity(probe._encoder, images[:PROBE_IMAGES], probe._references),
-            "background": float(np.mean([p == t for p, t in zip(background, targets)]))}
+        row = done["steps"].get(str(step))
+        if row is None:
+            images = sample_prompts(probe, module, templates, phrase, PROBE_IMAGES, first_seed=0)
+            evaluated = images[PROBE_IMAGES:]
+            background = judge(probe._encoder, evaluated).labels["background"]
+            row = {"discriminator": discriminator.score(images),
+                   "cosine": identity_similarity(probe._encoder, images[:PROBE_IMAGES], probe._references),
+                   "background": float(np.mean([p == t for p, t in zip(background, targets)]))}
+        if step in recolour_steps and "recolour" not in row:
+            row["recolour"] = sample_fidelity(probe, module, phrase, checks)["recolour"]
+        done["steps"][str(step)] = row
         done["steps"] = dict(sorted(done["steps"].items(), key=lambda kv: int(kv[0])))
         write_json(path, done)
     return done

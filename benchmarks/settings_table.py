@@ -137,11 +137,13 @@ def setting_stats(runs: list[Run], stops: list[int]) -> dict[str, float]:
     worst = np.sort(shares)[: max(1, len(shares) // 10)]
     oracle = float(np.mean([r.oracle for r in runs]))
     background = [r.probes[s]["background"] for r, s in zip(runs, stops) if s in r.probes]
+    recolour = [r.probes[s]["recolour"] for r, s in zip(runs, stops) if "recolour" in r.probes.get(s, {})]
     return {"n": len(runs), "median": float(np.median(shares)),
             "median_se": float(1.2533 * shares.std(ddof=1) / math.sqrt(len(shares))) if len(shares) > 1 else math.nan,
             "worst": float(worst.mean()), "steps": float(np.mean(stops)), "oracle": oracle,
             "cost": float(np.mean(stops)) / oracle, "exact": sum(s in r.probes for r, s in zip(runs, stops)),
-            "background": float(np.mean(background)) if background else math.nan}
+            "background": float(np.mean(background)) if background else math.nan,
+            "recolour": float(np.mean(recolour)) if recolour else math.nan, "recolour_n": len(recolour)}
 
 
 def meets(stats: dict[str, float]) -> bool:
@@ -260,15 +262,16 @@ def probe_stops(args, runs: list[Run], result: dict) -> None:
         rule = "fixed" if name.startswith("fixed") else name
         for r in runs:
             wanted.setdefault((r.setting, r.concept), set()).add(stop_step(r, rule, row["params"]))
-    for r in runs:
-        steps = sorted(s for s in wanted.get((r.setting, r.concept), ()) if s not in r.probes)
-        config = args.workdir / "configs" / r.setting / f"{r.concept}.yaml"
-        if steps and config.is_file():
-            from settings_study import with_images
+    from settings_study import with_images
 
+    for r in runs:
+        stops = wanted.get((r.setting, r.concept), set())
+        unprobed = [s for s in stops if s not in r.probes or "recolour" not in r.probes[s]]
+        config = args.workdir / "configs" / r.setting / f"{r.concept}.yaml"
+        if unprobed and config.is_file():
             concept = with_images(make_concept(int(r.concept[1:4])), r.meta.get("images"))
-            probe_run(args.workdir / "runs" / r.setting / r.concept, config, concept, steps,
-                      args.results / "runs" / r.setting / r.concept)
+            probe_run(args.workdir / "runs" / r.setting / r.concept, config, concept, sorted(stops),
+                      args.results / "runs" / r.setting / r.concept, recolour_steps=tuple(sorted(stops)))
 
 
 if __name__ == "__main__":
