@@ -271,6 +271,8 @@ class PersonalizationCLI(LightningCLI):
             written = json.loads((summary.resolve_output_dir(self.trainer) / SUMMARY_FILE).read_text())
         except (OSError, ValueError):
             return 0
+        if isinstance(written, dict):
+            print(where_it_went(summary.resolve_output_dir(self.trainer), written))
         return exit_code_for(written.get("stopped_by") if isinstance(written, dict) else None)
 
     def _resuming(self, folder: Path) -> bool:
@@ -326,6 +328,19 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
 
 
 PROGRAM = "python -m lightning_custom"
+
+
+def where_it_went(folder: Path, summary: dict[str, Any]) -> str:
+    """Two lines after a fit: what it wrote where, and the command to try next."""
+    files = summary.get("artifacts") or []
+    wrote = f"Wrote {folder}: " + ", ".join(summary.get("files") or [*files, "summary.json"])
+    if summary.get("stopped_by") in ("interrupted",):
+        return f"{wrote}\nNext: resume with {PROGRAM} fit --config {folder / 'config.yaml'} --ckpt_path last"
+    if not files:
+        return f"{wrote}\nNext: read why it stopped in {folder / 'summary.json'} (stop_reason)"
+    model = str((summary.get("model") or {}).get("name_or_path", ""))
+    command = "before_after" if model.startswith("embedded") else "sample"
+    return f"{wrote}\nNext: {PROGRAM} {command} {folder}"
 TRAINER_SUBCOMMANDS = {"fit": "train a method on a concept; DVAR stops it (--config configs/quickstart.yaml)",
                        "validate": "L_det of a config's model on its fixed evaluation batch"}
 

@@ -214,3 +214,11 @@ def test_summary_records_the_configured_and_the_scaled_learning_rate(tmp_path, t
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["configured_learning_rate"] == 5e-3 and summary["scale_lr"] is True
     assert summary["learning_rate"] == pytest.approx(3 * 5e-3)
+
+
+def test_a_fit_ends_with_where_its_files_went_and_the_next_command(tmp_path, tiny_sd, concept_dir, capsys,
+                                                                  single_thread):
+    main(quick_args(tmp_path, concept_dir, tiny_sd, "--trainer.max_steps", "3"))
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2] == f"Wrote {tmp_path}: config.yaml, learned_embeds.safetensors, report.png, summary.json"
+    assert out[-1] == f"Next: python -m lightning_custom sample {tmp_path}"
