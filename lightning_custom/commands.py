@@ -273,8 +273,8 @@ def before_after(
 
     Args:
         run_dir: the run folder (the fit's default_root_dir, holding summary.json and the artifacts).
-        before_word: the word standing for the concept before training (default: the run's initializer_token, else
-            its class noun).
+        before_word: the word standing for the concept before training (default: the "after" prompt with the
+            identifier removed: the class noun of a DreamBooth-style run, else the token's initializer_token).
         prompts: templates with '{}' for the concept (default: "a photo of a {}" and "a photo of a {} on a grey
             background").
         images_per_prompt: images per prompt and per side; image j uses seed + j on both sides.
@@ -318,19 +318,25 @@ def before_after(
 
 
 def _initializer_token(run: Path) -> str:
-    """The ``initializer_token`` of the run's saved config.yaml, else the class noun of a DreamBooth-style run (its
-    samples before training are "a photo of a dog"), or a one-line error asking for ``--before_word``."""
+    """The word of the "before" side: the "after" prompt with the identifier removed. A run with a class noun
+    (DreamBooth: "a photo of a sks dog") compares with its class noun ("a photo of a dog"); a token without one
+    (Textual Inversion) with the word it started from (the run's ``initializer_token``). Else a one-line error asking
+    for ``--before_word``."""
     import yaml
 
     from lightning_custom.sampling import read_summary
 
+    summary = read_summary(run)
+    concepts = summary.get("concepts") or [{}]
+    class_noun = (concepts[0] or {}).get("class_noun") or summary.get("class_noun")
+    if class_noun:
+        return class_noun
     config = run / "config.yaml"
     token = None
     if config.is_file():
         loaded = yaml.safe_load(config.read_text()) or {}
         token = ((loaded.get("model") or {}).get("init_args") or {}).get("initializer_token")
-    summary = read_summary(run)
-    token = token or summary.get("initializer_token") or summary.get("class_noun")  # a fleet's concept folder
+    token = token or summary.get("initializer_token")  # a fleet's concept folder
     if not token:
         raise UserInputError(f"--before_word: {run} has no config.yaml naming an initializer_token; give the word "
                              f"the concept's token started from")

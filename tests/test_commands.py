@@ -220,3 +220,22 @@ def test_gather_prints_where_it_wrote(tmp_path, capsys):
     main(["gather", str(run), "--output", str(tmp_path / "table.csv")])
     assert f"wrote {tmp_path / 'table.csv'} (1 runs)" in capsys.readouterr().out
     assert (tmp_path / "table.csv").is_file()
+
+
+@pytest.mark.parametrize(("summary", "config_initializer", "expected"), [
+    # DreamBooth with the unused default initializer in its config: "a photo of a sks star" -> "a photo of a star"
+    ({"placeholder_token": "sks", "class_noun": "star"}, "object", "star"),
+    ({"placeholder_token": "<sks>", "concepts": [{"placeholder_token": "<sks>", "class_noun": "star"}]}, "star",
+     "star"),
+    # Textual Inversion has no class noun: the word its token started from
+    ({"placeholder_token": "<striped-star>", "class_noun": None}, "star", "star"),
+])
+def test_before_after_compares_with_the_after_prompt_without_its_identifier(tmp_path, summary, config_initializer,
+                                                                          expected):
+    """Before: a DreamBooth run compared "a photo of a object" (its unused default initializer) with "a photo of a
+    sks star", which inflated the printed gain."""
+    from lightning_custom.commands import _initializer_token
+
+    run = write_run(tmp_path / "run", **summary)
+    (run / "config.yaml").write_text(f"model:\n  init_args:\n    initializer_token: {config_initializer}\n")
+    assert _initializer_token(run) == expected
