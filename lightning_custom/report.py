@@ -89,6 +89,8 @@ def report_figure(summary: dict[str, Any]):
     else:
         ax.text(0.5, 0.5, "no deterministic loss recorded", ha="center", va="center", transform=ax.transAxes)
     ax.set_ylabel("deterministic loss $L_{det}$")
+    for loss_axis in axes[:2]:  # plain numbers: an offset ("+1.08e-1") reads as a different value
+        loss_axis.ticklabel_format(axis="y", style="plain", useOffset=False)
 
     ratios = np.asarray(dvar_ratios(summary), dtype=np.float64).reshape(-1, 2)
     threshold = summary.get("dvar_threshold")

@@ -19,7 +19,6 @@ from __future__ import annotations
 import contextlib
 import importlib
 import json
-import textwrap
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -469,19 +468,53 @@ def write_png(image: Image.Image, path: str | Path) -> Path:
     return Path(path)
 
 
+LABEL_SIZE = 11  # px, Pillow's bundled font
+
+
+def label_font() -> ImageFont.ImageFont:
+    """Pillow's bundled font at :data:`LABEL_SIZE` (its bitmap font where FreeType is missing)."""
+    try:
+        return ImageFont.load_default(size=LABEL_SIZE)
+    except (TypeError, OSError, ImportError):
+        return ImageFont.load_default()
+
+
+def word_gap(font: ImageFont.ImageFont) -> float:
+    """The gap drawn between words: the font's own space is 2 px at this size, which reads as no space at all."""
+    return max(float(font.getlength(" ")), 0.4 * LABEL_SIZE)
+
+
+def wrap_label(text: str, font: ImageFont.ImageFont, width: float, max_lines: int = 3) -> list[list[str]]:
+    """``text`` in lines of words that fit ``width`` pixels; a word is never split (one too long gets a line of its
+    own and is clipped at the edge)."""
+    lines: list[list[str]] = [[]]
+    used = 0.0
+    for word in text.split():
+        length = float(font.getlength(word))
+        if lines[-1] and used + word_gap(font) + length > width:
+            lines.append([])
+            used = 0.0
+        used += (word_gap(font) if lines[-1] else 0.0) + length
+        lines[-1].append(word)
+    return lines[:max_lines]
+
+
 def labelled_grid(images: Sequence[Image.Image], labels: Sequence[str], columns: int, cell: int = 128) -> Image.Image:
-    """One row per label (``columns`` images each), the label written above its row; small images are enlarged."""
-    font = ImageFont.load_default()
-    chars = max(8, (columns * cell) // 7)
-    wrapped = [textwrap.wrap(label, chars)[:3] or [""] for label in labels]
-    line = 12
+    """One row per label (``columns`` images each), the label written above its row as typed (whole words, visible
+    spaces); small images are enlarged."""
+    font = label_font()
+    wrapped = [wrap_label(label, font, columns * cell - 8) for label in labels]
+    line = LABEL_SIZE + 3
     heights = [len(lines) * line + 6 + cell for lines in wrapped]
     grid = Image.new("RGB", (columns * cell, sum(heights)), "white")
     draw = ImageDraw.Draw(grid)
     top = 0
     for row, lines in enumerate(wrapped):
-        for k, text in enumerate(lines):
-            draw.text((4, top + 2 + k * line), text, fill="black", font=font)
+        for k, words in enumerate(lines):
+            x = 4.0
+            for word in words:
+                draw.text((x, top + 2 + k * line), word, fill="black", font=font)
+                x += float(font.getlength(word)) + word_gap(font)
         band = len(lines) * line + 6
         for col in range(columns):
             index = row * columns + col

@@ -239,3 +239,28 @@ def test_before_after_compares_with_the_after_prompt_without_its_identifier(tmp_
     run = write_run(tmp_path / "run", **summary)
     (run / "config.yaml").write_text(f"model:\n  init_args:\n    initializer_token: {config_initializer}\n")
     assert _initializer_token(run) == expected
+
+
+def test_grid_labels_keep_whole_words_and_visible_spaces():
+    """Before: 'a photoofa' (the font's 2 px space) and '<striped-' / 'star>' split across lines at 128 px."""
+    from lightning_custom.sampling import label_font, word_gap, wrap_label
+
+    font = label_font()
+    text = "a photo of a <striped-star> on a grey background"
+    lines = wrap_label(text, font, 120)
+    assert len(lines) > 1 and all(lines)
+    assert [w for line in lines for w in line] == text.split()  # every word, whole, in order
+    assert word_gap(font) >= 4
+    for line in lines[:-1]:  # each line is as full as it can be: the next word would not fit
+        width = sum(font.getlength(w) for w in line) + word_gap(font) * (len(line) - 1)
+        assert width <= 120
+
+
+def test_the_report_writes_loss_ticks_as_plain_numbers():
+    from lightning_custom.report import report_figure
+
+    summary = {"dvar_history": [[5, 0.10812], [10, 0.10811], [15, 0.10810]], "train_loss_history": [[1, 0.1]],
+               "dvar_window": 10, "dvar_threshold": 0.15, "stop_step": 15, "stopped_by": "max_steps"}
+    fig = report_figure(summary)
+    fig.canvas.draw()
+    assert fig.axes[1].yaxis.get_major_formatter().get_offset() == ""
