@@ -259,7 +259,7 @@ def test_grid_labels_keep_whole_words_and_visible_spaces():
 def test_the_report_writes_loss_ticks_as_plain_numbers():
     from lightning_custom.report import report_figure
 
-    summary = {"dvar_history": [[5, 0.10812], [10, 0.10811], [15, 0.10810]], "train_loss_history": [[1, 0.1]],
+    summary = {"dvar_history": [[5, 0.1081234], [10, 0.1081233], [15, 0.1081232]], "train_loss_history": [[1, 0.1]],
                "dvar_window": 10, "dvar_threshold": 0.15, "stop_step": 15, "stopped_by": "max_steps"}
     fig = report_figure(summary)
     fig.canvas.draw()
