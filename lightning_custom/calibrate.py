@@ -97,8 +97,9 @@ def load_probed_run(summary_file: str | Path, name: str | None = None) -> Probed
         max_steps=int(summary.get("max_steps") or history[-1][0]),
         eval_every_n_steps=int(summary.get("dvar_eval_every_n_steps") or 1),
         losses=[(int(s), float(v)) for s, v in history],
-        probes={int(row[0]): [float(x) for x in row[1:4]] for row in probes},
-        exact={int(s): [float(x) for x in row[:3]] for s, row in exact.items()},
+        # a probe without evaluation prompts records identity_eval and fidelity as NaN: null in strict JSON
+        probes={int(row[0]): [float("nan") if x is None else float(x) for x in row[1:4]] for row in probes},
+        exact={int(s): [float("nan") if x is None else float(x) for x in row[:3]] for s, row in exact.items()},
     )
 
 

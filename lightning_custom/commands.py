@@ -199,7 +199,7 @@ def calibrate(
     thresholds: list[float] | None = None,
     eval_every: list[int] | None = None,
     budget: int | None = None,
-    output: str = "dvar_calibrated.yaml",
+    output: str | None = None,
     smooth: int = 5,
 ) -> dict:
     """Recommend DVAR's (window, threshold, eval period) from finished full-length runs that carry quality probes.
@@ -214,7 +214,8 @@ def calibrate(
         thresholds: DVAR thresholds (default: 0.05, 0.1, 0.15, 0.2, 0.3, 0.4).
         eval_every: evaluation periods in steps, multiples of the runs' own (default: 5, 10, 20).
         budget: the most steps you would train (a rule stops here at the latest; default: each run's length).
-        output: where to write the YAML snippet (the dvar: block to paste into a config).
+        output: where to write the YAML snippet (the dvar: block to paste into a config; default:
+            dvar_calibrated.yaml beside the runs, in the folder that holds them all).
         smooth: average the median identity over this many probes before the 1% plateau criterion that defines
             the converged length (1: raw probes, which one lucky probe can end early; Table 1's second edition
             uses 5).
@@ -225,7 +226,15 @@ def calibrate(
     result = cal.calibrate(probed, target, windows or cal.DEFAULT_WINDOWS, thresholds or cal.DEFAULT_THRESHOLDS,
                            eval_every or cal.DEFAULT_EVAL_EVERY, budget=budget, smooth=smooth)
     snippet = cal.yaml_snippet(result, len(probed))
-    Path(output).write_text(snippet)
+    if output is None:
+        import os
+
+        folders = [str(Path(r).resolve() if Path(r).is_dir() else Path(r).resolve().parent) for r in runs]
+        output = str(Path(os.path.commonpath(folders)) / "dvar_calibrated.yaml")
+    from lightning_custom.io import atomic_path
+
+    with atomic_path(output) as tmp:
+        Path(tmp).write_text(snippet)
     print(f"{len(probed)} runs, converged length {result.converged_length} steps, target {target:g}\n")
     print(cal.trade_off_table(result))
     print(f"\n{snippet}\nwrote {output}")

@@ -214,3 +214,23 @@ def test_bootstrap_se_is_the_standard_error_over_concepts():
     shifted = values + 0.01
     assert bootstrap_se(lambda a, b: float(np.mean(a - b)), shifted, values) == pytest.approx(0.0, abs=1e-12)
     assert bootstrap_se(np.median, values, seed=1) != bootstrap_se(np.median, values, seed=2)
+
+
+def test_calibrate_reads_probes_without_evaluation_prompts_and_writes_beside_the_runs(tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A WorldProbe with its defaults (no evaluation prompts) records identity_eval and fidelity as NaN, null in
+    summary.json: calibrate crashed on float(None). And its YAML went into the current folder."""
+    for run in synthetic_runs():
+        write_run(tmp_path / "runs" / run.name, run)
+        summary_file = tmp_path / "runs" / run.name / "summary.json"
+        summary = json.loads(summary_file.read_text())
+        summary["world_probe_history"] = [[row[0], row[1], None, None] for row in summary["world_probe_history"]]
+        summary_file.write_text(json.dumps(summary))
+    elsewhere = tmp_path / "cwd"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    main(["calibrate", str(tmp_path / "runs"), "--windows", "[20, 40, 80]", "--thresholds", "[1e-6]",
+          "--eval_every", "[5, 10, 20]"])
+    written = tmp_path / "runs" / "dvar_calibrated.yaml"
+    assert written.is_file() and not list(elsewhere.iterdir())
+    assert f"wrote {written}" in capsys.readouterr().out
