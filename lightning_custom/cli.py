@@ -163,6 +163,8 @@ class PersonalizationCLI(LightningCLI):
             raise UserInputError(f"--trainer.max_steps: must be at least 1 (or -1 for no step limit), got {max_steps}")
         if self.subcommand in ("fit", "validate") and config is not None:
             check_config_ranges(config)
+        if self.subcommand == "validate" and config is not None and not config.get("ckpt_path"):
+            refuse_validating_a_finished_run(config)
         if self.subcommand == "fit" and config is not None:
             # The prompt templates fail before the model's weights load too (checked again where they are used).
             templates = (config.get("data") or {}).get("init_args", {}).get("prompt_templates")
@@ -328,6 +330,24 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
 
 
 PROGRAM = "python -m lightning_custom"
+
+
+def refuse_validating_a_finished_run(config: Any) -> None:
+    """``validate`` builds the config's model afresh: on a finished run's folder it would score the untrained
+    model, silently. Refuse in one line and say what measures the trained one."""
+    root = (config.get("trainer") or {}).get("default_root_dir")
+    if not root or not (Path(root) / "summary.json").is_file():
+        return
+    try:
+        summary = json.loads((Path(root) / "summary.json").read_text())
+    except (OSError, ValueError):
+        return
+    if not (isinstance(summary, dict) and summary.get("artifacts")):
+        return
+    raise UserInputError(
+        f"validate: {root} holds a finished run, and validate builds the config's model before training (it would "
+        f"score the untrained weights). Pass --ckpt_path with one of the run's checkpoints to score trained "
+        f"weights, or score the learned concept with: {PROGRAM} evaluate {root}")
 
 
 def where_it_went(folder: Path, summary: dict[str, Any]) -> str:

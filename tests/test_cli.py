@@ -222,3 +222,13 @@ def test_a_fit_ends_with_where_its_files_went_and_the_next_command(tmp_path, tin
     out = capsys.readouterr().out.splitlines()
     assert out[-2] == f"Wrote {tmp_path}: config.yaml, learned_embeds.safetensors, report.png, summary.json"
     assert out[-1] == f"Next: python -m lightning_custom sample {tmp_path}"
+
+
+def test_validate_on_a_finished_runs_config_refuses_to_score_the_untrained_model(tmp_path, tiny_sd, concept_dir,
+                                                                                capsys, single_thread):
+    """Before: validate --config RUN/config.yaml scored the model at step 0, silently."""
+    main(quick_args(tmp_path, concept_dir, tiny_sd, "--trainer.max_steps", "3"))
+    capsys.readouterr()
+    line = run_expecting_one_error(capsys, ["validate", "--config", str(tmp_path / "config.yaml")])
+    assert line.startswith(f"error: validate: {tmp_path} holds a finished run") and "--ckpt_path" in line
+    assert f"python -m lightning_custom evaluate {tmp_path}" in line
