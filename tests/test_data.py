@@ -183,7 +183,6 @@ def test_missing_and_empty_folder(tmp_path):
 
 
 @pytest.mark.parametrize("name,make,needle", [
-    ("notes.txt", lambda p: p.write_text("hello"), "is not an image file"),
     ("broken.png", lambda p: p.write_bytes(b"\x89PNG not really"), "cannot be read as an image"),
     # Grayscale, alpha and 16-bit images are converted now (tests/test_image_input.py asserts their pixels).
 ])

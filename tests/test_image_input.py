@@ -119,7 +119,6 @@ def truncated_png(path: Path) -> Path:
 
 
 @pytest.mark.parametrize("name,make,needle", [
-    ("notes.txt", lambda p: p.write_text("hello"), "is not an image file"),
     ("broken.png", lambda p: p.write_bytes(b"\x89PNG not really"), "cannot be read as an image"),
     ("cut.png", truncated_png, "cannot be read as an image (truncated)"),
 ])
@@ -161,3 +160,38 @@ def test_cli_reads_the_images_before_it_loads_the_model(tmp_path, capsys):
     assert excinfo.value.code == 2
     error = capsys.readouterr().err.strip().splitlines()[-1]
     assert error.startswith("error: --data.instance_data_dir: folder") and "holds no images" in error, error
+
+
+def test_stray_files_are_skipped_in_one_line_and_a_folder_without_images_is_refused(tmp_path, caplog):
+    """Before: one notes.txt refused the whole folder (while .DS_Store and sub-folders were skipped)."""
+    import logging
+
+    from lightning_custom.data.images import list_image_files
+
+    for name in ("a.png", "b.png", "c.png"):
+        Image.new("RGB", (32, 32)).save(tmp_path / name)
+    (tmp_path / "notes.txt").write_text("hello")
+    (tmp_path / "IMG_0001.heic").write_bytes(b"not decoded here")
+    with caplog.at_level(logging.WARNING, logger="lightning_custom"):
+        files = list_image_files(tmp_path)
+        list_image_files(tmp_path)  # listed again (the CLI checks, then the data module reads): said once
+    assert [f.name for f in files] == ["a.png", "b.png", "c.png"]
+    skipped = [r.getMessage() for r in caplog.records if "skipping" in r.getMessage()]
+    assert len(skipped) == 1 and "\n" not in skipped[0]
+    assert "IMG_0001.heic" in skipped[0] and "notes.txt" in skipped[0] and "pillow-heif" in skipped[0]
+    only_text = tmp_path / "only_text"
+    only_text.mkdir()
+    (only_text / "notes.txt").write_text("hello")
+    with pytest.raises(UserInputError, match="holds no images"):
+        list_image_files(only_text)
+
+
+def test_a_single_image_folder_is_warned_about(tmp_path, caplog):
+    import logging
+
+    from lightning_custom.data.images import list_image_files
+
+    Image.new("RGB", (32, 32)).save(tmp_path / "one.png")
+    with caplog.at_level(logging.WARNING, logger="lightning_custom"):
+        list_image_files(tmp_path)
+    assert any("holds one image; 3-5 images" in r.getMessage() for r in caplog.records)

@@ -34,8 +34,30 @@ def parse_background(colour: str, argument: str = "--data.alpha_background") -> 
         raise UserInputError(f"{argument}: {colour!r} is not a colour (use white, black or #rrggbb)") from err
 
 
+HEIF_SUFFIXES = (".heic", ".heif")  # iPhone photos: read once pillow-heif is installed
+_WARNED: set[tuple[str, str]] = set()  # (folder, message): each said once per process, however often listed
+
+
+def heif_readable() -> bool:
+    """Whether HEIC/HEIF photos can be read: ``pillow-heif`` is installed (its opener is then registered)."""
+    try:
+        from pillow_heif import register_heif_opener
+    except ImportError:
+        return False
+    register_heif_opener()
+    return True
+
+
+def _warn_once(folder: Path, message: str) -> None:
+    if (str(folder), message) not in _WARNED:
+        _WARNED.add((str(folder), message))
+        log.warning(message)
+
+
 def list_image_files(folder: str | Path, argument: str = "--data.instance_data_dir") -> list[Path]:
-    """The image files of ``folder`` in sorted order; errors if it is missing, empty or holds other files."""
+    """The image files of ``folder`` in sorted order. Other files (notes, a .heic photo without ``pillow-heif``)
+    are skipped with one line naming them; a folder with no image left is refused, one with one image is warned
+    about (3-5 are expected)."""
     path = Path(folder).expanduser()
     if not path.exists():
         raise UserInputError(f"{argument}: folder {folder} does not exist")
@@ -45,17 +67,26 @@ def list_image_files(folder: str | Path, argument: str = "--data.instance_data_d
         entries = sorted(path.iterdir())
     except OSError as err:
         raise UserInputError(f"{argument}: cannot read folder {folder} ({err.strerror or type(err).__name__})") from err
+    suffixes = IMAGE_SUFFIXES + (HEIF_SUFFIXES if any(e.suffix.lower() in HEIF_SUFFIXES for e in entries)
+                                 and heif_readable() else ())
     files, others = [], []
     for entry in entries:
         if entry.name.startswith(".") or entry.is_dir():
             continue  # hidden files (.DS_Store) and sub-folders are not part of the concept
-        (files if entry.suffix.lower() in IMAGE_SUFFIXES else others).append(entry)
-    if others:
-        raise UserInputError(
-            f"{argument}: {others[0]} is not an image file (expected {'/'.join(s[1:] for s in IMAGE_SUFFIXES)})"
-        )
+        (files if entry.suffix.lower() in suffixes else others).append(entry)
+    heif = [o for o in others if o.suffix.lower() in HEIF_SUFFIXES]
+    hint = (f"; {heif[0].name} is a HEIC photo: convert it to jpg/png, or pip install pillow-heif and it is read"
+            if heif else "")
     if not files:
-        raise UserInputError(f"{argument}: folder {folder} holds no images (expected png/jpg/jpeg/webp files)")
+        raise UserInputError(f"{argument}: folder {folder} holds no images (expected png/jpg/jpeg/webp files)"
+                             f"{hint}")
+    if others:
+        names = ", ".join(o.name for o in others[:3]) + (f" and {len(others) - 3} more" if len(others) > 3 else "")
+        _warn_once(path, f"{argument}: skipping {len(others)} file(s) in {folder} that are not images ({names}; "
+                         f"expected {'/'.join(s[1:] for s in IMAGE_SUFFIXES)}){hint}")
+    if len(files) == 1:
+        _warn_once(path, f"{argument}: {folder} holds one image; 3-5 images of the concept are expected (one "
+                         "image teaches its background and pose as much as the concept)")
     return files
 
 
