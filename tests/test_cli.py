@@ -232,3 +232,11 @@ def test_validate_on_a_finished_runs_config_refuses_to_score_the_untrained_model
     line = run_expecting_one_error(capsys, ["validate", "--config", str(tmp_path / "config.yaml")])
     assert line.startswith(f"error: validate: {tmp_path} holds a finished run") and "--ckpt_path" in line
     assert f"python -m lightning_custom evaluate {tmp_path}" in line
+
+
+def test_a_resolution_far_above_the_models_own_is_refused_before_the_first_step(tmp_path, tiny_sd, concept_dir,
+                                                                               capsys, single_thread):
+    line = run_expecting_one_error(capsys, quick_args(tmp_path, concept_dir, tiny_sd, "--data.init_args.resolution",
+                                                      "128"))
+    assert line.startswith("error: --data.resolution: 128 px is 8x the 16 px that ")
+    assert not (tmp_path / "summary.json").exists()

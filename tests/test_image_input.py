@@ -195,3 +195,21 @@ def test_a_single_image_folder_is_warned_about(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lightning_custom"):
         list_image_files(tmp_path)
     assert any("holds one image; 3-5 images" in r.getMessage() for r in caplog.records)
+
+
+def test_small_images_are_one_line_and_a_resolution_far_above_the_model_is_refused(tmp_path, caplog):
+    """Before: 2048 px on the 32 px embedded model warned once per image and sat at step 0 for minutes."""
+    import logging
+
+    from lightning_custom.methods.base import check_resolution
+
+    for k in range(5):
+        Image.new("RGB", (32, 32)).save(tmp_path / f"{k}.png")
+    with caplog.at_level(logging.WARNING, logger="lightning_custom"):
+        ConceptDataModule(**data_kwargs(str(tmp_path), resolution=256))
+    small = [r.getMessage() for r in caplog.records if "far smaller" in r.getMessage()]
+    assert len(small) == 1 and "5 of 5 concept images" in small[0]
+    with pytest.raises(UserInputError, match=r"^--data.resolution: 2048 px is 64x the 32 px that embedded was made"):
+        check_resolution(2048, 32, "embedded")
+    check_resolution(128, 32, "embedded")  # up to 4x is allowed (a warning above 2x)
+    check_resolution(512, None, "a model whose config says no size")

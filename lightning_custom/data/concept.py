@@ -17,7 +17,13 @@ import numpy as np
 import torch
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS
 from PIL import Image
-from torch.utils.data import ConcatDataset, DataLoader, Dataset, Sampler, default_collate
+from torch.utils.data import (
+    ConcatDataset,
+    DataLoader,
+    Dataset,
+    Sampler,
+    default_collate,
+)
 
 from lightning_custom.data.class_images import WithClassSamples
 from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
@@ -27,15 +33,21 @@ from lightning_custom.data.images import (
     BackgroundColour,
     convert_to_rgb,
     crop_box,
+    is_small,
     list_image_files,
     open_image,
     parse_background,
     resize_shorter_side,
     to_tensor,
-    warn_if_small,
+    warn_small_images,
 )
 from lightning_custom.data.prior import PriorPreservationData
-from lightning_custom.data.templates import TEMPLATES, check_templates, concept_phrase, format_prompt
+from lightning_custom.data.templates import (
+    TEMPLATES,
+    check_templates,
+    concept_phrase,
+    format_prompt,
+)
 from lightning_custom.diffusion import distinct_timesteps
 from lightning_custom.errors import UserInputError
 from lightning_custom.ranges import check_ranges
@@ -98,13 +110,15 @@ class ConceptImages:
         self.random_flip = random_flip
         self.images: list[Image.Image] = []
         self.original_sizes: list[tuple[int, int]] = []
-        composited = 0
+        composited, small = 0, []
         for file in self.files:
             image, conversion = convert_to_rgb(open_image(file), background, file)
             composited += conversion == "alpha"
-            warn_if_small(file, image.size, resolution)
+            if is_small(image.size, resolution):
+                small.append((file, image.size))
             self.original_sizes.append((image.height, image.width))
             self.images.append(resize_shorter_side(image, resolution))
+        warn_small_images(folder, small, len(self.files), resolution)
         if composited:
             log.info("%s: %d of %d images have transparency; composited onto the background %s "
                      "(--data.alpha_background)", folder, composited, len(self.files), "#%02x%02x%02x" % background)
@@ -470,7 +484,9 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             loader = DataLoader(dataset, batch_size=self.batch_size, sampler=EpochShuffleSampler(len(dataset), self.seed),
                                 drop_last=len(dataset) >= self.batch_size, collate_fn=collate)
             if self.trainer is not None:  # under DDP, each rank its share, exactly as Lightning shares a single run's
-                from lightning.pytorch.trainer.connectors.data_connector import _process_dataloader
+                from lightning.pytorch.trainer.connectors.data_connector import (
+                    _process_dataloader,
+                )
                 from lightning.pytorch.trainer.states import RunningStage
 
                 loader = _process_dataloader(self.trainer, self.trainer.state.fn, RunningStage.TRAINING, loader)

@@ -142,14 +142,20 @@ def convert_to_rgb(
     raise UserInputError(f"concept image {path}: unsupported pixel format (mode {mode}); save it as 8-bit RGB")
 
 
-def warn_if_small(path: str | Path, size: tuple[int, int], resolution: int) -> bool:
-    """Log a warning naming ``path`` when its shorter side is under half of the training ``resolution``."""
-    shorter = min(size)
-    if shorter * 2 >= resolution:
-        return False
-    log.warning("concept image %s: %dx%d px is far smaller than the training resolution %d (upscaled %.1fx)",
-                path, size[0], size[1], resolution, resolution / shorter)
-    return True
+def is_small(size: tuple[int, int], resolution: int) -> bool:
+    """Whether an image's shorter side is under half of the training ``resolution`` (it will be upscaled > 2x)."""
+    return min(size) * 2 < resolution
+
+
+def warn_small_images(folder: str | Path, small: list[tuple[Path, tuple[int, int]]], total: int,
+                      resolution: int) -> None:
+    """One line for all the concept images far smaller than the training resolution (``small``: path, size)."""
+    if not small:
+        return
+    path, size = min(small, key=lambda item: min(item[1]))
+    log.warning("%s: %d of %d concept images are far smaller than the training resolution %d (the smallest, %s, "
+                "%dx%d px, is upscaled %.1fx)", folder, len(small), total, resolution, Path(path).name, size[0],
+                size[1], resolution / min(size))
 
 
 def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:

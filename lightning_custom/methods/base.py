@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from pathlib import Path
@@ -21,6 +22,8 @@ from lightning_custom.ranges import check_ranges
 from lightning_custom.families import FlowMatchingOptions, ModelFamily, ModelParts, load_model
 from lightning_custom.flow_matching import WeightingScheme
 from lightning_custom.methods.tokens import CaptionTokenizer, batch_input_ids, tokenize_captions
+
+log = logging.getLogger(__name__)
 
 _RNG_KEY = "lightning_custom_train_rng"
 _HALF_DTYPES = (torch.float16, torch.bfloat16)
@@ -527,6 +530,18 @@ class PersonalizationModule(L.LightningModule, ABC):
             device_type = self.trainer.strategy.root_device.type
             if match_frozen_weights_to_precision(self, self.trainer.precision, device_type):
                 self._module_dtypes = {}  # the cached module dtypes changed
+            datamodule = getattr(self.trainer, "datamodule", None)
+            check_resolution(getattr(getattr(datamodule, "hparams", None), "resolution", None),
+                             self.native_resolution(), str(self.hparams.pretrained_model_name_or_path))
+
+    def native_resolution(self) -> int | None:
+        """The image size the model was made for: its denoiser's latent ``sample_size`` x the VAE's downsampling
+        (SD 1.5: 64 x 8 = 512; the embedded world model: 8 x 4 = 32); ``None`` when the config does not say."""
+        sample_size = getattr(getattr(self.denoiser, "config", None), "sample_size", None)
+        blocks = getattr(getattr(getattr(self, "vae", None), "config", None), "block_out_channels", None)
+        if not isinstance(sample_size, int) or not blocks:
+            return None
+        return sample_size * 2 ** (len(blocks) - 1)
 
     def generator_states(self) -> list[torch.Tensor]:
         """Every rank's training-RNG state, indexed by global rank (call it on all ranks: under DDP it gathers).
@@ -598,6 +613,24 @@ class PersonalizationModule(L.LightningModule, ABC):
                                f"{world_size}: the resumed run will not repeat the uninterrupted one exactly")
             self._pending_rng_state = states
             self._generator = None
+
+
+RESOLUTION_LIMIT = 4  # x the model's own size: beyond, a step costs (limit^2)x more and the model sees nothing it knows
+
+
+def check_resolution(resolution: int | None, native: int | None, model: str) -> None:
+    """Refuse a training resolution far above the model's own (``RESOLUTION_LIMIT`` x) in one line, before the
+    first step (2048 px on the 32 px embedded model sat at step 0 for minutes); warn above 2x."""
+    if not resolution or not native:
+        return
+    if resolution > RESOLUTION_LIMIT * native:
+        raise UserInputError(
+            f"--data.resolution: {resolution} px is {resolution / native:.0f}x the {native} px that {model} was made "
+            f"for (its config's sample size); train at {native} px (or up to {RESOLUTION_LIMIT * native})")
+    if resolution > 2 * native:
+        log.warning("--data.resolution: %d px is %.1fx the %d px that %s was made for; each step costs about "
+                    "%.0fx more than at its own size", resolution, resolution / native, native, model,
+                    (resolution / native) ** 2)
 
 
 def autocast_off_for(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
