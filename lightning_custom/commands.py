@@ -48,7 +48,7 @@ def sample(
     images_per_prompt: int = 4,
     seed: int = 0,
     guidance_scale: float | None = None,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
     scheduler: str = "default",
     height: int | None = None,
     width: int | None = None,
@@ -70,10 +70,13 @@ def sample(
         prompts_file: a text file with one prompt template per line (added after --prompts).
         images_per_prompt: images per prompt; image j of every prompt uses seed + j.
         seed: the first seed.
-        guidance_scale: guidance scale (default: the model's own: 7.5 on SD and SDXL, 3.5 on FLUX.1, 7.0 on SD3).
-        num_inference_steps: denoising steps.
-        scheduler: sampler: default (the model's own), ddim, dpm++, euler, pndm or ddpm (SD and SDXL only; FLUX.1
-            and SD3 keep their flow-matching sampler).
+        guidance_scale: guidance scale (default: the model folder's sampling_defaults.json, 4.0 on the embedded
+            world model; else the model's own: 7.5 on SD and SDXL, 3.5 on FLUX.1, 7.0 on SD3).
+        num_inference_steps: denoising steps (default: the model folder's recommendation, 25 on the embedded world
+            model; else 50).
+        scheduler: sampler: default (the model folder's recommendation, DDIM on the embedded world model; else the
+            model's own), ddim, dpm++, euler, pndm or ddpm (SD and SDXL only; FLUX.1 and SD3 keep their
+            flow-matching sampler).
         height: image height in pixels (default: the model's).
         width: image width in pixels (default: the model's).
         batch_size: images generated at once.
@@ -102,7 +105,7 @@ def evaluate(
     images_per_prompt: int = 4,
     seed: int = 0,
     guidance_scale: float | None = None,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
     scheduler: str = "default",
     height: int | None = None,
     width: int | None = None,

@@ -92,7 +92,7 @@ def evaluate_run(
     images_per_prompt: int = 4,
     seed: int = 0,
     guidance_scale: float | None = None,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
     scheduler: str = "default",
     height: int | None = None,
     width: int | None = None,
@@ -195,8 +195,8 @@ def evaluate_run(
         "images_per_prompt": images_per_prompt,
         "seed": seed,
         "guidance_scale": manifest["guidance_scale"],  # the model's default when none was given
-        "num_inference_steps": num_inference_steps,
-        "scheduler": scheduler,
+        "num_inference_steps": manifest["num_inference_steps"],  # the model's recommendation when none was given
+        "scheduler": manifest.get("scheduler", scheduler),
         "height": height,
         "width": width,
         "clip_model": clip_model if clip_scorer is not None else None,

@@ -195,8 +195,40 @@ def pipeline_family(pipe: Any) -> type | None:
     return next((f for f in FAMILIES if f.pipeline_class_name == type(pipe).__name__), None)
 
 
+SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
+RECOMMENDED_ATTRIBUTE = "_lightning_custom_sampling_defaults"
+
+
+def recommended_sampling(model_folder: str | Path | None) -> dict[str, Any]:
+    """A model folder's own sampling recommendation (``sampling_defaults.json``: ``scheduler``, ``guidance_scale``,
+    ``num_inference_steps``), as the embedded world model carries one; empty for any other model."""
+    if not model_folder:
+        return {}
+    path = Path(model_folder) / SAMPLING_DEFAULTS_FILE
+    try:
+        loaded = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return {k: v for k, v in loaded.items() if k in ("scheduler", "guidance_scale", "num_inference_steps")}
+
+
+def remember_recommendation(pipe: Any, recommended: dict[str, Any]) -> Any:
+    """Keep ``recommended`` on ``pipe`` for :func:`default_guidance_scale` and :func:`default_inference_steps`."""
+    setattr(pipe, RECOMMENDED_ATTRIBUTE, dict(recommended))
+    return pipe
+
+
+def default_inference_steps(pipe: Any, fallback: int = 50) -> int:
+    """Denoising steps when none are given: the model's recommendation, else ``fallback``."""
+    return int(getattr(pipe, RECOMMENDED_ATTRIBUTE, {}).get("num_inference_steps", fallback))
+
+
 def default_guidance_scale(pipe: Any) -> float:
-    """The guidance scale used when none is given: the family's (:data:`FAMILY_GUIDANCE_SCALES`), else 7.5."""
+    """The guidance scale used when none is given: the model folder's recommendation, the family's
+    (:data:`FAMILY_GUIDANCE_SCALES`), else 7.5."""
+    recommended = getattr(pipe, RECOMMENDED_ATTRIBUTE, {}).get("guidance_scale")
+    if recommended is not None:
+        return float(recommended)
     family = pipeline_family(pipe)
     own = getattr(family, "default_guidance_scale", None)  # a family may name its own
     if own is not None:
@@ -382,7 +414,11 @@ def load_run_pipeline(
     pipe = load_pipeline(source, torch_dtype(dtype))
     if source != str(exported_pipeline(run, summary)):  # an exported full pipeline already holds everything
         pipe = load_run_artifacts(pipe, run, summary)
+    recommended = recommended_sampling(source)
+    if scheduler == "default":
+        scheduler = recommended.get("scheduler", "default")
     replace_scheduler(pipe, scheduler, str(run))
+    remember_recommendation(pipe, recommended)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(torch_device), summary
 
@@ -401,13 +437,27 @@ def pipeline_from_module(module: Any, scheduler: str = "default", argument: str 
         pipe = replace_scheduler(module.inference_pipeline(), scheduler, what, argument)
         pipe.set_progress_bar_config(disable=True)
         return pipe
+    recommended = module_sampling_defaults(module)
+    if scheduler == "default":
+        scheduler = recommended.get("scheduler", "default")
     config = module.noise_scheduler.config
     sampler = type(module.noise_scheduler).from_config(config) if scheduler == "default" else make_scheduler(
         scheduler, config
     )
     pipe = module.family.pipeline(module, sampler)  # the family's: StableDiffusion(XL)Pipeline, FluxPipeline...
     pipe.set_progress_bar_config(disable=True)
-    return pipe
+    return remember_recommendation(pipe, recommended)
+
+
+def module_sampling_defaults(module: Any) -> dict[str, Any]:
+    """The sampling recommendation of the model a (training) module was loaded from."""
+    from lightning_custom.components import resolve_model_path
+
+    name = getattr(getattr(module, "hparams", None), "get", lambda *_: None)("pretrained_model_name_or_path")
+    try:
+        return recommended_sampling(resolve_model_path(str(name))) if name else {}
+    except UserInputError:
+        return {}
 
 
 # ------------------------------------------------------------------------------------------------ generating
@@ -427,7 +477,7 @@ def generate(
     seeds: Sequence[int],
     *,
     guidance_scale: float | None = None,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
     height: int | None = None,
     width: int | None = None,
     batch_size: int = 4,
@@ -446,6 +496,7 @@ def generate(
         raise UserInputError(f"--batch_size: must be at least 1, got {batch_size}")
     device = pipeline_denoiser(pipe).device
     guidance_scale = default_guidance_scale(pipe) if guidance_scale is None else guidance_scale
+    num_inference_steps = default_inference_steps(pipe) if num_inference_steps is None else num_inference_steps
     images: list[Image.Image] = []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _mixed_dtype_context(pipe):
         for start in range(0, len(prompts), batch_size):
@@ -534,7 +585,7 @@ def sample_run(
     images_per_prompt: int = 4,
     seed: int = 0,
     guidance_scale: float | None = None,
-    num_inference_steps: int = 50,
+    num_inference_steps: int | None = None,
     scheduler: str = "default",
     height: int | None = None,
     width: int | None = None,
@@ -558,13 +609,14 @@ def sample_run(
     run = Path(run_dir).expanduser()
     if images_per_prompt < 1:
         raise UserInputError(f"--images_per_prompt: must be at least 1, got {images_per_prompt}")
-    if num_inference_steps < 1:
+    if num_inference_steps is not None and num_inference_steps < 1:
         raise UserInputError(f"--num_inference_steps: must be at least 1, got {num_inference_steps}")
     if pipe is None:
         pipe, summary = load_run_pipeline(run, base_model=base_model, scheduler=scheduler, device=device, dtype=dtype)
     else:
         summary = read_summary(run)
     guidance_scale = default_guidance_scale(pipe) if guidance_scale is None else guidance_scale
+    num_inference_steps = default_inference_steps(pipe) if num_inference_steps is None else num_inference_steps
     token = summary.get("placeholder_token")
     templates = [prompts] if isinstance(prompts, str) else list(prompts) if prompts else list(DEFAULT_PROMPTS)
     entries = concept_prompts(templates, run_concepts(summary))
@@ -592,7 +644,7 @@ def sample_run(
         "seed": seed,
         "guidance_scale": guidance_scale,
         "num_inference_steps": num_inference_steps,
-        "scheduler": scheduler,
+        "scheduler": type(pipe.scheduler).__name__ if scheduler == "default" else scheduler,  # what sampled
         "seconds": round(time.perf_counter() - start, 3),
     }
     write_json(out / SAMPLES_FILE, manifest)

@@ -264,3 +264,22 @@ def test_the_report_writes_loss_ticks_as_plain_numbers():
     fig = report_figure(summary)
     fig.canvas.draw()
     assert fig.axes[1].yaxis.get_major_formatter().get_offset() == ""
+
+
+def test_sampling_defaults_come_from_the_model_folder(tmp_path, tiny_sd):
+    """Before: the embedded model sampled with its training DDPM scheduler at guidance 7.5 (olive fragments); its
+    folder now recommends DDIM, guidance 4, 25 steps. A model without the file keeps its own."""
+    from lightning_custom.components import resolve_model_path
+    from lightning_custom.sampling import recommended_sampling
+
+    assert recommended_sampling(resolve_model_path("embedded")) == {
+        "scheduler": "ddim", "guidance_scale": 4.0, "num_inference_steps": 25}
+    assert recommended_sampling(tiny_sd) == {}
+    for model, expected in (("embedded", ("DDIMScheduler", 4.0, 25)), (tiny_sd, ("DDPMScheduler", 7.5, 50))):
+        run = write_run(tmp_path / Path(model).name, pretrained_model_name_or_path=model, placeholder_token="star",
+                        class_noun=None)
+        manifest = main(["sample", str(run), "--prompts", "a photo of a {}", "--images_per_prompt", "1",
+                         "--device", "cpu"] + (["--num_inference_steps", "2"] if model == tiny_sd else []))
+        steps = 2 if model == tiny_sd else expected[2]
+        assert (manifest["scheduler"], manifest["guidance_scale"], manifest["num_inference_steps"]) == (
+            expected[0], expected[1], steps)
