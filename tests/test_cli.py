@@ -240,3 +240,18 @@ def test_a_resolution_far_above_the_models_own_is_refused_before_the_first_step(
                                                       "128"))
     assert line.startswith("error: --data.resolution: 128 px is 8x the 16 px that ")
     assert not (tmp_path / "summary.json").exists()
+
+
+def test_logged_l_det_sits_at_the_step_dvar_evaluated(tmp_path, tiny_sd, concept_dir, single_thread):
+    """Before: a CSV / TensorBoard logger showed dvar_loss at steps 4, 9, 14 while DVAR evaluated at 5, 10, 15."""
+    import csv
+
+    main(quick_args(tmp_path, concept_dir, tiny_sd, "--trainer.max_steps", "20", "--dvar.stop", "false",
+                    "--dvar.eval_every_n_steps", "5", "--trainer.logger", "lightning.pytorch.loggers.CSVLogger",
+                    "--trainer.logger.save_dir", str(tmp_path / "logs")))
+    rows = list(csv.DictReader(next((tmp_path / "logs").rglob("metrics.csv")).open()))
+    steps = [int(r["step"]) for r in rows if r.get("dvar_loss")]
+    history = json.loads((tmp_path / "summary.json").read_text())["dvar_history"]
+    assert steps == [s for s, _ in history] == [5, 10, 15, 20]
+    logged = {int(r["step"]): float(r["dvar_loss"]) for r in rows if r.get("dvar_loss")}
+    assert all(logged[s] == pytest.approx(v) for s, v in history)

@@ -40,6 +40,14 @@ log = logging.getLogger(__name__)
 STOP_KINDS: tuple[str, ...] = ("max_steps", "dvar", "undertrained", "not_training", "diverged", "non_finite")
 
 
+def log_at_step(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
+    """Write ``metrics`` to every logger at ``step``: an evaluation after optimizer step 5 is logged at 5, where
+    DVAR's history, ``summary.json`` and the report put it."""
+    if trainer.is_global_zero:
+        for logger in trainer.loggers:
+            logger.log_metrics(metrics, step=step)
+
+
 class DVAREarlyStopping(Callback):
     """Stop training once ``var(last window of L_det) / var(all L_det) < threshold`` (Voronov et al., 2023).
 
@@ -275,7 +283,8 @@ class DVAREarlyStopping(Callback):
         self.norm_history.append([step, norm])
         known = [r for r in ratios.values() if r is not None and math.isfinite(r)]
         if known:
-            pl_module.log("dvar_ratio", max(known), prog_bar=True, batch_size=1)
+            pl_module.log("dvar_ratio", max(known), prog_bar=True, batch_size=1, logger=False)
+        log_at_step(trainer, {**values, **({"dvar_ratio": max(known)} if known else {})}, step)
         if getattr(pl_module, "trains_a_fleet", False):  # every concept stops by itself
             self.fleet.decide(self, trainer, pl_module, step, values, ratios)
             return

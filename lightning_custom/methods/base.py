@@ -487,7 +487,9 @@ class PersonalizationModule(L.LightningModule, ABC):
         loss = self.deterministic_loss(batch)
         name = batch.get("concept")
         key = f"dvar_loss/{name}" if name else "dvar_loss"
-        self.log(key, loss, prog_bar=True, sync_dist=True, batch_size=1, add_dataloader_idx=False)
+        # logger=False: DVAREarlyStopping writes it to the loggers at the step it belongs to (Lightning would log
+        # a validation inside training at the previous step's index: 4, 9, 14 for evaluations at 5, 10, 15)
+        self.log(key, loss, prog_bar=True, sync_dist=True, batch_size=1, add_dataloader_idx=False, logger=False)
         return loss
 
     def configure_optimizers(self) -> torch.optim.Optimizer:

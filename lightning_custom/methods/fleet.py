@@ -278,14 +278,15 @@ class TextualInversionFleet(TextualInversion):
         if "concepts" in batch:
             for name, loss in self.concept_deterministic_losses(batch["concepts"]).items():
                 self.log(f"dvar_loss/{name}", loss, prog_bar=True, sync_dist=True, batch_size=1,
-                         add_dataloader_idx=False)
+                         add_dataloader_idx=False, logger=False)  # DVAREarlyStopping logs it at its step
             return None
         name = batch.get("concept") or self.concept_specs[0].name  # a fleet of one: the data module names none
         if name not in self.active_concepts:
             return None
         with self.samples_of([name] * batch["noise"].shape[0]):
             loss = self.deterministic_loss(batch)
-        self.log(f"dvar_loss/{name}", loss, prog_bar=True, sync_dist=True, batch_size=1, add_dataloader_idx=False)
+        self.log(f"dvar_loss/{name}", loss, prog_bar=True, sync_dist=True, batch_size=1, add_dataloader_idx=False,
+                 logger=False)  # DVAREarlyStopping logs it at its step
         return loss
 
     # ----------------------------------------------------------------------------------------------- export
