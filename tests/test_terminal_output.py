@@ -13,6 +13,7 @@ import pytest
 
 from lightning_custom.callbacks import DVAREarlyStopping
 from lightning_custom.callbacks.progress import (
+    BAR_WIDTH,
     ParameterCountSummary,
     StepProgressBar,
     default_terminal_callbacks,
@@ -36,13 +37,18 @@ def test_fit_bar_counts_optimizer_steps_and_shows_dvar(tiny_sd, concept_dir, tmp
     assert trainer.num_training_batches == 20
     task = bar.progress.tasks[bar.train_progress_bar_id]
     assert len(bar.progress.tasks) == 1  # one task for the whole fit: no per-epoch reset, no validation bars
-    assert task.total == 60 and task.completed == trainer.global_step
+    # The bar ends full at the step the run ended (no time "left" to a budget it will not use).
+    assert task.total == max(1, trainer.global_step) and task.completed == trainer.global_step
     assert task.description == f"step {trainer.global_step}/60"
     shown = bar._metric_component._metrics
-    assert "v_num" not in shown and "dvar_ratio" not in shown and "train_loss" in shown
-    assert shown["DVAR ratio"] == dvar_status(dvar)
+    assert set(shown) == {"loss", "L_det", "DVAR"}
+    assert shown["DVAR"] == dvar_status(dvar)
     if dvar.stop_step is not None:  # stopped by DVAR: the shown ratio is the one that stopped it
-        assert float(shown["DVAR ratio"].split()[0]) < 0.5
+        assert float(shown["DVAR"].split("<")[0]) < 0.5
+    # One line at 80 columns: step count, bar, time, speed and the metrics, at the widest step count.
+    line = " ".join([f"step {60}/{60}", "x" * BAR_WIDTH, "0:00:03", "20.4/s",
+                     *(f"{k}: {v}" for k, v in shown.items())])
+    assert len(line) <= 80, line
 
 
 class CountingBar(StepProgressBar):
@@ -68,11 +74,14 @@ def test_fit_bar_reads_metrics_at_its_own_pace_not_every_step(tiny_sd, concept_d
 
 def test_dvar_status_before_and_after_the_window_fills():
     dvar = DVAREarlyStopping(window=40, eval_every_n_steps=5, threshold=0.15)
-    assert dvar_status(dvar) == "window 0/40 steps (stops below 0.15)"
+    assert dvar_status(dvar) == "0/40 steps"
     dvar.histories = {"dvar_loss": [[5, 1.0], [10, 0.9], [15, 0.8]]}
-    assert dvar_status(dvar) == "window 15/40 steps (stops below 0.15)"
+    assert dvar_status(dvar) == "15/40 steps"
     dvar.ratios = {"dvar_loss": [[40, 0.5], [45, 0.0961]]}
-    assert dvar_status(dvar) == "0.096 (stops below 0.15)"
+    assert dvar_status(dvar) == "0.096<0.15"
+    observing = DVAREarlyStopping(window=40, eval_every_n_steps=5, threshold=0.15, stop=False)
+    observing.histories, observing.ratios = dvar.histories, dvar.ratios
+    assert dvar_status(observing) == "0.096 (observing)"  # before: "stops below 0.15" on a run it never stops
 
 
 def test_parameter_line_is_one_line(tiny_sd):

@@ -45,15 +45,17 @@ def find_dvar(trainer: L.Trainer) -> DVAREarlyStopping | None:
 
 
 def dvar_status(dvar: DVAREarlyStopping) -> str:
-    """DVAR's state in a few words: its latest variance ratio against the threshold, or how full its window is.
+    """DVAR's state in a few characters: its latest variance ratio against the threshold (``0.312<0.15``: it stops
+    once the ratio is below), how full its window is (``30/40 steps``), or ``observing`` when it never stops.
 
     With several loss series (one per concept) the largest ratio is shown: DVAR stops once every one is below.
     """
     latest = [series[-1][1] for series in dvar.ratios.values() if series]
     if latest and len(latest) == max(1, len(dvar.histories)):
-        return f"{max(latest):.3f} (stops below {dvar.threshold:g})"
+        ratio = f"{max(latest):.3f}"
+        return f"{ratio}<{dvar.threshold:g}" if dvar.stop else f"{ratio} (observing)"
     evaluated = max((series[-1][0] for series in dvar.histories.values() if series), default=0)
-    return f"window {min(evaluated, dvar.window)}/{dvar.window} steps (stops below {dvar.threshold:g})"
+    return f"{min(evaluated, dvar.window)}/{dvar.window} steps"
 
 
 def _clock(seconds: float | None) -> str:
@@ -61,18 +63,44 @@ def _clock(seconds: float | None) -> str:
 
 
 class StepTimeColumn(ProgressColumn):
-    """``elapsed • ≤ left``: the time left to the step budget is an upper bound, since DVAR may stop earlier."""
+    """``≤0:00:15`` while training (the time left to the step budget: an upper bound, since DVAR may stop
+    earlier), the elapsed time once the run ended."""
 
     def render(self, task: Task) -> Text:
-        elapsed = task.finished_time if task.finished else task.elapsed
-        return Text(f"{_clock(elapsed)} • ≤{_clock(task.time_remaining)} left", style="grey70")
+        if task.finished:
+            return Text(_clock(task.finished_time), style="grey70")
+        return Text(f"≤{_clock(task.time_remaining)}", style="grey70")
 
 
 class StepSpeedColumn(ProgressColumn):
     """Optimizer steps per second."""
 
     def render(self, task: Task) -> Text:
-        return Text(f"{task.speed or 0:.2f} steps/s", style="grey70")
+        if task.finished:  # Rich's speed is a recent-window estimate, gone once the task ends: the run's mean
+            speed = task.completed / task.finished_time if task.finished_time else 0.0
+        else:
+            speed = task.speed or 0.0
+        return Text(f"{speed:.1f}/s" if speed >= 1 else f"{speed:.2f}/s", style="grey70")
+
+
+BAR_WIDTH = 6  # with the step count, time, speed and three metrics, the line fits 80 columns
+
+
+def compact_metrics(metrics: dict[str, Any], dvar: DVAREarlyStopping | None, pl_module: Any) -> dict[str, Any]:
+    """What the bar shows after the bar itself, short enough for one 80-column line: ``loss``, ``L_det`` (one
+    series; with several, only DVAR's largest ratio), ``DVAR`` and, in a fleet, ``concepts`` still training."""
+    shown: dict[str, Any] = {}
+    if "train_loss" in metrics:
+        shown["loss"] = f"{float(metrics['train_loss']):.3f}"
+    losses = {k: v for k, v in metrics.items() if k == "dvar_loss" or k.startswith("dvar_loss/")}
+    if len(losses) == 1:
+        shown["L_det"] = f"{float(next(iter(losses.values()))):.4f}"
+    if dvar is not None:
+        shown["DVAR"] = dvar_status(dvar)
+    specs = getattr(pl_module, "concept_specs", None)
+    if getattr(pl_module, "trains_a_fleet", False) and specs:  # a fleet: how many concepts still train
+        shown["concepts"] = f"{len(pl_module.active_concepts)}/{len(specs)}"
+    return shown
 
 
 class StepProgressBar(RichProgressBar):
@@ -94,12 +122,13 @@ class StepProgressBar(RichProgressBar):
         self.update_interval_s = update_interval_s
         self._last_update = -math.inf
         self._train_loss: float | None = None
+        self._ended = False
 
     @override
     def configure_columns(self, trainer: L.Trainer) -> list:
         return [
             TextColumn("[progress.description]{task.description}"),
-            BarColumn(bar_width=30),
+            BarColumn(bar_width=BAR_WIDTH),
             StepTimeColumn(),
             StepSpeedColumn(),
         ]
@@ -111,15 +140,7 @@ class StepProgressBar(RichProgressBar):
         # the loss of the step it last updated at.
         if "train_loss" not in metrics and self._train_loss is not None:
             metrics = {"train_loss": self._train_loss, **metrics}
-        metrics.pop("v_num", None)
-        metrics.pop("dvar_ratio", None)  # shown below with its threshold
-        dvar = find_dvar(trainer)
-        if dvar is not None and trainer.state.fn == "fit":
-            metrics["DVAR ratio"] = dvar_status(dvar)
-        specs = getattr(pl_module, "concept_specs", None)
-        if getattr(pl_module, "trains_a_fleet", False) and specs:  # a fleet: how many concepts still train
-            metrics["concepts training"] = f"{len(pl_module.active_concepts)}/{len(specs)}"
-        return metrics
+        return compact_metrics(metrics, find_dvar(trainer) if trainer.state.fn == "fit" else None, pl_module)
 
     def step_description(self, trainer: L.Trainer) -> str:
         """``step <done>/<budget>`` (``step <done>`` when nothing bounds the run)."""
@@ -133,7 +154,8 @@ class StepProgressBar(RichProgressBar):
         if self.train_progress_bar_id is None:  # e.g. resumed in the middle of an epoch
             self.train_progress_bar_id = self._add_task(step_budget(trainer), self.step_description(trainer))
         self._last_update = time.monotonic()
-        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step, total=step_budget(trainer),
+        total = max(1, trainer.global_step) if self._ended else step_budget(trainer)
+        self.progress.update(self.train_progress_bar_id, completed=trainer.global_step, total=total,
                              description=self.step_description(trainer))
         self._update_metrics(trainer, pl_module)
         self.refresh()
@@ -178,6 +200,8 @@ class StepProgressBar(RichProgressBar):
 
     @override
     def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        # The run ended where it stopped: the bar ends full there, with no time "left" to a budget it will not use.
+        self._ended = True
         self.show_step(trainer, pl_module)
 
 
