@@ -34,6 +34,18 @@ MEASURE = "discriminator"
 CONVERGED_STEPS = (800, 1000, 1200)
 TAIL_FROM = 400
 ORACLE_SHARE, MEDIAN_GOAL, WORST_GOAL, COST_GOAL = 0.9, 0.9, 0.7, 1.5
+PROBE_SD: dict[str, float] = {}  # {"sd": median SD of one probe over sampling seeds}, from benchmarks/instrument.py
+INSTRUMENT_MEASURE, INSTRUMENT_IMAGES = "discriminator_all_prompts", 4  # the study's probe: 4 images per prompt
+
+
+def measured_probe_sd(rows_file: Path) -> float | None:
+    """The median SD of one probe of the study's kind, measured over sampling seeds (``instrument_runs.jsonl``)."""
+    if not rows_file.is_file():
+        return None
+    rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
+    sds = [r[INSTRUMENT_MEASURE]["probe_sd"] for r in rows if r.get("images") == INSTRUMENT_IMAGES
+           and INSTRUMENT_MEASURE in r]
+    return float(np.median(sds)) if sds else None
 
 
 @dataclass
@@ -79,7 +91,10 @@ class Run:
 
     @property
     def gain_se(self) -> float:
-        return self.probe_sd * math.sqrt(1 + 1 / len(CONVERGED_STEPS))
+        """The SE of the gain: one probe at step 0, the mean of the converged probes; one probe's SD is the
+        instrument's measured one (:data:`PROBE_SD`, over sampling seeds) when known, else this run's tail SD."""
+        sd = PROBE_SD.get("sd") or self.probe_sd
+        return sd * math.sqrt(1 + 1 / len(CONVERGED_STEPS))
 
     def share(self, step: int) -> float:
         return (self.identity(step)[0] - self.untrained) / self.gain
@@ -195,7 +210,8 @@ def study(runs: list[Run]) -> dict:
                                for s, rs in test.items()}}
     any_fixed = [b for (b,) in rule_grid()["fixed"]
                  if all(meets(setting_stats(rs, [min(b, r.max_steps) for r in rs])) for rs in test.values())]
-    return {"rows": rows, "low_gain": low, "calibration": calibration, "test": test, "fixed_meeting_all": any_fixed}
+    return {"rows": rows, "low_gain": low, "calibration": calibration, "test": test, "fixed_meeting_all": any_fixed,
+            "probe_sd": PROBE_SD.get("sd")}
 
 
 def spearman(a: list[float], b: list[float]) -> float:
@@ -233,12 +249,17 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "settings_study")
     parser.add_argument("--workdir", type=Path, default=Path("runs/settings-study"))
+    parser.add_argument("--instrument", type=Path, default=ROOT / "benchmarks" / "results" / "instrument",
+                        help="benchmarks/instrument.py's results: one probe's measured SD over sampling seeds")
     parser.add_argument("--probe-stops", action="store_true", help="probe every chosen rule's stop steps first "
                         "(from the work folder's snapshots), so that quality is read at the exact stop step")
     args = parser.parse_args(argv)
     from settings_study import PROBE_SCHEDULE
 
     SCHEDULE.update(PROBE_SCHEDULE)
+    sd = measured_probe_sd(args.instrument / "instrument_runs.jsonl")
+    if sd is not None:
+        PROBE_SD["sd"] = sd
     runs = load_runs(args.results)
     result = study(runs)
     if args.probe_stops:
