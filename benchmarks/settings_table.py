@@ -214,30 +214,13 @@ def study(runs: list[Run]) -> dict:
             "probe_sd": PROBE_SD.get("sd")}
 
 
-def spearman(a: list[float], b: list[float]) -> float:
-    """Spearman's rank correlation (average ranks for ties); ``nan`` for fewer than 3 pairs or a constant side."""
-    def ranks(x: list[float]) -> np.ndarray:
-        values = np.asarray(x, dtype=float)
-        order = values.argsort()
-        r = np.empty(len(values))
-        r[order] = np.arange(len(values))
-        for v in np.unique(values):  # ties share their mean rank
-            r[values == v] = r[values == v].mean()
-        return r
-
-    if len(a) < 3:
-        return math.nan
-    ra, rb = ranks(a), ranks(b)
-    if ra.std() == 0 or rb.std() == 0:
-        return math.nan
-    return float(np.corrcoef(ra, rb)[0, 1])
-
-
 def loss_informativeness(run: Run) -> dict[str, float]:
     """Spearman correlation of L_det with identity over the probes, and the steps where each made 90% of its
     change (L_det on its causal 4-value moving average)."""
     losses = dict(zip(run.steps, dvar.moving_average(run.losses, 4)))
     common = [s for s in sorted(run.probes) if s in losses]
+    from lightning_custom.calibrate import spearman
+
     rho = spearman([losses[s] for s in common], [run.probes[s][MEASURE] for s in common])
     smooth = np.array(dvar.moving_average(run.losses, 4))
     drop = smooth[0] - smooth.min()

@@ -204,6 +204,7 @@ def calibrate(
     budget: int | None = None,
     output: str | None = None,
     smooth: int = 5,
+    across: bool = False,
 ) -> dict:
     """Recommend DVAR's (window, threshold, eval period) from finished full-length runs that carry quality probes.
 
@@ -222,18 +223,20 @@ def calibrate(
         smooth: average the median identity over this many probes before the 1% plateau criterion that defines
             the converged length (1: raw probes, which one lucky probe can end early; Table 1's second edition
             uses 5).
+        across: the runs are of several training settings, one folder per setting (learning rates, image counts,
+            batch sizes): recommend one setting of DVAR that keeps --target at every one of them, and print each
+            setting's table (lightning_custom.calibrate_across).
     """
     from lightning_custom import calibrate as cal
 
     probed = cal.load_probed_runs(runs)
+    if across:
+        return _calibrate_across(probed, runs, target, windows, thresholds, eval_every, budget, output, smooth)
     result = cal.calibrate(probed, target, windows or cal.DEFAULT_WINDOWS, thresholds or cal.DEFAULT_THRESHOLDS,
                            eval_every or cal.DEFAULT_EVAL_EVERY, budget=budget, smooth=smooth)
     snippet = cal.yaml_snippet(result, len(probed))
     if output is None:
-        import os
-
-        folders = [str(Path(r).resolve() if Path(r).is_dir() else Path(r).resolve().parent) for r in runs]
-        output = str(Path(os.path.commonpath(folders)) / "dvar_calibrated.yaml")
+        output = str(_common_folder(runs) / "dvar_calibrated.yaml")
     from lightning_custom.io import atomic_path
 
     with atomic_path(output) as tmp:
@@ -242,6 +245,43 @@ def calibrate(
     print(cal.trade_off_table(result))
     print(f"\n{snippet}\nwrote {output}")
     return {"result": result, "snippet": snippet}
+
+
+def _calibrate_across(probed, runs, target, windows, thresholds, eval_every, budget, output, smooth) -> dict:
+    """``calibrate --across true``: one DVAR setting for runs of several training settings."""
+    import yaml
+
+    from lightning_custom import calibrate as cal
+    from lightning_custom.calibrate_across import across_table, calibrate_across, group_by_folder
+
+    groups = group_by_folder(probed)
+    result = calibrate_across(groups, target, windows or cal.DEFAULT_WINDOWS, thresholds or cal.DEFAULT_THRESHOLDS,
+                              eval_every or cal.DEFAULT_EVAL_EVERY, budget=budget, smooth=smooth)
+    if result.recommended is None:
+        snippet = (f"# calibrate --across: no setting kept a median {target:g} of the converged identity at every "
+                   f"one of {len(groups)} settings ({', '.join(sorted(groups))})\n")
+    else:
+        window, threshold, period = result.recommended
+        snippet = (f"# calibrated across {len(groups)} settings ({', '.join(sorted(groups))}), {len(probed)} runs\n"
+                   + yaml.safe_dump({"dvar": {"window": window, "threshold": threshold,
+                                              "eval_every_n_steps": period}}, sort_keys=False))
+    output = output or str(_common_folder(runs) / "dvar_calibrated.yaml")
+    from lightning_custom.io import atomic_path
+
+    with atomic_path(output) as tmp:
+        Path(tmp).write_text(snippet)
+    print(f"{len(probed)} runs in {len(groups)} settings, target {target:g}\n")
+    print(across_table(result))
+    print(f"\n{snippet}\nwrote {output}")
+    return {"result": result, "snippet": snippet}
+
+
+def _common_folder(runs: list[str]) -> Path:
+    """The folder holding every one of ``runs`` (folders or summary files)."""
+    import os
+
+    folders = [str(Path(r).resolve() if Path(r).is_dir() else Path(r).resolve().parent) for r in runs]
+    return Path(os.path.commonpath(folders))
 
 
 def gather(runs: list[str], output: str | None = None) -> list[dict]:

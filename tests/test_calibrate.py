@@ -4,6 +4,7 @@ runs whose best setting is known by construction."""
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 
@@ -234,3 +235,36 @@ def test_calibrate_reads_probes_without_evaluation_prompts_and_writes_beside_the
     written = tmp_path / "runs" / "dvar_calibrated.yaml"
     assert written.is_file() and not list(elsewhere.iterdir())
     assert f"wrote {written}" in capsys.readouterr().out
+
+
+def decaying_run(name: str, tau: float, max_steps: int = 600) -> cal.ProbedRun:
+    """L_det = 1 + exp(-t / tau) with a little noise; identity reaches 1.0 at 3 tau (0.5 before)."""
+    rng = np.random.default_rng(abs(hash(name)) % 2**32)
+    losses = [(s, 1.0 + math.exp(-s / tau) + 1e-4 * rng.standard_normal()) for s in range(5, max_steps + 1, 5)]
+    probes = {s: [1.0 if s >= 3 * tau else 0.5, 1.0, 1.0] for s in range(0, max_steps + 1, 5)}
+    return cal.ProbedRun(name, max_steps, 5, losses, probes)
+
+
+def test_calibrate_across_settings_keeps_the_target_at_each_and_never_picks_a_degenerate_window(tmp_path, capsys):
+    from lightning_custom.calibrate_across import calibrate_across, group_by_folder
+
+    runs = [decaying_run(f"fast/c{i}", 20.0) for i in range(4)] + [decaying_run(f"slow/c{i}", 80.0) for i in range(4)]
+    groups = group_by_folder(runs)
+    assert sorted(groups) == ["fast", "slow"]
+    result = calibrate_across(groups, 0.97, windows=[10, 40, 80, 160], thresholds=[0.01, 0.05, 0.15],
+                              eval_every=[5], smooth=1)
+    assert result.recommended is not None
+    assert result.settings.index((10, 0.01, 5)) in result.degenerate  # 2 values: never chosen
+    assert result.recommended[0] >= 20
+    for c in result.per_setting.values():
+        assert c.outcomes[result.best].median_retention >= 0.97
+    with pytest.raises(UserInputError, match="at least two settings"):
+        calibrate_across({"fast": groups["fast"]})
+    # through the command: runs in one folder per setting
+    for run in runs:
+        write_run(tmp_path / "runs" / run.name, run)
+    main(["calibrate", str(tmp_path / "runs"), "--across", "true", "--windows", "[10, 40, 80, 160]",
+          "--thresholds", "[0.01, 0.05, 0.15]", "--eval_every", "[5]", "--smooth", "1"])
+    out = capsys.readouterr().out
+    assert "| fast | 4 |" in out and "| slow | 4 |" in out
+    assert "dvar:" in (tmp_path / "runs" / "dvar_calibrated.yaml").read_text()
