@@ -31,7 +31,7 @@ from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.callbacks.live_samples import LiveReport, LiveSamples
 from lightning_custom.callbacks.summary import SUMMARY_FILE
 from lightning_custom.callbacks.progress import default_terminal_callbacks
-from lightning_custom.commands import COMMANDS, run_command
+from lightning_custom.commands import COMMANDS, PROGRAM, TRAINER_SUBCOMMANDS, run_command, subcommand_listing
 from lightning_custom.data.concept import ConceptDataModule, check_data_config
 from lightning_custom.data.templates import check_templates
 from lightning_custom.errors import (
@@ -329,9 +329,6 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
     return cli
 
 
-PROGRAM = "python -m lightning_custom"
-
-
 def refuse_validating_a_finished_run(config: Any) -> None:
     """``validate`` builds the config's model afresh: on a finished run's folder it would score the untrained
     model, silently. Refuse in one line and say what measures the trained one."""
@@ -361,29 +358,6 @@ def where_it_went(folder: Path, summary: dict[str, Any]) -> str:
     model = str((summary.get("model") or {}).get("name_or_path", ""))
     command = "before_after" if model.startswith("embedded") else "sample"
     return f"{wrote}\nNext: {PROGRAM} {command} {folder}"
-TRAINER_SUBCOMMANDS = {"fit": "train a method on a concept; DVAR stops it (--config configs/quickstart.yaml)",
-                       "validate": "L_det of a config's model on its fixed evaluation batch"}
-
-
-def subcommand_listing(given: str | None = None) -> str:
-    """Every subcommand with its one line; with ``given`` (an unknown one), an error line first, naming the
-    closest subcommand."""
-    import difflib
-
-    lines = []
-    if given is not None:
-        close = difflib.get_close_matches(given, [*TRAINER_SUBCOMMANDS, *COMMANDS], n=1)
-        lines.append(f"error: unknown subcommand {given!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
-    lines.append(f"usage: {PROGRAM} <subcommand> [options]   ({PROGRAM} <subcommand> --help for its options)")
-    lines.append("subcommands:")
-    for name, words in {**TRAINER_SUBCOMMANDS, **command_summaries()}.items():
-        lines.append(f"  {name:<13} {words}")
-    return "\n".join(lines)
-
-
-def command_summaries() -> dict[str, str]:
-    """The first line of each run command's docstring (``sample``, ``evaluate``...)."""
-    return {name: (function.__doc__ or "").strip().splitlines()[0].rstrip(".") for name, function in COMMANDS.items()}
 
 
 def check_config_ranges(config: Any) -> None:

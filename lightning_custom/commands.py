@@ -487,3 +487,40 @@ def fleet_concept_folders(run_dir: str | None) -> list[Path]:
         return []
     run = Path(run_dir)
     return [run / folder for folder in fleet_folders(run / "summary.json") if (run / folder / "summary.json").is_file()]
+
+
+PROGRAM = "python -m lightning_custom"
+TRAINER_SUBCOMMANDS = {"fit": "train a method on a concept; DVAR stops it (--config configs/quickstart.yaml)",
+                       "validate": "L_det of a config's model on its fixed evaluation batch"}
+
+
+def subcommand_listing(given: str | None = None) -> str:
+    """Every subcommand with its one line; with ``given`` (an unknown one), an error line first, naming the
+    closest subcommand."""
+    import difflib
+
+    lines = []
+    if given is not None:
+        close = difflib.get_close_matches(given, [*TRAINER_SUBCOMMANDS, *COMMANDS], n=1)
+        lines.append(f"error: unknown subcommand {given!r}" + (f"; did you mean {close[0]!r}?" if close else ""))
+    lines.append(f"usage: {PROGRAM} <subcommand> [options]   ({PROGRAM} <subcommand> --help for its options)")
+    lines.append("subcommands:")
+    for name, words in {**TRAINER_SUBCOMMANDS, **command_summaries()}.items():
+        lines.append(f"  {name:<13} {words}")
+    return "\n".join(lines)
+
+
+def command_summaries() -> dict[str, str]:
+    """The first line of each run command's docstring (``sample``, ``evaluate``...)."""
+    return {name: (function.__doc__ or "").strip().splitlines()[0].rstrip(".") for name, function in COMMANDS.items()}
+
+
+LIGHT_COMMANDS = ("gather", "replay", "calibrate")  # read summaries only: no torch, Lightning or diffusers import
+
+
+def top_level_help() -> str:
+    """``python -m lightning_custom --help``: every subcommand and the exit statuses, without loading the stack."""
+    from lightning_custom.errors import EXIT_STATUS_HELP
+
+    return (f"{subcommand_listing()}\n\nTrain with `{PROGRAM} fit --config configs/quickstart.yaml` "
+            f"(`{PROGRAM} fit --help` lists every option).\n\n{EXIT_STATUS_HELP}")

@@ -5,67 +5,22 @@ from __future__ import annotations
 import csv
 import io
 import json
-import re
 import statistics
 from pathlib import Path
 from typing import Any
 
 from lightning_custom.errors import UserInputError
 from lightning_custom.io import atomic_path
+from lightning_custom.summary_file import (  # noqa: F401 - re-exported: gather's names before summary_file
+    expand_fleets,
+    find_summaries,
+    fleet_folders,
+    is_fleet_summary,
+    natural_key,
+)
 
 COLUMNS = ("run", "method", "model", "concept", "placeholder_token", "stopped_by", "stop_step", "max_steps",
            "steps_saved", "wall_seconds", "seconds_per_step", "dvar_share")
-
-
-def natural_key(path: Path) -> list:
-    """Sort key that orders numbers by value: ``run2`` before ``run10`` (text order puts 10 before 2)."""
-    return [int(part) if part.isdigit() else part.lower() for part in re.split(r"(\d+)", str(path))]
-
-
-def find_summaries(roots: list[str]) -> list[Path]:
-    """Every ``summary.json`` under the given folders (or the files themselves), in natural order.
-
-    A folder that holds none, even in its subfolders, is a one-line error: a run that did not finish, or a typo.
-    """
-    found: set[Path] = set()
-    for root in roots:
-        path = Path(root).expanduser()
-        if path.is_file() and path.name == "summary.json":
-            found.add(path)
-        elif path.is_dir():
-            inside = set(path.rglob("summary.json"))
-            if not inside:
-                raise UserInputError(f"gather: {root} holds no summary.json (a run that did not finish?)")
-            found.update(inside)
-        else:
-            raise UserInputError(f"gather: {root} is neither a folder nor a summary.json")
-    return sorted(expand_fleets(found), key=natural_key)
-
-
-def expand_fleets(paths: set[Path] | list[Path]) -> list[Path]:
-    """``paths`` with each fleet's own summary replaced by its concepts' summaries (each concept is one run)."""
-    out: list[Path] = []
-    for path in paths:
-        concepts = [path.parent / folder / "summary.json" for folder in fleet_folders(path)]
-        concepts = [c for c in concepts if c.is_file()]
-        out.extend(concepts or [path])
-    return list(dict.fromkeys(out))
-
-
-def fleet_folders(path: Path) -> list[str]:
-    """The concept folders a fleet's ``summary.json`` names (empty for a single run's)."""
-    import json
-
-    try:
-        concepts = json.loads(path.read_text()).get("concepts") or []
-    except (OSError, ValueError, AttributeError):
-        return []
-    return [str(c["folder"]) for c in concepts if isinstance(c, dict) and c.get("folder")]
-
-
-def is_fleet_summary(path: Path) -> bool:
-    """Whether ``path`` is the run summary of a fleet (its concepts have folders of their own)."""
-    return bool(fleet_folders(path))
 
 
 def concept_label(summary: dict[str, Any]) -> str | None:
@@ -100,7 +55,7 @@ def summary_row(path: Path) -> dict[str, Any]:
 
 def gather_table(roots: list[str], output: str | None = None) -> list[dict[str, Any]]:
     """Read every run's summary; write a CSV (if ``output``) and return the rows, with a median row last."""
-    rows = [summary_row(path) for path in find_summaries(roots)]
+    rows = [summary_row(path) for path in find_summaries(roots, argument="gather")]
     if output:
         buffer = io.StringIO()
         writer = csv.DictWriter(buffer, fieldnames=COLUMNS)

@@ -12,8 +12,10 @@ from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-import torch
-from safetensors.torch import save_file
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:  # torch loads only where tensors are written: reading summaries stays light
+    import torch
 
 
 def default_mode(directory: bool = False) -> int:
@@ -108,6 +110,8 @@ def write_safetensors(
     path: str | os.PathLike, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> Path:
     """Write a safetensors file (contiguous CPU copies of ``tensors``, optional string ``metadata``), atomically."""
+    from safetensors.torch import save_file
+
     cpu = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
     with atomic_path(path) as tmp:
         save_file(cpu, str(tmp), metadata=dict(metadata) if metadata else None)

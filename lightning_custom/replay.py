@@ -29,7 +29,7 @@ from lightning_custom.dvar import (
 )
 from lightning_custom.errors import UserInputError
 from lightning_custom.io import atomic_path, write_json
-from lightning_custom.sampling import SUMMARY_FILE, read_summary
+from lightning_custom.summary_file import SUMMARY_FILE, find_summaries, read_summary  # noqa: F401
 
 DEFAULT_WINDOWS: tuple[int, ...] = (50, 100, 200, 310, 440)
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
@@ -59,27 +59,6 @@ class RunHistory:
     def complete(self) -> bool:
         """Whether the run went to its end (no stopping rule cut the series short)."""
         return self.stopped_by in ("max_steps", "max_epochs")
-
-
-def find_summaries(paths: Sequence[str | Path]) -> list[Path]:
-    """``summary.json`` files from run folders, summary files, or parent folders (searched recursively)."""
-    found: list[Path] = []
-    for raw in paths:
-        path = Path(raw).expanduser()
-        if path.is_file():
-            found.append(path)
-        elif (path / SUMMARY_FILE).is_file():
-            found.append(path / SUMMARY_FILE)
-        elif path.is_dir():
-            nested = sorted(path.rglob(SUMMARY_FILE))
-            if not nested:
-                raise UserInputError(f"runs: {raw} holds no {SUMMARY_FILE} (searched its sub-folders too)")
-            found.extend(nested)
-        else:
-            raise UserInputError(f"runs: no such run folder or file {str(raw)!r}")
-    from lightning_custom.gather import expand_fleets  # a fleet: each of its concepts is a run of its own
-
-    return expand_fleets(found)
 
 
 def load_run(summary_file: Path, root: Path | None = None) -> RunHistory:

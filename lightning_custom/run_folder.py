@@ -19,13 +19,12 @@ import json
 import os
 import tempfile
 from pathlib import Path
-from typing import Any
 
 from lightning_custom.errors import UserInputError
+from lightning_custom.summary_file import SUMMARY_FILE, read_summary_if_any
 from lightning_custom.io import remove_path
 
 LOCK_FILE = ".lock"
-SUMMARY_FILE = "summary.json"
 # Files and folders a run (or a command run on it afterwards) writes into its folder, besides those its
 # summary.json names: removed whole when a new run overwrites the folder. Files not listed are left alone, so a
 # run folder pointed at a folder of the user's own files loses nothing else.
@@ -185,18 +184,6 @@ def unlock_run_folder(folder: str | os.PathLike) -> None:
     os.close(fd)
 
 
-def read_summary(folder: Path) -> dict[str, Any] | None:
-    """The folder's ``summary.json`` (``{}`` if unreadable), or ``None`` if there is none."""
-    path = folder / SUMMARY_FILE
-    if not path.is_file():
-        return None
-    try:
-        summary = json.loads(path.read_text())
-    except (OSError, ValueError):
-        return {}
-    return summary if isinstance(summary, dict) else {}
-
-
 def check_finished_run(folder: str | os.PathLike, *, overwrite: bool, resuming: bool,
                        argument: str = "--trainer.default_root_dir") -> bool:
     """Refuse a folder that holds a finished run, unless it is overwritten or resumed.
@@ -213,7 +200,7 @@ def check_finished_run(folder: str | os.PathLike, *, overwrite: bool, resuming: 
     Raises:
         UserInputError: the folder holds a finished run and neither ``overwrite`` nor ``resuming`` is set.
     """
-    summary = None if is_remote(folder) else read_summary(Path(folder).expanduser())
+    summary = None if is_remote(folder) else read_summary_if_any(Path(folder).expanduser())
     if summary is None or resuming:
         return False
     if overwrite:
@@ -234,7 +221,7 @@ def earlier_run_paths(folder: str | os.PathLike, extra: tuple[str | os.PathLike,
             are included.
     """
     folder = Path(folder).expanduser()
-    summary = read_summary(folder) or {}
+    summary = read_summary_if_any(folder) or {}
     names: set[str] = set(RUN_FILES) | set(RUN_FOLDERS)
     for key in ("artifacts", "files"):
         names |= {n for n in summary.get(key) or [] if isinstance(n, str)}

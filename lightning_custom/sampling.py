@@ -28,11 +28,11 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from lightning_custom.errors import UserInputError
+from lightning_custom.summary_file import SUMMARY_FILE, read_summary  # noqa: F401 - re-exported
 from lightning_custom.io import atomic_path, write_json
 from lightning_custom.metrics import without_placeholder
 from lightning_custom.methods.tokens import pipeline_prompts
 
-SUMMARY_FILE = "summary.json"
 SAMPLES_FILE = "samples.json"
 GRID_FILE = "grid.png"
 # Object prompts in the style of DreamBooth's evaluation list; "{}" stands for the learned concept.
@@ -61,23 +61,6 @@ DEFAULT_GUIDANCE_SCALE = 7.5
 
 
 # ------------------------------------------------------------------------------------------------ run folders
-def read_summary(run_dir: str | Path, argument: str = "run_dir") -> dict[str, Any]:
-    """The run's ``summary.json``, with a one-line error when the folder or the file is missing or broken."""
-    run = Path(run_dir).expanduser()
-    if not run.is_dir():
-        raise UserInputError(f"{argument}: no such run folder {str(run_dir)!r}")
-    file = run / SUMMARY_FILE
-    if not file.is_file():
-        raise UserInputError(f"{argument}: {run} has no {SUMMARY_FILE} (is it the default_root_dir of a finished fit?)")
-    try:
-        summary = json.loads(file.read_text())
-    except json.JSONDecodeError as err:
-        raise UserInputError(f"{argument}: {file} is not valid JSON ({err.msg} at line {err.lineno})") from err
-    if not isinstance(summary, dict):
-        raise UserInputError(f"{argument}: {file} does not hold a JSON object")
-    return summary
-
-
 def check_trained(summary: dict[str, Any], run_dir: str | Path, argument: str = "run_dir") -> None:
     """Refuse a run that ended without its trained weights: an interrupted one, or one whose weights were withheld
     (non-finite values). Sampling it would silently show the base model.

@@ -28,10 +28,10 @@ from lightning_custom.interrupts import (
     stop_lightning_after_this_step,
 )
 from lightning_custom.io import publish, remove_path, replace_path, staging_folder, write_json
+from lightning_custom.summary_file import SUMMARY_FILE
 from lightning_custom.provenance import run_provenance
 from lightning_custom.run_folder import lock_run_folder, unlock_run_folder
 
-SUMMARY_FILE = "summary.json"
 REPORT_FILE = "report.png"
 INTERRUPTED_CHECKPOINT = "checkpoints/interrupted.ckpt"
 KEPT_FILES = ("config.yaml",)  # written by the CLI when the fit starts: part of the run, never stale
