@@ -211,10 +211,13 @@ def markdown_table(result: ReplayResult) -> str:
         lines.append("")
         lines.append(f"-> a window that is not a multiple of the evaluation period ({'/'.join(map(str, periods))} "
                      "steps) is rounded up to whole evaluations, as the live callback does.")
+    lines.append("")
     if len(result.runs) > 1:
-        lines.append("")
         lines.append("Cells: mean steps trained (runs where DVAR stopped / runs). A run where DVAR never stops counts "
                      "its full length; * = some run ended before this setting could stop (a lower bound).")
+    else:
+        lines.append("Cells: the step where DVAR stops. >N: the run ended at step N before this window could fill, so "
+                     "DVAR would stop after N (a lower bound); never: the run was long enough and DVAR did not stop.")
     return "\n".join(lines)
 
 
@@ -243,6 +246,12 @@ def csv_text(result: ReplayResult) -> str:
     return buffer.getvalue()
 
 
+def text_colour_on(rgba: Sequence[float]) -> str:
+    """Black on a light cell, white on a dark one (white on viridis' yellow end was unreadable)."""
+    luminance = 0.299 * rgba[0] + 0.587 * rgba[1] + 0.114 * rgba[2]
+    return "black" if luminance > 0.5 else "white"
+
+
 def write_heatmap(result: ReplayResult, path: str | Path) -> Path:
     """Heat-map PNG of the (mean) steps trained per (window, threshold), each cell annotated."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -261,7 +270,8 @@ def write_heatmap(result: ReplayResult, path: str | Path) -> Path:
         for t in range(len(result.thresholds)):
             mark = "*" if result.censored[:, w, t].any() else ""
             text = result.cell_text(0, w, t) if len(result.runs) == 1 else f"{effective[w, t]:.0f}{mark}"
-            ax.text(t, w, text, ha="center", va="center", fontsize=8, color="white")
+            colour = text_colour_on(image.cmap(image.norm(effective[w, t])))
+            ax.text(t, w, text, ha="center", va="center", fontsize=8, color=colour)
     fig.colorbar(image, ax=ax, label="steps trained" + (" (mean over runs)" if len(result.runs) > 1 else ""))
     what = result.runs[0].name if len(result.runs) == 1 else f"{len(result.runs)} runs"
     ax.set_title(f"DVAR replay: stop step ({what})", fontsize=10)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import lightning as L
 import numpy as np
@@ -146,3 +147,25 @@ def test_replay_marks_a_stop_at_a_worse_loss_as_diverged(tmp_path):
     result = replay([tmp_path], windows=[20], thresholds=[0.15])
     by_name = {run.name: r for r, run in enumerate(result.runs)}
     assert result.diverged[by_name["rising"], 0, 0] and not result.diverged[by_name["healthy"], 0, 0]
+
+
+def test_replay_explains_its_cells_and_writes_readable_heatmap_labels(tmp_path):
+    """Before: '>70' was explained nowhere, and white numbers sat on viridis' yellow cells."""
+    from lightning_custom.replay import markdown_table, replay, write_heatmap
+
+    run = tmp_path / "run"
+    run.mkdir()
+    history = [[s, 1.0 + math.exp(-s / 20)] for s in range(5, 75, 5)]
+    (run / "summary.json").write_text(json.dumps({"dvar_history": history, "max_steps": 70, "stopped_by": "max_steps",
+                                                  "dvar_eval_every_n_steps": 5}))
+    result = replay([run], windows=[20, 200], thresholds=[0.15])
+    text = markdown_table(result)
+    assert ">70" in text and ">N: the run ended at step N before this window could fill" in text
+    write_heatmap(result, tmp_path / "replay.png")
+    assert (tmp_path / "replay.png").stat().st_size > 0
+    from matplotlib import colormaps
+
+    from lightning_custom.replay import text_colour_on
+
+    viridis = colormaps["viridis_r"]
+    assert text_colour_on(viridis(0.0)) == "black" and text_colour_on(viridis(1.0)) == "white"
