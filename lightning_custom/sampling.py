@@ -221,9 +221,9 @@ def default_guidance_scale(pipe: Any) -> float:
 
 # ------------------------------------------------------------------------------------------------ artifacts
 def _load_textual_inversion(pipe: Any, run_dir: Path, file: str) -> Any:
-    from lightning_custom.methods.tokens import load_embeddings_file
+    from lightning_custom.methods.tokens import load_token_files
 
-    load_embeddings_file(pipe, run_dir / file)  # diffusers' one-key format, or SDXL's clip_l/clip_g
+    load_token_files(pipe, run_dir / file)  # one file per encoder (or the older one-file clip_l/clip_g format)
     return pipe
 
 

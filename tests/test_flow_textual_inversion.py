@@ -131,37 +131,42 @@ def test_the_loader_tokenizes_like_the_module(trained):
 
 
 def test_export_holds_one_tensor_per_encoder(trained):
+    """One file per encoder, each keyed by the token (the stock one-liner loads the first)."""
     module, root, _, family, t5_vectors = trained
-    with safe_open(str(root / "learned_embeds.safetensors"), framework="pt") as handle:
-        assert handle.metadata()["token"] == TOKEN
-        shapes = {key: tuple(handle.get_tensor(key).shape) for key in handle.keys()}
-    expected = {"clip_l": (2, 32)} if family == "flux" else {"clip_l": (2, 32), "clip_g": (2, 32)}
+    shapes = {}
+    for path in sorted(root.glob("learned_embeds*.safetensors")):
+        with safe_open(str(path), framework="pt") as handle:
+            assert list(handle.keys()) == [TOKEN]
+            shapes[path.name] = tuple(handle.get_tensor(TOKEN).shape)
+    expected = {"learned_embeds.safetensors": (2, 32)}
+    if family == "sd3":
+        expected["learned_embeds_clip_g.safetensors"] = (2, 32)
     if t5_vectors:
-        expected["t5"] = (t5_vectors, 32 if family == "flux" else 64)
+        expected["learned_embeds_t5.safetensors"] = (t5_vectors, 32 if family == "flux" else 64)
     assert shapes == expected
 
 
-def _readme_lines(pipe, state, family, t5_vectors):
-    """The README's loading lines. FLUX: ``pipe.load_textual_inversion`` per encoder. SD3: its pipeline lacks
-    diffusers' ``TextualInversionLoaderMixin`` (0.42), so the README adds the tokens and sets their rows."""
-    clip_tokens = [TOKEN, f"{TOKEN}_1"]
-    t5_tokens = [TOKEN] + [f"{TOKEN}_{i}" for i in range(1, t5_vectors)]
+def _readme_lines(pipe, root, family, t5_vectors):
+    """The README's loading lines. FLUX: stock ``pipe.load_textual_inversion`` per file (the first is the stock
+    one-liner). SD3: its pipeline lacks diffusers' ``TextualInversionLoaderMixin`` (0.42), so the README adds the
+    tokens and sets their rows."""
+
     if family == "flux":
-        pipe.load_textual_inversion(state["clip_l"], token=clip_tokens, text_encoder=pipe.text_encoder,
-                                    tokenizer=pipe.tokenizer)
-        if "t5" in state:
-            pipe.load_textual_inversion(state["t5"], token=t5_tokens, text_encoder=pipe.text_encoder_2,
+        pipe.load_textual_inversion(str(root / "learned_embeds.safetensors"))
+        if (root / "learned_embeds_t5.safetensors").is_file():
+            pipe.load_textual_inversion(str(root / "learned_embeds_t5.safetensors"), text_encoder=pipe.text_encoder_2,
                                         tokenizer=pipe.tokenizer_2)
         return
-    for key, encoder, tokenizer in (("clip_l", pipe.text_encoder, pipe.tokenizer),
-                                    ("clip_g", pipe.text_encoder_2, pipe.tokenizer_2),
-                                    ("t5", pipe.text_encoder_3, pipe.tokenizer_3)):
-        if key in state:
-            tokens = [TOKEN] + [f"{TOKEN}_{i}" for i in range(1, len(state[key]))]
+    for name, encoder, tokenizer in (("learned_embeds.safetensors", pipe.text_encoder, pipe.tokenizer),
+                                     ("learned_embeds_clip_g.safetensors", pipe.text_encoder_2, pipe.tokenizer_2),
+                                     ("learned_embeds_t5.safetensors", pipe.text_encoder_3, pipe.tokenizer_3)):
+        if (root / name).is_file():
+            vectors = load_file(str(root / name))[TOKEN]
+            tokens = [TOKEN] + [f"{TOKEN}_{i}" for i in range(1, len(vectors))]
             tokenizer.add_tokens(tokens)
             encoder.resize_token_embeddings(max(len(tokenizer), encoder.get_input_embeddings().num_embeddings))
             with torch.no_grad():
-                encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(tokens)] = state[key].to(
+                encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(tokens)] = vectors.to(
                     encoder.dtype)
 
 
@@ -182,8 +187,7 @@ def test_export_round_trips_through_the_stock_pipeline(trained, folders):
     with torch.no_grad():
         mine = module.encode_text(prompts)
         pipe = _stock(folders, family)
-        state = load_file(str(root / "learned_embeds.safetensors"))
-        _readme_lines(pipe, state, family, t5_vectors)
+        _readme_lines(pipe, root, family, t5_vectors)
         states, pooled = _pipeline_text(pipe, family, prompts)
         torch.testing.assert_close(pooled, mine["pooled_projections"], atol=1e-5, rtol=0)
         torch.testing.assert_close(states, mine["encoder_hidden_states"], atol=1e-5, rtol=0)
@@ -262,9 +266,11 @@ def test_dreambooth_lora_identifier_tokens_round_trip(folders, family, t5, tmp_p
         expected = {"flux": ["text_encoder", "text_encoder_2"], "sd3": ["text_encoder", "text_encoder_2"]}[family]
         assert names == expected
         files = module.export_token_embeddings(tmp_path)
-        assert files == ["learned_embeds.safetensors"]
-        with safe_open(str(tmp_path / files[0]), framework="pt") as handle:
-            assert sorted(handle.keys()) == (["clip_l", "t5"] if family == "flux" else ["clip_g", "clip_l"])
+        second = "learned_embeds_t5.safetensors" if family == "flux" else "learned_embeds_clip_g.safetensors"
+        assert files == ["learned_embeds.safetensors", second]
+        for name in files:  # each keyed by the token: the stock one-liner never registers a token named "clip_l"
+            with safe_open(str(tmp_path / name), framework="pt") as handle:
+                assert list(handle.keys()) == [TOKEN]
         pipe = _stock(folders, family)
         from lightning_custom.methods.finetuning import FineTuningModule
 

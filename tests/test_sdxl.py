@@ -204,24 +204,37 @@ def test_textual_inversion_trains_the_token_in_both_encoders_only(trained_ti, ti
 
 
 def test_textual_inversion_export_round_trips_through_the_sdxl_pipeline(trained_ti, tiny_sdxl):
+    """One file per encoder in diffusers' one-key format (issue 27, item 15): the stock one-liner loads the first
+    encoder's vectors under the right token (before: a file keyed clip_l/clip_g, on which it raised a ValueError
+    that printed the tensor), and the same call with the second encoder loads the other."""
     module, root = trained_ti
-    path = root / "learned_embeds.safetensors"
-    with safe_open(str(path), framework="pt") as handle:
-        assert sorted(handle.keys()) == ["clip_g", "clip_l"] and handle.metadata()["token"] == "<cat-toy>"
-        shapes = {k: tuple(handle.get_tensor(k).shape) for k in ("clip_l", "clip_g")}
-    assert shapes == {"clip_l": (2, 32), "clip_g": (2, 32)}
-    # the README's two loading lines
-    from safetensors.torch import load_file
-
+    shapes = {}
+    for name in ("learned_embeds.safetensors", "learned_embeds_clip_g.safetensors"):
+        with safe_open(str(root / name), framework="pt") as handle:
+            assert list(handle.keys()) == ["<cat-toy>"]
+            shapes[name] = tuple(handle.get_tensor("<cat-toy>").shape)
+    assert shapes == {"learned_embeds.safetensors": (2, 32), "learned_embeds_clip_g.safetensors": (2, 32)}
+    # the README's two loading lines, stock diffusers
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    state = load_file(str(path))
-    pipe.load_textual_inversion(state["clip_l"], token="<cat-toy>", text_encoder=pipe.text_encoder,
-                                tokenizer=pipe.tokenizer)
-    pipe.load_textual_inversion(state["clip_g"], token="<cat-toy>", text_encoder=pipe.text_encoder_2,
+    pipe.load_textual_inversion(str(root / "learned_embeds.safetensors"))
+    pipe.load_textual_inversion(str(root / "learned_embeds_clip_g.safetensors"), text_encoder=pipe.text_encoder_2,
                                 tokenizer=pipe.tokenizer_2)
     assert_same_as_pipeline(module, pipe, [PROMPT, "a photo of a toy"])
     # and the package's own loader (used by `sample` and `evaluate`)
     other = TextualInversion.load_into_pipeline(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl), root)
+    assert_same_as_pipeline(module, other, [PROMPT])
+
+
+def test_the_older_one_file_sdxl_format_still_loads(trained_ti, tiny_sdxl, tmp_path):
+    """Runs written before (one file keyed clip_l / clip_g, the token in its metadata) load as they did."""
+    from safetensors.torch import load_file, save_file
+
+    module, root = trained_ti
+    first, second = (load_file(str(root / n))["<cat-toy>"] for n in ("learned_embeds.safetensors",
+                                                                    "learned_embeds_clip_g.safetensors"))
+    save_file({"clip_l": first, "clip_g": second}, str(tmp_path / "learned_embeds.safetensors"),
+              metadata={"token": "<cat-toy>"})
+    other = TextualInversion.load_into_pipeline(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl), tmp_path)
     assert_same_as_pipeline(module, other, [PROMPT])
 
 
@@ -233,7 +246,7 @@ def test_dreambooth_lora_round_trips_through_load_lora_weights(tiny_sdxl, concep
     assert trainable == {"unet", "text_encoder", "text_encoder_2", "token_vectors", "token_vectors_2"}
     fit(module, ConceptDataModule(**data_kwargs(concept_dir, class_noun="toy")), tmp_path)
     assert json.loads((tmp_path / "summary.json").read_text())["artifacts"] == [
-        "pytorch_lora_weights.safetensors", "learned_embeds.safetensors"]
+        "pytorch_lora_weights.safetensors", "learned_embeds.safetensors", "learned_embeds_clip_g.safetensors"]
     with safe_open(str(tmp_path / "pytorch_lora_weights.safetensors"), framework="pt") as handle:
         prefixes = {key.split(".")[0] for key in list(handle.keys())}
     assert prefixes == {"unet", "text_encoder", "text_encoder_2"}
@@ -263,8 +276,9 @@ def test_custom_diffusion_round_trips_on_sdxl(tiny_sdxl, concept_dir, tmp_path):
                              initializer_token="toy", learning_rate=1e-2)
     assert len(module.cross_attention_layers()) > 0
     fit(module, ConceptDataModule(**data_kwargs(concept_dir, placeholder_token="<new1>", class_noun="toy")), tmp_path)
-    with safe_open(str(tmp_path / "<new1>.safetensors"), framework="pt") as handle:
-        assert sorted(handle.keys()) == ["clip_g", "clip_l"]
+    for name in ("<new1>.safetensors", "<new1>_clip_g.safetensors"):  # one file per encoder, keyed by the token
+        with safe_open(str(tmp_path / name), framework="pt") as handle:
+            assert list(handle.keys()) == ["<new1>"]
     pipe = CustomDiffusion.load_into_pipeline(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl), tmp_path)
     assert_same_as_pipeline(module, pipe, ["a photo of a <new1> toy", "a photo of a toy"])
 

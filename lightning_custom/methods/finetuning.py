@@ -16,19 +16,19 @@ from safetensors import safe_open
 
 from lightning_custom.data.class_images import merge_class_batch
 from lightning_custom.diffusion import prior_preservation_loss
-from lightning_custom.io import write_safetensors
 from lightning_custom.methods.base import PersonalizationModule
 from lightning_custom.methods.tokens import (
+    EmbeddingSlot,
     SDXL_EMBEDDING_KEYS,
     T5_EMBEDDING_KEY,
     TOKEN_METADATA_KEY,
-    EmbeddingSlot,
     TokenVectors,
     embedding_state,
     learn_new_tokens,
-    load_embeddings_file,
+    load_token_files,
     split_tokens,
     token_slots,
+    write_token_files,
 )
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
@@ -143,10 +143,9 @@ class FineTuningModule(PersonalizationModule):
         single = len(self.placeholder_tokens) == 1 and not self.token_file_per_token
         names = []
         for i, token in enumerate(self.placeholder_tokens):
-            name = LEARNED_EMBEDS if single else token_file_name(token)
-            state = self.token_embedding_state(i)
-            write_safetensors(Path(output_dir) / name, state, None if token in state else {TOKEN_METADATA_KEY: token})
-            names.append(name)
+            vectors = [v.vectors[i : i + 1] for v in self.token_vector_modules]
+            names += write_token_files(output_dir, self.token_slots, vectors, token,
+                                       LEARNED_EMBEDS if single else token_file_name(token))
         return names
 
     # ------------------------------------------------------------------------------------------------ losses
@@ -204,11 +203,12 @@ class FineTuningModule(PersonalizationModule):
             with safe_open(str(path), framework="pt") as handle:
                 keys, token = list(handle.keys()), (handle.metadata() or {}).get(TOKEN_METADATA_KEY)
             if token and SDXL_EMBEDDING_KEYS[0] in keys and set(keys) <= {*SDXL_EMBEDDING_KEYS, T5_EMBEDDING_KEY}:
-                keys = [token]
+                keys = [token]  # the older one-file multi-encoder format
             elif len(keys) != 1:
                 continue
+            # a first-encoder file; its per-encoder siblings (<name>_clip_g...) are loaded with it
             if path.name == LEARNED_EMBEDS or token_file_name(keys[0]) == path.name:
-                tokens.extend(load_embeddings_file(pipe, path))
+                tokens.extend(load_token_files(pipe, path))
         return tokens
 
 

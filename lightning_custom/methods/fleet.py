@@ -25,16 +25,15 @@ import torch
 from torch import nn
 
 from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
-from lightning_custom.io import write_safetensors
 from lightning_custom.methods.base import rank_generator_state
 from lightning_custom.methods.textual_inversion import LEARNED_EMBEDS, TextualInversion
 from lightning_custom.methods.tokens import (
-    TOKEN_METADATA_KEY,
     CaptionTokenizer,
     embedding_state,
     expand_placeholder,
     learn_new_token,
     token_slots,
+    write_token_files,
 )
 
 
@@ -306,10 +305,8 @@ class TextualInversionFleet(TextualInversion):
         """Write concept ``name``'s ``learned_embeds.safetensors`` into ``output_dir`` (loads with
         ``pipe.load_textual_inversion``), as its own run would."""
         spec = next(s for s in self.concept_specs if s.name == name)
-        embeddings = self.concept_embeddings(name)
-        metadata = None if spec.placeholder_token in embeddings else {TOKEN_METADATA_KEY: spec.placeholder_token}
-        write_safetensors(Path(output_dir) / LEARNED_EMBEDS, embeddings, metadata)
-        return [LEARNED_EMBEDS]
+        return write_token_files(output_dir, self.token_slots, [v.vectors for v in self.concept_vectors[name]],
+                                 spec.placeholder_token, LEARNED_EMBEDS)
 
     def export_artifacts(self, output_dir: Path) -> list[str]:
         """One folder per concept, each with what its own run writes (nothing for a concept that diverged or went

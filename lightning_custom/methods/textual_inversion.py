@@ -12,10 +12,8 @@ from typing import Any
 
 import torch
 
-from lightning_custom.io import write_safetensors
 from lightning_custom.methods.base import PersonalizationModule
 from lightning_custom.methods.tokens import (
-    TOKEN_METADATA_KEY,
     CaptionTokenizer,
     EmbeddingSlot,
     TokenVectors,
@@ -23,9 +21,10 @@ from lightning_custom.methods.tokens import (
     expand_placeholder,
     expander,
     learn_new_token,
-    load_embeddings_file,
-    tokenize_captions,
+    load_token_files,
     token_slots,
+    tokenize_captions,
+    write_token_files,
 )
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
@@ -128,15 +127,14 @@ class TextualInversion(PersonalizationModule):
                                self.placeholder_token)
 
     def export_artifacts(self, output_dir: Path) -> list[str]:
-        """Write ``learned_embeds.safetensors`` for ``pipe.load_textual_inversion`` (SDXL, FLUX, SD3: one tensor
-        per encoder, the token in the metadata)."""
-        embeddings = self.learned_embeddings()
-        metadata = None if self.placeholder_token in embeddings else {TOKEN_METADATA_KEY: self.placeholder_token}
-        write_safetensors(Path(output_dir) / LEARNED_EMBEDS, embeddings, metadata)
-        return [LEARNED_EMBEDS]
+        """Write ``learned_embeds.safetensors`` for ``pipe.load_textual_inversion`` (the first text encoder's
+        vectors; SDXL, FLUX and SD3 also ``learned_embeds_clip_g.safetensors`` / ``..._t5.safetensors`` for the
+        others, each in the same one-key format: :func:`~lightning_custom.methods.tokens.write_token_files`)."""
+        return write_token_files(output_dir, self.token_slots, [v.vectors for v in self.token_vector_modules],
+                                 self.placeholder_token, LEARNED_EMBEDS)
 
     @staticmethod
     def load_into_pipeline(pipe: Any, run_dir: str | Path) -> Any:
-        """Load a finished run's ``learned_embeds.safetensors`` into a diffusers pipeline (SD, SDXL, FLUX, SD3)."""
-        load_embeddings_file(pipe, Path(run_dir) / LEARNED_EMBEDS)
+        """Load a finished run's token files into a diffusers pipeline (SD, SDXL, FLUX, SD3)."""
+        load_token_files(pipe, Path(run_dir) / LEARNED_EMBEDS)
         return pipe

@@ -399,6 +399,62 @@ def load_embeddings_file(pipe: Any, path: str | Path) -> list[str]:
     return [token]
 
 
+# ------------------------------------------------------------------------ one file per encoder (issue 27, item 15)
+# A learned token is written as one file per text encoder, each in diffusers' one-key format {token: (n, dim)}:
+# the stock one-liner pipe.load_textual_inversion("run/learned_embeds.safetensors") then loads the first (CLIP)
+# encoder's vectors under the right token, and the others load with the same call plus their encoder
+# (text_encoder=pipe.text_encoder_2, tokenizer=pipe.tokenizer_2). A single file keyed clip_l/clip_g/t5 (what this
+# package wrote before, and what A1111 / ComfyUI SDXL embeddings hold) made the one-liner register a token named
+# "clip_l", or raise a ValueError printing the tensor; load_embeddings_file still reads it.
+
+
+def sibling_file(first: str | Path, slot: EmbeddingSlot) -> Path:
+    """The file of ``slot``'s vectors beside ``first`` (the first encoder's): ``learned_embeds_clip_g.safetensors``,
+    ``learned_embeds_t5.safetensors``..."""
+    first = Path(first)
+    return first.with_name(f"{first.stem}_{slot.key}{first.suffix}")
+
+
+def write_token_files(output_dir: str | Path, slots: Sequence[EmbeddingSlot], vectors: Sequence[torch.Tensor],
+                      token: str, first_name: str) -> list[str]:
+    """Write ``token``'s vectors, one file per encoder of ``slots`` in diffusers' one-key format: ``first_name`` for
+    the first encoder, :func:`sibling_file` names for the others. Returns the file names."""
+    from lightning_custom.io import write_safetensors
+
+    names = []
+    for index, (slot, tensor) in enumerate(zip(slots, vectors)):
+        path = Path(output_dir) / first_name if index == 0 else sibling_file(Path(output_dir) / first_name, slot)
+        write_safetensors(path, {token: tensor.detach().float().cpu().clone()})
+        names.append(path.name)
+    return names
+
+
+def load_token_files(pipe: Any, first: str | Path) -> list[str]:
+    """Load a token written by :func:`write_token_files` into every encoder of ``pipe`` that has its file (or a
+    file of the older one-file multi-encoder format); return the token(s) added."""
+    from safetensors.torch import load_file
+
+    first = Path(first)
+    tensors = load_file(str(first))
+    if len(tensors) != 1 or set(tensors) & {*SDXL_EMBEDDING_KEYS, T5_EMBEDDING_KEY}:
+        return load_embeddings_file(pipe, first)  # the older multi-encoder file (token in its metadata)
+    slots = embedding_slots(pipeline_family(pipe))
+    (token, tensor), = tensors.items()
+    for index, slot in enumerate(slots):
+        path = first if index == 0 else sibling_file(first, slot)
+        if index and not path.is_file():
+            continue
+        vectors = tensor if index == 0 else next(iter(load_file(str(path)).values()))
+        encoder = getattr(pipe, slot.text_encoder, None)
+        if encoder is None:
+            if index:
+                continue  # a pipeline loaded without that encoder (e.g. SD3 without T5)
+            raise UserInputError(f"{first}: the pipeline has no {slot.text_encoder}")
+        load_textual_inversion(pipe, vectors, placeholder_names(token, vectors.shape[0]), encoder,
+                               getattr(pipe, slot.tokenizer))
+    return [token]
+
+
 def pipeline_prompts(pipe: Any, prompts: list[str]) -> dict[str, list[str]]:
     """The pipeline's prompt arguments with multi-vector tokens written out for each tokenizer.
 
