@@ -489,7 +489,8 @@ def fleet_concept_folders(run_dir: str | None) -> list[Path]:
     return [run / folder for folder in fleet_folders(run / "summary.json") if (run / folder / "summary.json").is_file()]
 
 
-PROGRAM = "python -m lightning_custom"
+# how the user started it: the console script, or the module
+PROGRAM = "lightning-custom" if Path(sys.argv[0]).name == "lightning-custom" else "python -m lightning_custom"
 TRAINER_SUBCOMMANDS = {"fit": "train a method on a concept; DVAR stops it (--config configs/quickstart.yaml)",
                        "validate": "L_det of a config's model on its fixed evaluation batch"}
 

@@ -42,3 +42,14 @@ def test_the_package_still_exports_its_classes_on_first_use():
     assert "DVAREarlyStopping" in dir(lightning_custom)
     with pytest.raises(AttributeError):
         lightning_custom.NoSuchName  # noqa: B018
+
+
+def test_the_console_script_takes_the_light_path_and_names_itself():
+    import tomllib
+
+    scripts = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["scripts"]
+    assert scripts == {"lightning-custom": "lightning_custom.__main__:main"}
+    result = subprocess.run([sys.executable, "-c", "import sys; sys.argv[0] = '/venv/bin/lightning-custom'; "
+                             "from lightning_custom.__main__ import main; main()"], capture_output=True, text=True,
+                            timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith("usage: lightning-custom <subcommand>")
