@@ -15,6 +15,7 @@ from settings_table import (
     Run,
     loss_informativeness,
     meets,
+    rule_of,
     stop_step,
 )
 
@@ -24,6 +25,7 @@ RULE_WORDS = {
     "late_improvement": "late improvement (fraction, span)",
     "fixed": "best single fixed budget over the calibration settings (steps)",
     "fixed_at_default": "fixed budget tuned at the default setting (steps)",
+    "full_length": "every run to its full length (the ceiling: a quality goal it misses, no rule can meet)",
 }
 
 
@@ -37,7 +39,8 @@ def write_report(result: dict, runs: list[Run], out: Path) -> None:
              "concept on 4 new backgrounds). Quality: the share of the identity gain kept, (identity at the stop - "
              "untrained) / (converged - untrained); converged: mean of the probes at 800-1200. Oracle: the first "
              f"scheduled probe keeping {ORACLE_SHARE:.0%} of the gain. Goals at every test setting: median share >= "
-             f"{MEDIAN_GOAL}, worst decile >= {WORST_GOAL}, mean steps <= {COST_GOAL} x the oracle's. Calibration "
+             f"{MEDIAN_GOAL}, worst decile >= {WORST_GOAL} (each capped at what training every run to 1200 steps "
+             f"keeps at that setting: the full_length row), mean steps <= {COST_GOAL} x the oracle's. Calibration "
              "settings: concepts 0-9; test settings: concepts 60-69 (neither the concepts nor the settings were used "
              "to choose a rule or its parameters).", ""]
     lines += instrument_section(runs, result)
@@ -114,11 +117,14 @@ def rules_section(result: dict) -> list[str]:
 
 
 def miss_words(s: dict) -> str:
+    from settings_table import goals
+
+    median, worst = goals(s)
     words = []
-    if s["median"] < MEDIAN_GOAL:
-        words.append(f"median {s['median']:.2f} < {MEDIAN_GOAL}")
-    if s["worst"] < WORST_GOAL:
-        words.append(f"worst decile {s['worst']:.2f} < {WORST_GOAL}")
+    if s["median"] < median:
+        words.append(f"median {s['median']:.2f} < {median:.2f}")
+    if s["worst"] < worst:
+        words.append(f"worst decile {s['worst']:.2f} < {worst:.2f}")
     if s["cost"] > COST_GOAL:
         words.append(f"{s['cost']:.2f}x the oracle's steps")
     return ", ".join(words)
@@ -151,7 +157,7 @@ def stops_figure(result: dict, path: Path) -> None:
     colours = {s: c for s, c in zip(settings, ["C0", "C1", "C2", "C3", "C4", "C5", "C6", "C7"])}
     for k, name in enumerate(names):
         ax = fig.add_subplot(1, len(names), k + 1)
-        rule = "fixed" if name.startswith("fixed") else name
+        rule = rule_of(name)
         for setting in settings:
             rs = result["test"][setting]
             ax.scatter([r.oracle for r in rs], [stop_step(r, rule, result["rows"][name]["params"]) for r in rs],
