@@ -129,9 +129,12 @@ def write_table(rows_file: Path, out: Path) -> None:
     lines = ["# Can the identity probe tell a trained concept from no training at all?", "",
              "Per run: the training prompt sampled at step 0 and at the run's last step, several probes each (own "
              "seeds); gain = converged - untrained (means), one probe's SD pooled over the two steps. Goal: gain >= "
-             f"{GOAL_RATIO:g} SDs of one probe for at least 90% of concepts. `python benchmarks/instrument.py` "
-             "rebuilds this page.", "",
-             "| method | measure | images per probe | runs | median untrained | median converged | median gain | "
+             f"{GOAL_RATIO:g} SDs of one probe for at least 90% of concepts. `cosine` is Table 1 v2's instrument "
+             "(the world encoder's cosine similarity to the concept images, training prompt); `discriminator` scores "
+             "the same images with the concept discriminator (world/identity.py); `discriminator_all_prompts` also "
+             "the images of the 4 evaluation prompts (the concept on new backgrounds). "
+             "`python benchmarks/instrument.py` rebuilds this page.", "",
+             "| method | measure | images per prompt (all_prompts: 5 prompts) | runs | median untrained | median converged | median gain | "
              "median probe SD | median gain / SD | concepts with gain >= 8 SD |", "|---|---|---|---|---|---|---|---|---|---|"]
     keys = sorted({(r["method"], m, r["images"]) for r in rows for m in MEASURES if m in r})
     for method, measure, images in keys:
