@@ -231,3 +231,19 @@ def test_the_classes_check_their_ranges_when_built(tiny_sd):
     for build, needle in cases:
         with pytest.raises(UserInputError, match=needle.replace(".", r"\.")):
             build()
+
+
+def test_a_window_of_fewer_than_four_values_warns_that_it_is_a_fixed_budget(tmp_path, caplog, tiny_sd, concept_dir,
+                                                                            single_thread):
+    """Table 1 v2's calibrated Textual Inversion setting (window 20, every 10) held 2 L_det values: its ratio falls
+    below any threshold after a few evaluations, whatever the loss does (issue 25)."""
+    with caplog.at_level(logging.WARNING, logger="lightning_custom"):
+        main(tiny_args(tmp_path, concept_dir, tiny_sd, "--trainer.max_steps", "40", "--dvar.window", "20",
+                       "--dvar.eval_every_n_steps", "10"))
+    warned = [r.getMessage() for r in caplog.records if "fixed budget in disguise" in r.getMessage()]
+    assert len(warned) == 1 and "holds 2 L_det values" in warned[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="lightning_custom"):
+        main(tiny_args(tmp_path, concept_dir, tiny_sd, "--trainer.max_steps", "40", "--dvar.window", "20",
+                       "--dvar.eval_every_n_steps", "5"))
+    assert not [r for r in caplog.records if "fixed budget in disguise" in r.getMessage()]  # 4 values: fine

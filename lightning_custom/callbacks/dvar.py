@@ -17,11 +17,15 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_custom.callbacks.final_files import DEFAULT_SNAPSHOT_MAX_MB, HealthyWeights
+from lightning_custom.callbacks.final_files import (
+    DEFAULT_SNAPSHOT_MAX_MB,
+    HealthyWeights,
+)
 from lightning_custom.callbacks.fleet_stops import FleetStops
 from lightning_custom.dvar import (
     DIVERGENCE_LOSS_TOLERANCE,
     DIVERGENCE_NORM_FACTOR,
+    MIN_RULE_VALUES,
     UNDERTRAINED_RELATIVE_SPREAD,
     barely_moved,
     head_values,
@@ -171,6 +175,13 @@ class DVAREarlyStopping(Callback):
             log.warning(
                 "DVAREarlyStopping: --dvar.window %d is longer than max_steps %d: DVAR can never fire; the run "
                 "ends at max_steps", self.window, min(limits),
+            )
+        if self.stop and self.window_values < MIN_RULE_VALUES and trainer.is_global_zero:
+            log.warning(
+                "DVAREarlyStopping: --dvar.window %d at --dvar.eval_every_n_steps %d holds %d L_det values; with fewer "
+                "than %d the ratio falls below any threshold after a few evaluations, whatever the loss does (a fixed "
+                "budget in disguise, benchmarks/results/settings_study): widen the window or evaluate more often",
+                self.window, self.eval_every_n_steps, self.window_values, MIN_RULE_VALUES,
             )
 
     def _take_over_validation_cadence(self, trainer: L.Trainer) -> None:
