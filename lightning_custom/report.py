@@ -12,7 +12,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_custom.dvar import head_values, ratio_series, window_in_values
+from lightning_custom.dvar import head_values, moving_average, ratio_series, window_in_values
 from lightning_custom.io import atomic_path
 
 REPORT_FILE = "report.png"
@@ -37,16 +37,6 @@ def points(rows: Any) -> np.ndarray:
     """``[[step, value], ...]`` as an ``(n, 2)`` float array; ``null`` (a non-finite value in JSON) becomes NaN."""
     return np.asarray([[np.nan if v is None else v for v in row] for row in rows or []],
                       dtype=np.float64).reshape(-1, 2)
-
-
-def moving_average(values: np.ndarray, width: int) -> np.ndarray:
-    """Trailing mean over up to ``width`` values (shorter at the start)."""
-    if len(values) == 0:
-        return values
-    cumsum = np.cumsum(np.insert(values.astype(np.float64), 0, 0.0))
-    index = np.arange(1, len(values) + 1)
-    lower = np.maximum(0, index - width)
-    return (cumsum[index] - cumsum[lower]) / (index - lower)
 
 
 def report_figure(summary: dict[str, Any]):

@@ -171,11 +171,11 @@ def pipeline_denoiser(pipe: Any) -> Any:
     raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
 
 
-def pipeline_family(pipe: Any) -> type | None:
-    """The model family whose pipeline class ``pipe`` is (``None`` for a class no family names)."""
-    from lightning_custom.families import FAMILIES
+def pipeline_family(pipe: Any) -> type:
+    """The model family whose pipeline class ``pipe`` is (:func:`lightning_custom.families.family_of_pipeline`)."""
+    from lightning_custom.families import family_of_pipeline
 
-    return next((f for f in FAMILIES if f.pipeline_class_name == type(pipe).__name__), None)
+    return family_of_pipeline(pipe)
 
 
 SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"

@@ -13,6 +13,7 @@ from lightning_custom.errors import UserInputError
 from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts
 
 __all__ = ["FAMILIES", "FlowMatchingOptions", "ModelFamily", "ModelParts", "detect_family", "family_named",
+           "family_of_pipeline",
            "load_model", "read_model_configs"]
 
 
@@ -37,6 +38,16 @@ class _Registry:
 
 #: Every family, most specific first. A new family is added in :func:`_families`.
 FAMILIES = _Registry()
+
+
+def family_of_pipeline(pipe: Any) -> type[ModelFamily]:
+    """The model family of a diffusers pipeline, by its class name (``FluxImg2ImgPipeline`` is FLUX's); Stable
+    Diffusion 1.x/2.x for a class no family names."""
+    from lightning_custom.families.stable_diffusion import StableDiffusionFamily
+
+    name = type(pipe).__name__
+    matches = [f for f in FAMILIES if name.startswith(f.pipeline_class_name.removesuffix("Pipeline"))]
+    return max(matches, key=lambda f: len(f.pipeline_class_name), default=StableDiffusionFamily)
 
 
 def family_named(name: str) -> type[ModelFamily]:

@@ -323,14 +323,10 @@ def sdxl_embeddings(vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
 
 
 def pipeline_family(pipe: Any) -> Any:
-    """The model family of a diffusers pipeline, by its class name (``FluxImg2ImgPipeline`` is FLUX's); SD if none."""
-    from lightning_custom.families import FAMILIES
-    from lightning_custom.families.stable_diffusion import StableDiffusionFamily
+    """The model family of a diffusers pipeline (:func:`lightning_custom.families.family_of_pipeline`)."""
+    from lightning_custom.families import family_of_pipeline
 
-    name = type(pipe).__name__
-    matches = [f for f in FAMILIES if name.startswith(f.pipeline_class_name.removesuffix("Pipeline"))]
-    return max(matches, key=lambda f: len(f.pipeline_class_name), default=StableDiffusionFamily)
-
+    return family_of_pipeline(pipe)
 
 def load_textual_inversion(pipe: Any, embeddings: torch.Tensor, tokens: list[str], text_encoder: Any,
                            tokenizer: Any) -> None:
