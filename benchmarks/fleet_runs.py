@@ -26,14 +26,17 @@ from typing import Any
 
 import yaml
 
-FLEET_CLASS = "lightning_custom.methods.TextualInversionFleet"
+# a single run's method -> its fleet, and the single run's arguments the fleet does not take (it always learns one
+# new token per concept, as DreamBoothLoRA with train_token_embedding does)
+FLEETS = {"TextualInversion": ("lightning_custom.methods.TextualInversionFleet", ()),
+          "DreamBoothLoRA": ("lightning_custom.methods.DreamBoothLoRAFleet", ("train_token_embedding",))}
 PROBE_CLASS = "lightning_custom.world.probe.WorldProbe"
 SNAPSHOT_CLASS = "lightning_custom.world.probe.TrainableSnapshots"
 
 
 def fleet_config(singles: dict[str, dict[str, Any]], fleet_dir: Path, forward: str = "batched") -> dict[str, Any]:
-    """One ``TextualInversionFleet`` config that trains every concept of ``singles`` (folder name -> its single
-    Textual Inversion run config) as its own run would: the same model, data and DVAR settings, seeds and length,
+    """One fleet config (``TextualInversionFleet``, ``DreamBoothLoRAFleet``) that trains every concept of ``singles``
+    (folder name -> its single run config) as its own run would: the same model, data and DVAR settings, seeds and length,
     DVAR observing, snapshots into each single run's ``snapshots/`` and no live probe (probed afterwards).
 
     Raises:
@@ -41,8 +44,11 @@ def fleet_config(singles: dict[str, dict[str, Any]], fleet_dir: Path, forward: s
     """
     configs = list(singles.values())
     first = copy.deepcopy(configs[0])
-    if first["model"]["class_path"].rsplit(".", 1)[-1] != "TextualInversion":
-        raise ValueError(f"fleet_config: only Textual Inversion trains as a fleet, not {first['model']['class_path']}")
+    method = first["model"]["class_path"].rsplit(".", 1)[-1]
+    if method not in FLEETS:
+        raise ValueError(f"fleet_config: {method} does not train as a fleet (only {sorted(FLEETS)})")
+    if method == "DreamBoothLoRA" and not first["model"]["init_args"].get("train_token_embedding"):
+        raise ValueError("fleet_config: a DreamBooth-LoRA fleet learns a token per concept (train_token_embedding)")
     for name, config in singles.items():
         if setting_of(config) != setting_of(configs[0]):
             raise ValueError(f"fleet_config: {name}'s config differs from the first one's beyond its concept")
@@ -50,10 +56,14 @@ def fleet_config(singles: dict[str, dict[str, Any]], fleet_dir: Path, forward: s
                  "placeholder_token": c["model"]["init_args"]["placeholder_token"],
                  "initializer_token": c["model"]["init_args"]["initializer_token"],
                  # its own run's passes over its images: they set its shuffle, so its batches are its run's
-                 "repeats": c["data"]["init_args"].get("repeats", 100)} for name, c in singles.items()]
+                 "repeats": c["data"]["init_args"].get("repeats", 100),
+                 **({"class_noun": c["data"]["init_args"]["class_noun"]}
+                    if c["data"]["init_args"].get("class_noun") else {})} for name, c in singles.items()]
     model, data = first["model"]["init_args"], first["data"]["init_args"]
-    first["model"]["class_path"] = FLEET_CLASS
-    model.pop("placeholder_token")
+    first["model"]["class_path"], dropped = FLEETS[method]
+    for key in ("placeholder_token", *dropped):
+        model.pop(key, None)
+    data.pop("class_noun", None)  # each concept's own, in the concepts list
     model.update(concepts=concepts, forward=forward)
     data["concepts"] = concepts
     first["trainer"]["default_root_dir"] = str(fleet_dir)
@@ -75,7 +85,7 @@ def setting_of(config: dict[str, Any]) -> str:
     stripped = copy.deepcopy(config)
     for key in ("placeholder_token", "initializer_token"):
         stripped["model"]["init_args"].pop(key, None)
-    for key in ("instance_data_dir", "repeats"):
+    for key in ("instance_data_dir", "repeats", "class_noun"):
         stripped["data"]["init_args"].pop(key, None)
     stripped["trainer"].pop("default_root_dir", None)
     stripped["trainer"]["callbacks"] = [c["class_path"] for c in stripped["trainer"].get("callbacks", [])]

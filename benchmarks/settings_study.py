@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import table1_v2 as v2  # noqa: E402  (long run configs, run folders)
 
 ROOT = Path(__file__).resolve().parents[1]
-METHOD = "textual_inversion"
+METHOD = ["textual_inversion"]  # --method
 PROBE_SCHEDULE = (0, 10, 20, 30, 40, 50, 60, 80, 100, 120, 150, 200, 250, 300, 400, 500, 600, 800, 1000, 1200)
 PROBE_IMAGES = 4  # per prompt; a probe samples the training prompt and every evaluation prompt (20 images)
 
@@ -47,9 +47,10 @@ class Setting:
     lr_factor: float = 1.0
     images: int | None = None  # concept images (None: the concept's own 4-6)
     batch_size: int = 2
+    rank: int | None = None  # LoRA rank (None: the quickstart's 4)
 
 
-SETTINGS = (
+COMMON_SETTINGS = (
     Setting("lr_x1", "calibration"), Setting("lr_x0.25", "calibration", lr_factor=0.25),
     Setting("lr_x4", "calibration", lr_factor=4.0), Setting("images_2", "calibration", images=2),
     Setting("images_8", "calibration", images=8),
@@ -57,6 +58,11 @@ SETTINGS = (
     Setting("test_lr_x2", "test", lr_factor=2.0), Setting("test_images_4", "test", images=4),
     Setting("test_batch_1", "test", batch_size=1), Setting("test_batch_4", "test", batch_size=4),
 )
+SETTINGS_BY_METHOD = {
+    "textual_inversion": COMMON_SETTINGS,
+    "dreambooth_lora": (*COMMON_SETTINGS, Setting("test_rank_16", "test", rank=16),
+                        Setting("test_rank_64", "test", rank=64)),
+}
 CONCEPTS = {"calibration": range(0, 10), "test": range(60, 70)}
 
 
@@ -72,9 +78,11 @@ def with_images(concept, count: int | None):
 
 def run_config(setting: Setting, concept, work: Path, args) -> dict:
     """The single Textual Inversion run of ``concept`` at ``setting`` (Table 1 v2's long run, one axis moved)."""
-    config = v2.long_config(METHOD, concept, args)
+    config = v2.long_config(METHOD[0], concept, args)
     model, data = config["model"]["init_args"], config["data"]["init_args"]
     model["learning_rate"] = float(model["learning_rate"]) * setting.lr_factor
+    if setting.rank is not None:
+        model["rank"] = setting.rank
     data["batch_size"] = setting.batch_size
     data["instance_data_dir"] = str(work / "concepts" / setting.name / concept.name)
     data["repeats"] = max(1, -(-args.steps * setting.batch_size // len(concept.image_seeds)) + 1)
@@ -140,7 +148,7 @@ def run_phase(args) -> int:
     from lightning_custom.world.concepts import make_concept
 
     work, results = Path(args.workdir), Path(args.results)
-    wanted = [s for s in SETTINGS if not args.settings or s.name in args.settings]
+    wanted = [s for s in SETTINGS_BY_METHOD[METHOD[0]] if not args.settings or s.name in args.settings]
     for setting in wanted:
         began = time.time()
         concepts = [with_images(make_concept(i, args.concept_seed), setting.images) for i in CONCEPTS[setting.split]]
@@ -159,7 +167,8 @@ def run_phase(args) -> int:
             target.mkdir(parents=True, exist_ok=True)
             slim = {k: v for k, v in summaries[concept.name].items() if k not in v2.BULKY_FIELDS}
             slim["setting"] = {"name": setting.name, "split": setting.split, "lr_factor": setting.lr_factor,
-                               "images": len(concept.image_seeds), "batch_size": setting.batch_size}
+                               "images": len(concept.image_seeds), "batch_size": setting.batch_size,
+                               "rank": setting.rank, "method": METHOD[0]}
             (target / "summary.json").write_text(json.dumps(slim, separators=(",", ":")) + "\n")
             probe_run(run_dir, singles[concept.name][1], concept, list(PROBE_SCHEDULE), target)
         print(f"[{time.strftime('%H:%M:%S')}] {setting.name}: trained in {trained:.0f}s, probed in "
@@ -170,14 +179,21 @@ def run_phase(args) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("phase", choices=("run",))
+    parser.add_argument("--method", choices=sorted(SETTINGS_BY_METHOD), default="textual_inversion",
+                        help="dreambooth_lora trains DreamBoothLoRAFleet (a token and a LoRA per concept); its work "
+                             "and results folders get a _lora suffix by default")
     parser.add_argument("--settings", nargs="*", default=None, help="only these settings (names in SETTINGS)")
     parser.add_argument("--steps", type=int, default=1200, help="run length (the slowest setting must converge)")
-    parser.add_argument("--workdir", default="runs/settings-study")
-    parser.add_argument("--results", default=str(ROOT / "benchmarks" / "results" / "settings_study"))
+    parser.add_argument("--workdir", default=None, help="default runs/settings-study (_lora)")
+    parser.add_argument("--results", default=None, help="default benchmarks/results/settings_study (_lora)")
     parser.add_argument("--concept-seed", type=int, default=v2.DEFAULT_CONCEPT_SEED)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--encoder", default=None)
     args = parser.parse_args(argv)
+    METHOD[:] = [args.method]
+    suffix = "" if args.method == "textual_inversion" else "_lora"
+    args.workdir = args.workdir or f"runs/settings-study{suffix.replace('_', '-')}"
+    args.results = args.results or str(ROOT / "benchmarks" / "results" / f"settings_study{suffix}")
     # Table 1 v2's long-run settings that this study keeps (its probes are taken here, on PROBE_SCHEDULE)
     args = argparse.Namespace(**vars(args), probe_every=25, probe_images=PROBE_IMAGES, probe_inference_steps=10,
                               class_images=4, accelerator=None)
