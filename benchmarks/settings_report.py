@@ -102,10 +102,16 @@ def rules_section(result: dict) -> list[str]:
     if not result["test"]:
         lines += ["No test setting has finished yet: nothing is claimed.", ""]
         return lines
+    from lightning_custom.calibrate import spearman
+
+    test_runs = [r for rs in result["test"].values() for r in rs]
     for name, met in verdicts.items():
         misses = [f"{s} ({miss_words(st)})" for s, ok, st in met if not ok]
+        stops = [stop_step(r, rule_of(name), result["rows"][name]["params"]) for r in test_runs]
+        rho = spearman(stops, [r.oracle for r in test_runs])
+        follows = f" Its stops follow the oracle's across the test runs with Spearman {rho:.2f}." if rho == rho else ""
         lines.append(f"- **{name}**: " + (f"meets the goals at every test setting ({len(met)})." if not misses else
-                                           "misses at " + "; ".join(misses) + "."))
+                                           "misses at " + "; ".join(misses) + ".") + follows)
     fixed = result["fixed_meeting_all"]
     lines += ["", ("No single fixed budget of the grid (10-1200 steps) meets the goals at every test setting."
                    if not fixed else f"Fixed budgets that meet the goals at every test setting: {fixed[0]}-"
