@@ -104,10 +104,9 @@ def test_small_images_warn_naming_the_file(tmp_path, caplog):
     with caplog.at_level(logging.WARNING, logger="lightning_custom"):
         ConceptDataModule(**data_kwargs(str(tmp_path), resolution=16))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-    assert len(warned) == 2, warned
-    assert any("dot.png" in w and "1x1" in w for w in warned)
-    assert any("strip.png" in w and "40x7" in w for w in warned)
-    assert all("\n" not in w for w in warned)
+    assert len(warned) == 1, warned  # one line for the folder, naming each small file (issue 27, item 13)
+    assert "dot.png 1x1" in warned[0] and "strip.png 40x7" in warned[0] and "fine.png" not in warned[0]
+    assert "2 of 3 concept images" in warned[0] and "\n" not in warned[0]
 
 
 def truncated_png(path: Path) -> Path:

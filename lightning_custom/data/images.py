@@ -152,10 +152,12 @@ def warn_small_images(folder: str | Path, small: list[tuple[Path, tuple[int, int
     """One line for all the concept images far smaller than the training resolution (``small``: path, size)."""
     if not small:
         return
-    path, size = min(small, key=lambda item: min(item[1]))
-    log.warning("%s: %d of %d concept images are far smaller than the training resolution %d (the smallest, %s, "
-                "%dx%d px, is upscaled %.1fx)", folder, len(small), total, resolution, Path(path).name, size[0],
-                size[1], resolution / min(size))
+    smallest = sorted(small, key=lambda item: min(item[1]))
+    named = ", ".join(f"{Path(path).name} {size[0]}x{size[1]}" for path, size in smallest[:5])
+    more = f" and {len(small) - 5} more" if len(small) > 5 else ""
+    log.warning("%s: %d of %d concept images are far smaller than the training resolution %d px (%s%s; upscaled "
+                "up to %.1fx)", folder, len(small), total, resolution, named, more,
+                resolution / min(smallest[0][1]))
 
 
 def resize_shorter_side(image: Image.Image, resolution: int) -> Image.Image:
