@@ -31,9 +31,13 @@ RULE_WORDS = {
 
 def write_report(result: dict, runs: list[Run], out: Path) -> None:
     """Write ``settings_study.md``, ``stops_vs_oracle.png`` and ``loss_vs_identity.png`` into ``out``."""
-    lines = ["# Where an adaptive stop earns its keep: Textual Inversion across settings (issue 25)", "",
-             "Command: `python benchmarks/settings_study.py run` (training and probes), then "
-             "`python benchmarks/settings_table.py --probe-stops` (this page).", "",
+    method = (runs[0].meta.get("method") if runs else None) or "textual_inversion"
+    title = {"textual_inversion": "Textual Inversion", "dreambooth_lora": "DreamBooth-LoRA"}.get(method, method)
+    flag = "" if method == "textual_inversion" else f" --method {method}"
+    results = "" if method == "textual_inversion" else f" --results {out} --workdir runs/settings-study-lora"
+    lines = [f"# Where an adaptive stop earns its keep: {title} across settings (issue 25)", "",
+             f"Command: `python benchmarks/settings_study.py run{flag}` (training and probes), then "
+             f"`python benchmarks/settings_table.py --probe-stops{results}` (this page).", "",
              "Each setting: one fleet of 10 held-out world concepts, 1200 steps, L_det every 5 steps, probes on a log "
              "schedule (0-1200) with the concept discriminator over 20 images (4 per prompt; training prompt and the "
              "concept on 4 new backgrounds). Quality: the share of the identity gain kept, (identity at the stop - "
