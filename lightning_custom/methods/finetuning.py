@@ -23,7 +23,6 @@ from lightning_custom.methods.tokens import (
     T5_EMBEDDING_KEY,
     TOKEN_METADATA_KEY,
     TokenVectors,
-    embedding_state,
     learn_new_tokens,
     load_token_files,
     split_tokens,
@@ -125,18 +124,13 @@ class FineTuningModule(PersonalizationModule):
         vectors = self.token_vectors.vectors.detach().float().cpu()
         return {token: vectors[i : i + 1].clone() for i, token in enumerate(self.placeholder_tokens)}
 
-    def token_embedding_state(self, index: int) -> dict[str, torch.Tensor]:
-        """The file state of learned token ``index``: ``{token: (1, dim)}`` (SD), or ``{"clip_l": (1, dim), ...}``
-        with one tensor per encoder of :attr:`token_slots` (SDXL, FLUX, SD3)."""
-        vectors = [v.vectors[index : index + 1] for v in self.token_vector_modules]
-        return embedding_state(self.token_slots, vectors, self.placeholder_tokens[index])
-
     def export_token_embeddings(self, output_dir: Path) -> list[str]:
         """Write the learned tokens for ``pipe.load_textual_inversion``; return the file names.
 
         One token goes to ``learned_embeds.safetensors``; several (or with :attr:`token_file_per_token`) go to one
-        ``<token>.safetensors`` each, since diffusers loads one token per file. On SDXL, FLUX and SD3 a file holds
-        one ``(1, dim)`` tensor per encoder (``clip_l``, ``clip_g``, ``t5``), with the token in its metadata.
+        ``<token>.safetensors`` each, since diffusers loads one token per file. On SDXL, FLUX and SD3 each further
+        encoder's vectors go beside it (``learned_embeds_clip_g.safetensors``, ``<token>_t5.safetensors``...), every
+        file in diffusers' one-key format (:func:`~lightning_custom.methods.tokens.write_token_files`).
         """
         if self.token_vectors is None:
             return []

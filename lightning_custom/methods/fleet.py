@@ -290,7 +290,7 @@ class TextualInversionFleet(TextualInversion):
 
     # ----------------------------------------------------------------------------------------------- export
     def concept_embeddings(self, name: str) -> dict[str, torch.Tensor]:
-        """Concept ``name``'s file tensors, in diffusers' Textual Inversion formats (see ``learned_embeddings``)."""
+        """Concept ``name``'s vectors in one dict (see ``TextualInversion.learned_embeddings``)."""
         spec = next(s for s in self.concept_specs if s.name == name)
         vectors = [vectors.vectors for vectors in self.concept_vectors[name]]
         return embedding_state(self.token_slots, vectors, spec.placeholder_token)

@@ -120,9 +120,9 @@ class TextualInversion(PersonalizationModule):
 
     # ----------------------------------------------------------------------------------------------- export
     def learned_embeddings(self) -> dict[str, torch.Tensor]:
-        """The file's tensors, diffusers' Textual Inversion formats: SD ``{placeholder_token: (num_vectors, dim)}``;
-        SDXL ``{"clip_l", "clip_g"}``; FLUX ``{"clip_l"[, "t5"]}``; SD3 ``{"clip_l", "clip_g"[, "t5"]}``, each
-        ``(vectors, dim)``."""
+        """The learned vectors in one dict: SD ``{placeholder_token: (num_vectors, dim)}``; SDXL ``{"clip_l",
+        "clip_g"}``; FLUX ``{"clip_l"[, "t5"]}``; SD3 ``{"clip_l", "clip_g"[, "t5"]}`` (the one-file format of A1111
+        and ComfyUI; the run's own files hold one encoder each, see :meth:`export_artifacts`)."""
         return embedding_state(self.token_slots, [v.vectors for v in self.token_vector_modules],
                                self.placeholder_token)
 

@@ -317,11 +317,6 @@ def embedding_state(
     return {slot.key or token: v.detach().float().cpu().clone() for slot, v in zip(slots, vectors)}
 
 
-def sdxl_embeddings(vectors: list[torch.Tensor]) -> dict[str, torch.Tensor]:
-    """``{"clip_l": (n, 768), "clip_g": (n, 1280)}`` from the two text encoders' learned vectors."""
-    return {key: v.detach().float().cpu().clone() for key, v in zip(SDXL_EMBEDDING_KEYS, vectors)}
-
-
 def pipeline_family(pipe: Any) -> Any:
     """The model family of a diffusers pipeline (:func:`lightning_custom.families.family_of_pipeline`)."""
     from lightning_custom.families import family_of_pipeline
