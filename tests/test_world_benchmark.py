@@ -459,3 +459,45 @@ def test_table1_v2_fleet_mode_leaves_each_concept_its_single_runs_folder(tmp_pat
     first = load_file(str(v2.run_paths(fleet, "textual_inversion", concepts[0].name)[0] / "snapshots"
                           / "step-000005.safetensors"))["token_vectors.vectors"]
     assert not torch.equal(moved, first)  # the vectors trained (a snapshot of nothing would also be "equal")
+
+
+def test_fleet_config_turns_single_lora_runs_into_one_lora_fleet(tmp_path):
+    """benchmarks/fleet_runs.py: DreamBooth-LoRA runs (a new token each) become one DreamBoothLoRAFleet; each
+    concept keeps its class noun and repeats; runs of different settings, or LoRA without a learned token, are
+    refused."""
+    import copy
+    import importlib.util
+
+    load_table1()
+    spec = importlib.util.spec_from_file_location("fleet_runs", ROOT / "benchmarks" / "fleet_runs.py")
+    fleet_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fleet_runs)
+    base = {"model": {"class_path": "lightning_custom.methods.DreamBoothLoRA",
+                      "init_args": {"pretrained_model_name_or_path": "embedded", "placeholder_token": "<c000>",
+                                    "initializer_token": "star", "train_token_embedding": True, "rank": 4,
+                                    "learning_rate": 5e-4}},
+            "data": {"class_path": "lightning_custom.data.ConceptDataModule",
+                     "init_args": {"instance_data_dir": "a", "class_noun": "shape", "repeats": 7, "batch_size": 2}},
+            "trainer": {"default_root_dir": str(tmp_path / "runs" / "c000"), "callbacks": [
+                {"class_path": fleet_runs.SNAPSHOT_CLASS, "init_args": {"dirpath": "x"}}]},
+            "dvar": {"window": 40, "stop": False}}
+    other = copy.deepcopy(base)
+    other["model"]["init_args"].update(placeholder_token="<c001>", initializer_token="shape")
+    other["data"]["init_args"].update(instance_data_dir="b", repeats=9)
+    other["trainer"]["default_root_dir"] = str(tmp_path / "runs" / "c001")
+    config = fleet_runs.fleet_config({"c000": base, "c001": other}, tmp_path / "fleet")
+    assert config["model"]["class_path"] == "lightning_custom.methods.DreamBoothLoRAFleet"
+    model = config["model"]["init_args"]
+    assert "placeholder_token" not in model and "train_token_embedding" not in model and model["rank"] == 4
+    assert [c["class_noun"] for c in model["concepts"]] == ["shape", "shape"]
+    assert [c["repeats"] for c in model["concepts"]] == [7, 9] and "class_noun" not in config["data"]["init_args"]
+    assert config["trainer"]["callbacks"][0]["init_args"]["dirpath"] == str(tmp_path / "runs" / "{concept}" /
+                                                                            "snapshots")
+    different = copy.deepcopy(other)
+    different["model"]["init_args"]["rank"] = 16
+    with pytest.raises(ValueError, match="differs"):
+        fleet_runs.fleet_config({"c000": base, "c001": different}, tmp_path / "fleet")
+    no_token = copy.deepcopy(base)
+    no_token["model"]["init_args"]["train_token_embedding"] = False
+    with pytest.raises(ValueError, match="token per concept"):
+        fleet_runs.fleet_config({"c000": no_token}, tmp_path / "fleet")
