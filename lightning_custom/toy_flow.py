@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lightning_custom.toy_models import COMMON_WORDS, TEMPLATE_WORDS, build_clip_tokenizer
+from lightning_custom.offline_tokenizers import build_clip_tokenizer, build_t5_tokenizer  # noqa: F401 - re-exported
 
 __all__ = [
     "FLUX_SCHEDULER",
@@ -72,31 +72,6 @@ def _tiny_clip(seed: int, width: int, with_projection: bool) -> tuple[Any, Any]:
     torch.manual_seed(seed)
     model = (CLIPTextModelWithProjection if with_projection else CLIPTextModel)(config)
     return model.eval(), tokenizer
-
-
-def build_t5_tokenizer(model_max_length: int = 32) -> Any:
-    """Builds an offline word-level tokenizer standing in for T5's SentencePiece one.
-
-    Ids: ``<pad>`` 0, ``</s>`` 1, ``<unk>`` 2 (T5's order), then one id per known word; an ``</s>`` is appended.
-
-    Args:
-        model_max_length: The tokenizer's maximum length (the pipelines' ``max_sequence_length``).
-
-    Returns:
-        A ``transformers.PreTrainedTokenizerFast``.
-    """
-    from tokenizers import Tokenizer, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-
-    words = dict.fromkeys(w.lower() for w in (*TEMPLATE_WORDS, *COMMON_WORDS))
-    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{word: 3 + i for i, word in enumerate(words)}}
-    backend = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
-    backend.pre_tokenizer = pre_tokenizers.Whitespace()
-    backend.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
-    return PreTrainedTokenizerFast(
-        tokenizer_object=backend, pad_token="<pad>", eos_token="</s>", unk_token="<unk>",
-        model_max_length=model_max_length,
-    )
 
 
 def _tiny_t5(seed: int, width: int) -> tuple[Any, Any]:

@@ -28,7 +28,7 @@ def staging_model_path() -> str:
 
 def build_world_tokenizer() -> Any:
     """The offline CLIP tokenizer with every world word (and the template words) as one token, 32 tokens long."""
-    from lightning_custom.toy_models import build_clip_tokenizer
+    from lightning_custom.offline_tokenizers import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(vocabulary())
     tokenizer.model_max_length = MAX_TOKENS
