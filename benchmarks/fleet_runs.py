@@ -115,9 +115,10 @@ def finish_concept(fleet_dir: Path, name: str, config: dict[str, Any], config_fi
         write_json(run_dir / "summary.json", summary)
         return summary
     start = time.time()
-    scores = probe_snapshots(config_file, run_dir / "snapshots", probe_steps(config))
+    steps = probe_steps(config)
+    scores = probe_snapshots(config_file, run_dir / "snapshots", steps)
     seconds = time.time() - start
-    every = probe_steps(config)[1]
+    every = steps[1]
     summary.update(world_probe_history=[[step, *rows[0]] for step, rows in sorted(scores.items())],
                    world_probe_seconds=round(seconds, 3), world_probe_every_n_steps=every,
                    world_probe_note="probed after training from the snapshots (trained in a fleet)")
