@@ -89,6 +89,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--images", type=int, nargs="+", default=[2, 8], help="images per probe")
     parser.add_argument("--groups", type=int, default=8, help="probes per step (their SD is one probe's noise)")
     parser.add_argument("--concept-seed", type=int, default=2024)
+    parser.add_argument("--settings", nargs="+", default=None,
+                        help="read a settings study's work folder (settings_study.py: runs/<setting>/<concept>/) at "
+                             "these settings instead of Table 1 v2's (runs/full/<method>/<concept>/)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "instrument")
     args = parser.parse_args(argv)
     from lightning_custom.world.concepts import make_concept
@@ -98,29 +101,46 @@ def main(argv: list[str] | None = None) -> int:
     rows_file = args.out / "instrument_runs.jsonl"
     done = {(r["method"], r["run"], r["images"]) for r in map(json.loads, rows_file.read_text().splitlines())
             } if rows_file.is_file() else set()
-    for method in args.methods:
-        for run_dir in sorted((args.workdir / "runs" / "full" / method).iterdir()):
-            if args.concepts and not any(run_dir.name.startswith(p) for p in args.concepts.split(",")):
+    for method, run_dir, config_file in study_runs(args):
+        if args.concepts and not any(run_dir.name.startswith(p) for p in args.concepts.split(",")):
+            continue
+        steps = snapshot_steps(run_dir / "snapshots")
+        if not steps or not config_file.is_file():
+            continue
+        concept = make_concept(int(run_dir.name[1:4]), args.concept_seed)
+        for images in args.images:
+            if (method, run_dir.name, images) in done:
                 continue
-            steps = snapshot_steps(run_dir / "snapshots")
-            config_file = args.workdir / "configs" / method / f"{run_dir.name}.yaml"
-            if not steps or not config_file.is_file():
-                continue
-            concept = make_concept(int(run_dir.name[1:4]), args.concept_seed)
-            for images in args.images:
-                if (method, run_dir.name, images) in done:
-                    continue
-                measured = measure_run(config_file, run_dir / "snapshots", steps[-1], concept, images, args.groups)
-                row = {"method": method, "run": run_dir.name, "images": images, "groups": args.groups,
-                       "step": steps[-1], "scores": measured,
-                       **{m: summarise(s) for m, s in measured.items()}}
-                with rows_file.open("a") as f:
-                    f.write(json.dumps(row) + "\n")
-                print(f"{method} {run_dir.name} {images} images: " + ", ".join(
-                    f"{m} gain {row[m]['gain']:.3f} / sd {row[m]['probe_sd']:.3f} = {row[m]['ratio']:.1f}"
-                    for m in measured), flush=True)
+            measured = measure_run(config_file, run_dir / "snapshots", steps[-1], concept, images, args.groups)
+            row = {"method": method, "run": run_dir.name, "images": images, "groups": args.groups,
+                   "step": steps[-1], "scores": measured,
+                   **{m: summarise(s) for m, s in measured.items()}}
+            with rows_file.open("a") as f:
+                f.write(json.dumps(row) + "\n")
+            print(f"{method} {run_dir.name} {images} images: " + ", ".join(
+                f"{m} gain {row[m]['gain']:.3f} / sd {row[m]['probe_sd']:.3f} = {row[m]['ratio']:.1f}"
+                for m in measured), flush=True)
     write_table(rows_file, args.out / "instrument.md")
     return 0
+
+
+def study_runs(args) -> list[tuple[str, Path, Path]]:
+    """``(method, run folder, its config)`` for every run of the work folder: Table 1 v2's layout, or a settings
+    study's at ``args.settings`` (the method read from the setting's configs)."""
+    if not args.settings:
+        return [(method, run_dir, args.workdir / "configs" / method / f"{run_dir.name}.yaml")
+                for method in args.methods for run_dir in sorted((args.workdir / "runs" / "full" / method).iterdir())]
+    import yaml
+
+    found = []
+    for setting in args.settings:
+        for run_dir in sorted((args.workdir / "runs" / setting).glob("c[0-9][0-9][0-9]-*")):
+            config_file = args.workdir / "configs" / setting / f"{run_dir.name}.yaml"
+            if config_file.is_file():
+                class_path = yaml.safe_load(config_file.read_text())["model"]["class_path"]
+                method = "dreambooth_lora" if class_path.endswith("LoRA") else "textual_inversion"
+                found.append((f"{method} ({setting})", run_dir, config_file))
+    return found
 
 
 def write_table(rows_file: Path, out: Path) -> None:

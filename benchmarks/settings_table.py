@@ -38,13 +38,14 @@ PROBE_SD: dict[str, float] = {}  # {"sd": median SD of one probe over sampling s
 INSTRUMENT_MEASURE, INSTRUMENT_IMAGES = "discriminator_all_prompts", 4  # the study's probe: 4 images per prompt
 
 
-def measured_probe_sd(rows_file: Path) -> float | None:
-    """The median SD of one probe of the study's kind, measured over sampling seeds (``instrument_runs.jsonl``)."""
+def measured_probe_sd(rows_file: Path, method: str) -> float | None:
+    """The median SD of one probe of the study's kind, measured over sampling seeds (``instrument_runs.jsonl``),
+    for ``method`` (its rows are named ``method`` or ``method (setting)``)."""
     if not rows_file.is_file():
         return None
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     sds = [r[INSTRUMENT_MEASURE]["probe_sd"] for r in rows if r.get("images") == INSTRUMENT_IMAGES
-           and INSTRUMENT_MEASURE in r]
+           and INSTRUMENT_MEASURE in r and r["method"].split(" (")[0] == method]
     return float(np.median(sds)) if sds else None
 
 
@@ -263,10 +264,11 @@ def main(argv: list[str] | None = None) -> int:
     from settings_study import PROBE_SCHEDULE
 
     SCHEDULE.update(PROBE_SCHEDULE)
-    sd = measured_probe_sd(args.instrument / "instrument_runs.jsonl")
+    runs = load_runs(args.results)
+    methods = {r.meta.get("method", "textual_inversion") for r in runs}
+    sd = measured_probe_sd(args.instrument / "instrument_runs.jsonl", methods.pop()) if len(methods) == 1 else None
     if sd is not None:
         PROBE_SD["sd"] = sd
-    runs = load_runs(args.results)
     result = study(runs)
     if args.probe_stops:
         probe_stops(args, runs, result)

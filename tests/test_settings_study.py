@@ -91,3 +91,48 @@ def test_load_runs_reads_the_study_layout(table, tmp_path):
         "discriminator": 0.8}}}))
     (run,) = table.load_runs(tmp_path)
     assert run.setting == "lr_x1" and run.losses == [0.5, 0.4] and run.gain == pytest.approx(0.7)
+
+
+def test_measured_probe_sd_is_read_per_method(table, tmp_path):
+    rows = tmp_path / "instrument_runs.jsonl"
+    rows.write_text("\n".join(json.dumps({"method": m, "images": 4, "discriminator_all_prompts": {"probe_sd": sd}})
+                              for m, sd in [("textual_inversion", 0.04), ("textual_inversion", 0.06),
+                                            ("dreambooth_lora (test_lr_x1)", 0.03)]) + "\n")
+    assert table.measured_probe_sd(rows, "textual_inversion") == pytest.approx(0.05)
+    assert table.measured_probe_sd(rows, "dreambooth_lora") == pytest.approx(0.03)
+    assert table.measured_probe_sd(rows, "custom_diffusion") is None
+
+
+@pytest.fixture(scope="module")
+def signals(table):
+    spec = importlib.util.spec_from_file_location("alternative_signals", ROOT / "benchmarks" / "alternative_signals.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_t90_is_where_the_smoothed_signal_made_90_percent_of_its_drop(signals):
+    steps = list(range(0, 1201, 10))
+    values = [1 + math.exp(-s / 100) for s in steps]
+    # 90% of the drop at tau ln 10 = 230; the 4-value causal moving average lags it by 15 steps
+    assert 230 <= signals.t90(steps, values, 1200) <= 260
+    assert signals.t90(steps, [1.0] * len(steps), 1200) == 1200  # nothing dropped: never
+
+
+def test_a_signal_on_the_identity_time_scale_follows_the_oracle_and_ldet_on_a_fixed_one_does_not(table, signals):
+    """Runs at three time constants: a signal on each run's own time constant correlates with the oracle across
+    runs and settings; L_det falling on one time scale whatever the setting does not."""
+    runs, rows = [], []
+    for k, tau in enumerate((20.0, 60.0, 200.0)):
+        for i in range(6):
+            run = synthetic_run(table, f"tau{tau:g}", "test", tau, 10 * k + i)
+            runs.append(run)
+            steps = sorted(set(range(0, 1201, 40)) | set(run.probes))
+            own = [1 + math.exp(-s / tau) for s in steps]
+            fixed = [1 + math.exp(-s / 50.0) + 1e-3 * ((i + s) % 3) for s in steps]
+            rows.append({"setting": run.setting, "concept": run.concept, "steps": steps,
+                         "signals": {name: (own if name == "heldout" else fixed) for name in signals.SIGNALS}})
+    result = signals.analyse(rows, runs)
+    assert result["heldout"]["log_corr"] > 0.9 and result["heldout"]["setting_slope"] > 0.7
+    assert abs(result["ldet"]["setting_slope"]) < 0.2
+    assert result["heldout"]["median_spearman"] < -0.9
