@@ -1,0 +1,184 @@
+"""README.md and docs/*.md: every code block runs in a test or, where it cannot run here, is checked; every relative
+link resolves.
+
+A block runs as written (``test_the_block_runs_as_written``, slow: it trains) unless its info string says why not
+(``tests/doc_blocks.py``: ``gpu``, ``download``, ``cluster``, ``long``, ``placeholder``, ``ci``) or names a test that
+runs it with the tiny models (``test:FILE::NAME``). Every block, runnable or not, is checked in the default run:
+python compiles, shell passes ``bash -n``, every ``fit`` command line parses with the package's own CLI
+(``--print_config``: its config files exist and every option is accepted), every other subcommand's and script's
+options exist, and the README's set-up and test commands are what ``.ci/run`` does.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import os
+import re
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from tests.doc_blocks import DOC_FILES, PARSE_ONLY, ROOT, Block, anchors, blocks, commands, relative_links
+
+README = ROOT / "README.md"
+ALL_BLOCKS = blocks()
+SHELL = [b for b in ALL_BLOCKS if b.language == "bash"]
+
+
+def test_the_readme_is_at_most_200_lines():
+    assert len(README.read_text().splitlines()) <= 200
+
+
+def test_every_block_runs_or_says_why_it_cannot():
+    assert len(ALL_BLOCKS) >= 15 and any(b.runs_here for b in ALL_BLOCKS)
+    sources = {p.name: p.read_text() for p in (ROOT / "tests").glob("test_*.py")}
+    for block in ALL_BLOCKS:
+        assert block.language in ("bash", "python"), f"{block.id}: language {block.language!r}"
+        unknown = [w for w in block.words if w not in PARSE_ONLY]
+        assert not unknown, f"{block.id}: unknown words {unknown} (known: {sorted(PARSE_ONLY)}, test:FILE::NAME)"
+        for named in block.tests:
+            file, _, test = named.partition("::")
+            assert f"def {test}(" in sources.get(file, ""), f"{block.id}: no test {named}"
+            # the named test reads the block from its page (not a copy of it)
+            assert block.path.name in sources[file], f"{block.id}: {file} does not read {block.path.name}"
+
+
+@pytest.mark.parametrize("block", [b for b in ALL_BLOCKS if b.language == "python"], ids=lambda b: b.id)
+def test_python_blocks_compile(block):
+    compile(block.code, block.id, "exec")
+
+
+def test_shell_blocks_parse():
+    for block in SHELL:
+        result = subprocess.run(["bash", "-n"], input=block.code, capture_output=True, text=True)
+        assert result.returncode == 0, f"{block.id}: {result.stderr}"
+
+
+def _main(args: list[str]) -> tuple[int, str]:
+    """Run the package's CLI in-process; (exit status, stdout and stderr)."""
+    from lightning_custom.cli import main
+
+    out = io.StringIO()
+    code = 0
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(out):
+        try:
+            main(args)
+        except SystemExit as exit_:
+            code = exit_.code if isinstance(exit_.code, int) else (0 if exit_.code is None else 1)
+    return code, out.getvalue()
+
+
+def _options(args: list[str]) -> list[str]:
+    return [a.split("=", 1)[0] for a in args if a.startswith("--")]
+
+
+def test_shell_blocks_name_existing_configs_scripts_and_options(monkeypatch):
+    """What a block cannot run it still checks: each ``fit`` line parses in full (``--print_config`` validates its
+    config files and every option against the classes), each other subcommand's options are in its ``--help``,
+    each script exists and defines its options."""
+    monkeypatch.chdir(ROOT)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(sys, "argv", ["lightning_custom"])  # the CLI reads only the arguments it is given
+    helps: dict[str, str] = {}
+    checked = 0
+    for block in SHELL:
+        for args in commands(block):
+            where = f"{block.id}: {shlex.join(args)}"
+            if args[1:3] == ["-m", "lightning_custom"]:
+                sub = args[3]
+                for i, arg in enumerate(args):
+                    if arg == "--config":
+                        assert (ROOT / args[i + 1]).is_file(), f"{where}: no config {args[i + 1]}"
+                if sub == "fit":
+                    code, out = _main([*args[3:], "--print_config"])
+                    assert code == 0 and "trainer:" in out, f"{where}:\n{out[-2000:]}"
+                else:
+                    if sub not in helps:
+                        code, helps[sub] = _main([sub, "--help"])
+                        assert code == 0, helps[sub]
+                    for option in _options(args[4:]):
+                        assert re.search(rf"(^|\s){re.escape(option)}\b", helps[sub]), f"{where}: {option}"
+                checked += 1
+            elif args[1:3] == ["-m", "pytest"] or args[1:3] == ["-m", "venv"]:
+                assert "ci" in block.words, f"{where}: only the set-up and test commands of .ci/run"
+            else:
+                script = ROOT / args[1]
+                assert script.is_file(), f"{where}: no script {args[1]}"
+                source = script.read_text()
+                for option in _options(args[2:]):
+                    assert f'"{option}"' in source, f"{where}: {args[1]} has no option {option}"
+                checked += 1
+    assert checked >= 15
+
+
+def test_the_readme_set_up_and_test_commands_are_what_ci_runs():
+    """.ci/run sets up as the README says and then runs exactly the README's test command."""
+    ci = (ROOT / ".ci" / "run").read_text()
+    ci_lines = [line.strip() for line in ci.splitlines() if line.strip() and not line.strip().startswith("#")]
+    setup, test = (b for b in blocks(README) if "ci" in b.words)
+    assert test.code.strip() == "python -m pytest" == ci_lines[-1]
+    parts = [part.strip() for part in setup.code.strip().split(" && ")]
+    assert parts[:4] == ["python3 -m venv .venv", ". .venv/bin/activate", "pip install torch==2.13.0",
+                         'pip install -e ".[test]"'], parts
+    assert "python3 -m venv .venv" in ci_lines and ". .venv/bin/activate" in ci_lines
+    assert any(line.endswith("pip install --quiet torch==2.13.0") for line in ci_lines)
+    assert any(line.endswith('pip install --quiet -e ".[test]"') for line in ci_lines)
+    assert all(part.startswith("python -m lightning_custom ") for part in parts[4:])  # the main job
+
+
+@pytest.mark.parametrize("page", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_relative_links_point_to_existing_files_and_headings(page):
+    links = relative_links(page)
+    for link, target, anchor in links:
+        assert target.exists(), f"{page.name}: {link} -> {target} does not exist"
+        if anchor and target.suffix == ".md":
+            assert anchor in anchors(target), f"{page.name}: {link}: no heading #{anchor} in {target.name}"
+    if page == README:
+        linked = {target for _, target, _ in links}
+        assert {p.resolve() for p in DOC_FILES[1:]} <= linked, "a docs page the README does not link"
+
+
+# ------------------------------------------------------------------------------------ the blocks, run as written
+def run_block(code: str, language: str, cwd: Path) -> subprocess.CompletedProcess:
+    """Run a block in ``cwd`` as a reader would in the repository root, with ``python`` this interpreter; the
+    repository's folders are linked in, so what the block writes (``runs/...``) lands in ``cwd``."""
+    for name in ("configs", "benchmarks", "scripts", "examples"):
+        (cwd / name).symlink_to(ROOT / name)
+    bin_dir = cwd / ".bin"
+    bin_dir.mkdir()
+    (bin_dir / "python").write_text(f'#!/bin/sh\nexec {shlex.quote(sys.executable)} "$@"\n')
+    (bin_dir / "python").chmod(0o755)
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}", "HF_HUB_OFFLINE": "1",
+           "OMP_NUM_THREADS": "1", "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
+                                                                               os.environ.get("PYTHONPATH")]))}
+    if language == "bash":
+        command = ["bash", "-euo", "pipefail", "-c", code]
+    else:
+        (cwd / "block.py").write_text(code)
+        command = [sys.executable, "block.py"]
+    result = subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=1800)
+    assert result.returncode == 0, f"exit {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("block", [b for b in ALL_BLOCKS if b.runs_here], ids=lambda b: b.id)
+def test_the_block_runs_as_written(block: Block, tmp_path):
+    run_block(block.code, block.language, tmp_path)
+
+
+@pytest.mark.slow
+def test_the_readme_main_job_runs_as_written_after_the_set_up(tmp_path):
+    """The README's first command without its set-up (the environment these tests run in): the main job."""
+    setup = next(b for b in blocks(README) if "ci" in b.words and "lightning_custom" in b.code)
+    job = " && ".join(part for part in setup.code.strip().split(" && ") if part.startswith("python -m lightning_"))
+    result = run_block(job, "bash", tmp_path)
+    summary = json.loads((tmp_path / "runs" / "quickstart" / "summary.json").read_text())
+    assert summary["stopped_by"] == "dvar" and summary["stop_step"] < summary["max_steps"]
+    assert "identity similarity to the concept images: before" in result.stdout
+    assert (tmp_path / "runs" / "quickstart" / "before_after.png").is_file()
