@@ -34,6 +34,22 @@ def test_the_readme_is_at_most_200_lines():
     assert len(README.read_text().splitlines()) <= 200
 
 
+def test_the_readme_folder_tour_names_existing_paths():
+    """Each line of the README's tour names folders and modules that exist (bare names after a
+    ``lightning_custom/...`` path are in that path's folder), so a move of the package's files shows up here."""
+    tour = README.read_text().split("## The package\n", 1)[1].split("\n## ", 1)[0]
+    lines = [line for line in tour.splitlines() if line.startswith("- ")]
+    assert 5 <= len(lines) <= 10
+    for line in lines:
+        base = ROOT
+        for name in re.findall(r"`([^`]+)`", line):
+            if not (name.endswith(".py") or name.endswith("/")):
+                continue  # a class or a file name, not a path
+            if name.startswith("lightning_custom/"):
+                base = (ROOT / name).parent
+            assert list(ROOT.glob(name.rstrip("/"))) or list(base.glob(name.rstrip("/"))), f"{name}: {line}"
+
+
 def test_every_block_runs_or_says_why_it_cannot():
     assert len(ALL_BLOCKS) >= 15 and any(b.runs_here for b in ALL_BLOCKS)
     sources = {p.name: p.read_text() for p in (ROOT / "tests").glob("test_*.py")}
