@@ -11,6 +11,7 @@ options exist, and the README's set-up and test commands are what ``.ci/run`` do
 
 from __future__ import annotations
 
+import ast
 import contextlib
 import io
 import json
@@ -65,8 +66,40 @@ def test_every_block_runs_or_says_why_it_cannot():
 
 
 @pytest.mark.parametrize("block", [b for b in ALL_BLOCKS if b.language == "python"], ids=lambda b: b.id)
-def test_python_blocks_compile(block):
-    compile(block.code, block.id, "exec")
+def test_python_blocks_compile_and_their_imports_exist(block):
+    tree = compile(block.code, block.id, "exec", flags=ast.PyCF_ONLY_AST)
+    imports = ast.Module(body=[n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))], type_ignores=[])
+    exec(compile(imports, block.id, "exec"), {})  # what a parse-only block imports exists too
+
+
+def _bound_names(tree: ast.AST) -> set[str]:
+    names = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and isinstance(node.ctx, ast.Store):
+            names.add(node.id)
+        elif isinstance(node, (ast.FunctionDef, ast.ClassDef)):
+            names.add(node.name)
+        elif isinstance(node, ast.arg):
+            names.add(node.arg)
+        elif isinstance(node, (ast.Import, ast.ImportFrom)):
+            names.update((a.asname or a.name).split(".")[0] for a in node.names)
+    return names
+
+
+@pytest.mark.parametrize("page", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_blocks_use_only_names_they_or_earlier_blocks_of_their_page_define(page):
+    """A block a reader copies needs its imports: every name it reads is a builtin, or bound in it or in an earlier
+    python block of the same page (a page's blocks continue one another, as ``pipe`` does)."""
+    import builtins
+
+    known = set(dir(builtins))
+    for block in blocks(page):
+        if block.language != "python":
+            continue
+        tree = ast.parse(block.code)
+        known |= _bound_names(tree)
+        read = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name) and isinstance(n.ctx, ast.Load)}
+        assert not read - known, f"{block.id}: {sorted(read - known)} used but never imported or defined"
 
 
 def test_shell_blocks_parse():
