@@ -165,6 +165,29 @@ def test_shell_blocks_name_existing_configs_scripts_and_options(monkeypatch):
     assert checked >= 15
 
 
+METHOD_CLASSES = ("TextualInversion", "DreamBooth", "DreamBoothLoRA", "CustomDiffusion", "TextualInversionFleet",
+                  "DreamBoothLoRAFleet")
+
+
+def test_options_named_in_the_prose_exist(monkeypatch):
+    """Every ``--group.option`` the pages name outside code blocks is an option of ``fit``: in its ``--help``, or in
+    ``--model.help`` of a method / ``--data.help ConceptDataModule`` (which list ``--model.x`` for
+    ``--model.init_args.x``)."""
+    monkeypatch.setattr(sys, "argv", ["lightning_custom"])
+    helps = [_main(["fit", "--help"])[1], _main(["fit", "--data.help", "ConceptDataModule"])[1]]
+    helps += [_main(["fit", "--model.help", name])[1] for name in METHOD_CLASSES]
+    known = set(re.findall(r"--[\w.]+", "\n".join(helps))) | {f"--{g}.{k}" for g in ("model", "data")
+                                                               for k in ("class_path", "help")}
+    assert "--dvar.window" in known and "--model.placeholder_token" in known, helps[0][-2000:]
+    for page in DOC_FILES:
+        prose = re.sub(r"```.*?```", "", page.read_text(), flags=re.S)
+        for option in set(re.findall(r"--(?:model|data|dvar|trainer|sample|live_report|summary)\.[\w.]+", prose)):
+            option = re.sub(r"^--(model|data)\.init_args\.", r"--\1.", option.rstrip("."))
+            if option.startswith("--trainer.callbacks."):
+                continue  # a callback's own options, given after --trainer.callbacks+ (checked in the blocks)
+            assert option in known, f"{page.name}: {option} is not an option of fit"
+
+
 def test_the_readme_set_up_and_test_commands_are_what_ci_runs():
     """.ci/run sets up as the README says and then runs exactly the README's test command."""
     ci = (ROOT / ".ci" / "run").read_text()
