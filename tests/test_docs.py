@@ -4,9 +4,11 @@ link resolves.
 A block runs as written (``test_the_block_runs_as_written``, slow: it trains) unless its info string says why not
 (``tests/doc_blocks.py``: ``gpu``, ``download``, ``cluster``, ``long``, ``placeholder``, ``ci``) or names a test that
 runs it with the tiny models (``test:FILE::NAME``). Every block, runnable or not, is checked in the default run:
-python compiles, shell passes ``bash -n``, every ``fit`` command line parses with the package's own CLI
-(``--print_config``: its config files exist and every option is accepted), every other subcommand's and script's
-options exist, and the README's set-up and test commands are what ``.ci/run`` does.
+python compiles, its imports exist and it reads no name its page never binds; shell passes ``bash -n``, every
+``fit`` command line parses with the package's own CLI (``--print_config``: its config files exist and every option
+is accepted), every other subcommand's and script's options exist, and the README's set-up and test commands are
+what ``.ci/run`` does. Also: the options the prose names exist, the README's folder tour names existing paths, and
+the README stays within 200 lines.
 """
 
 from __future__ import annotations
