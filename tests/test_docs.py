@@ -217,6 +217,47 @@ def test_relative_links_point_to_existing_files_and_headings(page):
         assert {p.resolve() for p in DOC_FILES[1:]} <= linked, "a docs page the README does not link"
 
 
+def _expand_braces(pattern: str) -> list[str]:
+    match = re.search(r"\{([^{}]*)\}", pattern)
+    if not match:
+        return [pattern]
+    return [p for choice in match.group(1).split(",")
+            for p in _expand_braces(pattern[:match.start()] + choice + pattern[match.end():])]
+
+
+def _resolves(dotted: str) -> bool:
+    import importlib
+
+    parts = dotted.split(".")
+    for cut in range(len(parts), 0, -1):
+        try:
+            target = importlib.import_module(".".join(parts[:cut]))
+        except ImportError:
+            continue
+        try:
+            for name in parts[cut:]:
+                target = getattr(target, name)
+        except AttributeError:
+            return False
+        return True
+    return False
+
+
+@pytest.mark.parametrize("page", DOC_FILES, ids=lambda p: str(p.relative_to(ROOT)))
+def test_paths_and_python_names_the_pages_name_exist(page):
+    """Every repository path (``configs/...``, ``lightning_custom/...``, ``benchmarks/results/...``; globs and
+    ``{a,b}`` allowed) and every ``lightning_custom.x.Y`` name a page writes in backticks exists, so a moved file
+    or class shows up here."""
+    text = page.read_text()
+    spans = [span.replace("\n", "") for span in re.findall(r"`([^`]+)`", re.sub(r"```.*?```", "", text, flags=re.S))]
+    for span in spans:
+        if re.fullmatch(r"(lightning_custom|benchmarks|scripts|examples|configs|tests|checkpoints|docs)/[\w/.*{},-]*",
+                        span):
+            assert all(list(ROOT.glob(p.rstrip("/"))) for p in _expand_braces(span)), f"{page.name}: no {span}"
+        elif name := re.match(r"(lightning_custom(?:\.\w+)+)(?:\(|$)", span):
+            assert _resolves(name.group(1)), f"{page.name}: {span} does not import"
+
+
 # ------------------------------------------------------------------------------------ the blocks, run as written
 def run_block(code: str, language: str, cwd: Path) -> subprocess.CompletedProcess:
     """Run a block in ``cwd`` as a reader would in the repository root, with ``python`` this interpreter; the
