@@ -125,7 +125,7 @@ def commands(block: Block) -> list[list[str]]:
 
 def relative_links(path: Path) -> list[tuple[str, Path, str]]:
     """``(link, target file, anchor)`` for every relative markdown link or image of ``path``."""
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)
     found = []
     for link in re.findall(r"\]\(([^)\s]+)\)", text):
         if re.match(r"[a-z]+:", link):
@@ -137,9 +137,9 @@ def relative_links(path: Path) -> list[tuple[str, Path, str]]:
 
 def anchors(path: Path) -> set[str]:
     """GitHub's anchors for the headings of a markdown file."""
-    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.S)
+    text = re.sub(r"```.*?```", "", path.read_text(), flags=re.DOTALL)
     slugs = set()
-    for heading in re.findall(r"^#+ (.+)$", text, flags=re.M):
+    for heading in re.findall(r"^#+ (.+)$", text, flags=re.MULTILINE):
         slug = re.sub(r"[^\w\- ]", "", heading.strip().lower()).replace(" ", "-")
         slugs.add(slug)
     return slugs
