@@ -16,7 +16,6 @@ import pytest
 import torch
 from diffusers import FluxPipeline, StableDiffusion3Pipeline
 from safetensors import safe_open
-from safetensors.torch import load_file
 
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
@@ -24,6 +23,7 @@ from lightning_custom.methods import DreamBoothLoRA, TextualInversion
 from lightning_custom.methods.tokens import load_textual_inversion, pipeline_prompts
 from lightning_custom.toy_flow import save_tiny_flux, save_tiny_sd3
 from tests.conftest import data_kwargs, one_thread, ti_kwargs, trainer_kwargs
+from tests.doc_blocks import block_with, without_statements
 
 TOKEN = "<cat-toy>"
 PROMPT = f"a photo of {TOKEN} toy on the grass"
@@ -146,28 +146,18 @@ def test_export_holds_one_tensor_per_encoder(trained):
     assert shapes == expected
 
 
-def _readme_lines(pipe, root, family, t5_vectors):
-    """The README's loading lines. FLUX: stock ``pipe.load_textual_inversion`` per file (the first is the stock
-    one-liner). SD3: its pipeline lacks diffusers' ``TextualInversionLoaderMixin`` (0.42), so the README adds the
-    tokens and sets their rows."""
-
-    if family == "flux":
-        pipe.load_textual_inversion(str(root / "learned_embeds.safetensors"))
-        if (root / "learned_embeds_t5.safetensors").is_file():
-            pipe.load_textual_inversion(str(root / "learned_embeds_t5.safetensors"), text_encoder=pipe.text_encoder_2,
-                                        tokenizer=pipe.tokenizer_2)
-        return
-    for name, encoder, tokenizer in (("learned_embeds.safetensors", pipe.text_encoder, pipe.tokenizer),
-                                     ("learned_embeds_clip_g.safetensors", pipe.text_encoder_2, pipe.tokenizer_2),
-                                     ("learned_embeds_t5.safetensors", pipe.text_encoder_3, pipe.tokenizer_3)):
-        if (root / name).is_file():
-            vectors = load_file(str(root / name))[TOKEN]
-            tokens = [TOKEN] + [f"{TOKEN}_{i}" for i in range(1, len(vectors))]
-            tokenizer.add_tokens(tokens)
-            encoder.resize_token_embeddings(max(len(tokenizer), encoder.get_input_embeddings().num_embeddings))
-            with torch.no_grad():
-                encoder.get_input_embeddings().weight[tokenizer.convert_tokens_to_ids(tokens)] = vectors.to(
-                    encoder.dtype)
+def _doc_lines(pipe, root, family, t5_vectors):
+    """The loading lines of docs/model_families.md, run on the tiny pipeline and this run's folder. FLUX: stock
+    ``pipe.load_textual_inversion`` per file (the first is the stock one-liner; the T5 file's line only where T5
+    vectors trained, as its comment says). SD3: its pipeline lacks diffusers' ``TextualInversionLoaderMixin``
+    (0.42), so the page adds the tokens and sets their rows."""
+    page = Path(__file__).resolve().parents[1] / "docs" / "model_families.md"
+    block = block_with(page, "pipe.load_textual_inversion(\"runs/my-toy" if family == "flux" else "tokenizer_3")
+    drop = ['pipe("'] + ([] if (root / "learned_embeds_t5.safetensors").is_file() or family != "flux" else
+                         ["learned_embeds_t5"])
+    lines = without_statements(block.code, *drop).replace("runs/my-toy", str(root)).replace("<my-toy>", TOKEN)
+    assert "load_textual_inversion" in lines or family == "sd3"
+    exec(compile(lines, block.id, "exec"), {"pipe": pipe})
 
 
 def _pipeline_text(pipe, family, prompts):
@@ -187,7 +177,7 @@ def test_export_round_trips_through_the_stock_pipeline(trained, folders):
     with torch.no_grad():
         mine = module.encode_text(prompts)
         pipe = _stock(folders, family)
-        _readme_lines(pipe, root, family, t5_vectors)
+        _doc_lines(pipe, root, family, t5_vectors)
         states, pooled = _pipeline_text(pipe, family, prompts)
         torch.testing.assert_close(pooled, mine["pooled_projections"], atol=1e-5, rtol=0)
         torch.testing.assert_close(states, mine["encoder_hidden_states"], atol=1e-5, rtol=0)

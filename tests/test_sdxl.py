@@ -24,6 +24,7 @@ from lightning_custom.data.images import load_rgb_image, resize_shorter_side, to
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import CustomDiffusion, DreamBooth, DreamBoothLoRA, TextualInversion
 from tests.conftest import RESOLUTION, data_kwargs, one_thread, ti_kwargs, trainer_kwargs
+from tests.doc_blocks import block_with, without_statements
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "a photo of a <cat-toy> on the grass"
@@ -214,11 +215,12 @@ def test_textual_inversion_export_round_trips_through_the_sdxl_pipeline(trained_
             assert list(handle.keys()) == ["<cat-toy>"]
             shapes[name] = tuple(handle.get_tensor("<cat-toy>").shape)
     assert shapes == {"learned_embeds.safetensors": (2, 32), "learned_embeds_clip_g.safetensors": (2, 32)}
-    # the README's two loading lines, stock diffusers
+    # the loading lines of docs/model_families.md, stock diffusers, on the tiny model instead of SDXL base 1.0
+    block = block_with(ROOT / "docs" / "model_families.md", "StableDiffusionXLPipeline.from_pretrained")
+    lines = without_statements(block.code, "from_pretrained", 'pipe("').replace("runs/my-mug", str(root))
+    assert lines.count("pipe.load_textual_inversion(") == 2
     pipe = StableDiffusionXLPipeline.from_pretrained(tiny_sdxl)
-    pipe.load_textual_inversion(str(root / "learned_embeds.safetensors"))
-    pipe.load_textual_inversion(str(root / "learned_embeds_clip_g.safetensors"), text_encoder=pipe.text_encoder_2,
-                                tokenizer=pipe.tokenizer_2)
+    exec(compile(lines, block.id, "exec"), {"pipe": pipe})
     assert_same_as_pipeline(module, pipe, [PROMPT, "a photo of a toy"])
     # and the package's own loader (used by `sample` and `evaluate`)
     other = TextualInversion.load_into_pipeline(StableDiffusionXLPipeline.from_pretrained(tiny_sdxl), root)

@@ -248,17 +248,15 @@ def test_step_checkpoint_through_the_cli_keeps_every_checkpoint(tmp_path):
 
 
 # ------------------------------------------------------------------------------------------- use from Python
-def readme_python_blocks() -> list[str]:
-    """The code blocks of the README's "Use from Python" section."""
-    from pathlib import Path
+def python_api_blocks() -> list[str]:
+    """The code blocks of docs/python_api.md: the script, then the subclass."""
+    from tests.doc_blocks import ROOT, blocks
 
-    text = Path(__file__).resolve().parents[1].joinpath("README.md").read_text()
-    section = text.split("## Use from Python", 1)[1].split("\n## ", 1)[0]
-    return [block.split("```", 1)[0] for block in section.split("```python\n")[1:]]
+    return [block.code for block in blocks(ROOT / "docs" / "python_api.md") if block.language == "python"]
 
 
-def test_the_readme_python_script_trains_and_says_why_it_stopped(tmp_path, capsys):
-    script, subclass = readme_python_blocks()
+def test_the_python_api_script_trains_and_says_why_it_stopped(tmp_path, capsys):
+    script, subclass = python_api_blocks()
     # The tiny random model for speed; everything else as written (the embedded concept, 32 px, DVAR settings).
     fast = script.replace('"embedded", placeholder_token', '"embedded:tiny-sd", placeholder_token')
     fast = fast.replace('"runs/from_python"', repr(str(tmp_path / "plain")))
@@ -266,7 +264,7 @@ def test_the_readme_python_script_trains_and_says_why_it_stopped(tmp_path, capsy
     fast = fast.replace("DVAREarlyStopping(", "DVAREarlyStopping(undertrained_below=0, ")
     assert fast.count("embedded:tiny-sd") == 1 and str(tmp_path) in fast and "undertrained_below=0" in fast
     namespace: dict = {}
-    exec(compile(fast, "README.md", "exec"), namespace)
+    exec(compile(fast, "docs/python_api.md", "exec"), namespace)
     dvar, data, model = namespace["dvar"], namespace["data"], namespace["model"]
     assert data.placeholder_token == "<my-star>"  # taken from the model: the captions hold the trained token
     assert dvar.stopped_by == "dvar" and dvar.stop_step < 1000
@@ -274,11 +272,11 @@ def test_the_readme_python_script_trains_and_says_why_it_stopped(tmp_path, capsy
     assert f"dvar at step {dvar.stop_step}; the embedding moved by" in capsys.readouterr().out
     summary = json.loads((tmp_path / "plain" / "summary.json").read_text())
     assert summary["stopped_by"] == "dvar" and summary["placeholder_token"] == "<my-star>"
-    # The subclass in the README trains in its place.
-    exec(compile(subclass, "README.md", "exec"), namespace)
+    # The subclass on that page trains in its place.
+    exec(compile(subclass, "docs/python_api.md", "exec"), namespace)
     derived = fast.replace("model = TextualInversion(", "model = NormPenalizedInversion(")
     derived = derived.replace(repr(str(tmp_path / "plain")), repr(str(tmp_path / "derived")))
-    exec(compile(derived, "README.md", "exec"), namespace)
+    exec(compile(derived, "docs/python_api.md", "exec"), namespace)
     assert type(namespace["model"]).__name__ == "NormPenalizedInversion" and namespace["moved"] > 0.05
     assert namespace["dvar"].stopped_by == "dvar"
 
