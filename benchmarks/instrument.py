@@ -72,6 +72,16 @@ def measure_run(config_file: Path, snapshot_dir: Path, step: int, concept, image
     return out
 
 
+def ceiling_scores(concept, images: int, groups: int) -> list[float]:
+    """The instrument's ceiling: per probe, the discriminator's score of fresh renders of the concept itself (as a
+    model that learned it perfectly would draw it), ``images`` per prompt over the probe's 5 prompts."""
+    from lightning_custom.world.encoder import WorldEncoder
+    from lightning_custom.world.identity import ConceptDiscriminator, concept_renders
+
+    discriminator = ConceptDiscriminator(WorldEncoder.load(), concept)
+    return [discriminator.score(concept_renders(concept, 5 * images, seed=500 + group)) for group in range(groups)]
+
+
 def summarise(scores: dict[str, list[float]]) -> dict[str, float]:
     """Gain, the SD of one probe (pooled over the two steps) and their ratio."""
     a, b = np.array(scores["untrained"]), np.array(scores["converged"])
@@ -120,7 +130,15 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{method} {run_dir.name} {images} images: " + ", ".join(
                 f"{m} gain {row[m]['gain']:.3f} / sd {row[m]['probe_sd']:.3f} = {row[m]['ratio']:.1f}"
                 for m in measured), flush=True)
-    write_table(rows_file, args.out / "instrument.md")
+    ceilings_file = args.out / "instrument_ceiling.json"
+    ceilings = json.loads(ceilings_file.read_text()) if ceilings_file.is_file() else {}
+    for row in map(json.loads, rows_file.read_text().splitlines()):
+        key = f"{row['run']}:{row['images']}"
+        if key not in ceilings:
+            ceilings[key] = ceiling_scores(make_concept(int(row["run"][1:4]), args.concept_seed), row["images"],
+                                           row["groups"])
+            ceilings_file.write_text(json.dumps(ceilings, indent=1, sort_keys=True) + "\n")
+    write_table(rows_file, args.out / "instrument.md", ceilings)
     return 0
 
 
@@ -143,8 +161,9 @@ def study_runs(args) -> list[tuple[str, Path, Path]]:
     return found
 
 
-def write_table(rows_file: Path, out: Path) -> None:
-    """``instrument.md``: per method, measure and image count, the gain-to-noise of the concepts."""
+def write_table(rows_file: Path, out: Path, ceilings: dict[str, list[float]]) -> None:
+    """``instrument.md``: per method, measure and image count, the gain-to-noise of the concepts; and the
+    instrument's ceiling (what a perfectly learned concept would gain) against the method's converged gain."""
     rows = [json.loads(line) for line in rows_file.read_text().splitlines()]
     lines = ["# Can the identity probe tell a trained concept from no training at all?", "",
              "Per run: the training prompt sampled at step 0 and at the run's last step, several probes each (own "
@@ -165,6 +184,28 @@ def write_table(rows_file: Path, out: Path) -> None:
         lines.append(f"| {method} | {measure} | {images} | {len(picked)} | {med['untrained']:.3f} | "
                      f"{med['converged']:.3f} | {med['gain']:.3f} | {med['probe_sd']:.3f} | {med['ratio']:.1f} | "
                      f"{passing}/{len(picked)} ({100 * passing / len(picked):.0f}%) |")
+    lines += ["", "## Can the instrument see a learned concept? (its ceiling against the method's gain)", "",
+              "Ceiling: the discriminator's score (all prompts' measure) of fresh renders of the concept itself, as a "
+              "model that learned it perfectly would draw it, minus the untrained model's score, in SDs of one probe. "
+              "Where the ceiling clears 8 SDs and the converged gain does not, the instrument can see the concept "
+              "and the method did not learn it (to the instrument's eye): a fact about training, not about noise.", "",
+              "| method | images per prompt | runs | median ceiling gain / SD | runs with ceiling >= 8 SD | "
+              "median converged share of the ceiling | runs with converged gain >= 8 SD |", "|---|---|---|---|---|---|---|"]
+    measure = "discriminator_all_prompts"
+    for method, images in sorted({(r["method"], r["images"]) for r in rows if measure in r}):
+        picked = [r for r in rows if r["method"] == method and r["images"] == images
+                  and f"{r['run']}:{images}" in ceilings]
+        if not picked:
+            continue
+        ratios, shares = [], []
+        for r in picked:
+            top = float(np.mean(ceilings[f"{r['run']}:{images}"])) - r[measure]["untrained"]
+            ratios.append(top / r[measure]["probe_sd"])
+            shares.append(r[measure]["gain"] / top)
+        passing = sum(r[measure]["ratio"] >= GOAL_RATIO for r in picked)
+        lines.append(f"| {method} | {images} | {len(picked)} | {np.median(ratios):.1f} | "
+                     f"{sum(x >= GOAL_RATIO for x in ratios)}/{len(picked)} | {np.median(shares):.2f} | "
+                     f"{passing}/{len(picked)} |")
     lines += ["", "## Per run (gain / SD of one probe)", "", "| method | run | images | " + " | ".join(MEASURES) + " |",
               "|---|---|---|" + "---|" * len(MEASURES)]
     for r in rows:
