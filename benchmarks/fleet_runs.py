@@ -104,7 +104,7 @@ def finish_concept(fleet_dir: Path, name: str, config: dict[str, Any], config_fi
                    ) -> dict[str, Any]:
     """Turn concept ``name``'s part of a finished fleet into its single run's folder (returns its summary); with
     ``probe``, its ``WorldProbe``'s periodic probes are taken from the snapshots into ``world_probe_history``."""
-    from lightning_custom.io import write_json
+    from lightning_custom.runtime.io import write_json
     from lightning_custom.world.probe import probe_snapshots
 
     run_dir = Path(config["trainer"]["default_root_dir"])
@@ -149,7 +149,7 @@ def compare(single: Path, fleet: Path, method: str, window: int, threshold: floa
     setting (``window``, ``threshold``, ``eval_every``) and the identity there (exact probe)."""
     import statistics
 
-    from lightning_custom.calibrate import load_probed_run, stop_steps
+    from lightning_custom.dvar.calibrate import load_probed_run, stop_steps
 
     rows, diffs = [], {"converged": [], "at_stop": [], "stop": []}
     for folder in sorted((fleet / "probed_runs" / method).iterdir()):

@@ -41,12 +41,12 @@ from lightning_custom.errors import (
     UserInputError,
     exit_code_for,
 )
-from lightning_custom.interrupts import exit_code_of, forward_to_workers, report_exceptions_in_spawned_ranks
+from lightning_custom.runtime.interrupts import exit_code_of, forward_to_workers, report_exceptions_in_spawned_ranks
 from lightning_custom.methods.base import PersonalizationModule
-from lightning_custom.provenance import RunFolderSaveConfig
-from lightning_custom.quiet import quiet_expected_noise
-from lightning_custom.ranges import RANGES, check_ranges
-from lightning_custom.run_folder import (
+from lightning_custom.runs.provenance import RunFolderSaveConfig
+from lightning_custom.runtime.quiet import quiet_expected_noise
+from lightning_custom.runtime.ranges import RANGES, check_ranges
+from lightning_custom.runs.run_folder import (
     check_finished_run,
     check_output_dir,
     clear_earlier_run,
@@ -54,7 +54,7 @@ from lightning_custom.run_folder import (
     lock_run_folder,
     unlock_run_folder,
 )
-from lightning_custom.strategies import FSDP_STRATEGY_NAMES, DenoiserFSDPStrategy, apply_block_wrap_policy
+from lightning_custom.runtime.strategies import FSDP_STRATEGY_NAMES, DenoiserFSDPStrategy, apply_block_wrap_policy
 
 # Trainer defaults for personalization: DVAR validates on its own cadence; no sanity check is needed
 # because the evaluation batch is the same before and after the first step.
@@ -184,7 +184,7 @@ class PersonalizationCLI(LightningCLI):
         strategy = kwargs.get("strategy", trainer_config.get("strategy"))
         if isinstance(strategy, str) and strategy in FSDP_STRATEGY_NAMES:
             # Lightning's "fsdp" refuses a CPU (and accelerator "auto"), wraps nothing by default and cannot clip
-            # gradient norms; the denoiser's FSDP wraps its transformer blocks (lightning_custom.strategies).
+            # gradient norms; the denoiser's FSDP wraps its transformer blocks (lightning_custom.runtime.strategies).
             kwargs["strategy"] = DenoiserFSDPStrategy(cpu_offload=strategy == "fsdp_cpu_offload")
         trainer = super().instantiate_trainer(**kwargs)
         report_exceptions_in_spawned_ranks(trainer.strategy)  # ddp_spawn ranks save their state when interrupted
@@ -361,7 +361,7 @@ def where_it_went(folder: Path, summary: dict[str, Any]) -> str:
 
 
 def check_config_ranges(config: Any) -> None:
-    """Check every numeric argument of the parsed ``config`` against :data:`lightning_custom.ranges.RANGES`, before
+    """Check every numeric argument of the parsed ``config`` against :data:`lightning_custom.runtime.ranges.RANGES`, before
     any model loads (the classes check them again when built, for Python users)."""
     def as_dict(value: Any) -> dict[str, Any]:
         value = value.as_dict() if hasattr(value, "as_dict") else value

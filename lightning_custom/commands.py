@@ -85,7 +85,7 @@ def sample(
         device: auto, cpu, cuda, cuda:1, ...
         dtype: auto (on CUDA float16, bfloat16 for FLUX.1 and SD3; else float32), float32, float16 or bfloat16.
     """
-    from lightning_custom.sampling import sample_run
+    from lightning_custom.inference.sampling import sample_run
 
     manifest = sample_run(
         run_dir, _read_prompts(prompts, prompts_file), images_per_prompt=images_per_prompt, seed=seed,
@@ -146,7 +146,7 @@ def evaluate(
         base_model: load this base model instead of the one recorded in summary.json.
         output: where to write the metrics (default: <run_dir>/metrics.json).
     """
-    from lightning_custom.evaluate import METRIC_NAMES, evaluate_run
+    from lightning_custom.inference.evaluate import METRIC_NAMES, evaluate_run
 
     result = evaluate_run(
         run_dir, concept_dir=concept_dir, prompts=_read_prompts(prompts, prompts_file),
@@ -182,8 +182,8 @@ def replay(
         min_steps: never stop before this step (as --dvar.min_steps).
         output_dir: where to write replay.md/.csv/.json/.png (default: <run>/replay for one run, else ./replay).
     """
-    from lightning_custom.replay import DEFAULT_THRESHOLDS, DEFAULT_WINDOWS, markdown_table, write_replay
-    from lightning_custom.replay import replay as replay_runs
+    from lightning_custom.dvar.replay import DEFAULT_THRESHOLDS, DEFAULT_WINDOWS, markdown_table, write_replay
+    from lightning_custom.dvar.replay import replay as replay_runs
 
     result = replay_runs(runs, windows or DEFAULT_WINDOWS, thresholds or DEFAULT_THRESHOLDS, min_steps)
     if output_dir is None:
@@ -209,7 +209,7 @@ def calibrate(
     """Recommend DVAR's (window, threshold, eval period) from finished full-length runs that carry quality probes.
 
     The pick has the fewest mean steps among the settings whose median retention of the converged identity is at
-    least --target (see lightning_custom.calibrate for the definitions). Prints the trade-off table.
+    least --target (see lightning_custom.dvar.calibrate for the definitions). Prints the trade-off table.
 
     Args:
         runs: full-length run folders (DVAR observing, a WorldProbe attached), or folders searched for them.
@@ -225,9 +225,9 @@ def calibrate(
             uses 5).
         across: the runs are of several training settings, one folder per setting (learning rates, image counts,
             batch sizes): recommend one setting of DVAR that keeps --target at every one of them, and print each
-            setting's table (lightning_custom.calibrate_across).
+            setting's table (lightning_custom.dvar.calibrate_across).
     """
-    from lightning_custom import calibrate as cal
+    from lightning_custom.dvar import calibrate as cal
 
     probed = cal.load_probed_runs(runs)
     if across:
@@ -237,7 +237,7 @@ def calibrate(
     snippet = cal.yaml_snippet(result, len(probed))
     if output is None:
         output = str(_common_folder(runs) / "dvar_calibrated.yaml")
-    from lightning_custom.io import atomic_path
+    from lightning_custom.runtime.io import atomic_path
 
     with atomic_path(output) as tmp:
         Path(tmp).write_text(snippet)
@@ -251,8 +251,8 @@ def _calibrate_across(probed, runs, target, windows, thresholds, eval_every, bud
     """``calibrate --across true``: one DVAR setting for runs of several training settings."""
     import yaml
 
-    from lightning_custom import calibrate as cal
-    from lightning_custom.calibrate_across import across_table, calibrate_across, group_by_folder
+    from lightning_custom.dvar import calibrate as cal
+    from lightning_custom.dvar.calibrate_across import across_table, calibrate_across, group_by_folder
 
     groups = group_by_folder(probed)
     result = calibrate_across(groups, target, windows or cal.DEFAULT_WINDOWS, thresholds or cal.DEFAULT_THRESHOLDS,
@@ -266,7 +266,7 @@ def _calibrate_across(probed, runs, target, windows, thresholds, eval_every, bud
                    + yaml.safe_dump({"dvar": {"window": window, "threshold": threshold,
                                               "eval_every_n_steps": period}}, sort_keys=False))
     output = output or str(_common_folder(runs) / "dvar_calibrated.yaml")
-    from lightning_custom.io import atomic_path
+    from lightning_custom.runtime.io import atomic_path
 
     with atomic_path(output) as tmp:
         Path(tmp).write_text(snippet)
@@ -294,7 +294,7 @@ def gather(runs: list[str], output: str | None = None) -> list[dict]:
     Returns:
         One row per run (method, token, stop step, why it stopped, wall time, ...).
     """
-    from lightning_custom.gather import gather_table, markdown
+    from lightning_custom.runs.gather import gather_table, markdown
 
     rows = gather_table(list(runs), output)
     print(markdown(rows), end="")
@@ -341,8 +341,8 @@ def before_after(
     Returns:
         ``{"identity_before", "identity_after", "grid"}``.
     """
-    from lightning_custom.evaluate import before_after_run, is_flow_run
-    from lightning_custom.sampling import check_trained, read_summary
+    from lightning_custom.inference.evaluate import before_after_run, is_flow_run
+    from lightning_custom.inference.sampling import check_trained, read_summary
     from lightning_custom.world.quickstart import before_after as sample_before_after
 
     run = Path(run_dir)
@@ -376,7 +376,7 @@ def _initializer_token(run: Path) -> str:
     for ``--before_word``."""
     import yaml
 
-    from lightning_custom.sampling import read_summary
+    from lightning_custom.inference.sampling import read_summary
 
     summary = read_summary(run)
     concepts = summary.get("concepts") or [{}]
@@ -481,7 +481,7 @@ PER_RUN_COMMANDS = ("sample", "evaluate", "before_after")
 
 def fleet_concept_folders(run_dir: str | None) -> list[Path]:
     """The concept folders of a fleet's run folder (empty for any other folder)."""
-    from lightning_custom.gather import fleet_folders
+    from lightning_custom.runs.gather import fleet_folders
 
     if not run_dir:
         return []

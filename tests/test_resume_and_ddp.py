@@ -150,7 +150,7 @@ def test_two_process_ddp_resume_is_exact(tmp_path, tiny_sd, concept_dir):
 
 
 def test_learning_rate_scaling():
-    from lightning_custom.diffusion import scale_learning_rate
+    from lightning_custom.objectives.diffusion import scale_learning_rate
 
     assert scale_learning_rate(5e-3, batch_size=2) == pytest.approx(1e-2)
     assert scale_learning_rate(5e-3, batch_size=2, accumulate_grad_batches=4, num_devices=8) == pytest.approx(0.32)

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_custom.world.encoder import WorldEncoder
+from lightning_custom.synthetic.world_encoder import WorldEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def fake_summary() -> dict:
 
 
 def test_replay_variants_reads_each_stop_and_its_quality():
-    from lightning_custom.dvar import first_stop_index
+    from lightning_custom.dvar.rule import first_stop_index
 
     table1 = load_table1()
     settings = table1.MethodSettings("x.yaml", 12, 4, 0.15, patience=2, min_delta=0.02)
@@ -116,7 +116,7 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
 
     import torch
 
-    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.synthetic.world_concepts import heldout_concepts
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
     torch.manual_seed(0)  # the same random encoder every time
@@ -164,7 +164,7 @@ def test_replayed_snapshots_equal_the_kept_ones(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
 
-    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.synthetic.world_concepts import heldout_concepts
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
     torch.manual_seed(0)
@@ -189,7 +189,7 @@ def test_replayed_snapshots_equal_the_kept_ones(tmp_path, monkeypatch):
     # The table's --probe-missing takes that path when the snapshots are gone: step 15 is read at step 15.
     expected = probe_snapshots(config_file, kept, [15])[15][0]
     shutil.rmtree(kept)
-    from lightning_custom.calibrate import load_probed_run
+    from lightning_custom.dvar.calibrate import load_probed_run
 
     run = load_probed_run(tmp_path / "results" / "probed_runs" / "dreambooth" / name / "summary.json", name)
     run.exact.pop(15, None)
@@ -329,7 +329,7 @@ def test_shard_spec_refuses_a_share_outside_0_to_n_minus_1(spec, capsys):
 def test_table1_v2_held_out_seed_calibrates_on_the_committed_study(tmp_path):
     """--concept-seed S draws other concepts into their own folders; --calibration-results calibrates on another
     study's concepts 0-49 and tests on every run of this one (the check on concepts never used for settings)."""
-    from lightning_custom.world.concepts import make_concept
+    from lightning_custom.synthetic.world_concepts import make_concept
     from tests.test_calibrate import synthetic_run, write_run
 
     v2 = load_table1_v2()
@@ -360,9 +360,9 @@ def test_recolour_and_prior_fidelity_can_fail():
     prompt) fail. Rendered images scored by the shipped world encoder."""
     from dataclasses import replace
 
-    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.synthetic.world_concepts import heldout_concepts
     from lightning_custom.world.probe import FIDELITY_GROUPS, fidelity_checks, fidelity_scores
-    from lightning_custom.world.render import COLOURS, Attributes, render
+    from lightning_custom.synthetic.world_render import COLOURS, Attributes, render
 
     encoder = WorldEncoder.load(None)
     for concept in heldout_concepts(4):
@@ -395,7 +395,7 @@ def test_recolour_and_prior_fidelity_can_fail():
 
 
 def test_variant_verdict_wants_a_pareto_gain_larger_than_its_noise():
-    from lightning_custom.calibrate import Outcome
+    from lightning_custom.dvar.calibrate import Outcome
 
     v2 = load_table1_v2()
     retention = (0.9, 0.95, 0.97, 0.98, 0.99, 1.0, 0.96, 0.97, 0.99, 0.93)
@@ -424,7 +424,7 @@ def test_table1_v2_fleet_mode_leaves_each_concept_its_single_runs_folder(tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.synthetic.world_concepts import heldout_concepts
     from lightning_custom.world.probe import snapshot_steps
 
     torch.manual_seed(0)

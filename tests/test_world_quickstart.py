@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lightning_custom.components import embedded_concept_path, embedded_model_path, resolve_model_path
+from lightning_custom.families.components import embedded_concept_path, embedded_model_path, resolve_model_path
 from lightning_custom.errors import UserInputError
-from lightning_custom.world.encoder import WorldEncoder
+from lightning_custom.synthetic.world_encoder import WorldEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 IDENTITY_MARGIN = 0.10  # identity similarity after training minus before, on the example concept (measured: +0.15)
@@ -28,7 +28,7 @@ def fit_quickstart(root: Path, *extra: str) -> Path:
 
 def test_embedded_aliases_name_the_shipped_models_and_concepts():
     from lightning_custom.data.concept import _resolve_instance_dir
-    from lightning_custom.world.concepts import make_concept
+    from lightning_custom.synthetic.world_concepts import make_concept
 
     assert resolve_model_path("embedded") == embedded_model_path() and embedded_model_path().endswith("world-sd")
     assert resolve_model_path("embedded:world-sd") == embedded_model_path()
@@ -64,8 +64,8 @@ def test_quickstart_stops_by_dvar_and_learns_the_example_concept(tmp_path, singl
 
 
 def test_before_after_grid_on_the_tiny_model(tmp_path, tiny_sd, single_thread, monkeypatch):
-    from lightning_custom.world.concepts import make_concept
-    from lightning_custom.world.encoder import identity_similarity
+    from lightning_custom.synthetic.world_concepts import make_concept
+    from lightning_custom.synthetic.world_encoder import identity_similarity
     from lightning_custom.world.quickstart import before_after
 
     folder = make_concept(2).write_images(tmp_path / "concept", size=16)
@@ -79,7 +79,7 @@ def test_before_after_grid_on_the_tiny_model(tmp_path, tiny_sd, single_thread, m
         scored.append((list(generated), list(concept), identity_similarity(model, generated, concept)))
         return scored[-1][2]
 
-    monkeypatch.setattr("lightning_custom.world.encoder.identity_similarity", recording)
+    monkeypatch.setattr("lightning_custom.synthetic.world_encoder.identity_similarity", recording)
     result = before_after(run, before_word="star", num_images=2, num_inference_steps=2,
                           encoder=str(tmp_path / "encoder"))
     # the scores are those of the before and the after samples against the concept images

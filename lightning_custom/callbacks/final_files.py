@@ -12,7 +12,7 @@ import lightning as L
 import torch
 
 from lightning_custom.errors import FinalFilesNotWritten
-from lightning_custom.io import remove_path, write_safetensors
+from lightning_custom.runtime.io import remove_path, write_safetensors
 
 log = logging.getLogger(__name__)
 

@@ -19,7 +19,7 @@ FLEET_RUN_REASON = "every concept of the fleet has stopped"
 
 def concept_norm(pl_module: L.LightningModule, name: str) -> float:
     """The L2 norm of concept ``name``'s trainable vectors."""
-    from lightning_custom.callbacks.dvar import trainable_norm
+    from lightning_custom.dvar.callback import trainable_norm
 
     return trainable_norm(pl_module, pl_module.concept_parameters(name))
 
@@ -41,7 +41,7 @@ class FleetStops:
     def decide(self, callback: Any, trainer: L.Trainer, pl_module: L.LightningModule, step: int,
                values: dict[str, float], ratios: dict[str, float | None]) -> None:
         """Give every active concept its verdict at ``step`` (the same on every rank) and freeze those that stop."""
-        from lightning_custom.callbacks.dvar import STOP_KINDS
+        from lightning_custom.dvar.callback import STOP_KINDS
 
         active = [name for name in pl_module.active_concepts if f"{callback.monitor}/{name}" in values]
         verdicts = {}
@@ -79,7 +79,7 @@ class FleetStops:
 
     def run_verdict(self, step: int) -> tuple[str, str]:
         """The run's ``(stopped_by, reason)``: ``dvar`` if every concept stopped by DVAR, else the most severe."""
-        from lightning_custom.callbacks.dvar import STOP_KINDS
+        from lightning_custom.dvar.callback import STOP_KINDS
 
         kinds = [stop["stopped_by"] for stop in self.stops.values()]
         kind = max(kinds, key=STOP_KINDS.index) if kinds else "max_steps"

@@ -21,16 +21,16 @@ from typing_extensions import override
 from lightning_custom.callbacks.final_files import keep_what_was_trained, last_healthy_artifacts
 from lightning_custom.callbacks.fleet_stops import concept_summary
 from lightning_custom.callbacks.live_samples import SAMPLES_FOLDER
-from lightning_custom.interrupts import (
+from lightning_custom.runtime.interrupts import (
     CTRL_C_NAME,
     StopSignals,
     exit_code_of,
     stop_lightning_after_this_step,
 )
-from lightning_custom.io import publish, remove_path, replace_path, staging_folder, write_json
-from lightning_custom.summary_file import SUMMARY_FILE
-from lightning_custom.provenance import run_provenance
-from lightning_custom.run_folder import lock_run_folder, unlock_run_folder
+from lightning_custom.runtime.io import publish, remove_path, replace_path, staging_folder, write_json
+from lightning_custom.runs.summary import SUMMARY_FILE
+from lightning_custom.runs.provenance import run_provenance
+from lightning_custom.runs.run_folder import lock_run_folder, unlock_run_folder
 
 REPORT_FILE = "report.png"
 INTERRUPTED_CHECKPOINT = "checkpoints/interrupted.ckpt"
@@ -105,7 +105,7 @@ class RunSummary(Callback):
                 lock_run_folder(self.resolve_output_dir(trainer), self._folder_argument())
             # From here on (before Lightning registers its SIGTERM handler, right before training): ours is then
             # what its teardown puts back, so a SIGTERM during the final export is held too, and one while the
-            # model is set up or restored stops the run after its first step (lightning_custom.interrupts).
+            # model is set up or restored stops the run after its first step (lightning_custom.runtime.interrupts).
             self._signals.announce = trainer.is_global_zero
             self._signals.install(on_first_signal=lambda: self._on_first_signal(trainer))
 
@@ -332,7 +332,7 @@ class RunSummary(Callback):
         summary["dvar_seconds"] = round(self.dvar_seconds, 3)
         summary["dvar_share"] = round(self.dvar_seconds / wall, 4) if wall > 0 else 0.0
         if self.report:
-            from lightning_custom.report import write_report
+            from lightning_custom.dvar.report import write_report
 
             try:
                 write_report(summary, staging / REPORT_FILE)
@@ -361,7 +361,7 @@ class RunSummary(Callback):
             own = concept_summary(summary, pl_module, dvar, spec.name,
                                   sorted(p.name for p in folder.iterdir() if p.is_file()))
             if self.report:
-                from lightning_custom.report import write_report
+                from lightning_custom.dvar.report import write_report
 
                 try:
                     write_report(own, folder / REPORT_FILE)

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_custom.io import atomic_path, write_json
+from lightning_custom.runtime.io import atomic_path, write_json
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)

@@ -48,9 +48,9 @@ from lightning_custom.data.templates import (
     concept_phrase,
     format_prompt,
 )
-from lightning_custom.diffusion import distinct_timesteps
+from lightning_custom.objectives.diffusion import distinct_timesteps
 from lightning_custom.errors import UserInputError
-from lightning_custom.ranges import check_ranges
+from lightning_custom.runtime.ranges import check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -663,7 +663,7 @@ def check_data_config(data: Any) -> None:
 def _resolve_instance_dir(folder: str) -> str:
     """``"embedded"`` -> the example concept shipped with the package (``"embedded:cat-toy"``: the other one);
     ``"world:7"`` -> held-out concept 7 of the embedded world (``"world:7@5"``: drawn with seed 5, default 2024)."""
-    from lightning_custom.components import EMBEDDED_CONCEPTS, embedded_concept_path
+    from lightning_custom.families.components import EMBEDDED_CONCEPTS, embedded_concept_path
 
     if folder == "embedded":
         return embedded_concept_path()
@@ -681,8 +681,8 @@ WORLD_CONCEPT_SEED = 2024  # the seed of lightning_custom.world's held-out conce
 def world_concept_dir(index: int, seed: int = WORLD_CONCEPT_SEED) -> Path:
     """The images of held-out world concept ``index`` (drawn with ``seed``), rendered once into the cache."""
     from lightning_custom.data.class_images import default_cache_root
-    from lightning_custom.io import atomic_path
-    from lightning_custom.world.concepts import make_concept
+    from lightning_custom.runtime.io import atomic_path
+    from lightning_custom.synthetic.world_concepts import make_concept
 
     concept = make_concept(index, seed)
     folder = default_cache_root().parent / "world_concepts" / f"seed{seed}" / concept.name

@@ -53,7 +53,7 @@ class FlowMatchingOptions:
     resolution_shift: bool = True
 
     def density_kwargs(self) -> dict[str, Any]:
-        """The sigma-density arguments of :func:`lightning_custom.flow_matching.sample_sigmas` (and of
+        """The sigma-density arguments of :func:`lightning_custom.objectives.flow_matching.sample_sigmas` (and of
         ``fixed_evaluation_sigmas``): training and DVAR's fixed batch draw from the same density."""
         return {"weighting_scheme": self.weighting_scheme, "logit_mean": self.logit_mean,
                 "logit_std": self.logit_std, "mode_scale": self.mode_scale}
@@ -150,7 +150,7 @@ class ModelFamily(ABC):
 
     def scale_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents to the denoiser's input scale: ``(z - shift_factor) * scaling_factor``."""
-        from lightning_custom.diffusion import scale_latents
+        from lightning_custom.objectives.diffusion import scale_latents
 
         config = vae.config
         return scale_latents(latents, config.scaling_factor, getattr(config, "shift_factor", None))

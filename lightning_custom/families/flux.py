@@ -3,7 +3,7 @@
 Everything follows diffusers' own FLUX code: ``FluxPipeline.encode_prompt`` for the text states, and
 ``examples/dreambooth/train_dreambooth_lora_flux.py`` for the objective (2x2 latent packing, ``timestep = sigma``,
 the guidance input of FLUX.1-dev, velocity target ``noise - x``, ``compute_loss_weighting_for_sd3``). The math lives
-in :mod:`lightning_custom.flow_matching`; this module wires it to the components.
+in :mod:`lightning_custom.objectives.flow_matching`; this module wires it to the components.
 
 Unlike SD3, FLUX cannot encode a prompt without T5 (its transformer reads only T5's states as the text sequence),
 so a checkpoint without ``text_encoder_2`` is refused with a one-line error.
@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from lightning_custom import flow_matching as fm
+from lightning_custom.objectives import flow_matching as fm
 from lightning_custom.errors import UserInputError
 from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts, matches_flow_denoiser
 
@@ -78,7 +78,7 @@ class FluxFamily(ModelFamily):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
-        from lightning_custom.components import freeze, load_component, load_vae
+        from lightning_custom.families.components import freeze, load_component, load_vae
 
         _require_t5(source, revision)
         common = {"revision": revision}
@@ -227,7 +227,7 @@ class FluxFamily(ModelFamily):
         """
         from diffusers import FluxPipeline
 
-        from lightning_custom.io import atomic_path
+        from lightning_custom.runtime.io import atomic_path
 
         unknown = sorted(set(layers) - {"transformer", "text_encoder"})
         if unknown:

@@ -8,7 +8,7 @@ projections side by side. T5 is optional (diffusers runs SD3 without it, on zero
 The objective is that of diffusers' ``examples/dreambooth/train_dreambooth_lora_sd3.py`` without
 ``--precondition_outputs``: ``x_t = (1 - sigma) x + sigma * noise``, the target ``noise - x``, the transformer
 conditioned on the timestep ``1000 * sigma``; sigmas come from the scheduler's statically shifted schedule
-(``shift=3.0``) by the density of ``weighting_scheme`` (:mod:`lightning_custom.flow_matching`). SD3 has no
+(``shift=3.0``) by the density of ``weighting_scheme`` (:mod:`lightning_custom.objectives.flow_matching`). SD3 has no
 resolution-dependent shift. Nothing here depends on the transformer's size: SD3.5 Medium's dual-attention and
 QK-norm layers and SD3.5 Large use the same classes and code.
 """
@@ -22,7 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 import torch
 import torch.nn.functional as F
 
-from lightning_custom import flow_matching
+from lightning_custom.objectives import flow_matching
 from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts, matches_flow_denoiser
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -78,7 +78,7 @@ class SD3Family(ModelFamily):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-        from lightning_custom.components import freeze, load_component, load_vae, resolve_model_path
+        from lightning_custom.families.components import freeze, load_component, load_vae, resolve_model_path
         from lightning_custom.families import read_model_configs
 
         source = resolve_model_path(source)
@@ -247,7 +247,7 @@ class SD3Family(ModelFamily):
         """
         from diffusers import StableDiffusion3Pipeline
 
-        from lightning_custom.io import atomic_path
+        from lightning_custom.runtime.io import atomic_path
 
         unknown = sorted(set(layers) - set(LORA_COMPONENTS))
         if unknown or not layers:

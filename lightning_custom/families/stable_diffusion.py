@@ -12,8 +12,8 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
-from lightning_custom import sdxl
-from lightning_custom.diffusion import (
+from lightning_custom.objectives import sdxl
+from lightning_custom.objectives.diffusion import (
     add_noise,
     diffusion_mse,
     diffusion_target,
@@ -45,8 +45,8 @@ class StableDiffusionFamily(ModelFamily):
         dtype: torch.dtype = torch.float32, vae_name_or_path: str | None = None,
         options: FlowMatchingOptions | None = None,
     ) -> ModelParts:
-        """SD / SDXL parts through :func:`lightning_custom.components.load_components` (SDXL is told by its UNet)."""
-        from lightning_custom.components import load_components
+        """SD / SDXL parts through :func:`lightning_custom.families.components.load_components` (SDXL is told by its UNet)."""
+        from lightning_custom.families.components import load_components
         from lightning_custom.families import torch_dtype_name
 
         parts = load_components(source, revision=revision, variant=variant, weight_dtype=torch_dtype_name(dtype),
@@ -107,7 +107,7 @@ class StableDiffusionFamily(ModelFamily):
     # -------------------------------------------------------------------------------------------- pipeline
     def pipeline(self, parts: Any, scheduler: Any | None = None) -> Any:
         """``StableDiffusionPipeline`` (no safety checker) around the live components."""
-        from lightning_custom.components import assemble_pipeline
+        from lightning_custom.families.components import assemble_pipeline
 
         return assemble_pipeline(parts, scheduler if scheduler is not None else self.scheduler)
 
@@ -116,7 +116,7 @@ class StableDiffusionFamily(ModelFamily):
         """``StableDiffusion(XL)Pipeline.save_lora_weights`` with each part's layers and adapter metadata."""
         import diffusers
 
-        from lightning_custom.io import atomic_path
+        from lightning_custom.runtime.io import atomic_path
 
         kwargs: dict[str, Any] = {}
         for part, weights in layers.items():
@@ -157,7 +157,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
 
 def sd_model_parts(parts: Any, options: FlowMatchingOptions | None = None) -> ModelParts:
-    """Wrap :class:`~lightning_custom.components.StableDiffusionComponents` as :class:`ModelParts`."""
+    """Wrap :class:`~lightning_custom.families.components.StableDiffusionComponents` as :class:`ModelParts`."""
     family = StableDiffusionXLFamily if parts.is_sdxl else StableDiffusionFamily
     components = {"tokenizer": parts.tokenizer, "text_encoder": parts.text_encoder, "tokenizer_2": parts.tokenizer_2,
                   "text_encoder_2": parts.text_encoder_2, "vae": parts.vae, "unet": parts.unet,

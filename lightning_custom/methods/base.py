@@ -14,13 +14,13 @@ import torch
 from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_custom.components import WeightDtype, match_frozen_weights_to_precision
+from lightning_custom.families.components import WeightDtype, match_frozen_weights_to_precision
 from lightning_custom.data.concept import EvalBatchSpec
-from lightning_custom.diffusion import sample_latents, scale_learning_rate
+from lightning_custom.objectives.diffusion import sample_latents, scale_learning_rate
 from lightning_custom.errors import UserInputError
-from lightning_custom.ranges import check_ranges
+from lightning_custom.runtime.ranges import check_ranges
 from lightning_custom.families import FlowMatchingOptions, ModelFamily, ModelParts, load_model
-from lightning_custom.flow_matching import WeightingScheme
+from lightning_custom.objectives.flow_matching import WeightingScheme
 from lightning_custom.methods.tokens import CaptionTokenizer, batch_input_ids, tokenize_captions
 
 log = logging.getLogger(__name__)
@@ -527,7 +527,7 @@ class PersonalizationModule(L.LightningModule, ABC):
 
     def setup(self, stage: str) -> None:
         """Hold the frozen weights in a dtype the trainer's precision runs on its device (float16 on a CPU does not;
-        see :func:`~lightning_custom.components.match_frozen_weights_to_precision`)."""
+        see :func:`~lightning_custom.families.components.match_frozen_weights_to_precision`)."""
         if self._trainer is not None:
             device_type = self.trainer.strategy.root_device.type
             if match_frozen_weights_to_precision(self, self.trainer.precision, device_type):
@@ -579,7 +579,7 @@ class PersonalizationModule(L.LightningModule, ABC):
 
     def trained_weight_names(self) -> set[str]:
         """The names of the weights this run trains, as its checkpoints store them."""
-        from lightning_custom.strategies import plain_parameter_name  # FSDP prefixes the wrapped blocks' names
+        from lightning_custom.runtime.strategies import plain_parameter_name  # FSDP prefixes the wrapped blocks' names
 
         return {plain_parameter_name(name) for name, p in self.named_parameters() if p.requires_grad}
 

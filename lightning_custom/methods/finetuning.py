@@ -15,7 +15,7 @@ import torch
 from safetensors import safe_open
 
 from lightning_custom.data.class_images import merge_class_batch
-from lightning_custom.diffusion import prior_preservation_loss
+from lightning_custom.objectives.diffusion import prior_preservation_loss
 from lightning_custom.methods.base import PersonalizationModule
 from lightning_custom.methods.tokens import (
     EmbeddingSlot,

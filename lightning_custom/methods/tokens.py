@@ -410,7 +410,7 @@ def write_token_files(output_dir: str | Path, slots: Sequence[EmbeddingSlot], ve
                       token: str, first_name: str) -> list[str]:
     """Write ``token``'s vectors, one file per encoder of ``slots`` in diffusers' one-key format: ``first_name`` for
     the first encoder, :func:`sibling_file` names for the others. Returns the file names."""
-    from lightning_custom.io import write_safetensors
+    from lightning_custom.runtime.io import write_safetensors
 
     names = []
     for index, (slot, tensor) in enumerate(zip(slots, vectors)):

@@ -31,7 +31,7 @@ class WorldProbe(Callback):
         eval_backgrounds: the background each evaluation prompt asks for (prompt fidelity's target).
         train_prompt: the template the encoder-based early stopping rule scores (as CLIP early stopping does).
         num_images: images per training prompt check, and per evaluation prompt.
-        encoder: folder of a saved :class:`~lightning_custom.world.encoder.WorldEncoder` (default: shipped one).
+        encoder: folder of a saved :class:`~lightning_custom.synthetic.world_encoder.WorldEncoder` (default: shipped one).
         num_inference_steps: DDIM steps per sample.
         guidance_scale: classifier-free guidance scale.
         seed: image ``i`` uses seed ``seed + i`` at every check, so only the weights change the scores.
@@ -68,7 +68,7 @@ class WorldProbe(Callback):
     def prepare(self, datamodule: Any) -> None:
         """Load the encoder and the concept images (what :meth:`scores` compares samples with)."""
         from lightning_custom.data.images import load_rgb_image
-        from lightning_custom.world.encoder import WorldEncoder
+        from lightning_custom.synthetic.world_encoder import WorldEncoder
 
         self._encoder = WorldEncoder.load(self.encoder_path)
         files = getattr(getattr(datamodule, "images", None), "files", None)
@@ -88,8 +88,8 @@ class WorldProbe(Callback):
         import numpy as np
 
         from lightning_custom.data.templates import format_prompt
-        from lightning_custom.sampling import generate, pipeline_from_module
-        from lightning_custom.world.encoder import identity_similarity, judge
+        from lightning_custom.inference.sampling import generate, pipeline_from_module
+        from lightning_custom.synthetic.world_encoder import identity_similarity, judge
 
         first = self.seed if seed is None else seed
         n = self.num_images
@@ -188,7 +188,7 @@ class TrainableSnapshots(Callback):
 
         from safetensors.torch import save_file
 
-        from lightning_custom.io import atomic_path
+        from lightning_custom.runtime.io import atomic_path
 
         if getattr(pl_module, "trains_a_fleet", False):
             if "{concept}" not in self.dirpath:
@@ -327,7 +327,7 @@ class FidelityCheck:
 
 
 def fidelity_checks(concept: Any, recolour: int = 3, prior: int = 2) -> list[FidelityCheck]:
-    """Deterministic checks for a held-out :class:`~lightning_custom.world.concepts.Concept`.
+    """Deterministic checks for a held-out :class:`~lightning_custom.synthetic.world_concepts.Concept`.
 
     Recolour: the palette colours farthest (RGB distance) from the concept's own colour(s), each on one of its
     evaluation backgrounds whose name differs from the colour. Prior: describable objects (a vocabulary shape that
@@ -335,7 +335,7 @@ def fidelity_checks(concept: Any, recolour: int = 3, prior: int = 2) -> list[Fid
     """
     import numpy as np
 
-    from lightning_custom.world.render import COLOURS, SHAPES, rgb
+    from lightning_custom.synthetic.world_render import COLOURS, SHAPES, rgb
 
     own = [rgb(c) for c in (concept.attrs.colour, concept.attrs.second_colour) if c]
     distance = {name: min(float(np.linalg.norm(np.subtract(value, o))) for o in own) for name, value in COLOURS.items()}
@@ -366,7 +366,7 @@ def fidelity_scores(images: list, targets: list[dict[str, str]], groups: list[st
     """The share of images that pass their check, per group (``nan`` for a group without images)."""
     import numpy as np
 
-    from lightning_custom.world.encoder import judge
+    from lightning_custom.synthetic.world_encoder import judge
 
     hits = fidelity_hits(judge(encoder, images).labels, targets)
     return {g: float(np.mean([h for h, gi in zip(hits, groups) if gi == g])) if g in groups else float("nan")
@@ -377,7 +377,7 @@ def sample_fidelity(probe: WorldProbe, pl_module: L.LightningModule, phrase: str
                     seed: int | None = None) -> dict[str, float]:
     """Sample ``probe.num_images`` images per check with ``probe``'s sampler settings and score them by group."""
     from lightning_custom.data.templates import format_prompt
-    from lightning_custom.sampling import generate, pipeline_from_module
+    from lightning_custom.inference.sampling import generate, pipeline_from_module
 
     n, first = probe.num_images, probe.seed if seed is None else seed
     prompts = [format_prompt(c.prompt, phrase) if "{}" in c.prompt else c.prompt for c in checks for _ in range(n)]

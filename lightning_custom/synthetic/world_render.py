@@ -2,7 +2,7 @@
 
 Every image is a pure function of its :class:`Attributes` and a seed, so the world is reproducible bit for bit.
 The vocabulary (:data:`SHAPES`, :data:`COLOURS`, :data:`PATTERNS`, :data:`BACKGROUNDS`) is what captions can say;
-held-out concepts (:mod:`lightning_custom.world.concepts`) are built from parts outside it.
+held-out concepts (:mod:`lightning_custom.synthetic.world_concepts`) are built from parts outside it.
 """
 
 from __future__ import annotations

@@ -5,7 +5,7 @@ Built in-process in diffusers' and transformers' own classes, with the sizes of 
 test_pipeline_stable_diffusion_3.py``, ``get_dummy_components``): a ``FluxTransformer2DModel`` or
 ``SD3Transformer2DModel`` with one layer, an ``AutoencoderKL`` with ``shift_factor``, a
 ``FlowMatchEulerDiscreteScheduler`` (FLUX: dynamic shifting; SD3: ``shift=3.0``), CLIP text encoders with the
-offline tokenizer of :func:`lightning_custom.toy_models.build_clip_tokenizer`, and optionally a tiny T5 encoder
+offline tokenizer of :func:`lightning_custom.synthetic.toy_models.build_clip_tokenizer`, and optionally a tiny T5 encoder
 with an offline word-level tokenizer (T5 is optional in both pipelines, as in diffusers).
 
 :func:`embedded_flow_model` builds the ``embedded:tiny-flux`` / ``embedded:tiny-sd3`` models (with T5) once into a
@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from lightning_custom.offline_tokenizers import build_clip_tokenizer, build_t5_tokenizer  # noqa: F401 - re-exported
+from lightning_custom.synthetic.offline_tokenizers import build_clip_tokenizer, build_t5_tokenizer  # noqa: F401 - re-exported
 
 __all__ = [
     "FLUX_SCHEDULER",

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from lightning_custom.world.render import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, Attributes, render
+from lightning_custom.synthetic.world_render import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, Attributes, render
 
 KINDS: tuple[str, ...] = ("new_shape", "two_colour", "off_palette", "new_shape_two_colour")
 EVAL_TEMPLATE = "a photo of a {} on a {} background"

@@ -21,8 +21,8 @@ import tempfile
 from pathlib import Path
 
 from lightning_custom.errors import UserInputError
-from lightning_custom.summary_file import SUMMARY_FILE, read_summary_if_any
-from lightning_custom.io import remove_path
+from lightning_custom.runs.summary import SUMMARY_FILE, read_summary_if_any
+from lightning_custom.runtime.io import remove_path
 
 LOCK_FILE = ".lock"
 # Files and folders a run (or a command run on it afterwards) writes into its folder, besides those its

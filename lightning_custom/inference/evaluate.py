@@ -17,8 +17,8 @@ from PIL import Image
 
 from lightning_custom.data.images import list_image_files, load_rgb_image
 from lightning_custom.errors import UserInputError
-from lightning_custom.io import write_json
-from lightning_custom.metrics import (
+from lightning_custom.runtime.io import write_json
+from lightning_custom.inference.metrics import (
     MetricResult,
     clip_i,
     clip_t,
@@ -27,7 +27,7 @@ from lightning_custom.metrics import (
     load_dino,
     mean_similarity_to_references,
 )
-from lightning_custom.sampling import (
+from lightning_custom.inference.sampling import (
     check_sampler,
     check_trained,
     generate,
@@ -66,7 +66,7 @@ def concept_images(run_dir: Path, summary: dict[str, Any], concept_dir: str | No
 
 def is_world_model_run(summary: dict[str, Any]) -> bool:
     """Whether the run's base model is the embedded world model (``embedded``, or the folder it resolves to)."""
-    from lightning_custom.components import embedded_model_path, resolve_model_path
+    from lightning_custom.families.components import embedded_model_path, resolve_model_path
 
     name = summary.get("pretrained_model_name_or_path")
     if not name:
@@ -79,7 +79,7 @@ def is_world_model_run(summary: dict[str, Any]) -> bool:
 
 def world_identity(encoder: Any, generated: Sequence[Image.Image], references: Sequence[Image.Image]) -> MetricResult:
     """The world encoder's cosine similarity of each generated image to the concept images (CLIP-I's form)."""
-    from lightning_custom.world.encoder import judge
+    from lightning_custom.synthetic.world_encoder import judge
 
     return mean_similarity_to_references(judge(encoder, generated).embeddings, judge(encoder, references).embeddings)
 
@@ -109,7 +109,7 @@ def evaluate_run(
 
     ``metrics`` defaults to ``identity`` (the world encoder) on the embedded world model, else CLIP-I, CLIP-T and
     DINO. Each concept's images are compared with that concept's own images. See
-    :func:`lightning_custom.sampling.sample_run` for the sampling arguments (``guidance_scale`` ``None``: the
+    :func:`lightning_custom.inference.sampling.sample_run` for the sampling arguments (``guidance_scale`` ``None``: the
     model's own, e.g. 3.5 on FLUX, 7.0 on SD3, 7.5 on SD / SDXL; flow-matching models refuse a DDPM ``scheduler``).
     """
     start = time.perf_counter()
@@ -138,7 +138,7 @@ def evaluate_run(
     dino_scorer = load_dino(dino_model, torch_device) if "dino" in metrics else None
     world_encoder = None
     if "identity" in metrics:
-        from lightning_custom.world.encoder import WorldEncoder
+        from lightning_custom.synthetic.world_encoder import WorldEncoder
 
         world_encoder = WorldEncoder.load()
     samples_dir = run / "eval" / "samples"
@@ -216,7 +216,7 @@ def evaluate_run(
 
 def is_flow_run(run_dir: str | Path, summary: dict[str, Any]) -> bool:
     """Whether the run's model samples with a flow-matching scheduler (FLUX.1, SD3/SD3.5), from its model index."""
-    from lightning_custom.sampling import is_flow_scheduler
+    from lightning_custom.inference.sampling import is_flow_scheduler
 
     return is_flow_scheduler(scheduler_class_of(pipeline_source(Path(run_dir), summary, None)))
 
@@ -256,15 +256,15 @@ def before_after_run(
         out: PNG path of the grid (default ``<run_dir>/before_after.png``).
         seed: the first seed.
         scheduler: ``"default"`` (each model's own sampler) or a name in
-            :data:`lightning_custom.sampling.SCHEDULERS`, used on both sides.
+            :data:`lightning_custom.inference.sampling.SCHEDULERS`, used on both sides.
         encoder: world encoder folder (default: the shipped one).
 
     Returns:
         ``{"identity_before", "identity_after", "grid", "prompts"}`` (``prompts``: the prompts of each side).
     """
-    from lightning_custom.components import resolve_model_path
+    from lightning_custom.families.components import resolve_model_path
     from lightning_custom.data.templates import concept_phrase
-    from lightning_custom.world.encoder import WorldEncoder, identity_similarity
+    from lightning_custom.synthetic.world_encoder import WorldEncoder, identity_similarity
 
     run = Path(run_dir)
     summary = read_summary(run)

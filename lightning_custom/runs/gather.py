@@ -10,8 +10,8 @@ from pathlib import Path
 from typing import Any
 
 from lightning_custom.errors import UserInputError
-from lightning_custom.io import atomic_path
-from lightning_custom.summary_file import (  # noqa: F401 - re-exported: gather's names before summary_file
+from lightning_custom.runtime.io import atomic_path
+from lightning_custom.runs.summary import (  # noqa: F401 - re-exported: gather's names before summary_file
     expand_fleets,
     find_summaries,
     fleet_folders,

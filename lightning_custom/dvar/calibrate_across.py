@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from lightning_custom.calibrate import (
+from lightning_custom.dvar.calibrate import (
     DEFAULT_EVAL_EVERY,
     DEFAULT_THRESHOLDS,
     DEFAULT_WINDOWS,
@@ -23,7 +23,7 @@ from lightning_custom.calibrate import (
     ProbedRun,
     calibrate,
 )
-from lightning_custom.dvar import window_in_values
+from lightning_custom.dvar.rule import window_in_values
 from lightning_custom.errors import UserInputError
 
 MIN_WINDOW_VALUES = 4

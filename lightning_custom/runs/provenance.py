@@ -38,7 +38,7 @@ def package_versions(names: tuple[str, ...] = VERSIONED_PACKAGES) -> dict[str, s
 def local_model_folder(name_or_path: str, revision: str | None = None) -> Path | None:
     """The folder a model was loaded from: the path itself, an ``embedded`` alias's folder, or the hub cache's
     snapshot (never downloads); ``None`` when it cannot be found locally."""
-    from lightning_custom.components import resolve_model_path
+    from lightning_custom.families.components import resolve_model_path
 
     try:
         resolved = Path(resolve_model_path(name_or_path)).expanduser()

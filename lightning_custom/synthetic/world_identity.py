@@ -23,9 +23,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from lightning_custom.world.concepts import Concept
-from lightning_custom.world.encoder import WorldEncoder, judge
-from lightning_custom.world.render import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, Attributes, render
+from lightning_custom.synthetic.world_concepts import Concept
+from lightning_custom.synthetic.world_encoder import WorldEncoder, judge
+from lightning_custom.synthetic.world_render import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, Attributes, render
 
 RENDERS_PER_SIDE = 256  # positives and negatives each: enough to fit 129 weights with L2 without overfitting
 L2 = 1e-5  # on the weights (not the bias), per sample: held-out renders 0.91 concept / 0.05 near miss (c050-c053)

@@ -214,7 +214,7 @@ def _clip(text_config: dict[str, Any], with_projection: bool, device: torch.devi
     """A float32 CLIP text encoder of ``text_config`` and the package's offline CLIP tokenizer."""
     from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
 
-    from lightning_custom.offline_tokenizers import build_clip_tokenizer
+    from lightning_custom.synthetic.offline_tokenizers import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer()
     config = CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
@@ -228,7 +228,7 @@ def _t5(text_config: dict[str, Any], dtype: torch.dtype, device: torch.device) -
     """A T5 encoder of ``text_config`` in ``dtype`` and an offline word-level tokenizer (``model_max_length`` 512)."""
     from transformers import T5Config, T5EncoderModel
 
-    from lightning_custom.offline_tokenizers import build_t5_tokenizer
+    from lightning_custom.synthetic.offline_tokenizers import build_t5_tokenizer
 
     tokenizer = build_t5_tokenizer(T5_MAX_LENGTH)
     config = T5Config(pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id, decoder_start_token_id=0,

@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
-from lightning_custom.architectures import SCHEDULER as SD_SCHEDULER
+from lightning_custom.synthetic.architectures import SCHEDULER as SD_SCHEDULER
 # The offline tokenizers' home before they moved (issue 26: they made architectures <-> toy_models a cycle).
-from lightning_custom.offline_tokenizers import (  # noqa: F401 - re-exported
+from lightning_custom.synthetic.offline_tokenizers import (  # noqa: F401 - re-exported
     BOS_TOKEN,
     COMMON_WORDS,
     EOS_TOKEN,

@@ -19,7 +19,7 @@ Definitions (all pure functions below):
   exact probe of that step where one exists, else the last probe before it (marked inexact);
 * the objective: the fewest mean steps subject to median retention >= ``target`` (default 0.97).
 
-The stop steps come from :func:`lightning_custom.replay.replay_stop_indices` (the live rule's own code).
+The stop steps come from :func:`lightning_custom.dvar.replay.replay_stop_indices` (the live rule's own code).
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 
-from lightning_custom.dvar import window_in_values
+from lightning_custom.dvar.rule import window_in_values
 from lightning_custom.errors import UserInputError
 
 EXACT_PROBES_FILE = "exact_probes.json"
@@ -105,7 +105,7 @@ def load_probed_run(summary_file: str | Path, name: str | None = None) -> Probed
 
 def load_probed_runs(paths: Sequence[str | Path]) -> list[ProbedRun]:
     """Every run under ``paths`` (run folders, summary files, or folders searched recursively)."""
-    from lightning_custom.replay import find_summaries
+    from lightning_custom.dvar.replay import find_summaries
 
     files = find_summaries(paths)
     root = Path(os.path.commonpath([f.parent.resolve() for f in files])) if len(files) > 1 else None
@@ -116,7 +116,7 @@ def load_probed_runs(paths: Sequence[str | Path]) -> list[ProbedRun]:
 def stop_steps(run: ProbedRun, window: int, thresholds: Sequence[float], eval_every: int) -> list[int]:
     """Where DVAR evaluated every ``eval_every`` steps with ``window`` (steps) stops, for each threshold; a rule that
     never fires trains the run's full length. ``eval_every`` must be a multiple of the run's recorded period."""
-    from lightning_custom.replay import replay_stop_indices
+    from lightning_custom.dvar.replay import replay_stop_indices
 
     if eval_every % run.eval_every_n_steps:
         raise UserInputError(f"--eval_every: {eval_every} is not a multiple of the runs' recorded evaluation period "
@@ -285,7 +285,7 @@ def calibrate(runs: Sequence[ProbedRun], target: float = 0.97, windows: Sequence
 
 
 # ------------------------------------------------------------------------------------------------ rule variants
-# Issue 12 allows at most three variants of the rule (lightning_custom.dvar): each has DVAR's (window, threshold,
+# Issue 12 allows at most three variants of the rule (lightning_custom.dvar.rule): each has DVAR's (window, threshold,
 # eval period) plus one parameter of its own. Slope thresholds are a share of the series' range, not a ratio.
 VARIANT_PARAMETERS: dict[str, tuple[float, ...]] = {"smoothed": (2, 4, 8), "min_windows": (1.5, 2.0, 3.0),
                                                      "slope": (0.0,)}
@@ -295,8 +295,8 @@ VARIANT_THRESHOLDS: dict[str, tuple[float, ...]] = {"smoothed": DEFAULT_THRESHOL
 
 def variant_statistics(values: Sequence[float], variant: str, window: int, parameter: float) -> tuple[list, int]:
     """(the statistic after each value, the first index the rule may stop at) of a variant; it stops at the first
-    index from there whose statistic is below the threshold (as :mod:`lightning_custom.dvar`'s functions do)."""
-    from lightning_custom.dvar import moving_average, ratio_series, relative_slope
+    index from there whose statistic is below the threshold (as :mod:`lightning_custom.dvar.rule`'s functions do)."""
+    from lightning_custom.dvar.rule import moving_average, ratio_series, relative_slope
 
     if variant == "smoothed":
         return ratio_series(moving_average(values, int(parameter)), window), window - 1

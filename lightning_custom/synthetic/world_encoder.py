@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import nn
 
-from lightning_custom.world.render import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, Attributes
+from lightning_custom.synthetic.world_render import BACKGROUNDS, COLOURS, PATTERNS, SHAPES, Attributes
 
 HEADS: dict[str, tuple[str, ...]] = {
     "shape": SHAPES, "colour": tuple(COLOURS), "pattern": PATTERNS, "background": tuple(BACKGROUNDS),

@@ -1,7 +1,7 @@
 """Offline DVAR replay and calibration: where would DVAR have stopped, for a grid of (window, threshold)?
 
 DVAR only observes the deterministic loss, so the ``dvar_history`` that a finished run wrote to its ``summary.json``
-is all a replay needs. The ratios come from :func:`lightning_custom.dvar.ratio_series` (the function the live
+is all a replay needs. The ratios come from :func:`lightning_custom.dvar.rule.ratio_series` (the function the live
 callback calls), so replaying a full-length run gives, to the bit, the step where a live DVAR run of the same seed
 and settings stops. A run that was itself stopped early only tells where *earlier* stops would have happened;
 settings that would have stopped later are reported as censored (``>N``).
@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-from lightning_custom.dvar import (
+from lightning_custom.dvar.rule import (
     DIVERGENCE_LOSS_TOLERANCE,
     DIVERGENCE_NORM_FACTOR,
     loss_divergence,
@@ -28,8 +28,8 @@ from lightning_custom.dvar import (
     window_in_values,
 )
 from lightning_custom.errors import UserInputError
-from lightning_custom.io import atomic_path, write_json
-from lightning_custom.summary_file import SUMMARY_FILE, find_summaries, read_summary  # noqa: F401
+from lightning_custom.runtime.io import atomic_path, write_json
+from lightning_custom.runs.summary import SUMMARY_FILE, find_summaries, read_summary  # noqa: F401
 
 DEFAULT_WINDOWS: tuple[int, ...] = (50, 100, 200, 310, 440)
 DEFAULT_THRESHOLDS: tuple[float, ...] = (0.05, 0.1, 0.15, 0.2, 0.3, 0.4)
@@ -94,7 +94,7 @@ def replay_stop_indices(values_by_series: Sequence[Sequence[float]], window: int
                         min_index: int = 0) -> list[int | None]:
     """For each threshold, the first evaluation index after which DVAR stops (every series converged), or None.
 
-    Same rule as :func:`lightning_custom.dvar.first_stop_index` (and the live callback), with the ratio series
+    Same rule as :func:`lightning_custom.dvar.rule.first_stop_index` (and the live callback), with the ratio series
     computed once per window and shared by all thresholds.
     """
     ratios = [ratio_series(values, window) for values in values_by_series]
@@ -171,7 +171,7 @@ def divergence_at(run: RunHistory, window: int, index: int, tolerance: float = D
 
     The same checks as the callback: the trainable norm exploded at or before that evaluation (when the summary
     recorded it), or any series' last ``window`` values are above its first values (see
-    :func:`lightning_custom.dvar.divergence`).
+    :func:`lightning_custom.dvar.rule.divergence`).
     """
     step = run.steps[index]
     for norm_step, norm in run.norm_history:

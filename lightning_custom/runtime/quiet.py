@@ -42,13 +42,13 @@ EXPECTED_LOG_MESSAGES: tuple[tuple[str, str], ...] = (
     # A LoRA trained on the denoiser alone (train_text_encoder false, the default) has no text-encoder keys, by
     # design; diffusers' load_lora_weights says so for each text encoder.
     ("diffusers.loaders.lora_base", r"No LoRA keys associated to \w+ found with the prefix='text_encoder(_2)?'"),
-    # Our own StopSignals says what a SIGTERM does to the run (lightning_custom.interrupts); Lightning's line is a
+    # Our own StopSignals says what a SIGTERM does to the run (lightning_custom.runtime.interrupts); Lightning's line is a
     # second, bare one.
     ("lightning.pytorch.trainer.connectors.signal_connector", r"Received SIGTERM: \d+"),
 )
 
 # Callbacks that print their stop line themselves, so their INFO records are not shown a second time.
-_PRINTS_ITS_OWN_INFO = ("lightning_custom.callbacks.dvar", "lightning_custom.callbacks.clip_early_stopping")
+_PRINTS_ITS_OWN_INFO = ("lightning_custom.dvar.callback", "lightning_custom.callbacks.clip_early_stopping")
 
 
 class DropMessages(logging.Filter):

@@ -28,9 +28,9 @@ import torch
 from PIL import Image, ImageDraw, ImageFont
 
 from lightning_custom.errors import UserInputError
-from lightning_custom.summary_file import SUMMARY_FILE, read_summary  # noqa: F401 - re-exported
-from lightning_custom.io import atomic_path, write_json
-from lightning_custom.metrics import without_placeholder
+from lightning_custom.runs.summary import SUMMARY_FILE, read_summary  # noqa: F401 - re-exported
+from lightning_custom.runtime.io import atomic_path, write_json
+from lightning_custom.inference.metrics import without_placeholder
 from lightning_custom.methods.tokens import pipeline_prompts
 
 SAMPLES_FILE = "samples.json"
@@ -270,7 +270,7 @@ def exported_pipeline(run_dir: Path, summary: dict[str, Any]) -> Path | None:
 
 def pipeline_source(run_dir: Path, summary: dict[str, Any], base_model: str | None) -> str:
     """Where the pipeline loads from: ``base_model``, a full pipeline the run exported, else the base model."""
-    from lightning_custom.components import resolve_model_path
+    from lightning_custom.families.components import resolve_model_path
 
     if base_model:
         return resolve_model_path(base_model)
@@ -384,7 +384,7 @@ def load_run_pipeline(
         dtype: ``"auto"`` (on CUDA float16, bfloat16 for flow-matching models; else float32), ``"float32"``,
             ``"float16"`` or ``"bfloat16"``.
     """
-    from lightning_custom.components import torch_dtype
+    from lightning_custom.families.components import torch_dtype
 
     run = Path(run_dir).expanduser()
     summary = read_summary(run)
@@ -434,7 +434,7 @@ def pipeline_from_module(module: Any, scheduler: str = "default", argument: str 
 
 def module_sampling_defaults(module: Any) -> dict[str, Any]:
     """The sampling recommendation of the model a (training) module was loaded from."""
-    from lightning_custom.components import resolve_model_path
+    from lightning_custom.families.components import resolve_model_path
 
     name = getattr(getattr(module, "hparams", None), "get", lambda *_: None)("pretrained_model_name_or_path")
     try:

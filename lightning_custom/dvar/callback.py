@@ -22,7 +22,7 @@ from lightning_custom.callbacks.final_files import (
     HealthyWeights,
 )
 from lightning_custom.callbacks.fleet_stops import FleetStops
-from lightning_custom.dvar import (
+from lightning_custom.dvar.rule import (
     DIVERGENCE_LOSS_TOLERANCE,
     DIVERGENCE_NORM_FACTOR,
     MIN_RULE_VALUES,
@@ -36,7 +36,7 @@ from lightning_custom.dvar import (
     window_in_values,
 )
 from lightning_custom.errors import UserInputError
-from lightning_custom.ranges import check_ranges
+from lightning_custom.runtime.ranges import check_ranges
 
 log = logging.getLogger(__name__)
 

@@ -1,7 +1,7 @@
 """The run report: one PNG with the training loss, DVAR's deterministic loss and the variance ratio over steps.
 
 Drawn from the ``summary.json`` contract alone, so it can be redrawn for any finished run. The ratio series is
-recomputed with :func:`lightning_custom.dvar.ratio_series`, the function the live callback uses.
+recomputed with :func:`lightning_custom.dvar.rule.ratio_series`, the function the live callback uses.
 """
 
 from __future__ import annotations
@@ -12,8 +12,8 @@ from typing import Any
 
 import numpy as np
 
-from lightning_custom.dvar import head_values, moving_average, ratio_series, window_in_values
-from lightning_custom.io import atomic_path
+from lightning_custom.dvar.rule import head_values, moving_average, ratio_series, window_in_values
+from lightning_custom.runtime.io import atomic_path
 
 REPORT_FILE = "report.png"
 # Stops that are not convergence: the report spells out their reason.

@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from torch import nn
 
-from lightning_custom.architectures import build_random_components, is_random_architecture
+from lightning_custom.synthetic.architectures import build_random_components, is_random_architecture
 from lightning_custom.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -73,7 +73,7 @@ def resolve_model_path(name_or_path: str) -> str:
             raise UserInputError(f"--model.pretrained_model_name_or_path: unknown embedded model {name!r}; choose "
                                  f"from {['embedded:' + n for n in EMBEDDED_MODELS]}")
         if name in BUILT_EMBEDDED_MODELS:
-            from lightning_custom.toy_flow import embedded_flow_model
+            from lightning_custom.synthetic.toy_flow import embedded_flow_model
 
             return str(embedded_flow_model(name))
         return embedded_model_path(name)
