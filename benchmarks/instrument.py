@@ -53,9 +53,10 @@ def measure_run(config_file: Path, snapshot_dir: Path, step: int, concept, image
     """Per measure: ``{"untrained": [score per probe], "converged": [...]}`` for one run."""
     from lightning_custom.synthetic.world_encoder import identity_similarity
     from lightning_custom.synthetic.world_identity import ConceptDiscriminator
-    from lightning_custom.world.probe import load_snapshot, rebuild_run
+    from lightning_custom.cli import rebuild_run
+    from lightning_custom.world.probe import load_snapshot, prepared_probe
 
-    probe, module, phrase, trainable = rebuild_run(config_file)
+    probe, module, phrase, trainable = prepared_probe(rebuild_run(config_file))
     discriminator = ConceptDiscriminator(probe._encoder, concept)
     out: dict[str, dict[str, list[float]]] = {m: {} for m in MEASURES}
     templates = [probe.train_prompt, *probe.eval_prompts]

@@ -103,7 +103,8 @@ def probe_run(run_dir: Path, config_file: Path, concept, steps: list[int], resul
     fidelity (the concept in a colour it never has, ``world.probe.fidelity_checks``). Kept in ``probes.json``."""
     from lightning_custom.runtime.io import write_json
     from lightning_custom.synthetic.world_identity import ConceptDiscriminator
-    from lightning_custom.world.probe import (fidelity_checks, load_snapshot, rebuild_run, sample_fidelity,
+    from lightning_custom.cli import rebuild_run
+    from lightning_custom.world.probe import (fidelity_checks, load_snapshot, prepared_probe, sample_fidelity,
                                               snapshot_steps)
 
     path = results / "probes.json"
@@ -113,7 +114,7 @@ def probe_run(run_dir: Path, config_file: Path, concept, steps: list[int], resul
                   or (s in recolour_steps and "recolour" not in done["steps"].get(str(s), {})))
     if not todo:
         return done
-    probe, module, phrase, trainable = rebuild_run(config_file)
+    probe, module, phrase, trainable = prepared_probe(rebuild_run(config_file))
     discriminator = ConceptDiscriminator(probe._encoder, concept)
     checks = [c for c in fidelity_checks(concept) if c.group == "recolour"]
     from instrument import sample_prompts

@@ -81,6 +81,7 @@ def exact_probe(run_dir: Path, config_file: Path) -> dict:
     """Probe, from the snapshots, every grid stop step that has no probe yet; returns ``exact_probes.json``."""
     from lightning_custom.dvar.calibrate import EXACT_PROBES_FILE, grid_stop_steps, load_probed_run
     from lightning_custom.runtime.io import write_json
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
     run = load_probed_run(run_dir / "summary.json")
@@ -91,7 +92,7 @@ def exact_probe(run_dir: Path, config_file: Path) -> dict:
     needed = sorted(s for s in grid_stop_steps(run) if s not in have and s in available)
     if needed:
         start = time.time()
-        scores = probe_snapshots(config_file, run_dir / "snapshots", needed)
+        scores = probe_snapshots(rebuild_run(config_file), run_dir / "snapshots", needed)
         done["steps"].update({str(s): rows[0] for s, rows in scores.items()})
         done["steps"] = dict(sorted(done["steps"].items(), key=lambda kv: int(kv[0])))
         done["seconds"] = round(done.get("seconds", 0.0) + time.time() - start, 1)
@@ -125,6 +126,7 @@ def fidelity_probe(run_dir: Path, config_file: Path, name: str, steps: list[int]
     from dataclasses import asdict
 
     from lightning_custom.runtime.io import write_json
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import fidelity_checks, fidelity_snapshots, snapshot_steps
 
     snapshot_dir = snapshot_dir or run_dir / "snapshots"
@@ -134,7 +136,7 @@ def fidelity_probe(run_dir: Path, config_file: Path, name: str, steps: list[int]
     if needed and config_file.is_file():
         checks = fidelity_checks(concept_of(name, seed))
         start = time.time()
-        done.update(fidelity_snapshots(config_file, snapshot_dir, needed, checks))
+        done.update(fidelity_snapshots(rebuild_run(config_file), snapshot_dir, needed, checks))
         report = {"checks": [asdict(c) for c in checks], "seconds": round(time.time() - start, 1),
                   "steps": {str(s): done[s] for s in sorted(done)}}
         for folder in [run_dir, *copies]:
@@ -223,11 +225,12 @@ def train_as_fleets(args, work: Path, concepts: list) -> None:
 def noise_phase(args) -> int:
     """The probe's standard error: the steps' snapshots of one run, probed with many sampling seeds (paired)."""
     from lightning_custom.runtime.io import write_json
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import probe_snapshots
 
     run_dir, config_file = run_paths(Path(args.workdir), args.methods[0], args.concept)
     seeds = [1000 * k for k in range(args.seeds)]
-    scores = probe_snapshots(config_file, run_dir / "snapshots", args.steps_to_probe, seeds)
+    scores = probe_snapshots(rebuild_run(config_file), run_dir / "snapshots", args.steps_to_probe, seeds)
     identity = {s: np.array([row[1] for row in rows]) for s, rows in scores.items()}
     report = {"method": args.methods[0], "concept": args.concept, "seeds": seeds, "steps": {}}
     for step, values in identity.items():
@@ -320,11 +323,12 @@ def probe_steps(args, run, run_dir: Path, config_file: Path, copy: Path, snapsho
     (where it has them), written to the run's and its copy's probe files."""
     from lightning_custom.dvar.calibrate import EXACT_PROBES_FILE
     from lightning_custom.runtime.io import write_json
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
     missing = [s for s in missing if s in set(snapshot_steps(snapshot_dir))]
     if missing:
-        scores = probe_snapshots(config_file, snapshot_dir, missing)
+        scores = probe_snapshots(rebuild_run(config_file), snapshot_dir, missing)
         run.exact.update({s: rows[0] for s, rows in scores.items()})
         for folder in (run_dir, copy):
             path = folder / EXACT_PROBES_FILE

@@ -443,7 +443,7 @@ def profile_diffusers_textual_inversion(args: argparse.Namespace, counter: OpCou
     import torch.nn.functional as F
 
     from lightning_custom.families.components import load_components
-    from lightning_custom.data.concept import collate_with_token_ids
+    from lightning_custom.data.loader import collate_with_token_ids
     from lightning_custom.methods.tokens import CaptionTokenizer
 
     parts = load_components(args.arch, weight_dtype=args.weight_dtype)

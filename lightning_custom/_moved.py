@@ -27,6 +27,8 @@ MOVED: dict[str, str] = {
         "calibrate_across": "dvar.calibrate_across",
         "report": "dvar.report",
         "callbacks.dvar": "dvar.callback",
+        "callbacks.fleet_stops": "dvar.fleet_stops",
+        "callbacks.final_files": "runs.final_files",
         "run_folder": "runs.run_folder",
         "provenance": "runs.provenance",
         "gather": "runs.gather",

@@ -201,7 +201,7 @@ class PersonalizationCLI(LightningCLI):
             # A user's own FSDPStrategy (class_path) without a policy still shards by the transformer blocks.
             apply_block_wrap_policy(trainer.strategy, self.model)
         if hasattr(datamodule, "check_resolution") and hasattr(self.model, "eval_batch_spec"):
-            from lightning_custom.data.concept import denoiser_latent_patch
+            from lightning_custom.families.base import denoiser_latent_patch
 
             datamodule.check_resolution(self.model.eval_batch_spec().latent_downsample,
                                         denoiser_latent_patch(self.model))
@@ -327,6 +327,19 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
     if code:  # the run ended but did not work: a scheduler must not take it for a success
         raise SystemExit(code)
     return cli
+
+
+def rebuild_run(config_file: str | Path) -> PersonalizationCLI:
+    """The run of ``config_file`` built as ``fit --config`` builds it (model, data module, trainer and callbacks,
+    the model's weights before the first step), without fitting: for scoring a run's saved snapshots afterwards
+    (:func:`lightning_custom.world.probe.probe_snapshots`)."""
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv holds the caller's arguments
+    try:
+        return PersonalizationCLI(PersonalizationModule, ConceptDataModule, subclass_mode_model=True,
+                                  subclass_mode_data=True, seed_everything_default=59, run=False,
+                                  args=["--config", str(config_file)])
+    finally:
+        sys.argv = saved
 
 
 def refuse_validating_a_finished_run(config: Any) -> None:

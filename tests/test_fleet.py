@@ -170,13 +170,13 @@ def test_the_fleet_quickstart_runs_through_the_cli(tmp_path, tiny_sd, concept_di
 
 
 def test_world_concepts_resolve_to_rendered_folders(tmp_path, monkeypatch):
-    from lightning_custom.data.concept import _resolve_instance_dir
+    from lightning_custom.synthetic.embedded import resolve_instance_dir
 
     monkeypatch.setenv("LIGHTNING_CUSTOM_CACHE", str(tmp_path))
-    folder = Path(_resolve_instance_dir("world:3"))
+    folder = Path(resolve_instance_dir("world:3"))
     assert folder.parent.name == "seed2024" and folder.name.startswith("c003-") and len(list(folder.glob("*.png"))) >= 4
-    assert Path(_resolve_instance_dir("world:3@7")).parent.name == "seed7"
-    assert _resolve_instance_dir("world:3") == str(folder)  # rendered once
+    assert Path(resolve_instance_dir("world:3@7")).parent.name == "seed7"
+    assert resolve_instance_dir("world:3") == str(folder)  # rendered once
 
 
 def fleet_fit(root, tiny_sd, concept_dir, second_concept, callbacks=(), ckpt_path=None):

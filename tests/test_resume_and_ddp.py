@@ -15,7 +15,7 @@ from lightning_custom.callbacks import DVAREarlyStopping, RunSummary, StepCheckp
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import TextualInversion
-from lightning_custom.methods.base import _RNG_KEY
+from lightning_custom.runtime.rng import RNG_KEY as _RNG_KEY
 from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
 
 

@@ -18,7 +18,7 @@ from safetensors.torch import load_file
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.callbacks import summary as summary_module
-from lightning_custom.callbacks.final_files import LAST_HEALTHY_FOLDER, TRAINED_WEIGHTS_FILE, UNWRITTEN_FOLDER
+from lightning_custom.runs.final_files import LAST_HEALTHY_FOLDER, TRAINED_WEIGHTS_FILE, UNWRITTEN_FOLDER
 from lightning_custom.cli import main
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.dvar.rule import UNDERTRAINED_RELATIVE_SPREAD, barely_moved, relative_spread

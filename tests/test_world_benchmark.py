@@ -117,6 +117,7 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
     import torch
 
     from lightning_custom.synthetic.world_concepts import heldout_concepts
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
     torch.manual_seed(0)  # the same random encoder every time
@@ -134,7 +135,7 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
                          .read_text())
     assert [row[0] for row in summary["world_probe_history"]] == [0, 10, 20]
     # The snapshot of a probed step scores what the live probe scored there (same seeds: paired).
-    assert probe_snapshots(config_file, run_dir / "snapshots", [20])[20][0] == pytest.approx(
+    assert probe_snapshots(rebuild_run(config_file), run_dir / "snapshots", [20])[20][0] == pytest.approx(
         summary["world_probe_history"][-1][1:], abs=5e-4)
 
     # A live run of the same config, stopped at step 15 by DVAR's step cap, probes step 15 when it ends.
@@ -147,7 +148,7 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
     live["dvar"]["max_steps"] = 15
     live_summary = v2.v1.fit(live, tmp_path / "live.yaml")
     assert live_summary["stop_step"] == 15 and live_summary["world_probe_history"][-1][0] == 15
-    exact = probe_snapshots(config_file, run_dir / "snapshots", [15])[15][0]
+    exact = probe_snapshots(rebuild_run(config_file), run_dir / "snapshots", [15])[15][0]
     # The weights are bit-identical; the samplings differ by float noise (a batch's first images can take another
     # SIMD path: up to ~1e-4 through this random encoder). Step 10's probe, which the first edition would have
     # read for a stop at step 15, is further away.
@@ -165,6 +166,7 @@ def test_replayed_snapshots_equal_the_kept_ones(tmp_path, monkeypatch):
     from safetensors.torch import load_file
 
     from lightning_custom.synthetic.world_concepts import heldout_concepts
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
     torch.manual_seed(0)
@@ -187,7 +189,7 @@ def test_replayed_snapshots_equal_the_kept_ones(tmp_path, monkeypatch):
         assert original.keys() == again.keys() and len(original) > 10  # the whole UNet
         assert all(torch.equal(original[k], again[k]) for k in original)
     # The table's --probe-missing takes that path when the snapshots are gone: step 15 is read at step 15.
-    expected = probe_snapshots(config_file, kept, [15])[15][0]
+    expected = probe_snapshots(rebuild_run(config_file), kept, [15])[15][0]
     shutil.rmtree(kept)
     from lightning_custom.dvar.calibrate import load_probed_run
 

@@ -27,7 +27,7 @@ def fit_quickstart(root: Path, *extra: str) -> Path:
 
 
 def test_embedded_aliases_name_the_shipped_models_and_concepts():
-    from lightning_custom.data.concept import _resolve_instance_dir
+    from lightning_custom.synthetic.embedded import resolve_instance_dir
     from lightning_custom.synthetic.world_concepts import make_concept
 
     assert resolve_model_path("embedded") == embedded_model_path() and embedded_model_path().endswith("world-sd")
@@ -36,8 +36,8 @@ def test_embedded_aliases_name_the_shipped_models_and_concepts():
     assert Path(resolve_model_path("embedded:tiny-sdxl"), "unet", "config.json").is_file()
     with pytest.raises(UserInputError, match="unknown embedded model 'nope'"):
         resolve_model_path("embedded:nope")
-    assert _resolve_instance_dir("embedded") == embedded_concept_path()
-    assert _resolve_instance_dir("embedded:cat-toy").endswith("cat-toy")
+    assert resolve_instance_dir("embedded") == embedded_concept_path()
+    assert resolve_instance_dir("embedded:cat-toy").endswith("cat-toy")
     # the shipped concept is world concept 2, pixel for pixel
     shipped = sorted(Path(embedded_concept_path()).glob("*.png"))
     rendered = make_concept(2).images()

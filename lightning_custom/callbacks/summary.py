@@ -18,8 +18,8 @@ from lightning.pytorch.callbacks import Callback, Timer
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from typing_extensions import override
 
-from lightning_custom.callbacks.final_files import keep_what_was_trained, last_healthy_artifacts
-from lightning_custom.callbacks.fleet_stops import concept_summary
+from lightning_custom.runs.final_files import keep_what_was_trained, last_healthy_artifacts
+from lightning_custom.dvar.fleet_stops import concept_summary
 from lightning_custom.callbacks.live_samples import SAMPLES_FOLDER
 from lightning_custom.runtime.interrupts import (
     CTRL_C_NAME,

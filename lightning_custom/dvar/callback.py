@@ -17,11 +17,11 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_custom.callbacks.final_files import (
+from lightning_custom.runs.final_files import (
     DEFAULT_SNAPSHOT_MAX_MB,
     HealthyWeights,
 )
-from lightning_custom.callbacks.fleet_stops import FleetStops
+from lightning_custom.dvar.fleet_stops import FleetStops
 from lightning_custom.dvar.rule import (
     DIVERGENCE_LOSS_TOLERANCE,
     DIVERGENCE_NORM_FACTOR,

@@ -13,7 +13,6 @@ import os
 import re
 from collections.abc import Iterator
 from dataclasses import dataclass
-from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
 
@@ -22,43 +21,20 @@ from torch import nn
 
 from lightning_custom.synthetic.architectures import build_random_components, is_random_architecture
 from lightning_custom.errors import UserInputError
+from lightning_custom.synthetic.embedded import (  # noqa: F401 - re-exported: their home before issue 26
+    BUILT_EMBEDDED_MODELS,
+    EMBEDDED_CONCEPTS,
+    EMBEDDED_MODELS,
+    embedded_concept_path,
+    embedded_model_path,
+    embedded_sdxl_path,
+)
 
 log = logging.getLogger(__name__)
 
 WeightDtype = Literal["float32", "float16", "bfloat16"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-EMBEDDED_MODELS = ("world-sd", "tiny-sd", "tiny-sdxl", "tiny-flux", "tiny-sd3")
-#: Built in-process on first use (deterministic tiny random weights) and cached, instead of shipped as files.
-BUILT_EMBEDDED_MODELS = ("tiny-flux", "tiny-sd3")
-EMBEDDED_CONCEPTS = ("striped-star", "cat-toy")
-
-
-def _asset(*parts: str) -> str:
-    return str(resources.files("lightning_custom").joinpath("assets", *parts))
-
-
-def embedded_model_path(name: str = "world-sd") -> str:
-    """Path of a small SD-architecture model shipped inside the package (runs offline).
-
-    Args:
-        name: ``"world-sd"`` (the default: the micro text-to-image model trained on the package's procedural world,
-            see ``lightning_custom.world``), ``"tiny-sd"`` (random weights, the fastest) or ``"tiny-sdxl"``.
-    """
-    return _asset(name)
-
-
-def embedded_sdxl_path() -> str:
-    """Path of the small SDXL-architecture model shipped inside the package (runs offline)."""
-    return embedded_model_path("tiny-sdxl")
-
-
-def embedded_concept_path(name: str = "striped-star") -> str:
-    """Path of an example concept shipped inside the package: ``"striped-star"`` (the default: a held-out concept of
-    the world model, a striped star in an off-palette colour) or ``"cat-toy"``."""
-    return _asset("concepts", name)
 
 
 def resolve_model_path(name_or_path: str) -> str:

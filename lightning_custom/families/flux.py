@@ -13,16 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
 from lightning_custom.objectives import flow_matching as fm
 from lightning_custom.errors import UserInputError
-from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts, matches_flow_denoiser
+from lightning_custom.families.base import (
+    FamilyHost,
+    FlowMatchingOptions,
+    ModelFamily,
+    ModelParts,
+    matches_flow_denoiser,
+)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_custom.methods.base import PersonalizationModule
 
 __all__ = ["FluxFamily", "FLUX_LORA_TARGETS", "T5_MAX_SEQUENCE_LENGTH"]
 
@@ -110,7 +114,7 @@ class FluxFamily(ModelFamily):
             return min(T5_MAX_SEQUENCE_LENGTH, tokenizer.model_max_length)
         return tokenizer.model_max_length
 
-    def encode_text(self, model: PersonalizationModule, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_text(self, model: FamilyHost, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """CLIP-L's pooled output and T5's last hidden state, as ``FluxPipeline.encode_prompt``.
 
         Args:
@@ -130,7 +134,7 @@ class FluxFamily(ModelFamily):
         return {"pooled_projections": clip_out.pooler_output, "encoder_hidden_states": t5_states}
 
     def denoiser_kwargs(
-        self, model: PersonalizationModule, text: dict[str, torch.Tensor], batch: dict[str, Any]
+        self, model: FamilyHost, text: dict[str, torch.Tensor], batch: dict[str, Any]
     ) -> dict[str, Any]:
         """``encoder_hidden_states``, ``pooled_projections``, ``txt_ids`` (zeros) and, for FLUX.1-dev, ``guidance``."""
         states = text["encoder_hidden_states"]
@@ -168,7 +172,7 @@ class FluxFamily(ModelFamily):
 
     # ----------------------------------------------------------------------------------------------- loss
     def denoising_loss(
-        self, model: PersonalizationModule, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
+        self, model: FamilyHost, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
         conditioning: dict[str, Any], reduction: str = "mean",
     ) -> torch.Tensor:
         """Weighted velocity MSE of the transformer on packed ``x_t = (1 - s) x + s noise`` (diffusers' FLUX script).

@@ -17,16 +17,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
 from lightning_custom.objectives import flow_matching
-from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts, matches_flow_denoiser
+from lightning_custom.families.base import (
+    FamilyHost,
+    FlowMatchingOptions,
+    ModelFamily,
+    ModelParts,
+    matches_flow_denoiser,
+)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_custom.methods.base import PersonalizationModule
 
 __all__ = ["LORA_COMPONENTS", "SD3Family", "T5_MAX_SEQUENCE_LENGTH", "peft_lora_keys"]
 
@@ -116,7 +120,7 @@ class SD3Family(ModelFamily):
         return tokenizer.model_max_length
 
     def encode_text(
-        self, model: PersonalizationModule, input_ids: Sequence[torch.Tensor]
+        self, model: FamilyHost, input_ids: Sequence[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """``StableDiffusion3Pipeline.encode_prompt`` (``clip_skip=None``) on token ids.
 
@@ -151,7 +155,7 @@ class SD3Family(ModelFamily):
         }
 
     def denoiser_kwargs(
-        self, model: PersonalizationModule, text: dict[str, torch.Tensor], batch: dict[str, Any]
+        self, model: FamilyHost, text: dict[str, torch.Tensor], batch: dict[str, Any]
     ) -> dict[str, Any]:
         """``encoder_hidden_states`` and ``pooled_projections`` (SD3 has no size or guidance conditioning)."""
         return {"encoder_hidden_states": text["encoder_hidden_states"],
@@ -182,7 +186,7 @@ class SD3Family(ModelFamily):
 
     # ----------------------------------------------------------------------------------------------- loss
     def denoising_loss(
-        self, model: PersonalizationModule, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
+        self, model: FamilyHost, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
         conditioning: dict[str, Any], reduction: str = "mean",
     ) -> torch.Tensor:
         """Weighted velocity MSE of the transformer (diffusers' SD3 script, no preconditioning).

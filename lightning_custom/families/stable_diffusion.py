@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
@@ -20,10 +20,8 @@ from lightning_custom.objectives.diffusion import (
     distinct_timesteps,
     sample_timesteps,
 )
-from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts
+from lightning_custom.families.base import FamilyHost, FlowMatchingOptions, ModelFamily, ModelParts
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_custom.methods.base import PersonalizationModule
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -54,13 +52,13 @@ class StableDiffusionFamily(ModelFamily):
         return sd_model_parts(parts, options)
 
     # ------------------------------------------------------------------------------------------------ text
-    def encode_text(self, model: PersonalizationModule, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_text(self, model: FamilyHost, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The CLIP text encoder's last hidden states (the UNet's cross-attention context)."""
         with model.frozen_half_precision("text_encoder"):
             return {"encoder_hidden_states": model.text_encoder(input_ids[0])[0]}
 
     def denoiser_kwargs(
-        self, model: PersonalizationModule, text: dict[str, torch.Tensor], batch: dict[str, Any]
+        self, model: FamilyHost, text: dict[str, torch.Tensor], batch: dict[str, Any]
     ) -> dict[str, Any]:
         """``encoder_hidden_states`` only."""
         return {"encoder_hidden_states": text["encoder_hidden_states"]}
@@ -91,7 +89,7 @@ class StableDiffusionFamily(ModelFamily):
 
     # ------------------------------------------------------------------------------------------------ loss
     def denoising_loss(
-        self, model: PersonalizationModule, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
+        self, model: FamilyHost, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
         conditioning: dict[str, Any], reduction: str = "mean",
     ) -> torch.Tensor:
         """MSE between the UNet's prediction on the noised latents and the prediction type's target."""
@@ -142,14 +140,14 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         return (denoiser_config.get("_class_name") == "UNet2DConditionModel"
                 and denoiser_config.get("addition_embed_type") == "text_time")
 
-    def encode_text(self, model: PersonalizationModule, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_text(self, model: FamilyHost, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Both encoders' penultimate hidden states, concatenated, and the second one's pooled projection."""
         with model.frozen_half_precision("text_encoder"):
             hidden, pooled = sdxl.encode_prompts([model.text_encoder, model.text_encoder_2], input_ids)
         return {"encoder_hidden_states": hidden, "text_embeds": pooled}
 
     def denoiser_kwargs(
-        self, model: PersonalizationModule, text: dict[str, torch.Tensor], batch: dict[str, Any]
+        self, model: FamilyHost, text: dict[str, torch.Tensor], batch: dict[str, Any]
     ) -> dict[str, Any]:
         """Hidden states plus ``added_cond_kwargs`` (pooled text, per-sample time ids from the batch's sizes)."""
         return sdxl.unet_kwargs(text, batch["original_size"], batch["crop_top_left"],

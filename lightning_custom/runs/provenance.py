@@ -87,10 +87,10 @@ def concept_records(datamodule: Any) -> list[dict[str, Any]]:
     """Every concept the run trained: name, token, class noun and image folder (one entry without a concepts list)."""
     specs = getattr(datamodule, "concept_specs", None)
     if specs:
-        from lightning_custom.data.concept import _resolve_instance_dir
+        from lightning_custom.synthetic.embedded import resolve_instance_dir
 
         return [{"name": s.name, "placeholder_token": s.placeholder_token, "class_noun": s.class_noun,
-                 "instance_data_dir": _resolve_instance_dir(s.instance_data_dir)} for s in specs]
+                 "instance_data_dir": resolve_instance_dir(s.instance_data_dir)} for s in specs]
     if datamodule is None or not hasattr(datamodule, "instance_data_dir"):
         return []
     return [{"name": "concept", "placeholder_token": getattr(datamodule, "placeholder_token", None),

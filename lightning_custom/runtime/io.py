@@ -154,3 +154,12 @@ def publish(staging: str | os.PathLike, destination: str | os.PathLike, last: st
         remove_path(destination / name)
     replace_path(staging / last, destination / last)
     return [*names, last]
+
+
+def default_cache_root() -> Path:
+    """``$LIGHTNING_CUSTOM_CACHE/class_images``, else ``~/.cache/lightning_custom/class_images``."""
+    root = os.environ.get("LIGHTNING_CUSTOM_CACHE")
+    if root:
+        return Path(root).expanduser() / "class_images"
+    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(xdg) / "lightning_custom" / "class_images"

@@ -6,12 +6,15 @@ Each class checks its own arguments against this table when it is built (so Pyth
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 from lightning_custom.errors import UserInputError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -163,3 +166,21 @@ def check_ranges(group: str, values: Mapping[str, Any]) -> None:
     for name in RANGES[group]:
         if name in values:
             check_value(group, name, values[name])
+
+
+RESOLUTION_LIMIT = 4  # x the model's own size: beyond, a step costs (limit^2)x more and the model sees nothing it knows
+
+
+def check_resolution(resolution: int | None, native: int | None, model: str) -> None:
+    """Refuse a training resolution far above the model's own (``RESOLUTION_LIMIT`` x) in one line, before the
+    first step (2048 px on the 32 px embedded model sat at step 0 for minutes); warn above 2x."""
+    if not resolution or not native:
+        return
+    if resolution > RESOLUTION_LIMIT * native:
+        raise UserInputError(
+            f"--data.resolution: {resolution} px is {resolution / native:.0f}x the {native} px that {model} was made "
+            f"for (its config's sample size); train at {native} px (or up to {RESOLUTION_LIMIT * native})")
+    if resolution > 2 * native:
+        log.warning("--data.resolution: %d px is %.1fx the %d px that %s was made for; each step costs about "
+                    "%.0fx more than at its own size", resolution, resolution / native, native, model,
+                    (resolution / native) ** 2)

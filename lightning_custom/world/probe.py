@@ -9,10 +9,9 @@ variant's quality at its stop step from this series. Sampling forks the RNG, so 
 
 from __future__ import annotations
 
-import sys
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -238,24 +237,22 @@ def snapshot_steps(dirpath: str | Any) -> list[int]:
     return sorted(int(f.name[5:11]) for f in folder.glob("step-*.safetensors")) if folder.is_dir() else []
 
 
-def rebuild_run(config_file: str | Any) -> tuple[WorldProbe, Any, str, set[str]]:
-    """The run's :class:`WorldProbe` (prepared), freshly built module (its weights before the first step), concept
-    phrase and trainable parameter names, from the run's config (as ``fit --config`` reads it)."""
-    from lightning_custom.cli import PersonalizationCLI
-    from lightning_custom.data.concept import ConceptDataModule
-    from lightning_custom.methods.base import PersonalizationModule
+class RebuiltRun(Protocol):
+    """A run built from its config but not fitted: what :func:`lightning_custom.cli.rebuild_run` returns (the
+    world takes it from the caller rather than import the CLI, which sits above it)."""
 
-    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv holds the caller's arguments
-    try:
-        cli = PersonalizationCLI(PersonalizationModule, ConceptDataModule, subclass_mode_model=True,
-                                 subclass_mode_data=True, seed_everything_default=59, run=False,
-                                 args=["--config", str(config_file)])
-    finally:
-        sys.argv = saved
-    probes = [c for c in cli.trainer.callbacks if isinstance(c, WorldProbe)]
+    model: L.LightningModule
+    datamodule: L.LightningDataModule
+    trainer: L.Trainer
+
+
+def prepared_probe(run: RebuiltRun) -> tuple[WorldProbe, Any, str, set[str]]:
+    """The run's :class:`WorldProbe` (prepared), freshly built module (its weights before the first step), concept
+    phrase and trainable parameter names."""
+    probes = [c for c in run.trainer.callbacks if isinstance(c, WorldProbe)]
     if not probes:
-        raise UserInputError(f"{config_file}: the run's config has no WorldProbe callback to score with")
-    probe, module, data = probes[0], cli.model, cli.datamodule
+        raise UserInputError("the run's config has no WorldProbe callback to score with")
+    probe, module, data = probes[0], run.model, run.datamodule
     probe.prepare(data)
     phrase = getattr(data, "phrase", None) or module.placeholder_token
     return probe, module, phrase, {name for name, p in module.named_parameters() if p.requires_grad}
@@ -276,12 +273,12 @@ def load_snapshot(module: Any, snapshot_dir: str | Any, step: int, trainable: se
     module.load_state_dict(weights, strict=False)
 
 
-def probe_snapshots(config_file: str | Any, snapshot_dir: str | Any, steps: list[int],
+def probe_snapshots(run: RebuiltRun, snapshot_dir: str | Any, steps: list[int],
                     seeds: list[int] | None = None) -> dict[int, list[list[float]]]:
     """Score saved trainable weights with the run's own :class:`WorldProbe` settings, after the run.
 
-    The model, data module and probe are rebuilt from the run's config (``config_file``, as ``fit --config`` reads
-    it); for each step the snapshot's weights are loaded and sampled with each seed (default: the probe's own seed,
+    The model, data module and probe come rebuilt from the run's config (``run``: :func:`lightning_custom.cli.
+    rebuild_run`, which reads it as ``fit --config`` does); for each step the snapshot's weights are loaded and sampled with each seed (default: the probe's own seed,
     so the scores equal the live probe's at that step).
 
     Step 0 is the weights before training (the freshly built module), with or without a snapshot.
@@ -289,7 +286,7 @@ def probe_snapshots(config_file: str | Any, snapshot_dir: str | Any, steps: list
     Returns:
         ``{step: [[identity_train, identity_eval, fidelity] per seed]}``.
     """
-    probe, module, phrase, trainable = rebuild_run(config_file)
+    probe, module, phrase, trainable = prepared_probe(run)
     out: dict[int, list[list[float]]] = {}
     for step in sorted(steps):  # step 0 first: the freshly built module holds its weights
         if step:
@@ -391,10 +388,10 @@ def sample_fidelity(probe: WorldProbe, pl_module: L.LightningModule, phrase: str
                            [c.group for c in checks for _ in range(n)], probe._encoder)
 
 
-def fidelity_snapshots(config_file: str | Any, snapshot_dir: str | Any, steps: list[int],
+def fidelity_snapshots(run: RebuiltRun, snapshot_dir: str | Any, steps: list[int],
                        checks: list[FidelityCheck], seed: int | None = None) -> dict[int, dict[str, float]]:
     """:func:`sample_fidelity` of saved trainable weights, after the run; step 0 is the weights before training."""
-    probe, module, phrase, trainable = rebuild_run(config_file)
+    probe, module, phrase, trainable = prepared_probe(run)
     out: dict[int, dict[str, float]] = {}
     for step in sorted(steps):  # step 0 first: the freshly built module holds its weights
         if step:

@@ -110,10 +110,10 @@ def concept_summary(run_summary: dict[str, Any], pl_module: L.LightningModule, d
     key = f"{dvar.monitor}/{name}"
     summary = {key_: value for key_, value in run_summary.items()
                if key_ not in ("concepts", "dvar_histories", "files", "artifacts", "train_loss_history")}
-    from lightning_custom.data.concept import _resolve_instance_dir
+    from lightning_custom.synthetic.embedded import resolve_instance_dir
 
     summary.update(
-        placeholder_token=spec.placeholder_token, instance_data_dir=_resolve_instance_dir(spec.instance_data_dir),
+        placeholder_token=spec.placeholder_token, instance_data_dir=resolve_instance_dir(spec.instance_data_dir),
         initializer_token=spec.initializer_token or pl_module.initializer_token, concept=name,
         stop_step=stop.get("stop_step"), stopped_by=stop.get("stopped_by"), stop_reason=stop.get("stop_reason", ""),
         dvar_history=dvar.histories.get(key, []), artifacts=artifacts,
