@@ -11,25 +11,23 @@ runs with quality probes).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import torch
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.callbacks.live_samples import LiveReport, LiveSamples
-from lightning_custom.callbacks.summary import SUMMARY_FILE
+from lightning_custom.runs.summary import SUMMARY_FILE
 from lightning_custom.callbacks.progress import default_terminal_callbacks
 from lightning_custom.commands import COMMANDS, PROGRAM, TRAINER_SUBCOMMANDS, run_command, subcommand_listing
 from lightning_custom.data.concept import ConceptDataModule, check_data_config
@@ -44,6 +42,7 @@ from lightning_custom.errors import (
 from lightning_custom.runtime.interrupts import exit_code_of, forward_to_workers, report_exceptions_in_spawned_ranks
 from lightning_custom.methods.base import PersonalizationModule
 from lightning_custom.runs.provenance import RunFolderSaveConfig
+from lightning_custom.runtime.parse_errors import OneLineErrorParser, one_line_parse_error  # noqa: F401 - re-exported
 from lightning_custom.runtime.quiet import quiet_expected_noise
 from lightning_custom.runtime.ranges import RANGES, check_ranges
 from lightning_custom.runs.run_folder import (
@@ -65,50 +64,6 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 10,
     "default_root_dir": "runs/lightning_custom",
 }
-
-
-class OneLineErrorParser(LightningArgumentParser):
-    """Reports a bad argument in one ``error: --the.argument: ...`` line (exit 2), not a usage dump before it."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error:  # a nested parser trying one of several types: its caller decides
-            super().error(message, ex)
-        raise UserInputError(one_line_parse_error(message)) from ex
-
-
-def one_line_parse_error(message: str) -> str:
-    """jsonargparse's (often multi-line) message as one line that starts with the argument's name.
-
-    For a subclass argument (``--data.init_args.resolution abc``) the line gives the inner problem
-    (``--data.resolution: Expected a int. Got value: abc``), not the list of every type that was tried.
-    """
-    key, lines = _parser_key(message.strip().splitlines())
-    for i, line in enumerate(lines):
-        problem = re.match(r"(\s*)- Problem with given class_path '([^']+)':", line)
-        if problem:
-            depth = len(problem.group(1))
-            inner = list(itertools.takewhile(lambda text: len(text) - len(text.lstrip()) > depth, lines[i + 1:]))
-            inner_key, inner = _parser_key(inner)
-            if inner_key:
-                key = f"{key}.{inner_key}" if key else inner_key
-            else:
-                inner = [f"{problem.group(2)}:", *inner]
-            lines = inner
-            break
-    text = " ".join(line.strip() for line in lines if line.strip())
-    text = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", text)
-    if len(text) > 300:
-        text = text[:297].rstrip() + "..."
-    return f"--{key}: {text} (see --help)" if key else f"{text} (see --help)"
-
-
-def _parser_key(lines: list[str]) -> tuple[str | None, list[str]]:
-    """``("data", rest)`` for lines that start with ``Parser key "data":`` (else ``(None, lines)``)."""
-    first = next((i for i, line in enumerate(lines) if line.strip()), None)
-    match = re.match(r'\s*Parser key "([^"]+)":\s*(.*)$', lines[first]) if first is not None else None
-    if match is None:
-        return None, lines
-    return match.group(1), [match.group(2), *lines[first + 1:]]
 
 
 class PersonalizationCLI(LightningCLI):

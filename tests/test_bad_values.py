@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from lightning_custom.runs import run_folder
-from lightning_custom.cli import main, one_line_parse_error
+from lightning_custom.cli import main
+from lightning_custom.runtime.parse_errors import one_line_parse_error
 from lightning_custom.runtime.ranges import check_value
 from tests.test_cli import quick_args as tiny_args
 

@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import DreamBoothLoRA, TextualInversion
-from lightning_custom.methods.tokens import load_textual_inversion, pipeline_prompts
+from lightning_custom.methods.token_files import load_textual_inversion, pipeline_prompts
 from lightning_custom.synthetic.toy_flow import save_tiny_flux, save_tiny_sd3
 from tests.conftest import data_kwargs, one_thread, ti_kwargs, trainer_kwargs
 

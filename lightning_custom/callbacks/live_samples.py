@@ -20,11 +20,11 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
+from lightning_custom.dvar.report import REPORT_FILE
 from lightning_custom.runtime.io import atomic_path
 
 SAMPLES_FOLDER = "samples_during_training"
 SAMPLES_CSV = "samples_during_training.csv"
-REPORT_FILE = "report.png"
 log = logging.getLogger(__name__)
 
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import logging
 import math
-import types
 from collections.abc import Mapping
 from typing import Any
 
@@ -21,11 +20,11 @@ from lightning_custom.runs.final_files import (
     DEFAULT_SNAPSHOT_MAX_MB,
     HealthyWeights,
 )
-from lightning_custom.dvar.fleet_stops import FleetStops
+from lightning_custom.dvar.cadence import log_at_step, take_over_validation_cadence, warn_if_window_never_fills
+from lightning_custom.dvar.fleet_stops import FleetStops, trainable_norm
 from lightning_custom.dvar.rule import (
     DIVERGENCE_LOSS_TOLERANCE,
     DIVERGENCE_NORM_FACTOR,
-    MIN_RULE_VALUES,
     UNDERTRAINED_RELATIVE_SPREAD,
     barely_moved,
     head_values,
@@ -42,14 +41,6 @@ log = logging.getLogger(__name__)
 
 # Why a run stopped, least to most severe: when ranks disagree, all of them take the most severe reason.
 STOP_KINDS: tuple[str, ...] = ("max_steps", "dvar", "undertrained", "not_training", "diverged", "non_finite")
-
-
-def log_at_step(trainer: L.Trainer, metrics: dict[str, float], step: int) -> None:
-    """Write ``metrics`` to every logger at ``step``: an evaluation after optimizer step 5 is logged at 5, where
-    DVAR's history, ``summary.json`` and the report put it."""
-    if trainer.is_global_zero:
-        for logger in trainer.loggers:
-            logger.log_metrics(metrics, step=step)
 
 
 class DVAREarlyStopping(Callback):
@@ -165,59 +156,8 @@ class DVAREarlyStopping(Callback):
             )
         # Lightning calls setup before it restores a checkpoint: a reused instance starts afresh, a resume goes on.
         self.reset()
-        self._take_over_validation_cadence(trainer)
-        self._warn_if_window_never_fills(trainer)
-
-    def _warn_if_window_never_fills(self, trainer: L.Trainer) -> None:
-        """Say so in one line when the step limit comes before the first full window: DVAR can never fire then."""
-        limits = [s for s in (trainer.max_steps, self.max_steps) if s is not None and s > 0]
-        if self.stop and limits and self.window > min(limits) and trainer.is_global_zero:
-            log.warning(
-                "DVAREarlyStopping: --dvar.window %d is longer than max_steps %d: DVAR can never fire; the run "
-                "ends at max_steps", self.window, min(limits),
-            )
-        if self.stop and self.window_values < MIN_RULE_VALUES and trainer.is_global_zero:
-            log.warning(
-                "DVAREarlyStopping: --dvar.window %d at --dvar.eval_every_n_steps %d holds %d L_det values; with fewer "
-                "than %d the ratio falls below any threshold after a few evaluations, whatever the loss does (a fixed "
-                "budget in disguise, benchmarks/results/settings_study): widen the window or evaluate more often",
-                self.window, self.eval_every_n_steps, self.window_values, MIN_RULE_VALUES,
-            )
-
-    def _take_over_validation_cadence(self, trainer: L.Trainer) -> None:
-        """Validate (evaluate L_det) after exactly the optimizer steps k, 2k, ... and at no other time.
-
-        Lightning counts ``val_check_interval`` in batches of the epoch (or in seconds), which drifts off the
-        optimizer steps under gradient accumulation when an epoch is not a multiple of it, so the epoch loop's
-        check is replaced by one on ``global_step``.
-        """
-        ours = self.eval_every_n_steps * trainer.accumulate_grad_batches
-        seconds = getattr(trainer, "_val_check_time_interval", None)
-        interval = f"{seconds:g} s" if seconds is not None else getattr(trainer, "val_check_interval", None)
-        user_interval = interval not in (None, 1.0, ours)
-        user_epochs = trainer.check_val_every_n_epoch not in (None, 1)
-        if (user_interval or user_epochs) and trainer.is_global_zero:
-            log.warning(
-                "DVAREarlyStopping: ignoring the trainer's val_check_interval=%s / check_val_every_n_epoch=%s: "
-                "L_det is evaluated every %d optimizer steps (--dvar.eval_every_n_steps)",
-                interval, trainer.check_val_every_n_epoch, self.eval_every_n_steps,
-            )
-        trainer.val_check_interval = ours
-        trainer.check_val_every_n_epoch = None
-        trainer._val_check_time_interval = None
-        epoch_loop = trainer.fit_loop.epoch_loop
-        lightning_check = getattr(epoch_loop, "_lightning_should_check_val_fx", epoch_loop._should_check_val_fx)
-        epoch_loop._lightning_should_check_val_fx = lightning_check
-        callback = self
-
-        def should_check_val(loop, data_fetcher) -> bool:
-            if loop.trainer.should_stop:  # Lightning's own rule: validate once more when stopping early
-                return lightning_check(data_fetcher)
-            step = loop.trainer.global_step
-            return (loop._should_check_val_epoch() and not loop._should_accumulate() and step > 0
-                    and step % callback.eval_every_n_steps == 0 and step > callback.last_evaluated_step)
-
-        epoch_loop._should_check_val_fx = types.MethodType(should_check_val, epoch_loop)
+        take_over_validation_cadence(self, trainer)
+        warn_if_window_never_fills(self, trainer)
 
     @override
     def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
@@ -449,15 +389,3 @@ class DVAREarlyStopping(Callback):
         self.stop_reason = state_dict.get("stop_reason", "")
         self.healthy_weights.load_state_dict(state_dict.get("healthy_weights", {}))
         self.fleet.load_state_dict(state_dict.get("fleet", {}))
-
-
-def trainable_norm(pl_module: L.LightningModule, params: list[torch.Tensor] | None = None) -> float:
-    """The L2 norm of ``params``, by default every parameter the optimizer trains (the module's
-    ``trainable_parameters()`` if it has one)."""
-    if params is None:
-        params = (pl_module.trainable_parameters() if hasattr(pl_module, "trainable_parameters")
-                  else [p for p in pl_module.parameters() if p.requires_grad])
-    if not params:
-        return 0.0
-    with torch.no_grad():
-        return float(torch.nn.utils.get_total_norm([p.detach().float() for p in params]))

@@ -19,8 +19,6 @@ FLEET_RUN_REASON = "every concept of the fleet has stopped"
 
 def concept_norm(pl_module: L.LightningModule, name: str) -> float:
     """The L2 norm of concept ``name``'s trainable vectors."""
-    from lightning_custom.dvar.callback import trainable_norm
-
     return trainable_norm(pl_module, pl_module.concept_parameters(name))
 
 
@@ -132,3 +130,15 @@ def concept_summary(run_summary: dict[str, Any], pl_module: L.LightningModule, d
         summary["fleet_wall_seconds"] = wall
         summary["seconds_saved"] = None  # the fleet's pace is not this concept's alone
     return summary
+
+
+def trainable_norm(pl_module: L.LightningModule, params: list[torch.Tensor] | None = None) -> float:
+    """The L2 norm of ``params``, by default every parameter the optimizer trains (the module's
+    ``trainable_parameters()`` if it has one)."""
+    if params is None:
+        params = (pl_module.trainable_parameters() if hasattr(pl_module, "trainable_parameters")
+                  else [p for p in pl_module.parameters() if p.requires_grad])
+    if not params:
+        return 0.0
+    with torch.no_grad():
+        return float(torch.nn.utils.get_total_norm([p.detach().float() for p in params]))

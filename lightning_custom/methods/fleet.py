@@ -27,14 +27,8 @@ from torch import nn
 from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
 from lightning_custom.runtime.rng import rank_generator_state
 from lightning_custom.methods.textual_inversion import LEARNED_EMBEDS, TextualInversion
-from lightning_custom.methods.tokens import (
-    CaptionTokenizer,
-    embedding_state,
-    expand_placeholder,
-    learn_new_token,
-    token_slots,
-    write_token_files,
-)
+from lightning_custom.methods.tokens import CaptionTokenizer, expand_placeholder, learn_new_token
+from lightning_custom.methods.token_files import embedding_state, token_slots, write_token_files
 
 
 FLEET_RNG_KEY = "lightning_custom_fleet_rng"

@@ -98,3 +98,23 @@ def fleet_folders(path: Path) -> list[str]:
 def is_fleet_summary(path: Path) -> bool:
     """Whether ``path`` is the run summary of a fleet (its concepts have folders of their own)."""
     return bool(fleet_folders(path))
+
+
+def check_trained(summary: dict[str, Any], run_dir: str | Path, argument: str = "run_dir") -> None:
+    """Refuse a run that ended without its trained weights: an interrupted one, or one whose weights were withheld
+    (non-finite values). Sampling it would silently show the base model.
+
+    Raises:
+        UserInputError: naming the run, why it stopped, and how to go on.
+    """
+    if summary.get("artifacts"):
+        return
+    stopped_by = summary.get("stopped_by")
+    if stopped_by == "interrupted":
+        checkpoint = summary.get("resume_checkpoint")
+        hint = f"resume it with --ckpt_path {checkpoint}" if checkpoint else "resume it from its checkpoint"
+    elif summary.get("artifacts_withheld"):
+        hint = str(summary["artifacts_withheld"]).rstrip(".")
+    else:
+        return  # a method without artifacts (the base model samples)
+    raise UserInputError(f"{argument}: {run_dir} has no trained artifacts (stopped_by: {stopped_by}; {hint})")
