@@ -207,7 +207,7 @@ def test_commands_on_a_run_without_trained_artifacts_end_in_one_line(tmp_path, t
 
 
 def test_a_prompt_without_the_concept_is_warned_in_one_line(capsys):
-    from lightning_custom.commands import _read_prompts
+    from lightning_custom.commands.generate import _read_prompts
 
     assert _read_prompts(["a photo of {}", "a red car"], None) == ["a photo of {}", "a red car"]
     err = capsys.readouterr().err.strip().splitlines()
@@ -234,7 +234,7 @@ def test_before_after_compares_with_the_after_prompt_without_its_identifier(tmp_
                                                                           expected):
     """Before: a DreamBooth run compared "a photo of a object" (its unused default initializer) with "a photo of a
     sks star", which inflated the printed gain."""
-    from lightning_custom.commands import _initializer_token
+    from lightning_custom.commands.quickstart import _initializer_token
 
     run = write_run(tmp_path / "run", **summary)
     (run / "config.yaml").write_text(f"model:\n  init_args:\n    initializer_token: {config_initializer}\n")
