@@ -42,8 +42,33 @@ def build_parser(name: str):
     parser.add_argument(positional, nargs=nargs, help=help_line) if nargs else parser.add_argument(
         positional, help=help_line
     )
-    parser.add_function_arguments(function, skip={positional}, as_positional=False)
+    grouped = option_groups(function)
+    parser.add_function_arguments(function, skip={positional, *grouped}, as_positional=False)
+    for options in grouped.values():  # their fields are options of their own: --seed, not --sampling.seed
+        parser.add_class_arguments(options, as_group=False, instantiate=False)
     return parser
+
+
+def option_groups(function: Callable) -> dict[str, type]:
+    """``function``'s arguments that are a dataclass of options shared between commands (``sampling:
+    SamplingOptions``), by name: each field of theirs is one command-line option."""
+    import dataclasses
+    import typing
+
+    hints = typing.get_type_hints(function)
+    return {name: hint for name, hint in hints.items() if dataclasses.is_dataclass(hint)}
+
+
+def group_options(function: Callable, kwargs: dict) -> dict:
+    """The parsed arguments as ``function`` takes them: the fields of each option group gathered into its
+    dataclass."""
+    import dataclasses
+
+    kwargs = dict(kwargs)
+    for name, options in option_groups(function).items():
+        fields = {f.name for f in dataclasses.fields(options)}
+        kwargs[name] = options(**{key: kwargs.pop(key) for key in fields if key in kwargs})
+    return kwargs
 
 
 def numeric_list_arguments(function: Callable) -> set[str]:
@@ -51,6 +76,8 @@ def numeric_list_arguments(function: Callable) -> set[str]:
     import typing
 
     hints = typing.get_type_hints(function)
+    for options in option_groups(function).values():
+        hints.update(typing.get_type_hints(options))
     numeric = {list[int], list[float]}
     return {name for name, hint in hints.items()
             if hint in numeric or any(arg in numeric for arg in typing.get_args(hint))}
@@ -90,7 +117,7 @@ def run_command(args: Sequence[str]):
     parser = build_parser(name)
     config = parser.parse_args(rest)
     kwargs = {k: v for k, v in vars(config).items() if k != "config"}
-    kwargs = {k.replace("-", "_"): v for k, v in kwargs.items()}
+    kwargs = group_options(COMMANDS[name], {k.replace("-", "_"): v for k, v in kwargs.items()})
     concepts = fleet_concept_folders(kwargs.get("run_dir")) if name in PER_RUN_COMMANDS else []
     if not concepts:
         return COMMANDS[name](**kwargs)

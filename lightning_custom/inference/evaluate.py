@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +19,7 @@ from PIL import Image
 from lightning_custom.data.images import list_image_files, load_rgb_image
 from lightning_custom.errors import UserInputError
 from lightning_custom.runtime.io import write_json
+from lightning_custom.inference.options import SamplingOptions
 from lightning_custom.inference.metrics import (
     MetricResult,
     clip_i,
@@ -89,30 +91,26 @@ def evaluate_run(
     *,
     concept_dir: str | None = None,
     prompts: Sequence[str] | None = None,
-    images_per_prompt: int = 4,
-    seed: int = 0,
-    guidance_scale: float | None = None,
-    num_inference_steps: int | None = None,
-    scheduler: str = "default",
-    height: int | None = None,
-    width: int | None = None,
+    sampling: SamplingOptions | None = None,
     clip_model: str = "openai/clip-vit-base-patch32",
     dino_model: str = "facebook/dino-vits16",
     metrics: Sequence[str] | None = None,
-    batch_size: int = 4,
-    device: str = "auto",
-    dtype: str = "auto",
-    base_model: str | None = None,
     output: str | Path | None = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Sample the run's concept(s) and score them; write ``metrics.json`` (default: in the run folder), return it.
 
     ``metrics`` defaults to ``identity`` (the world encoder) on the embedded world model, else CLIP-I, CLIP-T and
     DINO. Each concept's images are compared with that concept's own images. See
     :func:`lightning_custom.inference.sampling.sample_run` for the sampling arguments (``guidance_scale`` ``None``: the
-    model's own, e.g. 3.5 on FLUX, 7.0 on SD3, 7.5 on SD / SDXL; flow-matching models refuse a DDPM ``scheduler``).
+    model's own, e.g. 3.5 on FLUX, 7.0 on SD3, 7.5 on SD / SDXL; flow-matching models refuse a DDPM ``scheduler``):
+    ``sampling`` (:class:`~lightning_custom.inference.options.SamplingOptions`), with ``**options`` changing its
+    fields (``seed=3``).
     """
     start = time.perf_counter()
+    sampling = replace(sampling or SamplingOptions(), **options)
+    images_per_prompt, seed, scheduler = sampling.images_per_prompt, sampling.seed, sampling.scheduler
+    base_model, device = sampling.base_model, sampling.device
     run = Path(run_dir).expanduser()
     summary = read_summary(run)
     check_trained(summary, run)
@@ -143,10 +141,7 @@ def evaluate_run(
         world_encoder = WorldEncoder.load()
     samples_dir = run / "eval" / "samples"
     manifest = sample_run(
-        run, prompts, images_per_prompt=images_per_prompt, seed=seed, guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps, scheduler=scheduler, height=height, width=width,
-        batch_size=batch_size, output_dir=samples_dir,
-        base_model=base_model, device=device, dtype=dtype,
+        run, prompts, sampling=sampling, output_dir=samples_dir,
     )
     records = manifest["images"]
     for record in records:
@@ -197,8 +192,8 @@ def evaluate_run(
         "guidance_scale": manifest["guidance_scale"],  # the model's default when none was given
         "num_inference_steps": manifest["num_inference_steps"],  # the model's recommendation when none was given
         "scheduler": manifest.get("scheduler", scheduler),
-        "height": height,
-        "width": width,
+        "height": sampling.height,
+        "width": sampling.width,
         "clip_model": clip_model if clip_scorer is not None else None,
         "dino_model": dino_model if dino_scorer is not None else None,
         "world_encoder": "embedded" if world_encoder is not None else None,

@@ -23,6 +23,7 @@ from typing import Any
 import torch
 
 from lightning_custom.errors import UserInputError
+from lightning_custom.families import family_of_pipeline
 from lightning_custom.runs.summary import SUMMARY_FILE, check_trained, read_summary
 
 # The DDPM-family samplers of --scheduler (SD 1.x/2.x and SDXL); flow-matching models keep their own.
@@ -86,13 +87,6 @@ def pipeline_denoiser(pipe: Any) -> Any:
     raise ValueError(f"{type(pipe).__name__} has neither a unet nor a transformer")
 
 
-def pipeline_family(pipe: Any) -> type:
-    """The model family whose pipeline class ``pipe`` is (:func:`lightning_custom.families.family_of_pipeline`)."""
-    from lightning_custom.families import family_of_pipeline
-
-    return family_of_pipeline(pipe)
-
-
 SAMPLING_DEFAULTS_FILE = "sampling_defaults.json"
 RECOMMENDED_ATTRIBUTE = "_lightning_custom_sampling_defaults"
 
@@ -127,7 +121,7 @@ def default_guidance_scale(pipe: Any) -> float:
     recommended = getattr(pipe, RECOMMENDED_ATTRIBUTE, {}).get("guidance_scale")
     if recommended is not None:
         return float(recommended)
-    family = pipeline_family(pipe)
+    family = family_of_pipeline(pipe)
     own = getattr(family, "default_guidance_scale", None)  # a family may name its own
     if own is not None:
         return float(own)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -50,7 +51,6 @@ from lightning_custom.inference.pipelines import (  # noqa: F401 - re-exported: 
     method_class,
     module_sampling_defaults,
     pipeline_denoiser,
-    pipeline_family,
     pipeline_from_module,
     pipeline_source,
     RECOMMENDED_ATTRIBUTE,
@@ -63,6 +63,7 @@ from lightning_custom.inference.pipelines import (  # noqa: F401 - re-exported: 
     SCHEDULERS,
 )
 from lightning_custom.inference.metrics import without_placeholder
+from lightning_custom.inference.options import SamplingOptions
 from lightning_custom.methods.token_files import pipeline_prompts
 
 SAMPLES_FILE = "samples.json"
@@ -178,19 +179,10 @@ def sample_run(
     run_dir: str | Path,
     prompts: Sequence[str] | None = None,
     *,
-    images_per_prompt: int = 4,
-    seed: int = 0,
-    guidance_scale: float | None = None,
-    num_inference_steps: int | None = None,
-    scheduler: str = "default",
-    height: int | None = None,
-    width: int | None = None,
-    batch_size: int = 4,
+    sampling: SamplingOptions | None = None,
     output_dir: str | Path | None = None,
-    base_model: str | None = None,
-    device: str = "auto",
-    dtype: str = "auto",
     pipe: Any = None,
+    **options: Any,
 ) -> dict[str, Any]:
     """Generate ``images_per_prompt`` images per prompt with a finished run's concept; write PNGs and a grid.
 
@@ -200,15 +192,27 @@ def sample_run(
     the latter.
     ``guidance_scale`` ``None`` is the model's own (:func:`default_guidance_scale`: FLUX 3.5, SD3 7.0, else 7.5).
     ``pipe`` reuses an already loaded pipeline (from :func:`load_run_pipeline`).
+
+    Args:
+        run_dir: the run folder (holding summary.json and the artifacts).
+        prompts: templates with ``{}`` for the concept (default: :data:`DEFAULT_PROMPTS`).
+        sampling: the sampling settings (:class:`~lightning_custom.inference.options.SamplingOptions`).
+        output_dir: where to write (default: ``<run_dir>/samples``).
+        pipe: an already loaded pipeline of the run.
+        **options: fields of ``sampling`` to change (``seed=3, images_per_prompt=2``).
     """
     start = time.perf_counter()
+    o = replace(sampling or SamplingOptions(), **options)
+    images_per_prompt, seed, guidance_scale = o.images_per_prompt, o.seed, o.guidance_scale
+    num_inference_steps, scheduler = o.num_inference_steps, o.scheduler
     run = Path(run_dir).expanduser()
     if images_per_prompt < 1:
         raise UserInputError(f"--images_per_prompt: must be at least 1, got {images_per_prompt}")
     if num_inference_steps is not None and num_inference_steps < 1:
         raise UserInputError(f"--num_inference_steps: must be at least 1, got {num_inference_steps}")
     if pipe is None:
-        pipe, summary = load_run_pipeline(run, base_model=base_model, scheduler=scheduler, device=device, dtype=dtype)
+        pipe, summary = load_run_pipeline(run, base_model=o.base_model, scheduler=scheduler, device=o.device,
+                                          dtype=o.dtype)
     else:
         summary = read_summary(run)
     guidance_scale = default_guidance_scale(pipe) if guidance_scale is None else guidance_scale
@@ -220,7 +224,7 @@ def sample_run(
     jobs = [(i, seed + j) for i in range(len(filled)) for j in range(images_per_prompt)]
     images = generate(
         pipe, [filled[i] for i, _ in jobs], [s for _, s in jobs], guidance_scale=guidance_scale,
-        num_inference_steps=num_inference_steps, height=height, width=width, batch_size=batch_size,
+        num_inference_steps=num_inference_steps, height=o.height, width=o.width, batch_size=o.batch_size,
     )
     out = Path(output_dir) if output_dir is not None else run / "samples"
     records = []

@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from lightning_custom.errors import UserInputError
+from lightning_custom.families import family_of_pipeline
 from lightning_custom.methods.tokens import placeholder_names
 
 # SDXL Textual Inversion files hold one tensor per text encoder under these keys (the community convention that
@@ -91,12 +92,6 @@ def embedding_state(
     return {slot.key or token: v.detach().float().cpu().clone() for slot, v in zip(slots, vectors)}
 
 
-def pipeline_family(pipe: Any) -> Any:
-    """The model family of a diffusers pipeline (:func:`lightning_custom.families.family_of_pipeline`)."""
-    from lightning_custom.families import family_of_pipeline
-
-    return family_of_pipeline(pipe)
-
 def load_textual_inversion(pipe: Any, embeddings: torch.Tensor, tokens: list[str], text_encoder: Any,
                            tokenizer: Any) -> None:
     """diffusers' ``pipe.load_textual_inversion(embeddings, token=tokens, text_encoder=..., tokenizer=...)``.
@@ -139,7 +134,7 @@ def load_embeddings_file(pipe: Any, path: str | Path) -> list[str]:
     """
     from safetensors import safe_open
 
-    slots = {slot.key: slot for slot in embedding_slots(pipeline_family(pipe)) if slot.key}
+    slots = {slot.key: slot for slot in embedding_slots(family_of_pipeline(pipe)) if slot.key}
     with safe_open(str(path), framework="pt") as handle:
         keys, metadata = list(handle.keys()), handle.metadata() or {}
         per_encoder = bool(keys) and SDXL_EMBEDDING_KEYS[0] in keys and set(keys) <= set(slots)
@@ -203,7 +198,7 @@ def load_token_files(pipe: Any, first: str | Path) -> list[str]:
     tensors = load_file(str(first))
     if len(tensors) != 1 or set(tensors) & {*SDXL_EMBEDDING_KEYS, T5_EMBEDDING_KEY}:
         return load_embeddings_file(pipe, first)  # the older multi-encoder file (token in its metadata)
-    slots = embedding_slots(pipeline_family(pipe))
+    slots = embedding_slots(family_of_pipeline(pipe))
     (token, tensor), = tensors.items()
     for index, slot in enumerate(slots):
         path = first if index == 0 else sibling_file(first, slot)
@@ -233,7 +228,7 @@ def pipeline_prompts(pipe: Any, prompts: list[str]) -> dict[str, list[str]]:
     if isinstance(pipe, TextualInversionLoaderMixin):
         return {"prompt": list(prompts)}
     arguments = {}
-    for index, slot in enumerate(embedding_slots(pipeline_family(pipe))):
+    for index, slot in enumerate(embedding_slots(family_of_pipeline(pipe))):
         tokenizer = getattr(pipe, slot.tokenizer, None)
         if tokenizer is not None:
             name = "prompt" if index == 0 else f"prompt_{index + 1}"
