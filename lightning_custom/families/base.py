@@ -138,8 +138,7 @@ class ModelFamily(ABC):
     supports_custom_diffusion: ClassVar[bool] = False
     #: Whether the noise levels are flow sigmas (else DDPM timesteps).
     is_flow: ClassVar[bool] = False
-    #: Sampling's guidance scale when neither the call nor the model folder gives one (``None``: the table in
-    #: :data:`lightning_custom.inference.sampling.FAMILY_GUIDANCE_SCALES`, else 7.5).
+    #: Sampling's guidance scale when neither the call nor the model folder gives one (``None``: 7.5, SD's).
     default_guidance_scale: ClassVar[float | None] = None
     #: Latents per side that one denoiser token covers (``None``: read from the denoiser's config by
     #: :func:`denoiser_latent_patch`).

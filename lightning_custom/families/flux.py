@@ -58,6 +58,8 @@ class FluxFamily(ModelFamily):
     lora_targets: ClassVar[tuple[str, ...]] = FLUX_LORA_TARGETS
     supports_custom_diffusion: ClassVar[bool] = False
     is_flow: ClassVar[bool] = True
+    #: ``FluxPipeline``'s default: the value of FLUX.1-dev's distilled guidance input.
+    default_guidance_scale: ClassVar[float | None] = 3.5
 
     # ------------------------------------------------------------------------------------------ detection
     @classmethod

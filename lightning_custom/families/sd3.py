@@ -60,6 +60,7 @@ class SD3Family(ModelFamily):
     )
     supports_custom_diffusion: ClassVar[bool] = False
     is_flow: ClassVar[bool] = True
+    default_guidance_scale: ClassVar[float | None] = 7.0  # ``StableDiffusion3Pipeline``'s default
 
     # ------------------------------------------------------------------------------------------ detection
     @classmethod

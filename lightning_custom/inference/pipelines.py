@@ -34,9 +34,8 @@ SCHEDULERS = {
     "euler": "EulerDiscreteScheduler",
     "pndm": "PNDMScheduler",
 }
-#: Guidance scale when none is given: the pipelines' own defaults for the flow families (``FluxPipeline`` 3.5:
-#: FLUX.1-dev's distilled guidance input; ``StableDiffusion3Pipeline`` 7.0), and 7.5 for SD and SDXL as always here.
-FAMILY_GUIDANCE_SCALES: dict[str, float] = {"flux": 3.5, "sd3": 7.0}
+#: Guidance scale when neither the call, the model folder nor the family (``ModelFamily.default_guidance_scale``:
+#: FLUX 3.5, SD3 7.0, the pipelines' own defaults) gives one: SD and SDXL, as always here.
 DEFAULT_GUIDANCE_SCALE = 7.5
 
 
@@ -116,16 +115,14 @@ def default_inference_steps(pipe: Any, fallback: int = 50) -> int:
 
 
 def default_guidance_scale(pipe: Any) -> float:
-    """The guidance scale used when none is given: the model folder's recommendation, the family's
-    (:data:`FAMILY_GUIDANCE_SCALES`), else 7.5."""
+    """The guidance scale used when none is given: the model folder's recommendation, the family's own
+    (``default_guidance_scale``), else 7.5."""
     recommended = getattr(pipe, RECOMMENDED_ATTRIBUTE, {}).get("guidance_scale")
     if recommended is not None:
         return float(recommended)
     family = family_of_pipeline(pipe)
-    own = getattr(family, "default_guidance_scale", None)  # a family may name its own
-    if own is not None:
-        return float(own)
-    return FAMILY_GUIDANCE_SCALES.get(getattr(family, "name", ""), DEFAULT_GUIDANCE_SCALE)
+    own = family.default_guidance_scale
+    return DEFAULT_GUIDANCE_SCALE if own is None else float(own)
 
 
 # ------------------------------------------------------------------------------------------------ artifacts

@@ -42,7 +42,6 @@ from lightning_custom.inference.pipelines import (  # noqa: F401 - re-exported: 
     default_guidance_scale,
     default_inference_steps,
     exported_pipeline,
-    FAMILY_GUIDANCE_SCALES,
     is_flow_scheduler,
     load_pipeline,
     load_run_artifacts,
