@@ -39,7 +39,8 @@ def sample_prompts(probe, module, templates: list[str], phrase: str, count: int,
     """``count`` samples of each template (the concept phrase filled in), seeds ``first_seed``.. (the probe's
     sampler settings); template after template."""
     from lightning_custom.data.templates import format_prompt
-    from lightning_custom.inference.sampling import generate, pipeline_from_module
+    from lightning_custom.inference.pipelines import pipeline_from_module
+    from lightning_custom.inference.sampling import generate
 
     size = probe._references[0].size[0]
     pipe = pipeline_from_module(module, "ddim")

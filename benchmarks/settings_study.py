@@ -100,12 +100,12 @@ def probe_run(run_dir: Path, config_file: Path, concept, steps: list[int], resul
               recolour_steps: tuple[int, ...] = ()) -> dict:
     """Probe ``steps`` of one run not probed yet: cosine identity (training prompt), the discriminator's identity
     (every prompt's images) and background fidelity; and at ``recolour_steps`` (the rules' stops) the recolour
-    fidelity (the concept in a colour it never has, ``world.probe.fidelity_checks``). Kept in ``probes.json``."""
+    fidelity (the concept in a colour it never has, ``world.fidelity.fidelity_checks``). Kept in ``probes.json``."""
     from lightning_custom.runtime.io import write_json
     from lightning_custom.synthetic.world_identity import ConceptDiscriminator
     from lightning_custom.cli import rebuild_run
-    from lightning_custom.world.probe import (fidelity_checks, load_snapshot, prepared_probe, sample_fidelity,
-                                              snapshot_steps)
+    from lightning_custom.world.fidelity import fidelity_checks, sample_fidelity
+    from lightning_custom.world.probe import load_snapshot, prepared_probe, snapshot_steps
 
     path = results / "probes.json"
     done = json.loads(path.read_text()) if path.is_file() else {"steps": {}}

@@ -47,7 +47,7 @@ DEFAULT_CONCEPT_SEED = 2024  # world.concepts.heldout_concepts' seed: the concep
 RESULT_RUNS = "probed_runs"  # not "runs": .gitignore ignores every folder of that name
 BULKY_FIELDS = ("train_loss_history",)  # left out of the committed copies of summary.json (a third of its size)
 EVAL_EVERY = 5  # L_det (and a snapshot) every 5 steps; the calibration grid replays periods 5, 10 and 20
-FIDELITY_FILE = "fidelity_probes.json"  # recolour / prior fidelity by step (world.probe.fidelity_checks)
+FIDELITY_FILE = "fidelity_probes.json"  # recolour / prior fidelity by step (world.fidelity.fidelity_checks)
 FIDELITY_CURVE = (0, 50, 100, 200, 400)  # + half the run and its end: the fidelity-against-step curve
 
 
@@ -120,14 +120,15 @@ def read_fidelity(folder: Path) -> dict[int, dict[str, float]]:
 
 def fidelity_probe(run_dir: Path, config_file: Path, name: str, steps: list[int], copies: list[Path],
                    seed: int = DEFAULT_CONCEPT_SEED, snapshot_dir: Path | None = None) -> dict:
-    """Recolour / prior fidelity (:func:`lightning_custom.world.probe.fidelity_checks`) of every step in ``steps``
+    """Recolour / prior fidelity (:func:`lightning_custom.world.fidelity.fidelity_checks`) of every step in ``steps``
     that has a snapshot (in ``snapshot_dir``, default the run's own; step 0: the weights before training) and no
     score yet; written to ``run_dir`` and ``copies``. Returns every score of the run."""
     from dataclasses import asdict
 
     from lightning_custom.runtime.io import write_json
     from lightning_custom.cli import rebuild_run
-    from lightning_custom.world.probe import fidelity_checks, fidelity_snapshots, snapshot_steps
+    from lightning_custom.world.fidelity import fidelity_checks, fidelity_snapshots
+    from lightning_custom.world.probe import snapshot_steps
 
     snapshot_dir = snapshot_dir or run_dir / "snapshots"
     done = read_fidelity(run_dir) or (read_fidelity(copies[0]) if copies else {})

@@ -174,7 +174,7 @@ def test_summary_records_prior_preservation_and_every_concept():
 
 
 def test_pipelines_get_the_safety_checker_keywords_only_where_they_take_them(capfd):
-    from lightning_custom.inference.sampling import load_pipeline
+    from lightning_custom.inference.pipelines import load_pipeline
 
     sdxl = load_pipeline(embedded_model_path("tiny-sdxl"))
     sd = load_pipeline(embedded_model_path("tiny-sd"))
@@ -243,7 +243,7 @@ def test_before_after_compares_with_the_after_prompt_without_its_identifier(tmp_
 
 def test_grid_labels_keep_whole_words_and_visible_spaces():
     """Before: 'a photoofa' (the font's 2 px space) and '<striped-' / 'star>' split across lines at 128 px."""
-    from lightning_custom.inference.sampling import label_font, word_gap, wrap_label
+    from lightning_custom.inference.grid import label_font, word_gap, wrap_label
 
     font = label_font()
     text = "a photo of a <striped-star> on a grey background"
@@ -270,7 +270,7 @@ def test_sampling_defaults_come_from_the_model_folder(tmp_path, tiny_sd):
     """Before: the embedded model sampled with its training DDPM scheduler at guidance 7.5 (olive fragments); its
     folder now recommends DDIM, guidance 4, 25 steps. A model without the file keeps its own."""
     from lightning_custom.families.components import resolve_model_path
-    from lightning_custom.inference.sampling import recommended_sampling
+    from lightning_custom.inference.pipelines import recommended_sampling
 
     assert recommended_sampling(resolve_model_path("embedded")) == {
         "scheduler": "ddim", "guidance_scale": 4.0, "num_inference_steps": 25}

@@ -17,14 +17,9 @@ from lightning_custom.cli import main
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import TextualInversion
-from lightning_custom.inference.sampling import (
-    generate,
-    load_run_pipeline,
-    method_class,
-    pipeline_from_module,
-    read_summary,
-    sample_run,
-)
+from lightning_custom.inference.pipelines import load_run_pipeline, method_class, pipeline_from_module
+from lightning_custom.inference.sampling import generate, sample_run
+from lightning_custom.runs.summary import read_summary
 from tests.conftest import data_kwargs, one_thread, ti_kwargs, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")

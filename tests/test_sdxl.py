@@ -320,7 +320,7 @@ def test_two_process_ddp_ranks_see_the_same_fixed_batch(tmp_path, tiny_sdxl, non
 def test_sdxl_quickstart_runs_offline_and_its_run_loads_for_sampling(tmp_path):
     """The shipped quickstart as written (embedded tiny SDXL, embedded concept), then ``load_run_pipeline``."""
     from lightning_custom.cli import main
-    from lightning_custom.inference.sampling import load_run_pipeline
+    from lightning_custom.inference.pipelines import load_run_pipeline
 
     with one_thread():
         main(["fit", "--config", str(ROOT / "configs" / "sdxl" / "quickstart_sdxl.yaml"),

@@ -363,7 +363,7 @@ def test_recolour_and_prior_fidelity_can_fail():
     from dataclasses import replace
 
     from lightning_custom.synthetic.world_concepts import heldout_concepts
-    from lightning_custom.world.probe import FIDELITY_GROUPS, fidelity_checks, fidelity_scores
+    from lightning_custom.world.fidelity import FIDELITY_GROUPS, fidelity_checks, fidelity_scores
     from lightning_custom.synthetic.world_render import COLOURS, Attributes, render
 
     encoder = WorldEncoder.load(None)

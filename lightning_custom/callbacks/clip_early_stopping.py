@@ -142,7 +142,7 @@ class CLIPEarlyStopping(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lightning_custom.inference.sampling import check_sampler
+        from lightning_custom.inference.pipelines import check_sampler
 
         scheduler = getattr(pl_module, "noise_scheduler", None)  # absent on a module of your own without one
         if scheduler is not None:
@@ -172,7 +172,8 @@ class CLIPEarlyStopping(Callback):
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """CLIP-I of ``num_images`` fresh samples against the training images."""
         from lightning_custom.inference.metrics import mean_similarity_to_references
-        from lightning_custom.inference.sampling import generate, pipeline_from_module
+        from lightning_custom.inference.pipelines import pipeline_from_module
+        from lightning_custom.inference.sampling import generate
 
         pipe = pipeline_from_module(pl_module, self.sampler_name(pl_module))
         seeds = [self.seed + i for i in range(self.num_images)]

@@ -91,7 +91,7 @@ class LiveSamples(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse a DDPM sampler on a flow-matching model before training, not at the first grid."""
         if self.every_n_steps and getattr(pl_module, "noise_scheduler", None) is not None:
-            from lightning_custom.inference.sampling import check_sampler
+            from lightning_custom.inference.pipelines import check_sampler
 
             check_sampler(self.scheduler, type(pl_module.noise_scheduler).__name__,
                           f"{type(pl_module).__name__}'s model", "--sample.scheduler")
@@ -123,7 +123,9 @@ class LiveSamples(Callback):
         """Draw, save and log one grid at the current step (rank 0 only); returns its path."""
         if not trainer.is_global_zero:
             return None
-        from lightning_custom.inference.sampling import generate, labelled_grid, pipeline_from_module, write_png
+        from lightning_custom.inference.grid import labelled_grid, write_png
+        from lightning_custom.inference.pipelines import pipeline_from_module
+        from lightning_custom.inference.sampling import generate
 
         start = time.perf_counter()
         entries = self.prompt_list(trainer)

@@ -46,7 +46,7 @@ def before_after(
         ``{"identity_before", "identity_after", "grid"}``.
     """
     from lightning_custom.inference.evaluate import before_after_run, is_flow_run
-    from lightning_custom.inference.sampling import check_trained, read_summary
+    from lightning_custom.runs.summary import check_trained, read_summary
     from lightning_custom.world.quickstart import before_after as sample_before_after
 
     run = Path(run_dir)
@@ -80,7 +80,7 @@ def _initializer_token(run: Path) -> str:
     for ``--before_word``."""
     import yaml
 
-    from lightning_custom.inference.sampling import read_summary
+    from lightning_custom.runs.summary import read_summary
 
     summary = read_summary(run)
     concepts = summary.get("concepts") or [{}]

@@ -29,22 +29,18 @@ from lightning_custom.inference.metrics import (
     load_dino,
     mean_similarity_to_references,
 )
-from lightning_custom.inference.sampling import (
+from lightning_custom.inference.grid import labelled_grid, write_png
+from lightning_custom.inference.pipelines import (
     check_sampler,
-    check_trained,
-    generate,
-    labelled_grid,
     load_pipeline,
     load_run_pipeline,
     pipeline_source,
-    read_summary,
     replace_scheduler,
     resolve_device,
-    run_concepts,
-    sample_run,
     scheduler_class_of,
-    write_png,
 )
+from lightning_custom.inference.sampling import generate, run_concepts, sample_run
+from lightning_custom.runs.summary import check_trained, read_summary
 
 METRICS_FILE = "metrics.json"
 METRIC_NAMES = ("clip_i", "clip_t", "dino", "identity")
@@ -211,7 +207,7 @@ def evaluate_run(
 
 def is_flow_run(run_dir: str | Path, summary: dict[str, Any]) -> bool:
     """Whether the run's model samples with a flow-matching scheduler (FLUX.1, SD3/SD3.5), from its model index."""
-    from lightning_custom.inference.sampling import is_flow_scheduler
+    from lightning_custom.inference.pipelines import is_flow_scheduler
 
     return is_flow_scheduler(scheduler_class_of(pipeline_source(Path(run_dir), summary, None)))
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning_custom.inference.sampling import check_trained, read_summary
+from lightning_custom.runs.summary import check_trained, read_summary
 
 
 def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: list[str] | None = None,
