@@ -22,6 +22,10 @@ from typing import Any
 
 import torch
 
+# The scheduler configs of black-forest-labs/FLUX.1-dev and stabilityai/stable-diffusion-3.5-medium, kept once with the
+# published architectures (the names here are the ones this module had).
+from lightning_custom.synthetic.architectures import FLUX_DEV_SCHEDULER as FLUX_SCHEDULER
+from lightning_custom.synthetic.architectures import SD3_SCHEDULER
 from lightning_custom.synthetic.offline_tokenizers import build_clip_tokenizer, build_t5_tokenizer  # noqa: F401 - re-exported
 
 __all__ = [
@@ -35,12 +39,6 @@ __all__ = [
     "save_tiny_sd3",
 ]
 
-# The scheduler configs of black-forest-labs/FLUX.1-dev and stabilityai/stable-diffusion-3.5-medium.
-FLUX_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
-    "base_image_seq_len": 256, "max_image_seq_len": 4096,
-}
-SD3_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0}
 # The flow VAEs' latent normalization in diffusers' tests (FLUX.1's own: shift 0.1159, scale 0.3611).
 _VAE_SHIFT_FACTOR = 0.0609
 _VAE_SCALING_FACTOR = 1.5035
