@@ -21,14 +21,14 @@ from torch.utils.data import (
 from lightning_custom.data.class_images import WithClassSamples
 from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
 from lightning_custom.data.fleet import FleetLoader
-from lightning_custom.data.images import (  # noqa: F401 - ConceptImages: re-exported, its home before issue 26
+from lightning_custom.data.images import (
     ConceptImages,
     convert_to_rgb,
     list_image_files,
     open_image,
     parse_background,
 )
-from lightning_custom.data.loader import (  # noqa: F401 - re-exported, their home before issue 26
+from lightning_custom.data.loader import (
     EpochShuffleSampler,
     ResumableDataLoader,
     _Progress,
@@ -41,7 +41,7 @@ from lightning_custom.data.templates import (
     concept_phrase,
     format_prompt,
 )
-from lightning_custom.dvar.eval_batch import (  # noqa: F401 - re-exported, their home before issue 26
+from lightning_custom.dvar.eval_batch import (  # noqa: F401 - EvalBatchSpec, content_key: their home before issue 26
     EVAL_PARTS,
     EvalBatchSpec,
     EvalPart,
@@ -55,6 +55,7 @@ from lightning_custom.runtime.ranges import check_ranges
 from lightning_custom.synthetic.embedded import resolve_instance_dir
 
 log = logging.getLogger(__name__)
+
 
 class ConceptDataset(Dataset):
     """``repeats`` passes over the concept images; item ``i`` is a pure function of ``(seed, i)``.
@@ -259,10 +260,10 @@ class ConceptDataModule(FixedEvalBatchData, PriorPreservationData, L.LightningDa
         spec = self.concept_specs[index]
         return concept_phrase(spec.placeholder_token, spec.class_noun)
 
-
     def caption(self, template: int, concept: int = 0) -> str:
         """Template number ``template`` with concept ``concept``'s words (what DVAR's fixed batch captions are)."""
         return format_prompt(self.templates[template], self.concept_phrase(concept))
+
     def train_dataset(self) -> Dataset:
         """The training dataset (a pure function of the seed and the index): concepts in turn, class images added."""
         parts: list[Dataset] = []
@@ -337,6 +338,7 @@ class ConceptDataModule(FixedEvalBatchData, PriorPreservationData, L.LightningDa
             return DataLoader(together, batch_size=None, num_workers=0)  # type: ignore[arg-type]
         loaders = [DataLoader(dataset, batch_size=None, num_workers=0) for dataset in datasets]
         return loaders[0] if len(loaders) == 1 else loaders
+
 
 def check_concept_images(init_args: Mapping[str, Any]) -> None:
     """Open every concept image that these ``ConceptDataModule`` arguments name, without building anything.

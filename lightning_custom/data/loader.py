@@ -9,6 +9,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Sampler, default_collate
 
+
 class EpochShuffleSampler(Sampler[int]):
     """A shuffle that depends only on ``(seed, epoch)``; Lightning calls ``set_epoch`` each epoch."""
 

@@ -304,4 +304,3 @@ def write_replay(result: ReplayResult, output_dir: str | Path) -> dict[str, Path
     })
     write_heatmap(result, files["heatmap"])
     return files
-

@@ -323,4 +323,3 @@ def match_frozen_weights_to_precision(module: nn.Module, precision: str, device_
             f"weight_dtype float32 is faster)")
     log.info(note)
     return note
-

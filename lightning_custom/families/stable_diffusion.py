@@ -23,7 +23,6 @@ from lightning_custom.objectives.diffusion import (
 from lightning_custom.families.base import FamilyHost, FlowMatchingOptions, ModelFamily, ModelParts
 
 
-
 class StableDiffusionFamily(ModelFamily):
     """SD 1.x and 2.x: one CLIP text encoder, a ``UNet2DConditionModel`` and a DDPM schedule."""
 

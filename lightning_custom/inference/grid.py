@@ -9,6 +9,7 @@ from PIL import Image, ImageDraw, ImageFont
 
 from lightning_custom.runtime.io import atomic_path
 
+
 def write_png(image: Image.Image, path: str | Path) -> Path:
     """Save ``image`` as PNG, atomically."""
     with atomic_path(path) as tmp:

@@ -78,6 +78,8 @@ DEFAULT_PROMPTS: tuple[str, ...] = (
     "a red {}",
     "a watercolor painting of {}",
 )
+
+
 # ------------------------------------------------------------------------------------------------ run folders
 def fill_prompt(template: str, phrase: str | None) -> str:
     """``"{} on the beach"`` -> ``"<cat-toy> on the beach"`` (or ``"sks dog on the beach"`` with a class noun); a

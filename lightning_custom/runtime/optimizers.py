@@ -18,6 +18,7 @@ def adamw_8bit(params: list[nn.Parameter], **kwargs: Any) -> torch.optim.Optimiz
         raise UserInputError("--model.optimizer adamw_8bit needs bitsandbytes: pip install bitsandbytes") from err
     return bnb.optim.AdamW8bit(params, **kwargs)
 
+
 def fused_adamw_applies(params: list[torch.Tensor], *, clips_gradients: bool) -> bool:
     """Whether to use AdamW's fused kernel, which updates every parameter in one launch.
 

@@ -42,6 +42,7 @@ __all__ = [
     "save_tiny_dino",
 ]
 
+
 def build_tiny_sd_components(
     seed: int = 0,
     *,
