@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-import logging
 import os
 import re
 from collections.abc import Iterator
@@ -21,6 +20,11 @@ from torch import nn
 
 from lightning_custom.synthetic.architectures import build_random_components, is_random_architecture
 from lightning_custom.errors import UserInputError
+from lightning_custom.runtime.precision import (  # noqa: F401 - re-exported: their home before issue 26
+    cast_trainable_to_fp32,
+    frozen_dtype_for_precision,
+    match_frozen_weights_to_precision,
+)
 from lightning_custom.synthetic.embedded import (  # noqa: F401 - re-exported: their home before issue 26
     BUILT_EMBEDDED_MODELS,
     EMBEDDED_CONCEPTS,
@@ -30,7 +34,6 @@ from lightning_custom.synthetic.embedded import (  # noqa: F401 - re-exported: t
     embedded_sdxl_path,
 )
 
-log = logging.getLogger(__name__)
 
 WeightDtype = Literal["float32", "float16", "bfloat16"]
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -281,45 +284,3 @@ def freeze(module: nn.Module) -> nn.Module:
     """Turn off gradients for every parameter of ``module``."""
     module.requires_grad_(False)
     return module
-
-
-def cast_trainable_to_fp32(*modules: nn.Module) -> None:
-    """Trainable parameters stay fp32 under mixed precision (as diffusers' ``cast_training_params``)."""
-    for module in modules:
-        for param in module.parameters():
-            if param.requires_grad and param.dtype != torch.float32:
-                param.data = param.data.float()
-
-
-def frozen_dtype_for_precision(weight_dtype: torch.dtype, precision: str, device_type: str) -> torch.dtype:
-    """The dtype to hold frozen weights of ``weight_dtype`` in, under the trainer's ``precision`` on ``device_type``.
-
-    A CPU runs float16 poorly: its kernels are slow, and under autocast, which is bfloat16 there (Lightning turns
-    ``16-mixed`` into ``bf16-mixed`` on a CPU), float16 weights meet bfloat16 activations in the normalisation layers
-    ("RuntimeError: mixed dtype (CPU)"). So on a CPU float16 follows the precision: bfloat16 under a bf16 precision,
-    float32 otherwise. Anything else is kept.
-    """
-    if device_type == "cpu" and weight_dtype == torch.float16:
-        return torch.bfloat16 if str(precision).startswith("bf16") else torch.float32
-    return weight_dtype
-
-
-def match_frozen_weights_to_precision(module: nn.Module, precision: str, device_type: str) -> str | None:
-    """Cast ``module``'s frozen float16 parameters and buffers to :func:`frozen_dtype_for_precision`.
-
-    Trainable parameters are left alone (they stay float32). Returns the one line that says what changed, also
-    logged at INFO, or ``None`` when nothing had to.
-    """
-    frozen = [p for p in module.parameters() if not p.requires_grad and p.dtype == torch.float16]
-    frozen += [b for b in module.buffers() if b.dtype == torch.float16]
-    target = frozen_dtype_for_precision(torch.float16, precision, device_type)
-    if not frozen or target == torch.float16:
-        return None
-    for tensor in frozen:
-        tensor.data = tensor.data.to(target)
-    name = str(target).removeprefix("torch.")
-    note = (f"--model.init_args.weight_dtype float16 on a CPU under precision {precision}: the frozen weights are "
-            f"held in {name} instead (set weight_dtype: {name} to say so; on a CPU, --trainer.precision 32-true with "
-            f"weight_dtype float32 is faster)")
-    log.info(note)
-    return note

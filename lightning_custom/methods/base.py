@@ -13,7 +13,7 @@ import lightning as L
 import torch
 from torch import nn
 
-from lightning_custom.families.components import WeightDtype, match_frozen_weights_to_precision
+from lightning_custom.families.components import WeightDtype
 from lightning_custom.dvar.eval_batch import EvalBatchSpec
 from lightning_custom.objectives.diffusion import scale_learning_rate
 from lightning_custom.runtime.ranges import check_ranges, check_resolution
@@ -23,7 +23,7 @@ from lightning_custom.methods.checkpointing import CheckpointedTraining
 from lightning_custom.methods.encoding import FrozenEncoding
 from lightning_custom.methods.tokens import batch_input_ids
 from lightning_custom.runtime.optimizers import adamw_8bit, fused_adamw_applies
-from lightning_custom.runtime.precision import autocast_off_for
+from lightning_custom.runtime.precision import autocast_off_for, match_frozen_weights_to_precision
 
 log = logging.getLogger(__name__)
 
@@ -380,7 +380,7 @@ class PersonalizationModule(CheckpointedTraining, FrozenEncoding, L.LightningMod
 
     def setup(self, stage: str) -> None:
         """Hold the frozen weights in a dtype the trainer's precision runs on its device (float16 on a CPU does not;
-        see :func:`~lightning_custom.families.components.match_frozen_weights_to_precision`)."""
+        see :func:`~lightning_custom.runtime.precision.match_frozen_weights_to_precision`)."""
         if self._trainer is not None:
             device_type = self.trainer.strategy.root_device.type
             if match_frozen_weights_to_precision(self, self.trainer.precision, device_type):

@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_custom.families.components import cast_trainable_to_fp32
+from lightning_custom.runtime.precision import cast_trainable_to_fp32
 from lightning_custom.errors import UserInputError
 from lightning_custom.runtime.ranges import check_value
 
