@@ -3,9 +3,9 @@
 Two guards stop a run for another reason where DVAR's variance ratio would call it converged (both used live by
 DVAREarlyStopping):
 
-* *diverged* (lightning_custom.dvar.divergence): the trainable parameters' norm grew more than ``--norm-factor``
+* *diverged* (lightning_custom.dvar.rule.divergence): the trainable parameters' norm grew more than ``--norm-factor``
   times, or L_det's last window is more than ``--tolerance`` above its first values;
-* *undertrained* (lightning_custom.dvar.barely_moved): L_det moved by less than ``--undertrained-below`` of its
+* *undertrained* (lightning_custom.dvar.rule.barely_moved): L_det moved by less than ``--undertrained-below`` of its
   level over the whole run (a slow drift at a far too small learning rate also flattens the ratio).
 
 On healthy runs neither may fire. For every run this replays DVAR with the run's own window and threshold (or
@@ -30,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_custom.dvar import (  # noqa: E402
+from lightning_custom.dvar.rule import (  # noqa: E402
     DIVERGENCE_LOSS_TOLERANCE,
     DIVERGENCE_NORM_FACTOR,
     UNDERTRAINED_RELATIVE_SPREAD,
@@ -39,7 +39,7 @@ from lightning_custom.dvar import (  # noqa: E402
     relative_spread,
     window_in_values,
 )
-from lightning_custom.replay import RunHistory, divergence_at, load_run, find_summaries, replay_stop_indices  # noqa: E402
+from lightning_custom.dvar.replay import RunHistory, divergence_at, load_run, find_summaries, replay_stop_indices  # noqa: E402
 
 
 def guard_row(run: RunHistory, window_steps: int, threshold: float, tolerance: float, factor: float,

@@ -20,8 +20,8 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_custom.dvar import stop_step_every  # noqa: E402
-from lightning_custom.io import write_json  # noqa: E402
+from lightning_custom.dvar.rule import stop_step_every  # noqa: E402
+from lightning_custom.runtime.io import write_json  # noqa: E402
 
 PERIODS = (1, 2, 5, 10, 20)
 

@@ -39,7 +39,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from lightning_custom.errors import FAILED_RUN_EXIT_CODES  # noqa: E402
-from lightning_custom.world.concepts import make_concept  # noqa: E402
+from lightning_custom.synthetic.world_concepts import make_concept  # noqa: E402
 
 # per method: (single-run config, fleet config, single-run arguments that make it its fleet concept's twin)
 METHODS = {

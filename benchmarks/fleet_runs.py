@@ -104,7 +104,8 @@ def finish_concept(fleet_dir: Path, name: str, config: dict[str, Any], config_fi
                    ) -> dict[str, Any]:
     """Turn concept ``name``'s part of a finished fleet into its single run's folder (returns its summary); with
     ``probe``, its ``WorldProbe``'s periodic probes are taken from the snapshots into ``world_probe_history``."""
-    from lightning_custom.io import write_json
+    from lightning_custom.runtime.io import write_json
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import probe_snapshots
 
     run_dir = Path(config["trainer"]["default_root_dir"])
@@ -116,7 +117,7 @@ def finish_concept(fleet_dir: Path, name: str, config: dict[str, Any], config_fi
         return summary
     start = time.time()
     steps = probe_steps(config)
-    scores = probe_snapshots(config_file, run_dir / "snapshots", steps)
+    scores = probe_snapshots(rebuild_run(config_file), run_dir / "snapshots", steps)
     seconds = time.time() - start
     every = steps[1]
     summary.update(world_probe_history=[[step, *rows[0]] for step, rows in sorted(scores.items())],
@@ -149,7 +150,7 @@ def compare(single: Path, fleet: Path, method: str, window: int, threshold: floa
     setting (``window``, ``threshold``, ``eval_every``) and the identity there (exact probe)."""
     import statistics
 
-    from lightning_custom.calibrate import load_probed_run, stop_steps
+    from lightning_custom.dvar.calibrate import load_probed_run, stop_steps
 
     rows, diffs = [], {"converged": [], "at_stop": [], "stop": []}
     for folder in sorted((fleet / "probed_runs" / method).iterdir()):

@@ -4,7 +4,7 @@ An estimate, not a measurement: GPU measurements go through ``benchmarks/through
 ``random:sd3``) on a device (``benchmarks/gpu_throughput.sh``). Everything here runs on the CPU in a minute:
 
 * Parameter counts come from the published architectures built on the meta device
-  (:func:`lightning_custom.architectures.build_random_components` with ``device="meta"``).
+  (:func:`lightning_custom.synthetic.architectures.build_random_components` with ``device="meta"``).
 * Activations are counted, not guessed: one training forward of the full-size transformer runs on the meta device
   (shapes only, no arithmetic) at the given resolution and batch, and every tensor autograd saves for the backward
   is summed by storage (each storage once, parameters left out), per transformer block. Attention is counted as a
@@ -31,7 +31,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from lightning_custom.architectures import FLOW_ARCHITECTURES, T5_MAX_LENGTH, build_random_components  # noqa: E402
+from lightning_custom.synthetic.architectures import FLOW_ARCHITECTURES, T5_MAX_LENGTH, build_random_components  # noqa: E402
 
 GIB = 2**30
 CARDS_GIB = (24, 48, 80)
@@ -483,7 +483,7 @@ def main(argv: list[str] | None = None) -> list[ModelSizes]:
     parser.add_argument("--out", default=str(Path(__file__).parent / "results" / "flow_memory.md"))
     parser.add_argument("--no-reference", action="store_true", help="skip the check against the blog's measurement")
     args = parser.parse_args(argv)
-    from lightning_custom.io import atomic_path
+    from lightning_custom.runtime.io import atomic_path
 
     models = [measure(arch.strip(), args.resolution, args.batch_size, args.rank) for arch in args.archs.split(",")]
     reference = None if args.no_reference else reference_check()

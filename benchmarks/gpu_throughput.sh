@@ -67,7 +67,7 @@ flow_bench() {  # tag, arch
     if ! python -c "import sys; from lightning_custom.families import load_model" 2>/dev/null; then
         echo "flow rows skipped: this checkout has no lightning_custom.families.load_model" >&2; return 0
     fi
-    if [[ $2 == embedded:* ]] && ! python -c "import sys; from lightning_custom.components import resolve_model_path as r; r(sys.argv[1])" "$2" 2>/dev/null; then
+    if [[ $2 == embedded:* ]] && ! python -c "import sys; from lightning_custom.families.components import resolve_model_path as r; r(sys.argv[1])" "$2" 2>/dev/null; then
         echo "flow row $1 skipped: $2 is not an embedded model in this checkout" >&2; return 0
     fi
     python benchmarks/throughput.py "${flow[@]}" --arch "$2" --methods dreambooth_lora,textual_inversion \

@@ -5,7 +5,7 @@ training prompt is sampled at step 0 (the untrained model) and at the run's last
 probes of ``--images`` images each, every probe with its own seeds. Two identity measures score each probe:
 
 * ``cosine``: the world encoder's mean cosine similarity to the concept images (CLIP-I's form; Table 1 v2's);
-* ``discriminator``: :class:`lightning_custom.world.identity.ConceptDiscriminator`, the probability that an image
+* ``discriminator``: :class:`lightning_custom.synthetic.world_identity.ConceptDiscriminator`, the probability that an image
   shows the concept rather than one of its near misses (DINO's intent: the subject, not its class).
 
 Per run and measure: the gain (converged - untrained, means over the probes), the SD of one probe at that image
@@ -39,7 +39,8 @@ def sample_prompts(probe, module, templates: list[str], phrase: str, count: int,
     """``count`` samples of each template (the concept phrase filled in), seeds ``first_seed``.. (the probe's
     sampler settings); template after template."""
     from lightning_custom.data.templates import format_prompt
-    from lightning_custom.sampling import generate, pipeline_from_module
+    from lightning_custom.inference.pipelines import pipeline_from_module
+    from lightning_custom.inference.sampling import generate
 
     size = probe._references[0].size[0]
     pipe = pipeline_from_module(module, "ddim")
@@ -51,11 +52,12 @@ def sample_prompts(probe, module, templates: list[str], phrase: str, count: int,
 
 def measure_run(config_file: Path, snapshot_dir: Path, step: int, concept, images: int, groups: int) -> dict:
     """Per measure: ``{"untrained": [score per probe], "converged": [...]}`` for one run."""
-    from lightning_custom.world.encoder import identity_similarity
-    from lightning_custom.world.identity import ConceptDiscriminator
-    from lightning_custom.world.probe import load_snapshot, rebuild_run
+    from lightning_custom.synthetic.world_encoder import identity_similarity
+    from lightning_custom.synthetic.world_identity import ConceptDiscriminator
+    from lightning_custom.cli import rebuild_run
+    from lightning_custom.world.probe import load_snapshot, prepared_probe
 
-    probe, module, phrase, trainable = rebuild_run(config_file)
+    probe, module, phrase, trainable = prepared_probe(rebuild_run(config_file))
     discriminator = ConceptDiscriminator(probe._encoder, concept)
     out: dict[str, dict[str, list[float]]] = {m: {} for m in MEASURES}
     templates = [probe.train_prompt, *probe.eval_prompts]
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
                              "these settings instead of Table 1 v2's (runs/full/<method>/<concept>/)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "instrument")
     args = parser.parse_args(argv)
-    from lightning_custom.world.concepts import make_concept
+    from lightning_custom.synthetic.world_concepts import make_concept
     from lightning_custom.world.probe import snapshot_steps
 
     args.out.mkdir(parents=True, exist_ok=True)

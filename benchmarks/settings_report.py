@@ -106,7 +106,7 @@ def rules_section(result: dict) -> list[str]:
     if not result["test"]:
         lines += ["No test setting has finished yet: nothing is claimed.", ""]
         return lines
-    from lightning_custom.calibrate import spearman
+    from lightning_custom.dvar.calibrate import spearman
 
     test_runs = [r for rs in result["test"].values() for r in rs]
     for name, met in verdicts.items():

@@ -3,7 +3,7 @@
 Phase ``run`` trains, per setting, one fleet of 10 held-out concepts (``fleet_runs.py``: one process, each concept
 as its own run would train) for ``--steps`` steps with DVAR observing (L_det every 5 steps) and a snapshot of each
 concept's weights at every evaluation; then probes every run on a log-spaced schedule of steps with the sharper
-instrument (:class:`lightning_custom.world.identity.ConceptDiscriminator` over the training and evaluation prompts'
+instrument (:class:`lightning_custom.synthetic.world_identity.ConceptDiscriminator` over the training and evaluation prompts'
 images; ``benchmarks/results/instrument``), beside the Table 1 v2 cosine identity. Settings (Textual Inversion):
 
 * calibration, concepts 0-9: learning rate x0.25, x1, x4 of the quickstart's; 2 and 8 concept images;
@@ -100,11 +100,12 @@ def probe_run(run_dir: Path, config_file: Path, concept, steps: list[int], resul
               recolour_steps: tuple[int, ...] = ()) -> dict:
     """Probe ``steps`` of one run not probed yet: cosine identity (training prompt), the discriminator's identity
     (every prompt's images) and background fidelity; and at ``recolour_steps`` (the rules' stops) the recolour
-    fidelity (the concept in a colour it never has, ``world.probe.fidelity_checks``). Kept in ``probes.json``."""
-    from lightning_custom.io import write_json
-    from lightning_custom.world.identity import ConceptDiscriminator
-    from lightning_custom.world.probe import (fidelity_checks, load_snapshot, rebuild_run, sample_fidelity,
-                                              snapshot_steps)
+    fidelity (the concept in a colour it never has, ``world.fidelity.fidelity_checks``). Kept in ``probes.json``."""
+    from lightning_custom.runtime.io import write_json
+    from lightning_custom.synthetic.world_identity import ConceptDiscriminator
+    from lightning_custom.cli import rebuild_run
+    from lightning_custom.world.fidelity import fidelity_checks, sample_fidelity
+    from lightning_custom.world.probe import load_snapshot, prepared_probe, snapshot_steps
 
     path = results / "probes.json"
     done = json.loads(path.read_text()) if path.is_file() else {"steps": {}}
@@ -113,12 +114,12 @@ def probe_run(run_dir: Path, config_file: Path, concept, steps: list[int], resul
                   or (s in recolour_steps and "recolour" not in done["steps"].get(str(s), {})))
     if not todo:
         return done
-    probe, module, phrase, trainable = rebuild_run(config_file)
+    probe, module, phrase, trainable = prepared_probe(rebuild_run(config_file))
     discriminator = ConceptDiscriminator(probe._encoder, concept)
     checks = [c for c in fidelity_checks(concept) if c.group == "recolour"]
     from instrument import sample_prompts
 
-    from lightning_custom.world.encoder import identity_similarity, judge
+    from lightning_custom.synthetic.world_encoder import identity_similarity, judge
 
     templates = [probe.train_prompt, *probe.eval_prompts]
     targets = [b for b in probe.eval_backgrounds for _ in range(PROBE_IMAGES)]
@@ -145,7 +146,7 @@ def run_phase(args) -> int:
     """Train (or reuse) every setting's fleet, then probe its runs on the schedule."""
     from fleet_runs import train_fleet
 
-    from lightning_custom.world.concepts import make_concept
+    from lightning_custom.synthetic.world_concepts import make_concept
 
     work, results = Path(args.workdir), Path(args.results)
     wanted = [s for s in SETTINGS_BY_METHOD[METHOD[0]] if not args.settings or s.name in args.settings]

@@ -7,7 +7,7 @@ Reads ``settings_study.py``'s results (``runs/<setting>/<concept>/{summary.json,
     python benchmarks/settings_table.py --probe-stops   # first probe every rule's stop step (snapshots needed)
 
 Quality is the **share of the identity gain** kept: (identity at the stop - untrained) / (converged - untrained),
-identity being the concept discriminator's (``lightning_custom.world.identity``) over the training and evaluation
+identity being the concept discriminator's (``lightning_custom.synthetic.world_identity``) over the training and evaluation
 prompts' images; converged is the mean of the probes at steps 800-1200; a run's probe noise is the SD of its probes
 from step 400 on. Runs whose gain is within 3 SE of zero are reported apart and left out of every average.
 The oracle step is the first probe on the schedule keeping 90% of the gain.
@@ -28,7 +28,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
-from lightning_custom import dvar  # noqa: E402
+from lightning_custom.dvar import rule as dvar  # noqa: E402
 
 MEASURE = "discriminator"
 CONVERGED_STEPS = (800, 1000, 1200)
@@ -243,7 +243,7 @@ def loss_informativeness(run: Run) -> dict[str, float]:
     change (L_det on its causal 4-value moving average)."""
     losses = dict(zip(run.steps, dvar.moving_average(run.losses, 4)))
     common = [s for s in sorted(run.probes) if s in losses]
-    from lightning_custom.calibrate import spearman
+    from lightning_custom.dvar.calibrate import spearman
 
     rho = spearman([losses[s] for s in common], [run.probes[s][MEASURE] for s in common])
     smooth = np.array(dvar.moving_average(run.losses, 4))
@@ -284,7 +284,7 @@ def probe_stops(args, runs: list[Run], result: dict) -> None:
     """Probe, from the snapshots, every stop step of every chosen rule not probed yet."""
     from settings_study import probe_run
 
-    from lightning_custom.world.concepts import make_concept
+    from lightning_custom.synthetic.world_concepts import make_concept
 
     wanted: dict[tuple[str, str], set[int]] = {}
     for name, row in result["rows"].items():

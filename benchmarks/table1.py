@@ -1,6 +1,6 @@
 """The paper's Table 1 in the micro world: every method x {full-length, DVAR, encoder early stopping, few iters}.
 
-For each held-out concept (lightning_custom.world.concepts) and method, ONE full-length run is trained with DVAR
+For each held-out concept (lightning_custom.synthetic.world_concepts) and method, ONE full-length run is trained with DVAR
 observing only (``--dvar.stop false``) and a :class:`~lightning_custom.world.probe.WorldProbe` scoring samples
 every ``--probe-every`` steps. The variants are then replayed on the logged series, since no rule changes
 training before it stops:
@@ -105,7 +105,7 @@ def scaled(settings: MethodSettings, steps: int | None) -> tuple[int, int]:
 def base_tokenizer(model: str):
     from transformers import CLIPTokenizer
 
-    from lightning_custom.components import resolve_model_path
+    from lightning_custom.families.components import resolve_model_path
 
     return CLIPTokenizer.from_pretrained(resolve_model_path(model), subfolder="tokenizer")
 
@@ -184,8 +184,8 @@ def replay_variants(summary: dict, settings: MethodSettings, few_iters: int | No
     ``dvar_window`` (steps) and ``dvar_threshold`` replace the run's own DVAR settings (for the sensitivity table).
     """
     from lightning_custom.callbacks.clip_early_stopping import patience_stop_index
-    from lightning_custom.dvar import window_in_values
-    from lightning_custom.replay import replay_stop_indices
+    from lightning_custom.dvar.rule import window_in_values
+    from lightning_custom.dvar.replay import replay_stop_indices
 
     max_steps = summary["max_steps"]
     probes = summary["world_probe_history"]
@@ -317,7 +317,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="benchmarks/results")
     args = parser.parse_args(argv)
 
-    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.synthetic.world_concepts import heldout_concepts
 
     start = time.time()
     work, out = Path(args.workdir), Path(args.out)

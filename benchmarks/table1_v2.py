@@ -6,7 +6,7 @@ Three phases, each resumable (finished runs, probes and files are reused):
     :class:`~lightning_custom.world.probe.WorldProbe` every ``--probe-every`` steps, and
     :class:`~lightning_custom.world.probe.TrainableSnapshots` saving the trainable weights at every L_det
     evaluation. After the run, every step where a setting of the calibration grid
-    (:func:`lightning_custom.calibrate.grid_stop_steps`) stops is probed from its snapshot into
+    (:func:`lightning_custom.dvar.calibrate.grid_stop_steps`) stops is probed from its snapshot into
     ``exact_probes.json``, with the same sampling seeds as the periodic probes (paired across steps and variants).
     Snapshots stay in the work folder, so more steps can be probed later; full DreamBooth's (the whole UNet) are
     deleted once probed, and ``table --probe-missing`` trains the run again to any step it still needs.
@@ -47,7 +47,7 @@ DEFAULT_CONCEPT_SEED = 2024  # world.concepts.heldout_concepts' seed: the concep
 RESULT_RUNS = "probed_runs"  # not "runs": .gitignore ignores every folder of that name
 BULKY_FIELDS = ("train_loss_history",)  # left out of the committed copies of summary.json (a third of its size)
 EVAL_EVERY = 5  # L_det (and a snapshot) every 5 steps; the calibration grid replays periods 5, 10 and 20
-FIDELITY_FILE = "fidelity_probes.json"  # recolour / prior fidelity by step (world.probe.fidelity_checks)
+FIDELITY_FILE = "fidelity_probes.json"  # recolour / prior fidelity by step (world.fidelity.fidelity_checks)
 FIDELITY_CURVE = (0, 50, 100, 200, 400)  # + half the run and its end: the fidelity-against-step curve
 
 
@@ -79,8 +79,9 @@ def long_config(method: str, concept, args) -> dict:
 
 def exact_probe(run_dir: Path, config_file: Path) -> dict:
     """Probe, from the snapshots, every grid stop step that has no probe yet; returns ``exact_probes.json``."""
-    from lightning_custom.calibrate import EXACT_PROBES_FILE, grid_stop_steps, load_probed_run
-    from lightning_custom.io import write_json
+    from lightning_custom.dvar.calibrate import EXACT_PROBES_FILE, grid_stop_steps, load_probed_run
+    from lightning_custom.runtime.io import write_json
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
     run = load_probed_run(run_dir / "summary.json")
@@ -91,7 +92,7 @@ def exact_probe(run_dir: Path, config_file: Path) -> dict:
     needed = sorted(s for s in grid_stop_steps(run) if s not in have and s in available)
     if needed:
         start = time.time()
-        scores = probe_snapshots(config_file, run_dir / "snapshots", needed)
+        scores = probe_snapshots(rebuild_run(config_file), run_dir / "snapshots", needed)
         done["steps"].update({str(s): rows[0] for s, rows in scores.items()})
         done["steps"] = dict(sorted(done["steps"].items(), key=lambda kv: int(kv[0])))
         done["seconds"] = round(done.get("seconds", 0.0) + time.time() - start, 1)
@@ -101,7 +102,7 @@ def exact_probe(run_dir: Path, config_file: Path) -> dict:
 
 def concept_of(name: str, seed: int = DEFAULT_CONCEPT_SEED):
     """The held-out concept of a run folder name such as ``c050-off_palette``, drawn with ``seed``."""
-    from lightning_custom.world.concepts import make_concept
+    from lightning_custom.synthetic.world_concepts import make_concept
 
     return make_concept(int(name[1:4]), seed)
 
@@ -119,13 +120,15 @@ def read_fidelity(folder: Path) -> dict[int, dict[str, float]]:
 
 def fidelity_probe(run_dir: Path, config_file: Path, name: str, steps: list[int], copies: list[Path],
                    seed: int = DEFAULT_CONCEPT_SEED, snapshot_dir: Path | None = None) -> dict:
-    """Recolour / prior fidelity (:func:`lightning_custom.world.probe.fidelity_checks`) of every step in ``steps``
+    """Recolour / prior fidelity (:func:`lightning_custom.world.fidelity.fidelity_checks`) of every step in ``steps``
     that has a snapshot (in ``snapshot_dir``, default the run's own; step 0: the weights before training) and no
     score yet; written to ``run_dir`` and ``copies``. Returns every score of the run."""
     from dataclasses import asdict
 
-    from lightning_custom.io import write_json
-    from lightning_custom.world.probe import fidelity_checks, fidelity_snapshots, snapshot_steps
+    from lightning_custom.runtime.io import write_json
+    from lightning_custom.cli import rebuild_run
+    from lightning_custom.world.fidelity import fidelity_checks, fidelity_snapshots
+    from lightning_custom.world.probe import snapshot_steps
 
     snapshot_dir = snapshot_dir or run_dir / "snapshots"
     done = read_fidelity(run_dir) or (read_fidelity(copies[0]) if copies else {})
@@ -134,7 +137,7 @@ def fidelity_probe(run_dir: Path, config_file: Path, name: str, steps: list[int]
     if needed and config_file.is_file():
         checks = fidelity_checks(concept_of(name, seed))
         start = time.time()
-        done.update(fidelity_snapshots(config_file, snapshot_dir, needed, checks))
+        done.update(fidelity_snapshots(rebuild_run(config_file), snapshot_dir, needed, checks))
         report = {"checks": [asdict(c) for c in checks], "seconds": round(time.time() - start, 1),
                   "steps": {str(s): done[s] for s in sorted(done)}}
         for folder in [run_dir, *copies]:
@@ -164,7 +167,7 @@ def replay_snapshots(config_file: Path, steps: list[int], folder: Path) -> Path:
 
 def run_phase(args) -> int:
     """Train (or reuse) every long run, probe its exact stop steps, copy the small results."""
-    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.synthetic.world_concepts import heldout_concepts
 
     work, results = Path(args.workdir), Path(args.results) / RESULT_RUNS
     concepts = heldout_concepts(max(parse_concepts(args.concepts)) + 1, seed=args.concept_seed)
@@ -222,12 +225,13 @@ def train_as_fleets(args, work: Path, concepts: list) -> None:
 
 def noise_phase(args) -> int:
     """The probe's standard error: the steps' snapshots of one run, probed with many sampling seeds (paired)."""
-    from lightning_custom.io import write_json
+    from lightning_custom.runtime.io import write_json
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import probe_snapshots
 
     run_dir, config_file = run_paths(Path(args.workdir), args.methods[0], args.concept)
     seeds = [1000 * k for k in range(args.seeds)]
-    scores = probe_snapshots(config_file, run_dir / "snapshots", args.steps_to_probe, seeds)
+    scores = probe_snapshots(rebuild_run(config_file), run_dir / "snapshots", args.steps_to_probe, seeds)
     identity = {s: np.array([row[1] for row in rows]) for s, rows in scores.items()}
     report = {"method": args.methods[0], "concept": args.concept, "seeds": seeds, "steps": {}}
     for step, values in identity.items():
@@ -249,7 +253,7 @@ def noise_phase(args) -> int:
 PAPER_RATIO = {"textual_inversion": (310 / 6100, 0.15), "dreambooth_lora": (440 / 1000, 0.4),
                "custom_diffusion": (180 / 500, 0.15), "dreambooth": (440 / 1000, 0.4)}
 ROWS = ("full_length", "dvar_paper", "dvar_calibrated", "fixed_budget", "encoder_es", "few_iters")
-VARIANTS = ("smoothed", "min_windows", "slope")  # rule variants (lightning_custom.dvar), rows "variant_<name>"
+VARIANTS = ("smoothed", "min_windows", "slope")  # rule variants (lightning_custom.dvar.rule), rows "variant_<name>"
 # The converged length's 1% criterion reads the median identity curve averaged over 5 probes (125 steps): one
 # probe's noise is 2-3% per concept (probe_noise_*.json), so on raw probes one lucky median ended Textual
 # Inversion's climb at step 50 on 3 calibration concepts, where the test concepts kept 87%.
@@ -275,7 +279,7 @@ def load_method_runs(results: Path, method: str, calibration_results: Path | Non
         calibration, _, pace = load_method_runs(calibration_results, method)
         own, test, own_pace = load_method_runs(results, method)
         return calibration, own + test, {**pace, **own_pace}
-    from lightning_custom.calibrate import load_probed_run
+    from lightning_custom.dvar.calibrate import load_probed_run
 
     folder = results / RESULT_RUNS / method
     files = sorted(f / "summary.json" for f in folder.iterdir()) if folder.is_dir() else []
@@ -318,13 +322,14 @@ def probe_steps(args, run, run_dir: Path, config_file: Path, copy: Path, snapsho
                 missing: list[int], fidelity_steps: set[int]) -> None:
     """Identity of the ``missing`` steps and recolour / prior fidelity of ``fidelity_steps`` from ``snapshot_dir``
     (where it has them), written to the run's and its copy's probe files."""
-    from lightning_custom.calibrate import EXACT_PROBES_FILE
-    from lightning_custom.io import write_json
+    from lightning_custom.dvar.calibrate import EXACT_PROBES_FILE
+    from lightning_custom.runtime.io import write_json
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
     missing = [s for s in missing if s in set(snapshot_steps(snapshot_dir))]
     if missing:
-        scores = probe_snapshots(config_file, snapshot_dir, missing)
+        scores = probe_snapshots(rebuild_run(config_file), snapshot_dir, missing)
         run.exact.update({s: rows[0] for s, rows in scores.items()})
         for folder in (run_dir, copy):
             path = folder / EXACT_PROBES_FILE
@@ -337,7 +342,7 @@ def probe_steps(args, run, run_dir: Path, config_file: Path, copy: Path, snapsho
 
 def method_rows(args, method: str, calibration: list, test: list, pace: dict[str, float]) -> dict:
     """Every row of one method on the test split (and on the calibration split), with the settings behind them."""
-    from lightning_custom import calibrate as cal
+    from lightning_custom.dvar import calibrate as cal
     from lightning_custom.callbacks.clip_early_stopping import patience_stop_index
 
     settings = v1.METHODS[method]
@@ -433,7 +438,7 @@ def method_markdown(method: str, data: dict, split: str, variants: bool = False)
 
 def goal_lines(method: str, data: dict) -> list[str]:
     """The issue's goal on the test split, met or with its distance, and each number's SE over concepts."""
-    from lightning_custom.calibrate import bootstrap_se, worst_decile
+    from lightning_custom.dvar.calibrate import bootstrap_se, worst_decile
 
     part = data["splits"].get("test")
     if not part or "dvar_calibrated" not in part["rows"]:
@@ -481,7 +486,7 @@ def variant_verdict(data: dict, name: str) -> str:
     rows = data["splits"].get("test", {}).get("rows", {})
     if f"variant_{name}" not in rows or "dvar_calibrated" not in rows:
         return "undecided: no test-split runs or no calibrated setting"
-    from lightning_custom.calibrate import bootstrap_se, worst_decile
+    from lightning_custom.dvar.calibrate import bootstrap_se, worst_decile
 
     new, dvar = rows[f"variant_{name}"]["outcome"], rows["dvar_calibrated"]["outcome"]
     # Pareto-better on the test split: fewer steps at no lower retention (median and worst decile), or a higher worst
@@ -510,7 +515,7 @@ def table_plots(methods: list[str], data: dict, out: Path) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
 
-    from lightning_custom.calibrate import median_curve
+    from lightning_custom.dvar.calibrate import median_curve
 
     shown = [m for m in methods if data[m]["splits"]]
     if not shown:
@@ -681,7 +686,7 @@ def table_phase(args) -> int:
                                      "fidelity": fid, "recolour": recolour, "prior": prior,
                                      "seconds": round(sec, 2)})
     lines += ["", "## Rule variants (issue 12 item 5; none ships as the default)", "",
-              "Each variant (`lightning_custom.dvar`) calibrated like DVAR on the calibration split (fewest mean steps "
+              "Each variant (`lightning_custom.dvar.rule`) calibrated like DVAR on the calibration split (fewest mean steps "
               "with median retention >= 0.97; its own parameter in the grid), then replayed on both splits. "
               "*smoothed*: DVAR's ratio on a causal moving average of `span` L_det values; *min_windows*: DVAR, not "
               "before the series holds `min_windows` windows; *slope*: stop when the last window's least-squares "

@@ -43,10 +43,10 @@ from lightning.pytorch.callbacks import Callback
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from lightning_custom.callbacks import DVAREarlyStopping  # noqa: E402
-from lightning_custom.components import embedded_concept_path  # noqa: E402
+from lightning_custom.families.components import embedded_concept_path  # noqa: E402
 from lightning_custom.data import ConceptDataModule  # noqa: E402
 from lightning_custom.errors import UserInputError  # noqa: E402
-from lightning_custom.io import write_json  # noqa: E402
+from lightning_custom.runtime.io import write_json  # noqa: E402
 from lightning_custom.methods import CustomDiffusion, DreamBooth, DreamBoothLoRA, TextualInversion  # noqa: E402
 
 METHODS = {
@@ -442,8 +442,8 @@ def profile_diffusers_textual_inversion(args: argparse.Namespace, counter: OpCou
     """
     import torch.nn.functional as F
 
-    from lightning_custom.components import load_components
-    from lightning_custom.data.concept import collate_with_token_ids
+    from lightning_custom.families.components import load_components
+    from lightning_custom.data.loader import collate_with_token_ids
     from lightning_custom.methods.tokens import CaptionTokenizer
 
     parts = load_components(args.arch, weight_dtype=args.weight_dtype)

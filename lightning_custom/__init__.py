@@ -9,12 +9,16 @@ from __future__ import annotations
 import importlib
 from typing import Any
 
+from lightning_custom import _moved
+
+_moved.install()  # module paths from before issue 26's layer folders keep importing
+
 _EXPORTS = {
     "ConceptDataModule": "lightning_custom.data.concept",
     "CustomDiffusion": "lightning_custom.methods",
     "DreamBooth": "lightning_custom.methods",
     "DreamBoothLoRA": "lightning_custom.methods",
-    "DVAREarlyStopping": "lightning_custom.callbacks",
+    "DVAREarlyStopping": "lightning_custom.dvar.callback",
     "PersonalizationModule": "lightning_custom.methods",
     "RunSummary": "lightning_custom.callbacks",
     "TextualInversion": "lightning_custom.methods",

@@ -11,25 +11,23 @@ runs with quality probes).
 
 from __future__ import annotations
 
-import itertools
 import json
 import os
-import re
 import sys
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Optional
 
 import torch
 
 from lightning.pytorch.callbacks import ModelCheckpoint
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from lightning.pytorch.strategies import FSDPStrategy
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.callbacks.live_samples import LiveReport, LiveSamples
-from lightning_custom.callbacks.summary import SUMMARY_FILE
+from lightning_custom.runs.summary import SUMMARY_FILE
 from lightning_custom.callbacks.progress import default_terminal_callbacks
 from lightning_custom.commands import COMMANDS, PROGRAM, TRAINER_SUBCOMMANDS, run_command, subcommand_listing
 from lightning_custom.data.concept import ConceptDataModule, check_data_config
@@ -41,12 +39,13 @@ from lightning_custom.errors import (
     UserInputError,
     exit_code_for,
 )
-from lightning_custom.interrupts import exit_code_of, forward_to_workers, report_exceptions_in_spawned_ranks
+from lightning_custom.runtime.interrupts import exit_code_of, forward_to_workers, report_exceptions_in_spawned_ranks
 from lightning_custom.methods.base import PersonalizationModule
-from lightning_custom.provenance import RunFolderSaveConfig
-from lightning_custom.quiet import quiet_expected_noise
-from lightning_custom.ranges import RANGES, check_ranges
-from lightning_custom.run_folder import (
+from lightning_custom.runs.provenance import RunFolderSaveConfig
+from lightning_custom.runtime.parse_errors import OneLineErrorParser, one_line_parse_error  # noqa: F401 - re-exported
+from lightning_custom.runtime.quiet import quiet_expected_noise
+from lightning_custom.runtime.ranges import RANGES, check_ranges
+from lightning_custom.runs.run_folder import (
     check_finished_run,
     check_output_dir,
     clear_earlier_run,
@@ -54,7 +53,7 @@ from lightning_custom.run_folder import (
     lock_run_folder,
     unlock_run_folder,
 )
-from lightning_custom.strategies import FSDP_STRATEGY_NAMES, DenoiserFSDPStrategy, apply_block_wrap_policy
+from lightning_custom.runtime.strategies import FSDP_STRATEGY_NAMES, DenoiserFSDPStrategy, apply_block_wrap_policy
 
 # Trainer defaults for personalization: DVAR validates on its own cadence; no sanity check is needed
 # because the evaluation batch is the same before and after the first step.
@@ -65,50 +64,6 @@ TRAINER_DEFAULTS = {
     "log_every_n_steps": 10,
     "default_root_dir": "runs/lightning_custom",
 }
-
-
-class OneLineErrorParser(LightningArgumentParser):
-    """Reports a bad argument in one ``error: --the.argument: ...`` line (exit 2), not a usage dump before it."""
-
-    def error(self, message: str, ex: Exception | None = None) -> NoReturn:
-        if not self.exit_on_error:  # a nested parser trying one of several types: its caller decides
-            super().error(message, ex)
-        raise UserInputError(one_line_parse_error(message)) from ex
-
-
-def one_line_parse_error(message: str) -> str:
-    """jsonargparse's (often multi-line) message as one line that starts with the argument's name.
-
-    For a subclass argument (``--data.init_args.resolution abc``) the line gives the inner problem
-    (``--data.resolution: Expected a int. Got value: abc``), not the list of every type that was tried.
-    """
-    key, lines = _parser_key(message.strip().splitlines())
-    for i, line in enumerate(lines):
-        problem = re.match(r"(\s*)- Problem with given class_path '([^']+)':", line)
-        if problem:
-            depth = len(problem.group(1))
-            inner = list(itertools.takewhile(lambda text: len(text) - len(text.lstrip()) > depth, lines[i + 1:]))
-            inner_key, inner = _parser_key(inner)
-            if inner_key:
-                key = f"{key}.{inner_key}" if key else inner_key
-            else:
-                inner = [f"{problem.group(2)}:", *inner]
-            lines = inner
-            break
-    text = " ".join(line.strip() for line in lines if line.strip())
-    text = re.sub(r"<class '(?:builtins\.)?([\w.]+)'>", r"\1", text)
-    if len(text) > 300:
-        text = text[:297].rstrip() + "..."
-    return f"--{key}: {text} (see --help)" if key else f"{text} (see --help)"
-
-
-def _parser_key(lines: list[str]) -> tuple[str | None, list[str]]:
-    """``("data", rest)`` for lines that start with ``Parser key "data":`` (else ``(None, lines)``)."""
-    first = next((i for i, line in enumerate(lines) if line.strip()), None)
-    match = re.match(r'\s*Parser key "([^"]+)":\s*(.*)$', lines[first]) if first is not None else None
-    if match is None:
-        return None, lines
-    return match.group(1), [match.group(2), *lines[first + 1:]]
 
 
 class PersonalizationCLI(LightningCLI):
@@ -184,7 +139,7 @@ class PersonalizationCLI(LightningCLI):
         strategy = kwargs.get("strategy", trainer_config.get("strategy"))
         if isinstance(strategy, str) and strategy in FSDP_STRATEGY_NAMES:
             # Lightning's "fsdp" refuses a CPU (and accelerator "auto"), wraps nothing by default and cannot clip
-            # gradient norms; the denoiser's FSDP wraps its transformer blocks (lightning_custom.strategies).
+            # gradient norms; the denoiser's FSDP wraps its transformer blocks (lightning_custom.runtime.strategies).
             kwargs["strategy"] = DenoiserFSDPStrategy(cpu_offload=strategy == "fsdp_cpu_offload")
         trainer = super().instantiate_trainer(**kwargs)
         report_exceptions_in_spawned_ranks(trainer.strategy)  # ddp_spawn ranks save their state when interrupted
@@ -201,7 +156,7 @@ class PersonalizationCLI(LightningCLI):
             # A user's own FSDPStrategy (class_path) without a policy still shards by the transformer blocks.
             apply_block_wrap_policy(trainer.strategy, self.model)
         if hasattr(datamodule, "check_resolution") and hasattr(self.model, "eval_batch_spec"):
-            from lightning_custom.data.concept import denoiser_latent_patch
+            from lightning_custom.families.base import denoiser_latent_patch
 
             datamodule.check_resolution(self.model.eval_batch_spec().latent_downsample,
                                         denoiser_latent_patch(self.model))
@@ -329,6 +284,19 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
     return cli
 
 
+def rebuild_run(config_file: str | Path) -> PersonalizationCLI:
+    """The run of ``config_file`` built as ``fit --config`` builds it (model, data module, trainer and callbacks,
+    the model's weights before the first step), without fitting: for scoring a run's saved snapshots afterwards
+    (:func:`lightning_custom.world.probe.probe_snapshots`)."""
+    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv holds the caller's arguments
+    try:
+        return PersonalizationCLI(PersonalizationModule, ConceptDataModule, subclass_mode_model=True,
+                                  subclass_mode_data=True, seed_everything_default=59, run=False,
+                                  args=["--config", str(config_file)])
+    finally:
+        sys.argv = saved
+
+
 def refuse_validating_a_finished_run(config: Any) -> None:
     """``validate`` builds the config's model afresh: on a finished run's folder it would score the untrained
     model, silently. Refuse in one line and say what measures the trained one."""
@@ -361,7 +329,7 @@ def where_it_went(folder: Path, summary: dict[str, Any]) -> str:
 
 
 def check_config_ranges(config: Any) -> None:
-    """Check every numeric argument of the parsed ``config`` against :data:`lightning_custom.ranges.RANGES`, before
+    """Check every numeric argument of the parsed ``config`` against :data:`lightning_custom.runtime.ranges.RANGES`, before
     any model loads (the classes check them again when built, for Python users)."""
     def as_dict(value: Any) -> dict[str, Any]:
         value = value.as_dict() if hasattr(value, "as_dict") else value

@@ -26,7 +26,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lightning_custom.toy_models import make_example_concept_images, save_tiny_sd  # noqa: E402
+from lightning_custom.synthetic.toy_models import make_example_concept_images, save_tiny_sd  # noqa: E402
 
 
 def _du(path: Path) -> int:

@@ -21,7 +21,7 @@ REPO_ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO_ROOT))
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from lightning_custom.toy_models import save_tiny_sdxl  # noqa: E402
+from lightning_custom.synthetic.toy_models import save_tiny_sdxl  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -15,8 +15,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from lightning_custom.world.encoder import HEADS, WorldEncoder, attribute_accuracy, default_encoder_path, judge, to_pixels
-from lightning_custom.world.render import render_dataset
+from lightning_custom.synthetic.world_encoder import HEADS, WorldEncoder, attribute_accuracy, default_encoder_path, judge, to_pixels
+from lightning_custom.synthetic.world_render import render_dataset
 
 
 def degrade(pixels: torch.Tensor, generator: torch.Generator) -> torch.Tensor:

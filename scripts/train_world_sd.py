@@ -39,7 +39,7 @@ from lightning_custom.world.model import (
     build_world_vae,
     staging_model_path,
 )
-from lightning_custom.world.render import random_caption, render_dataset
+from lightning_custom.synthetic.world_render import random_caption, render_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
 CKPT = ROOT / "checkpoints" / "world-sd"
@@ -203,7 +203,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.export or args.bar:
         pipe = assemble_pipeline(ema_unet.eval(), vae, ema_text.eval(), tokenizer)
         if args.bar:
-            from lightning_custom.world.encoder import WorldEncoder
+            from lightning_custom.synthetic.world_encoder import WorldEncoder
 
             pipe.to(device)
 
@@ -312,7 +312,7 @@ def main(argv: list[str] | None = None) -> None:
 
 def measure_bar(unet, vae, text_encoder, tokenizer, n: int) -> dict | None:
     """The bar on ``n`` samples from the EMA weights, or ``None`` without a trained encoder."""
-    from lightning_custom.world.encoder import WorldEncoder, default_encoder_path
+    from lightning_custom.synthetic.world_encoder import WorldEncoder, default_encoder_path
 
     if not (Path(default_encoder_path()) / "model.safetensors").exists():
         return None

@@ -25,8 +25,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--out", default="benchmarks/results/world_sd/samples.png")
     args = parser.parse_args(argv)
 
-    from lightning_custom.sampling import generate, labelled_grid, write_png
-    from lightning_custom.world.encoder import WorldEncoder, attribute_accuracy, judge
+    from lightning_custom.inference.grid import labelled_grid, write_png
+    from lightning_custom.inference.sampling import generate
+    from lightning_custom.synthetic.world_encoder import WorldEncoder, attribute_accuracy, judge
     from lightning_custom.world.model import IMAGE_SIZE, bar_prompts, load_world_pipeline
 
     pipe = load_world_pipeline(args.model)

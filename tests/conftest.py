@@ -17,7 +17,7 @@ from pathlib import Path  # noqa: E402
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-from lightning_custom.toy_models import make_example_concept_images, save_tiny_sd, save_tiny_sdxl  # noqa: E402
+from lightning_custom.synthetic.toy_models import make_example_concept_images, save_tiny_sd, save_tiny_sdxl  # noqa: E402
 
 torch.set_num_threads(1)  # see OMP_NUM_THREADS above; tests that need more threads ask for them
 

@@ -1,4 +1,4 @@
-"""Published architectures with random weights (lightning_custom.architectures), built on the meta device.
+"""Published architectures with random weights (lightning_custom.synthetic.architectures), built on the meta device.
 
 The published sizes: FLUX.1-dev's transformer is 11.9B parameters (its bf16 checkpoint holds 23.8 GB), the T5-XXL
 encoder 4.76B (9.52 GB of bf16 in FLUX's ``text_encoder_2``), SD3.5 Medium's transformer 2.47B stored values
@@ -11,8 +11,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from lightning_custom import architectures
-from lightning_custom.architectures import architecture_family, architecture_names, build_random_components
+from lightning_custom.synthetic import architectures
+from lightning_custom.synthetic.architectures import architecture_family, architecture_names, build_random_components
 from lightning_custom.errors import UserInputError
 
 

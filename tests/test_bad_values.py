@@ -10,9 +10,10 @@ from pathlib import Path
 
 import pytest
 
-from lightning_custom import run_folder
-from lightning_custom.cli import main, one_line_parse_error
-from lightning_custom.ranges import check_value
+from lightning_custom.runs import run_folder
+from lightning_custom.cli import main
+from lightning_custom.runtime.parse_errors import one_line_parse_error
+from lightning_custom.runtime.ranges import check_value
 from tests.test_cli import quick_args as tiny_args
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -179,7 +180,7 @@ def checked_classes():
 
 
 def test_every_numeric_argument_has_a_range_that_admits_its_default():
-    from lightning_custom.ranges import RANGES
+    from lightning_custom.runtime.ranges import RANGES
 
     for group, classes in checked_classes().items():
         for cls in classes:
@@ -188,15 +189,15 @@ def test_every_numeric_argument_has_a_range_that_admits_its_default():
             for name, default in numbers.items():
                 if name in UNBOUNDED:
                     continue
-                assert name in RANGES[group], f"{cls.__name__}.{name} has no range in lightning_custom.ranges"
+                assert name in RANGES[group], f"{cls.__name__}.{name} has no range in lightning_custom.runtime.ranges"
                 check_value(group, name, default)  # the default itself is valid
 
 
-@pytest.mark.parametrize("group,name", [(g, n) for g, rules in __import__("lightning_custom.ranges", fromlist=[
+@pytest.mark.parametrize("group,name", [(g, n) for g, rules in __import__("lightning_custom.runtime.ranges", fromlist=[
     "RANGES"]).RANGES.items() for n in rules])
 def test_each_range_refuses_values_outside_it_in_one_line(group, name):
     from lightning_custom.errors import UserInputError
-    from lightning_custom.ranges import RANGES, argument_name
+    from lightning_custom.runtime.ranges import RANGES, argument_name
 
     rule = RANGES[group][name]
     bad = [float("nan")]

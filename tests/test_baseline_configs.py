@@ -9,7 +9,7 @@ import yaml
 
 from lightning_custom import callbacks
 from lightning_custom.cli import main
-from lightning_custom.data.concept import EVAL_PARTS
+from lightning_custom.dvar.eval_batch import EVAL_PARTS
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

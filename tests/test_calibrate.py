@@ -1,4 +1,4 @@
-"""lightning_custom.calibrate and ``python -m lightning_custom calibrate``: the recommended DVAR setting on synthetic
+"""lightning_custom.dvar.calibrate and ``python -m lightning_custom calibrate``: the recommended DVAR setting on synthetic
 runs whose best setting is known by construction."""
 
 from __future__ import annotations
@@ -10,7 +10,7 @@ import numpy as np
 
 import pytest
 
-from lightning_custom import calibrate as cal
+from lightning_custom.dvar import calibrate as cal
 from lightning_custom.cli import main
 from lightning_custom.errors import UserInputError
 
@@ -143,11 +143,11 @@ def test_spearman_uses_ranks_and_averages_ties():
 
 
 def test_rule_variants_replay_the_pure_functions():
-    """calibrate's replay of each variant stops where lightning_custom.dvar's pure function does, and each variant's
+    """calibrate's replay of each variant stops where lightning_custom.dvar.rule's pure function does, and each variant's
     own parameter does what it says on series whose answer is known."""
     import numpy as np
 
-    from lightning_custom import dvar
+    from lightning_custom.dvar import rule as dvar
 
     rng = np.random.default_rng(0)
     run = synthetic_run(130, max_steps=300)
@@ -205,7 +205,7 @@ def test_converged_length_smoothing_ignores_one_lucky_probe():
 
 
 def test_bootstrap_se_is_the_standard_error_over_concepts():
-    from lightning_custom.calibrate import bootstrap_se
+    from lightning_custom.dvar.calibrate import bootstrap_se
 
     values = np.random.default_rng(3).normal(0.9, 0.05, size=400)
     # the mean's SE is sd / sqrt(n) = 0.0025; the bootstrap estimates it within a few %
@@ -246,7 +246,7 @@ def decaying_run(name: str, tau: float, max_steps: int = 600) -> cal.ProbedRun:
 
 
 def test_calibrate_across_settings_keeps_the_target_at_each_and_never_picks_a_degenerate_window(tmp_path, capsys):
-    from lightning_custom.calibrate_across import calibrate_across, group_by_folder
+    from lightning_custom.dvar.calibrate_across import calibrate_across, group_by_folder
 
     runs = [decaying_run(f"fast/c{i}", 20.0) for i in range(4)] + [decaying_run(f"slow/c{i}", 80.0) for i in range(4)]
     groups = group_by_folder(runs)

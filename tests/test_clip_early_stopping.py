@@ -14,9 +14,10 @@ from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import TextualInversion
 from lightning_custom.data.images import list_image_files, load_rgb_image
-from lightning_custom.metrics import clip_i, load_clip
-from lightning_custom.sampling import generate, pipeline_from_module
-from lightning_custom.toy_models import save_tiny_clip
+from lightning_custom.inference.metrics import clip_i, load_clip
+from lightning_custom.inference.pipelines import pipeline_from_module
+from lightning_custom.inference.sampling import generate
+from lightning_custom.synthetic.toy_models import save_tiny_clip
 from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")

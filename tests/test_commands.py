@@ -15,9 +15,9 @@ import pytest
 
 from lightning_custom.cli import main
 from lightning_custom.commands import join_space_separated, numeric_list_arguments, replay
-from lightning_custom.components import embedded_concept_path, embedded_model_path
+from lightning_custom.families.components import embedded_concept_path, embedded_model_path
 from lightning_custom.errors import UserInputError
-from lightning_custom.sampling import concept_prompts, run_concepts
+from lightning_custom.inference.sampling import concept_prompts, run_concepts
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -60,8 +60,8 @@ def test_every_concept_gets_its_own_prompts():
 
 def test_evaluate_on_the_world_model_is_offline_and_scores_each_concept_against_its_own_images(tmp_path):
     from lightning_custom.data.images import load_rgb_image
-    from lightning_custom.evaluate import concept_images, evaluate_run, world_identity
-    from lightning_custom.world.encoder import WorldEncoder
+    from lightning_custom.inference.evaluate import concept_images, evaluate_run, world_identity
+    from lightning_custom.synthetic.world_encoder import WorldEncoder
 
     star, cat = embedded_concept_path("striped-star"), embedded_concept_path("cat-toy")
     run = write_run(tmp_path / "run", pretrained_model_name_or_path="embedded", placeholder_token="star+square",
@@ -156,7 +156,7 @@ def test_summary_records_prior_preservation_and_every_concept():
     from types import SimpleNamespace
 
     from lightning_custom.data.concepts_list import ConceptSpec
-    from lightning_custom.provenance import run_provenance
+    from lightning_custom.runs.provenance import run_provenance
 
     star = embedded_concept_path("striped-star")
     datamodule = SimpleNamespace(
@@ -174,7 +174,7 @@ def test_summary_records_prior_preservation_and_every_concept():
 
 
 def test_pipelines_get_the_safety_checker_keywords_only_where_they_take_them(capfd):
-    from lightning_custom.sampling import load_pipeline
+    from lightning_custom.inference.pipelines import load_pipeline
 
     sdxl = load_pipeline(embedded_model_path("tiny-sdxl"))
     sd = load_pipeline(embedded_model_path("tiny-sd"))
@@ -207,7 +207,7 @@ def test_commands_on_a_run_without_trained_artifacts_end_in_one_line(tmp_path, t
 
 
 def test_a_prompt_without_the_concept_is_warned_in_one_line(capsys):
-    from lightning_custom.commands import _read_prompts
+    from lightning_custom.commands.generate import _read_prompts
 
     assert _read_prompts(["a photo of {}", "a red car"], None) == ["a photo of {}", "a red car"]
     err = capsys.readouterr().err.strip().splitlines()
@@ -234,7 +234,7 @@ def test_before_after_compares_with_the_after_prompt_without_its_identifier(tmp_
                                                                           expected):
     """Before: a DreamBooth run compared "a photo of a object" (its unused default initializer) with "a photo of a
     sks star", which inflated the printed gain."""
-    from lightning_custom.commands import _initializer_token
+    from lightning_custom.commands.quickstart import _initializer_token
 
     run = write_run(tmp_path / "run", **summary)
     (run / "config.yaml").write_text(f"model:\n  init_args:\n    initializer_token: {config_initializer}\n")
@@ -243,7 +243,7 @@ def test_before_after_compares_with_the_after_prompt_without_its_identifier(tmp_
 
 def test_grid_labels_keep_whole_words_and_visible_spaces():
     """Before: 'a photoofa' (the font's 2 px space) and '<striped-' / 'star>' split across lines at 128 px."""
-    from lightning_custom.sampling import label_font, word_gap, wrap_label
+    from lightning_custom.inference.grid import label_font, word_gap, wrap_label
 
     font = label_font()
     text = "a photo of a <striped-star> on a grey background"
@@ -257,7 +257,7 @@ def test_grid_labels_keep_whole_words_and_visible_spaces():
 
 
 def test_the_report_writes_loss_ticks_as_plain_numbers():
-    from lightning_custom.report import report_figure
+    from lightning_custom.dvar.report import report_figure
 
     summary = {"dvar_history": [[5, 0.1081234], [10, 0.1081233], [15, 0.1081232]], "train_loss_history": [[1, 0.1]],
                "dvar_window": 10, "dvar_threshold": 0.15, "stop_step": 15, "stopped_by": "max_steps"}
@@ -269,8 +269,8 @@ def test_the_report_writes_loss_ticks_as_plain_numbers():
 def test_sampling_defaults_come_from_the_model_folder(tmp_path, tiny_sd):
     """Before: the embedded model sampled with its training DDPM scheduler at guidance 7.5 (olive fragments); its
     folder now recommends DDIM, guidance 4, 25 steps. A model without the file keeps its own."""
-    from lightning_custom.components import resolve_model_path
-    from lightning_custom.sampling import recommended_sampling
+    from lightning_custom.families.components import resolve_model_path
+    from lightning_custom.inference.pipelines import recommended_sampling
 
     assert recommended_sampling(resolve_model_path("embedded")) == {
         "scheduler": "ddim", "guidance_scale": 4.0, "num_inference_steps": 25}

@@ -19,7 +19,7 @@ from lightning_custom.cli import main
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import CustomDiffusion
-from lightning_custom.toy_models import make_example_concept_images
+from lightning_custom.synthetic.toy_models import make_example_concept_images
 from tests.conftest import RESOLUTION, trainer_kwargs
 from tests.test_dreambooth import check_configs
 

@@ -10,10 +10,10 @@ import torch
 from PIL import Image
 
 from lightning_custom.data import ConceptDataModule, EvalBatchSpec
-from lightning_custom.data.concept import ResumableDataLoader
+from lightning_custom.data.loader import ResumableDataLoader
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import TextualInversion
-from lightning_custom.toy_models import make_example_concept_images
+from lightning_custom.synthetic.toy_models import make_example_concept_images
 from tests.conftest import data_kwargs, ti_kwargs
 
 SPEC = EvalBatchSpec(num_train_timesteps=1000, latent_channels=4, latent_downsample=2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lightning_custom.callbacks import DVAREarlyStopping
-from lightning_custom.dvar import first_stop_index, variance_ratio, window_in_values
+from lightning_custom.dvar.rule import first_stop_index, variance_ratio, window_in_values
 from tests.conftest import trainer_kwargs
 
 
@@ -170,7 +170,7 @@ def test_bad_settings_are_rejected(kwargs):
 
 
 def test_stop_step_every_replays_a_coarser_evaluation():
-    from lightning_custom.dvar import stop_step_every
+    from lightning_custom.dvar.rule import stop_step_every
 
     values = decaying_series(600, seed=4)
     history = [[step, v] for step, v in enumerate(values, start=1)]

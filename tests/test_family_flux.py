@@ -14,12 +14,12 @@ from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxPipeli
 from diffusers.training_utils import compute_loss_weighting_for_sd3
 from transformers import CLIPTextModel, T5EncoderModel
 
-from lightning_custom import flow_matching as fm
-from lightning_custom import toy_flow
+from lightning_custom.objectives import flow_matching as fm
+from lightning_custom.synthetic import toy_flow
 from lightning_custom.errors import UserInputError
 from lightning_custom.families.base import FlowMatchingOptions
 from lightning_custom.families.flux import FluxFamily
-from lightning_custom.toy_flow import EMBEDDED_FLOW_VERSION, save_tiny_flux
+from lightning_custom.synthetic.toy_flow import EMBEDDED_FLOW_VERSION, save_tiny_flux
 
 PROMPTS = ["a photo of sks toy", "a red dog on the grass"]
 

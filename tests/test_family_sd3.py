@@ -11,10 +11,10 @@ import pytest
 import torch
 from torch import nn
 
-from lightning_custom import flow_matching
+from lightning_custom.objectives import flow_matching
 from lightning_custom.families import FlowMatchingOptions, detect_family
 from lightning_custom.families.sd3 import T5_MAX_SEQUENCE_LENGTH, SD3Family, peft_lora_keys
-from lightning_custom.toy_flow import build_tiny_sd3_components, save_tiny_sd3
+from lightning_custom.synthetic.toy_flow import build_tiny_sd3_components, save_tiny_sd3
 
 CAPTIONS = ["a photo of a dog", "a red cube on a table"]
 
@@ -147,7 +147,7 @@ def test_encode_text_matches_pipeline(with_t5):
 
 
 def test_tokenizer_max_length():
-    from lightning_custom.toy_flow import build_t5_tokenizer
+    from lightning_custom.synthetic.toy_flow import build_t5_tokenizer
 
     family = SD3Family(None)
     assert family.tokenizer_max_length("tokenizer_3", build_t5_tokenizer(512)) == 256

@@ -15,7 +15,7 @@ from lightning_custom.callbacks import DVAREarlyStopping, RunSummary, StepCheckp
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.methods import TextualInversion
 from lightning_custom.methods.fleet import TextualInversionFleet
-from lightning_custom.toy_models import make_example_concept_images
+from lightning_custom.synthetic.toy_models import make_example_concept_images
 from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -154,11 +154,11 @@ def test_the_fleet_quickstart_runs_through_the_cli(tmp_path, tiny_sd, concept_di
     assert run["stop_step"] == max(c["stop_step"] for c in run["concepts"])
     for name in ("a", "b"):
         assert (tmp_path / name / "learned_embeds.safetensors").is_file()
-    from lightning_custom.gather import gather_table
+    from lightning_custom.runs.gather import gather_table
 
     rows = gather_table([str(tmp_path)])  # one row per concept, not the fleet's own summary beside them
     assert sorted(row["placeholder_token"] for row in rows) == ["<a>", "<b>"]
-    from lightning_custom.replay import find_summaries
+    from lightning_custom.dvar.replay import find_summaries
 
     assert find_summaries([tmp_path]) == [tmp_path / "a" / "summary.json", tmp_path / "b" / "summary.json"]
     # sample on the fleet's folder samples every concept into its own folder
@@ -170,13 +170,13 @@ def test_the_fleet_quickstart_runs_through_the_cli(tmp_path, tiny_sd, concept_di
 
 
 def test_world_concepts_resolve_to_rendered_folders(tmp_path, monkeypatch):
-    from lightning_custom.data.concept import _resolve_instance_dir
+    from lightning_custom.synthetic.embedded import resolve_instance_dir
 
     monkeypatch.setenv("LIGHTNING_CUSTOM_CACHE", str(tmp_path))
-    folder = Path(_resolve_instance_dir("world:3"))
+    folder = Path(resolve_instance_dir("world:3"))
     assert folder.parent.name == "seed2024" and folder.name.startswith("c003-") and len(list(folder.glob("*.png"))) >= 4
-    assert Path(_resolve_instance_dir("world:3@7")).parent.name == "seed7"
-    assert _resolve_instance_dir("world:3") == str(folder)  # rendered once
+    assert Path(resolve_instance_dir("world:3@7")).parent.name == "seed7"
+    assert resolve_instance_dir("world:3") == str(folder)  # rendered once
 
 
 def fleet_fit(root, tiny_sd, concept_dir, second_concept, callbacks=(), ckpt_path=None):

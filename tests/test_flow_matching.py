@@ -8,9 +8,9 @@ from diffusers import FlowMatchEulerDiscreteScheduler, FluxPipeline, StableDiffu
 from diffusers.pipelines.flux.pipeline_flux import calculate_shift as diffusers_calculate_shift
 from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
 
-from lightning_custom import flow_matching as fm
+from lightning_custom.objectives import flow_matching as fm
 from lightning_custom.errors import UserInputError
-from lightning_custom.toy_flow import (
+from lightning_custom.synthetic.toy_flow import (
     FLUX_SCHEDULER,
     SD3_SCHEDULER,
     build_tiny_flux_components,

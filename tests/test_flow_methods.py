@@ -20,7 +20,7 @@ from lightning_custom.callbacks import DVAREarlyStopping
 from lightning_custom.cli import main
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.methods import TextualInversion
-from lightning_custom.toy_flow import embedded_flow_model
+from lightning_custom.synthetic.toy_flow import embedded_flow_model
 from tests.conftest import RESOLUTION, data_kwargs, one_thread, ti_kwargs, trainer_kwargs
 from tests.test_bad_values import run_expecting_one_error
 

@@ -20,19 +20,13 @@ from PIL import Image
 
 from lightning_custom.callbacks import DVAREarlyStopping, LiveSamples, RunSummary
 from lightning_custom.cli import main
-from lightning_custom.components import embedded_concept_path, resolve_model_path
+from lightning_custom.families.components import embedded_concept_path, resolve_model_path
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import DreamBooth, DreamBoothLoRA, TextualInversion
-from lightning_custom.sampling import (
-    auto_dtype,
-    generate,
-    load_pipeline,
-    load_run_pipeline,
-    pipeline_from_module,
-    sample_run,
-)
-from lightning_custom.toy_flow import save_tiny_sd3
+from lightning_custom.inference.pipelines import auto_dtype, load_pipeline, load_run_pipeline, pipeline_from_module
+from lightning_custom.inference.sampling import generate, sample_run
+from lightning_custom.synthetic.toy_flow import save_tiny_sd3
 from tests.conftest import RESOLUTION, one_thread, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")

@@ -20,8 +20,8 @@ from safetensors import safe_open
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import DreamBoothLoRA, TextualInversion
-from lightning_custom.methods.tokens import load_textual_inversion, pipeline_prompts
-from lightning_custom.toy_flow import save_tiny_flux, save_tiny_sd3
+from lightning_custom.methods.token_files import load_textual_inversion, pipeline_prompts
+from lightning_custom.synthetic.toy_flow import save_tiny_flux, save_tiny_sd3
 from tests.conftest import data_kwargs, one_thread, ti_kwargs, trainer_kwargs
 from tests.doc_blocks import block_with, without_statements
 

@@ -1,6 +1,6 @@
 """FSDP for full DreamBooth of large transformers (issue 13 item 5): ``--trainer.strategy fsdp``.
 
-The CLI turns ``fsdp`` into :class:`~lightning_custom.strategies.DenoiserFSDPStrategy`, which wraps each of the
+The CLI turns ``fsdp`` into :class:`~lightning_custom.runtime.strategies.DenoiserFSDPStrategy`, which wraps each of the
 denoiser's transformer blocks as one FSDP unit, leaves the frozen components out of FSDP, runs on a CPU (gloo) and
 gathers the full weights on rank 0 for the exports. The slow test fits the tiny FLUX model on 2 CPU processes
 under DDP and under FSDP through the CLI and compares the stop step and the exported transformer; another resumes
@@ -21,7 +21,7 @@ import yaml
 from torch import nn
 
 from lightning_custom.methods import DreamBooth
-from lightning_custom.strategies import (
+from lightning_custom.runtime.strategies import (
     DenoiserFSDPStrategy,
     ShardedNormClipping,
     apply_block_wrap_policy,
@@ -158,7 +158,7 @@ def test_fsdp_stops_at_the_ddp_step_with_the_ddp_weights(tmp_path):
     for name, value in expected.items():
         # the ranks' gradient sums run in another order (reduce-scatter vs all-reduce): float32 rounding only
         torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=name)
-    from lightning_custom.toy_flow import embedded_flow_model
+    from lightning_custom.synthetic.toy_flow import embedded_flow_model
     from safetensors.torch import load_file
 
     base = {}

@@ -12,7 +12,7 @@ import pytest
 
 from lightning_custom.cli import main
 from lightning_custom.errors import UserInputError
-from lightning_custom.gather import gather_table, markdown
+from lightning_custom.runs.gather import gather_table, markdown
 
 ROOT = Path(__file__).resolve().parents[1]
 

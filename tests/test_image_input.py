@@ -200,7 +200,7 @@ def test_small_images_are_one_line_and_a_resolution_far_above_the_model_is_refus
     """Before: 2048 px on the 32 px embedded model warned once per image and sat at step 0 for minutes."""
     import logging
 
-    from lightning_custom.methods.base import check_resolution
+    from lightning_custom.runtime.ranges import check_resolution
 
     for k in range(5):
         Image.new("RGB", (32, 32)).save(tmp_path / f"{k}.png")

@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from lightning_custom import io
-from lightning_custom.io import atomic_path, publish, staging_folder, write_json, write_safetensors
+from lightning_custom.runtime import io
+from lightning_custom.runtime.io import atomic_path, publish, staging_folder, write_json, write_safetensors
 
 
 def test_failed_write_leaves_nothing_and_keeps_the_old_file(tmp_path):

@@ -15,7 +15,7 @@ from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import DreamBoothLoRA, DreamBoothLoRAFleet
 from lightning_custom.methods.lora import LORA_WEIGHT_NAME
-from lightning_custom.toy_models import make_example_concept_images
+from lightning_custom.synthetic.toy_models import make_example_concept_images
 from tests.conftest import data_kwargs, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")

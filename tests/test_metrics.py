@@ -11,7 +11,7 @@ from PIL import Image
 from transformers import CLIPModel, CLIPTokenizer, ViTModel
 
 from lightning_custom.errors import UserInputError
-from lightning_custom.metrics import (
+from lightning_custom.inference.metrics import (
     CLIP_MEAN,
     CLIP_STD,
     IMAGENET_MEAN,
@@ -23,7 +23,7 @@ from lightning_custom.metrics import (
     load_dino,
     without_placeholder,
 )
-from lightning_custom.toy_models import save_tiny_clip, save_tiny_dino
+from lightning_custom.synthetic.toy_models import save_tiny_clip, save_tiny_dino
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

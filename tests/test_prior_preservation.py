@@ -12,10 +12,10 @@ from torch.utils.data import default_collate
 
 from lightning_custom.data import ConceptDataModule, EvalBatchSpec
 from lightning_custom.data import class_images as class_images_module
-from lightning_custom.diffusion import prior_preservation_loss, sample_timesteps
+from lightning_custom.objectives.diffusion import prior_preservation_loss, sample_timesteps
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import DreamBooth
-from lightning_custom.toy_models import make_example_concept_images
+from lightning_custom.synthetic.toy_models import make_example_concept_images
 from tests.conftest import data_kwargs
 
 SPEC = EvalBatchSpec(num_train_timesteps=1000, latent_channels=4, latent_downsample=2)

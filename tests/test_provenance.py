@@ -12,7 +12,7 @@ import yaml
 from safetensors.torch import load_file
 
 from lightning_custom.cli import main
-from lightning_custom.provenance import VERSIONED_PACKAGES, weights_fingerprint
+from lightning_custom.runs.provenance import VERSIONED_PACKAGES, weights_fingerprint
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -74,7 +74,7 @@ def test_summary_records_the_model_seeds_and_versions_and_config_yaml_reproduces
 
 
 def test_embedded_alias_resolves_to_the_shipped_folder(tmp_path, concept_dir):
-    from lightning_custom.components import embedded_model_path
+    from lightning_custom.families.components import embedded_model_path
 
     run = tmp_path / "run"
     main(fit_args(run, "embedded:tiny-sd", concept_dir, "--trainer.max_steps", "2"))

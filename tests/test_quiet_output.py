@@ -47,7 +47,7 @@ def test_the_quickstart_prints_only_allowed_lines(tmp_path):
     ("lightning.pytorch.trainer.connectors.signal_connector", "Received SIGTERM: 15"),
 ])
 def test_each_known_noise_is_dropped_at_its_source_and_nothing_else(logger, message, caplog):
-    from lightning_custom.quiet import silence_expected_log_messages
+    from lightning_custom.runtime.quiet import silence_expected_log_messages
 
     silence_expected_log_messages()
     log = logging.getLogger(logger)

@@ -13,10 +13,10 @@ import pytest
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.cli import main
 from lightning_custom.data import ConceptDataModule
-from lightning_custom.dvar import first_stop_index
+from lightning_custom.dvar.rule import first_stop_index
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import TextualInversion
-from lightning_custom.replay import replay, replay_stop_indices
+from lightning_custom.dvar.replay import replay, replay_stop_indices
 from tests.conftest import data_kwargs, one_thread, ti_kwargs, trainer_kwargs
 from tests.test_dvar_rule import ScriptedModule, decaying_series
 
@@ -151,7 +151,7 @@ def test_replay_marks_a_stop_at_a_worse_loss_as_diverged(tmp_path):
 
 def test_replay_explains_its_cells_and_writes_readable_heatmap_labels(tmp_path):
     """Before: '>70' was explained nowhere, and white numbers sat on viridis' yellow cells."""
-    from lightning_custom.replay import markdown_table, replay, write_heatmap
+    from lightning_custom.dvar.replay import markdown_table, replay, write_heatmap
 
     run = tmp_path / "run"
     run.mkdir()
@@ -165,7 +165,7 @@ def test_replay_explains_its_cells_and_writes_readable_heatmap_labels(tmp_path):
     assert (tmp_path / "replay.png").stat().st_size > 0
     from matplotlib import colormaps
 
-    from lightning_custom.replay import text_colour_on
+    from lightning_custom.dvar.replay import text_colour_on
 
     viridis = colormaps["viridis_r"]
     assert text_colour_on(viridis(0.0)) == "black" and text_colour_on(viridis(1.0)) == "white"

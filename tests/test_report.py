@@ -9,7 +9,7 @@ import pytest
 from PIL import Image
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
-from lightning_custom.report import dvar_ratios, write_report
+from lightning_custom.dvar.report import dvar_ratios, write_report
 from tests.conftest import trainer_kwargs
 from tests.test_dvar_rule import ScriptedModule, decaying_series
 
@@ -72,7 +72,7 @@ def test_a_failing_plot_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
     def broken(*args, **kwargs):
         raise RuntimeError("no backend")
 
-    monkeypatch.setattr("lightning_custom.report.write_report", broken)
+    monkeypatch.setattr("lightning_custom.dvar.report.write_report", broken)
     trainer = L.Trainer(max_steps=5, callbacks=[DVAREarlyStopping(window=50), RunSummary(export=False)],
                         **trainer_kwargs(tmp_path))
     trainer.fit(LoggingModule({"dvar_loss": decaying_series(10)}))
@@ -81,7 +81,7 @@ def test_a_failing_plot_does_not_fail_the_run(tmp_path, monkeypatch, caplog):
 
 
 def test_report_spells_out_a_stop_that_is_not_convergence(tmp_path):
-    from lightning_custom.report import report_figure
+    from lightning_custom.dvar.report import report_figure
 
     history = [[5 * (i + 1), 0.064 + 0.003 * (1 - 0.5 ** i)] for i in range(40)]
     reason = "Diverged: the variance ratio is below 0.15 but dvar_loss: L_det's last window averages 0.067"

@@ -15,7 +15,7 @@ from lightning_custom.callbacks import DVAREarlyStopping, RunSummary, StepCheckp
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import TextualInversion
-from lightning_custom.methods.base import _RNG_KEY
+from lightning_custom.runtime.rng import RNG_KEY as _RNG_KEY
 from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
 
 
@@ -150,7 +150,7 @@ def test_two_process_ddp_resume_is_exact(tmp_path, tiny_sd, concept_dir):
 
 
 def test_learning_rate_scaling():
-    from lightning_custom.diffusion import scale_learning_rate
+    from lightning_custom.objectives.diffusion import scale_learning_rate
 
     assert scale_learning_rate(5e-3, batch_size=2) == pytest.approx(1e-2)
     assert scale_learning_rate(5e-3, batch_size=2, accumulate_grad_batches=4, num_devices=8) == pytest.approx(0.32)

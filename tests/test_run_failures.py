@@ -18,14 +18,14 @@ from safetensors.torch import load_file
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.callbacks import summary as summary_module
-from lightning_custom.callbacks.final_files import LAST_HEALTHY_FOLDER, TRAINED_WEIGHTS_FILE, UNWRITTEN_FOLDER
+from lightning_custom.runs.final_files import LAST_HEALTHY_FOLDER, TRAINED_WEIGHTS_FILE, UNWRITTEN_FOLDER
 from lightning_custom.cli import main
 from lightning_custom.data import ConceptDataModule
-from lightning_custom.dvar import UNDERTRAINED_RELATIVE_SPREAD, barely_moved, relative_spread
+from lightning_custom.dvar.rule import UNDERTRAINED_RELATIVE_SPREAD, barely_moved, relative_spread
 from lightning_custom.errors import FAILED_RUN_EXIT_CODES, FinalFilesNotWritten, exit_code_for
-from lightning_custom.interrupts import StopSignals
+from lightning_custom.runtime.interrupts import StopSignals
 from lightning_custom.methods import TextualInversion
-from lightning_custom.replay import find_summaries, load_run, replay_stop_indices
+from lightning_custom.dvar.replay import find_summaries, load_run, replay_stop_indices
 from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
 from tests.test_cli import quick_args, run_cli
 from tests.test_dvar_rule import ScriptedModule, decaying_series
@@ -189,7 +189,7 @@ def test_the_undertrained_guard_never_fires_on_a_committed_study_run():
         window, threshold = run.live.get("dvar_window"), run.live.get("dvar_threshold")
         if not window or not threshold:
             continue
-        from lightning_custom.dvar import window_in_values
+        from lightning_custom.dvar.rule import window_in_values
 
         values = [[v for _, v in points] for points in run.series.values()]
         index = replay_stop_indices(values, window_in_values(int(window), run.eval_every_n_steps), [threshold])[0]

@@ -9,9 +9,9 @@ import signal
 
 import pytest
 
-from lightning_custom import run_folder
+from lightning_custom.runs import run_folder
 from lightning_custom.errors import UserInputError
-from lightning_custom.run_folder import (
+from lightning_custom.runs.run_folder import (
     check_finished_run,
     check_output_dir,
     clear_earlier_run,

@@ -14,7 +14,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary, StepCheckpoint
-from lightning_custom.io import write_json, write_safetensors
+from lightning_custom.runtime.io import write_json, write_safetensors
 from tests.conftest import trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -289,7 +289,7 @@ class StopAtStep(Callback):
 
 @pytest.mark.parametrize("how,raised", [("crash", RuntimeError), ("sigterm", SystemExit)])
 def test_a_fit_ended_by_an_exception_releases_the_run_folder(tmp_path, how, raised):
-    from lightning_custom.run_folder import _held
+    from lightning_custom.runs.run_folder import _held
 
     with pytest.raises(raised):
         fit(tmp_path, callbacks=[StopAtStep(2, how)])

@@ -17,14 +17,9 @@ from lightning_custom.cli import main
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import TextualInversion
-from lightning_custom.sampling import (
-    generate,
-    load_run_pipeline,
-    method_class,
-    pipeline_from_module,
-    read_summary,
-    sample_run,
-)
+from lightning_custom.inference.pipelines import load_run_pipeline, method_class, pipeline_from_module
+from lightning_custom.inference.sampling import generate, sample_run
+from lightning_custom.runs.summary import read_summary
 from tests.conftest import data_kwargs, one_thread, ti_kwargs, trainer_kwargs
 
 pytestmark = pytest.mark.usefixtures("single_thread")
@@ -127,8 +122,8 @@ def test_cli_sample_and_bad_run_folders(trained, tmp_path, capsys):
 
 def test_evaluate_applies_the_protocol_and_writes_metrics_json(trained, tmp_path, capsys):
     from lightning_custom.data.images import list_image_files, load_rgb_image
-    from lightning_custom.metrics import clip_i, clip_t, dino, load_clip, load_dino
-    from lightning_custom.toy_models import save_tiny_clip, save_tiny_dino
+    from lightning_custom.inference.metrics import clip_i, clip_t, dino, load_clip, load_dino
+    from lightning_custom.synthetic.toy_models import save_tiny_clip, save_tiny_dino
 
     run, _ = trained
     clip, dino_model = save_tiny_clip(tmp_path / "clip"), save_tiny_dino(tmp_path / "dino")

@@ -18,7 +18,7 @@ from safetensors import safe_open
 from transformers import CLIPTextModel, CLIPTextModelWithProjection
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
-from lightning_custom.components import load_components
+from lightning_custom.families.components import load_components
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.data.images import load_rgb_image, resize_shorter_side, to_tensor
 from lightning_custom.errors import UserInputError
@@ -322,7 +322,7 @@ def test_two_process_ddp_ranks_see_the_same_fixed_batch(tmp_path, tiny_sdxl, non
 def test_sdxl_quickstart_runs_offline_and_its_run_loads_for_sampling(tmp_path):
     """The shipped quickstart as written (embedded tiny SDXL, embedded concept), then ``load_run_pipeline``."""
     from lightning_custom.cli import main
-    from lightning_custom.sampling import load_run_pipeline
+    from lightning_custom.inference.pipelines import load_run_pipeline
 
     with one_thread():
         main(["fit", "--config", str(ROOT / "configs" / "sdxl" / "quickstart_sdxl.yaml"),

@@ -8,7 +8,7 @@ import torch
 from lightning_custom.data import ConceptDataModule
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import CustomDiffusion, DreamBooth, TextualInversion
-from lightning_custom.methods.base import fused_adamw_applies
+from lightning_custom.runtime.optimizers import fused_adamw_applies
 from tests.conftest import data_kwargs, ti_kwargs
 
 

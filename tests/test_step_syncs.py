@@ -14,7 +14,7 @@ from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import CSVLogger
 
 from lightning_custom.data import ConceptDataModule
-from lightning_custom.data.concept import collate_with_token_ids
+from lightning_custom.data.loader import collate_with_token_ids
 from lightning_custom.methods import CustomDiffusion, DreamBooth, DreamBoothLoRA, TextualInversion
 from tests.conftest import data_kwargs, trainer_kwargs
 

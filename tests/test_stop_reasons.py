@@ -15,7 +15,7 @@ import torch
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary, StepCheckpoint
 from lightning_custom.data import ConceptDataModule
-from lightning_custom.dvar import divergence, is_flat, loss_divergence, norm_divergence, variance_ratio
+from lightning_custom.dvar.rule import divergence, is_flat, loss_divergence, norm_divergence, variance_ratio
 from lightning_custom.methods import TextualInversion
 from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs
 from tests.test_dvar_rule import ScriptedModule, decaying_series
@@ -141,7 +141,7 @@ class TwoRanks:
 
 
 def test_ranks_with_different_values_agree_on_the_stop_and_its_reason():
-    from lightning_custom.callbacks.dvar import STOP_KINDS
+    from lightning_custom.dvar.callback import STOP_KINDS
 
     callback = DVAREarlyStopping(window=5, threshold=0.15, verbose=False)
     trainer = SimpleNamespace(strategy=TwoRanks(1 + STOP_KINDS.index("dvar")), should_stop=False, is_global_zero=True)
@@ -213,7 +213,7 @@ def test_evaluations_fall_on_optimizer_steps_under_gradient_accumulation(tmp_pat
                                      {"val_check_interval": 7}])
 def test_the_trainers_own_validation_cadence_is_overridden_and_said(tmp_path, caplog, setting):
     oscillating = np.sin(np.arange(400) / 3.0).tolist()
-    with caplog.at_level(logging.WARNING, logger="lightning_custom.callbacks.dvar"):
+    with caplog.at_level(logging.WARNING, logger="lightning_custom.dvar.callback"):
         trainer, callback = fit_scripted(tmp_path, ScriptedModule({"dvar_loss": oscillating}, every=5),
                                          max_steps=40, trainer_overrides=setting, window=200, threshold=0.15,
                                          eval_every_n_steps=5)

@@ -143,7 +143,7 @@ def test_quickstart_output_is_only_what_matters(tmp_path):
 def test_frozen_dtype_rule():
     import torch
 
-    from lightning_custom.components import frozen_dtype_for_precision
+    from lightning_custom.runtime.precision import frozen_dtype_for_precision
 
     assert frozen_dtype_for_precision(torch.float16, "bf16-mixed", "cpu") == torch.bfloat16
     assert frozen_dtype_for_precision(torch.float16, "32-true", "cpu") == torch.float32

@@ -10,7 +10,7 @@ from transformers import CLIPTextModel
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
 from lightning_custom.data import ConceptDataModule
-from lightning_custom.diffusion import add_noise, diffusion_target
+from lightning_custom.objectives.diffusion import add_noise, diffusion_target
 from lightning_custom.errors import UserInputError
 from lightning_custom.methods import TextualInversion
 from tests.conftest import data_kwargs, ti_kwargs, trainer_kwargs

@@ -7,7 +7,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from lightning_custom.dvar import (
+from lightning_custom.dvar.rule import (
     first_stop_index,
     growing_window_ratio,
     growing_window_stop_index,

@@ -7,7 +7,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from lightning_custom.toy_models import build_clip_tokenizer
+from lightning_custom.synthetic.toy_models import build_clip_tokenizer
 from lightning_custom.world import (
     BACKGROUNDS,
     COLOURS,
@@ -21,7 +21,7 @@ from lightning_custom.world import (
     training_combinations,
     vocabulary,
 )
-from lightning_custom.world.encoder import HEADS, WorldEncoder, attribute_accuracy, default_encoder_path, judge
+from lightning_custom.synthetic.world_encoder import HEADS, WorldEncoder, attribute_accuracy, default_encoder_path, judge
 
 ENCODER_ACCURACY_BOUND = 0.95  # per head, on freshly rendered images none of which the encoder trained on
 
@@ -112,7 +112,7 @@ def test_world_sd_training_resumes_and_exports_a_diffusers_model(tmp_path):
     import json
     import sys
 
-    from lightning_custom.components import load_components
+    from lightning_custom.families.components import load_components
 
     spec = importlib.util.spec_from_file_location("train_world_sd", Path(__file__).resolve().parents[1] / "scripts"
                                                   / "train_world_sd.py")

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from lightning_custom.world.encoder import WorldEncoder
+from lightning_custom.synthetic.world_encoder import WorldEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -35,7 +35,7 @@ def fake_summary() -> dict:
 
 
 def test_replay_variants_reads_each_stop_and_its_quality():
-    from lightning_custom.dvar import first_stop_index
+    from lightning_custom.dvar.rule import first_stop_index
 
     table1 = load_table1()
     settings = table1.MethodSettings("x.yaml", 12, 4, 0.15, patience=2, min_delta=0.02)
@@ -116,7 +116,8 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
 
     import torch
 
-    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.synthetic.world_concepts import heldout_concepts
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
     torch.manual_seed(0)  # the same random encoder every time
@@ -134,7 +135,7 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
                          .read_text())
     assert [row[0] for row in summary["world_probe_history"]] == [0, 10, 20]
     # The snapshot of a probed step scores what the live probe scored there (same seeds: paired).
-    assert probe_snapshots(config_file, run_dir / "snapshots", [20])[20][0] == pytest.approx(
+    assert probe_snapshots(rebuild_run(config_file), run_dir / "snapshots", [20])[20][0] == pytest.approx(
         summary["world_probe_history"][-1][1:], abs=5e-4)
 
     # A live run of the same config, stopped at step 15 by DVAR's step cap, probes step 15 when it ends.
@@ -147,7 +148,7 @@ def test_exact_stop_probe_equals_a_live_run_stopped_there(tmp_path):
     live["dvar"]["max_steps"] = 15
     live_summary = v2.v1.fit(live, tmp_path / "live.yaml")
     assert live_summary["stop_step"] == 15 and live_summary["world_probe_history"][-1][0] == 15
-    exact = probe_snapshots(config_file, run_dir / "snapshots", [15])[15][0]
+    exact = probe_snapshots(rebuild_run(config_file), run_dir / "snapshots", [15])[15][0]
     # The weights are bit-identical; the samplings differ by float noise (a batch's first images can take another
     # SIMD path: up to ~1e-4 through this random encoder). Step 10's probe, which the first edition would have
     # read for a stop at step 15, is further away.
@@ -164,7 +165,8 @@ def test_replayed_snapshots_equal_the_kept_ones(tmp_path, monkeypatch):
     import torch
     from safetensors.torch import load_file
 
-    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.synthetic.world_concepts import heldout_concepts
+    from lightning_custom.cli import rebuild_run
     from lightning_custom.world.probe import probe_snapshots, snapshot_steps
 
     torch.manual_seed(0)
@@ -187,9 +189,9 @@ def test_replayed_snapshots_equal_the_kept_ones(tmp_path, monkeypatch):
         assert original.keys() == again.keys() and len(original) > 10  # the whole UNet
         assert all(torch.equal(original[k], again[k]) for k in original)
     # The table's --probe-missing takes that path when the snapshots are gone: step 15 is read at step 15.
-    expected = probe_snapshots(config_file, kept, [15])[15][0]
+    expected = probe_snapshots(rebuild_run(config_file), kept, [15])[15][0]
     shutil.rmtree(kept)
-    from lightning_custom.calibrate import load_probed_run
+    from lightning_custom.dvar.calibrate import load_probed_run
 
     run = load_probed_run(tmp_path / "results" / "probed_runs" / "dreambooth" / name / "summary.json", name)
     run.exact.pop(15, None)
@@ -329,7 +331,7 @@ def test_shard_spec_refuses_a_share_outside_0_to_n_minus_1(spec, capsys):
 def test_table1_v2_held_out_seed_calibrates_on_the_committed_study(tmp_path):
     """--concept-seed S draws other concepts into their own folders; --calibration-results calibrates on another
     study's concepts 0-49 and tests on every run of this one (the check on concepts never used for settings)."""
-    from lightning_custom.world.concepts import make_concept
+    from lightning_custom.synthetic.world_concepts import make_concept
     from tests.test_calibrate import synthetic_run, write_run
 
     v2 = load_table1_v2()
@@ -360,9 +362,9 @@ def test_recolour_and_prior_fidelity_can_fail():
     prompt) fail. Rendered images scored by the shipped world encoder."""
     from dataclasses import replace
 
-    from lightning_custom.world.concepts import heldout_concepts
-    from lightning_custom.world.probe import FIDELITY_GROUPS, fidelity_checks, fidelity_scores
-    from lightning_custom.world.render import COLOURS, Attributes, render
+    from lightning_custom.synthetic.world_concepts import heldout_concepts
+    from lightning_custom.world.fidelity import FIDELITY_GROUPS, fidelity_checks, fidelity_scores
+    from lightning_custom.synthetic.world_render import COLOURS, Attributes, render
 
     encoder = WorldEncoder.load(None)
     for concept in heldout_concepts(4):
@@ -395,7 +397,7 @@ def test_recolour_and_prior_fidelity_can_fail():
 
 
 def test_variant_verdict_wants_a_pareto_gain_larger_than_its_noise():
-    from lightning_custom.calibrate import Outcome
+    from lightning_custom.dvar.calibrate import Outcome
 
     v2 = load_table1_v2()
     retention = (0.9, 0.95, 0.97, 0.98, 0.99, 1.0, 0.96, 0.97, 0.99, 0.93)
@@ -424,7 +426,7 @@ def test_table1_v2_fleet_mode_leaves_each_concept_its_single_runs_folder(tmp_pat
     import torch
     from safetensors.torch import load_file
 
-    from lightning_custom.world.concepts import heldout_concepts
+    from lightning_custom.synthetic.world_concepts import heldout_concepts
     from lightning_custom.world.probe import snapshot_steps
 
     torch.manual_seed(0)

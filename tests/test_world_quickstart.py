@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from lightning_custom.components import embedded_concept_path, embedded_model_path, resolve_model_path
+from lightning_custom.families.components import embedded_concept_path, embedded_model_path, resolve_model_path
 from lightning_custom.errors import UserInputError
-from lightning_custom.world.encoder import WorldEncoder
+from lightning_custom.synthetic.world_encoder import WorldEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
 IDENTITY_MARGIN = 0.10  # identity similarity after training minus before, on the example concept (measured: +0.15)
@@ -27,8 +27,8 @@ def fit_quickstart(root: Path, *extra: str) -> Path:
 
 
 def test_embedded_aliases_name_the_shipped_models_and_concepts():
-    from lightning_custom.data.concept import _resolve_instance_dir
-    from lightning_custom.world.concepts import make_concept
+    from lightning_custom.synthetic.embedded import resolve_instance_dir
+    from lightning_custom.synthetic.world_concepts import make_concept
 
     assert resolve_model_path("embedded") == embedded_model_path() and embedded_model_path().endswith("world-sd")
     assert resolve_model_path("embedded:world-sd") == embedded_model_path()
@@ -36,8 +36,8 @@ def test_embedded_aliases_name_the_shipped_models_and_concepts():
     assert Path(resolve_model_path("embedded:tiny-sdxl"), "unet", "config.json").is_file()
     with pytest.raises(UserInputError, match="unknown embedded model 'nope'"):
         resolve_model_path("embedded:nope")
-    assert _resolve_instance_dir("embedded") == embedded_concept_path()
-    assert _resolve_instance_dir("embedded:cat-toy").endswith("cat-toy")
+    assert resolve_instance_dir("embedded") == embedded_concept_path()
+    assert resolve_instance_dir("embedded:cat-toy").endswith("cat-toy")
     # the shipped concept is world concept 2, pixel for pixel
     shipped = sorted(Path(embedded_concept_path()).glob("*.png"))
     rendered = make_concept(2).images()
@@ -64,8 +64,8 @@ def test_quickstart_stops_by_dvar_and_learns_the_example_concept(tmp_path, singl
 
 
 def test_before_after_grid_on_the_tiny_model(tmp_path, tiny_sd, single_thread, monkeypatch):
-    from lightning_custom.world.concepts import make_concept
-    from lightning_custom.world.encoder import identity_similarity
+    from lightning_custom.synthetic.world_concepts import make_concept
+    from lightning_custom.synthetic.world_encoder import identity_similarity
     from lightning_custom.world.quickstart import before_after
 
     folder = make_concept(2).write_images(tmp_path / "concept", size=16)
@@ -79,7 +79,7 @@ def test_before_after_grid_on_the_tiny_model(tmp_path, tiny_sd, single_thread, m
         scored.append((list(generated), list(concept), identity_similarity(model, generated, concept)))
         return scored[-1][2]
 
-    monkeypatch.setattr("lightning_custom.world.encoder.identity_similarity", recording)
+    monkeypatch.setattr("lightning_custom.synthetic.world_encoder.identity_similarity", recording)
     result = before_after(run, before_word="star", num_images=2, num_inference_steps=2,
                           encoder=str(tmp_path / "encoder"))
     # the scores are those of the before and the after samples against the concept images

@@ -2,7 +2,7 @@
 
 from lightning_custom.callbacks.checkpoint import StepCheckpoint
 from lightning_custom.callbacks.clip_early_stopping import CLIPEarlyStopping
-from lightning_custom.callbacks.dvar import DVAREarlyStopping
+from lightning_custom.dvar.callback import DVAREarlyStopping
 from lightning_custom.callbacks.fixed_budget import FixedBudget
 from lightning_custom.callbacks.live_samples import LiveReport, LiveSamples
 from lightning_custom.callbacks.summary import RunSummary

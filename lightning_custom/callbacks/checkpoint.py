@@ -10,7 +10,7 @@ import lightning as L
 from lightning.pytorch.callbacks import ModelCheckpoint
 from typing_extensions import override
 
-from lightning_custom.ranges import check_ranges
+from lightning_custom.runtime.ranges import check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +46,7 @@ class StepCheckpoint(ModelCheckpoint):
     @override
     def setup(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
         super().setup(trainer, pl_module, stage)
-        from lightning_custom.callbacks.dvar import DVAREarlyStopping
+        from lightning_custom.dvar.callback import DVAREarlyStopping
 
         dvar = next((c for c in trainer.callbacks if isinstance(c, DVAREarlyStopping)), None)
         every = dvar.eval_every_n_steps if dvar is not None else 1

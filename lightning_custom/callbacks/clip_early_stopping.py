@@ -13,7 +13,7 @@ from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
 from lightning_custom.errors import UserInputError
-from lightning_custom.ranges import check_ranges
+from lightning_custom.runtime.ranges import check_ranges
 
 log = logging.getLogger(__name__)
 
@@ -142,7 +142,7 @@ class CLIPEarlyStopping(Callback):
 
     @override
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        from lightning_custom.sampling import check_sampler
+        from lightning_custom.inference.pipelines import check_sampler
 
         scheduler = getattr(pl_module, "noise_scheduler", None)  # absent on a module of your own without one
         if scheduler is not None:
@@ -162,7 +162,7 @@ class CLIPEarlyStopping(Callback):
         self._sample_prompts = self.sample_prompts(trainer)
         if not trainer.is_global_zero:
             return
-        from lightning_custom.metrics import load_clip
+        from lightning_custom.inference.metrics import load_clip
 
         if self._scorer is None:
             self._scorer = load_clip(self.clip_model, device=pl_module.device, argument="CLIPEarlyStopping.clip_model")
@@ -171,8 +171,9 @@ class CLIPEarlyStopping(Callback):
     # ------------------------------------------------------------------------------------------------ checks
     def score(self, trainer: L.Trainer, pl_module: L.LightningModule) -> float:
         """CLIP-I of ``num_images`` fresh samples against the training images."""
-        from lightning_custom.metrics import mean_similarity_to_references
-        from lightning_custom.sampling import generate, pipeline_from_module
+        from lightning_custom.inference.metrics import mean_similarity_to_references
+        from lightning_custom.inference.pipelines import pipeline_from_module
+        from lightning_custom.inference.sampling import generate
 
         pipe = pipeline_from_module(pl_module, self.sampler_name(pl_module))
         seeds = [self.seed + i for i in range(self.num_images)]

@@ -8,7 +8,7 @@ import lightning as L
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_custom.ranges import check_ranges
+from lightning_custom.runtime.ranges import check_ranges
 
 
 class FixedBudget(Callback):

@@ -1,8 +1,8 @@
 """Watching a run: a grid of samples every N steps (``--sample.*``) and ``report.png`` redrawn while it trains.
 
-Samples come from the module's live components (:func:`lightning_custom.sampling.pipeline_from_module`, the code
+Samples come from the module's live components (:func:`lightning_custom.inference.sampling.pipeline_from_module`, the code
 the ``sample`` command uses) with the same prompts and seeds every time, so consecutive grids differ only by what
-training changed. Sampling never touches the training RNG (:func:`~lightning_custom.sampling.generate` forks it).
+training changed. Sampling never touches the training RNG (:func:`~lightning_custom.inference.sampling.generate` forks it).
 """
 
 from __future__ import annotations
@@ -20,11 +20,11 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback
 from typing_extensions import override
 
-from lightning_custom.io import atomic_path
+from lightning_custom.dvar.report import REPORT_FILE
+from lightning_custom.runtime.io import atomic_path
 
 SAMPLES_FOLDER = "samples_during_training"
 SAMPLES_CSV = "samples_during_training.csv"
-REPORT_FILE = "report.png"
 log = logging.getLogger(__name__)
 
 
@@ -72,7 +72,7 @@ class LiveSamples(Callback):
                  scheduler: str = "default", at_stop: bool = True, height: int | None = None,
                  width: int | None = None) -> None:
         super().__init__()
-        from lightning_custom.ranges import check_ranges
+        from lightning_custom.runtime.ranges import check_ranges
 
         check_ranges("sample", locals())
         self.every_n_steps, self.prompts = every_n_steps, list(prompts or ["a photo of {}"])
@@ -91,7 +91,7 @@ class LiveSamples(Callback):
     def on_fit_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
         """Refuse a DDPM sampler on a flow-matching model before training, not at the first grid."""
         if self.every_n_steps and getattr(pl_module, "noise_scheduler", None) is not None:
-            from lightning_custom.sampling import check_sampler
+            from lightning_custom.inference.pipelines import check_sampler
 
             check_sampler(self.scheduler, type(pl_module.noise_scheduler).__name__,
                           f"{type(pl_module).__name__}'s model", "--sample.scheduler")
@@ -110,8 +110,8 @@ class LiveSamples(Callback):
 
     def prompt_list(self, trainer: L.Trainer) -> list[dict[str, Any]]:
         """The filled-in prompts: each template for each concept of the data module (token + class noun)."""
-        from lightning_custom.provenance import concept_records
-        from lightning_custom.sampling import concept_prompts
+        from lightning_custom.runs.provenance import concept_records
+        from lightning_custom.inference.sampling import concept_prompts
 
         concepts = concept_records(getattr(trainer, "datamodule", None))
         if not concepts:
@@ -123,7 +123,9 @@ class LiveSamples(Callback):
         """Draw, save and log one grid at the current step (rank 0 only); returns its path."""
         if not trainer.is_global_zero:
             return None
-        from lightning_custom.sampling import generate, labelled_grid, pipeline_from_module, write_png
+        from lightning_custom.inference.grid import labelled_grid, write_png
+        from lightning_custom.inference.pipelines import pipeline_from_module
+        from lightning_custom.inference.sampling import generate
 
         start = time.perf_counter()
         entries = self.prompt_list(trainer)
@@ -194,7 +196,7 @@ class LiveReport(Callback):
     """
 
     def __init__(self, every_n_seconds: float = 30.0) -> None:
-        from lightning_custom.ranges import check_ranges
+        from lightning_custom.runtime.ranges import check_ranges
 
         check_ranges("live_report", locals())
         super().__init__()
@@ -227,7 +229,7 @@ class LiveReport(Callback):
 
     def draw(self, trainer: L.Trainer, pl_module: L.LightningModule, path: Path) -> Path:
         """The report of the run so far (the losses recorded up to this evaluation), saved atomically."""
-        from lightning_custom.report import DPI, report_figure
+        from lightning_custom.dvar.report import DPI, report_figure
 
         dvar = next((c for c in trainer.callbacks if type(c).__name__ == "DVAREarlyStopping"), None)
         summary = next((c for c in trainer.callbacks if type(c).__name__ == "RunSummary"), None)

@@ -24,7 +24,7 @@ from rich.progress import BarColumn, ProgressColumn, Task, TextColumn
 from rich.text import Text
 from typing_extensions import override
 
-from lightning_custom.callbacks.dvar import DVAREarlyStopping
+from lightning_custom.dvar.callback import DVAREarlyStopping
 
 
 def step_budget(trainer: L.Trainer) -> float:

@@ -23,19 +23,10 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from lightning_custom.io import atomic_path, write_json
+from lightning_custom.runtime.io import atomic_path, default_cache_root, write_json  # noqa: F401 - default_cache_root: re-exported
 
 MANIFEST = "manifest.json"
 log = logging.getLogger(__name__)
-
-
-def default_cache_root() -> Path:
-    """``$LIGHTNING_CUSTOM_CACHE/class_images``, else ``~/.cache/lightning_custom/class_images``."""
-    root = os.environ.get("LIGHTNING_CUSTOM_CACHE")
-    if root:
-        return Path(root).expanduser() / "class_images"
-    xdg = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(xdg) / "lightning_custom" / "class_images"
 
 
 def default_class_prompt(class_noun: str | None) -> str | None:

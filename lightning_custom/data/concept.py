@@ -2,44 +2,37 @@
 
 from __future__ import annotations
 
-import hashlib
 import importlib
 import logging
-import re
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from functools import cached_property, partial
-from pathlib import Path
+from collections.abc import Mapping, Sequence
+from functools import partial
 from typing import Any, Literal
 
 import lightning as L
 import numpy as np
 import torch
 from lightning.pytorch.utilities.types import EVAL_DATALOADERS
-from PIL import Image
 from torch.utils.data import (
     ConcatDataset,
     DataLoader,
     Dataset,
-    Sampler,
-    default_collate,
 )
 
 from lightning_custom.data.class_images import WithClassSamples
 from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
 from lightning_custom.data.fleet import FleetLoader
 from lightning_custom.data.images import (
-    WHITE,
-    BackgroundColour,
+    ConceptImages,
     convert_to_rgb,
-    crop_box,
-    is_small,
     list_image_files,
     open_image,
     parse_background,
-    resize_shorter_side,
-    to_tensor,
-    warn_small_images,
+)
+from lightning_custom.data.loader import (
+    EpochShuffleSampler,
+    ResumableDataLoader,
+    _Progress,
+    collate_with_token_ids,
 )
 from lightning_custom.data.prior import PriorPreservationData
 from lightning_custom.data.templates import (
@@ -48,104 +41,20 @@ from lightning_custom.data.templates import (
     concept_phrase,
     format_prompt,
 )
-from lightning_custom.diffusion import distinct_timesteps
+from lightning_custom.dvar.eval_batch import (  # noqa: F401 - EvalBatchSpec, content_key: their home before issue 26
+    EVAL_PARTS,
+    EvalBatchSpec,
+    EvalPart,
+    FixedEvalBatchData,
+    FixedEvalDataset,
+    content_key,
+)
 from lightning_custom.errors import UserInputError
-from lightning_custom.ranges import check_ranges
+from lightning_custom.families.base import denoiser_latent_patch
+from lightning_custom.runtime.ranges import check_ranges
+from lightning_custom.synthetic.embedded import resolve_instance_dir
 
 log = logging.getLogger(__name__)
-
-EvalPart = Literal["images", "latents", "noise", "captions", "timesteps"]
-EVAL_PARTS: tuple[str, ...] = ("images", "latents", "noise", "captions", "timesteps")
-
-
-def denoiser_latent_patch(module: Any) -> int:
-    """Latents per side that one denoiser token covers: 2 for FLUX (2x2 packing) and SD3 (``patch_size`` 2), else 1.
-
-    Read from the model family's ``latent_patch`` where it has one; otherwise from the denoiser's config: its
-    ``patch_size`` times the packing that its input channels imply (FLUX's ``in_channels`` is 4x the VAE's latent
-    channels, one token per 2x2 latents). UNets have neither, so 1.
-    """
-    family_patch = getattr(getattr(module, "family", None), "latent_patch", None)
-    if isinstance(family_patch, int):
-        return family_patch
-    config = getattr(getattr(module, "denoiser", None), "config", None)
-    vae_config = getattr(getattr(module, "vae", None), "config", None)
-    if config is None or vae_config is None:
-        return 1
-    patch = int(getattr(config, "patch_size", None) or 1)
-    in_channels, latent_channels = getattr(config, "in_channels", None), getattr(vae_config, "latent_channels", None)
-    if isinstance(in_channels, int) and isinstance(latent_channels, int) and in_channels % latent_channels == 0:
-        packing = int(round((in_channels // latent_channels) ** 0.5))
-        if packing > 1 and packing * packing * latent_channels == in_channels:
-            patch *= packing
-    return patch
-
-
-@dataclass(frozen=True)
-class EvalBatchSpec:
-    """What the data module must know about the model to draw the fixed batch's noise and noise levels.
-
-    ``noise_levels(batch_size, generator=, latent_size=, resample=)`` is the model family's draw of the fixed noise
-    levels (:meth:`ModelFamily.fixed_noise_levels <lightning_custom.families.base.ModelFamily.fixed_noise_levels>`:
-    distinct DDPM timesteps for SD / SDXL, distinct sigmas from the training density for FLUX / SD3); without it,
-    distinct timesteps of a ``num_train_timesteps`` schedule. They are stored under ``"timesteps"`` either way.
-    """
-
-    num_train_timesteps: int
-    latent_channels: int
-    latent_downsample: int
-    noise_levels: Callable[..., torch.Tensor] | None = None
-
-
-class ConceptImages:
-    """Concept images decoded and resized once, with a deterministic augmentation per (seed, index)."""
-
-    def __init__(
-        self, folder: str, resolution: int, center_crop: bool, random_flip: bool, argument: str,
-        files: Sequence[Path] | None = None, background: BackgroundColour = WHITE,
-    ) -> None:
-        self.files = list(files) if files is not None else list_image_files(folder, argument)
-        self.resolution = resolution
-        self.center_crop = center_crop
-        self.random_flip = random_flip
-        self.images: list[Image.Image] = []
-        self.original_sizes: list[tuple[int, int]] = []
-        composited, small = 0, []
-        for file in self.files:
-            image, conversion = convert_to_rgb(open_image(file), background, file)
-            composited += conversion == "alpha"
-            if is_small(image.size, resolution):
-                small.append((file, image.size))
-            self.original_sizes.append((image.height, image.width))
-            self.images.append(resize_shorter_side(image, resolution))
-        warn_small_images(folder, small, len(self.files), resolution)
-        if composited:
-            log.info("%s: %d of %d images have transparency; composited onto the background %s "
-                     "(--data.alpha_background)", folder, composited, len(self.files), "#%02x%02x%02x" % background)
-
-    def __len__(self) -> int:
-        return len(self.images)
-
-    @cached_property
-    def content_ids(self) -> list[str]:
-        """A digest of each resized image's pixels: names what it is, whichever file (or file version) it came from."""
-        return [content_key(image.size, image.mode, np.asarray(image)) for image in self.images]
-
-    def sample(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
-        """Image ``index`` with a crop and flip drawn from ``rng``, plus its SDXL micro-conditioning sizes."""
-        image = self.images[index % len(self.images)]
-        top, left = crop_box(image.size, self.resolution, self.center_crop, rng)
-        flip = bool(self.random_flip and rng.random() < 0.5)
-        return {
-            "pixel_values": to_tensor(image, top, left, self.resolution, flip),
-            "original_size": torch.tensor(self.original_sizes[index % len(self.images)]),
-            # The crop in the frame the model sees: a mirrored crop starts at width - left - resolution (as the
-            # crop of the flipped image in diffusers' SDXL training examples).
-            "crop_top_left": torch.tensor((top, image.width - left - self.resolution if flip else left)),
-            # Names this exact augmented image by content, so the module can cache its VAE latent distribution
-            # (a new concept, or a file edited in place, gets new keys).
-            "latent_key": f"{self.content_ids[index % len(self.images)]}|{top}|{left}|{int(flip)}|{self.resolution}",
-        }
 
 
 class ConceptDataset(Dataset):
@@ -169,99 +78,11 @@ class ConceptDataset(Dataset):
         return item
 
 
-class EpochShuffleSampler(Sampler[int]):
-    """A shuffle that depends only on ``(seed, epoch)``; Lightning calls ``set_epoch`` each epoch."""
-
-    def __init__(self, length: int, seed: int) -> None:
-        self.length, self.seed, self.epoch = length, seed, 0
-
-    def set_epoch(self, epoch: int) -> None:
-        """Choose the permutation of ``epoch``."""
-        self.epoch = epoch
-
-    def __len__(self) -> int:
-        return self.length
-
-    def __iter__(self):
-        generator = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        return iter(torch.randperm(self.length, generator=generator).tolist())
-
-
-class _Progress:
-    """Batches consumed by training in the current epoch, shared by a loader and its DDP re-instantiation."""
-
-    def __init__(self) -> None:
-        self.consumed = 0
-        self.skip = 0
-
-
-class ResumableDataLoader(DataLoader):
-    """A DataLoader whose position inside an epoch is saved in Lightning checkpoints.
-
-    Lightning stores ``state_dict()`` of stateful train loaders and calls ``load_state_dict`` on resume; the
-    next epoch iterator then skips the batches that were already trained on.
-    """
-
-    def __init__(self, *args: Any, progress: _Progress | None = None, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self.progress = progress if progress is not None else _Progress()
-
-    def __iter__(self):
-        iterator = super().__iter__()
-        skip, self.progress.skip = self.progress.skip, 0
-        self.progress.consumed = skip
-        for _ in range(skip):
-            next(iterator)
-        yield from iterator
-
-    def state_dict(self) -> dict[str, int]:
-        """Batches consumed so far in this epoch (``0`` at an epoch boundary)."""
-        return {"consumed": self.progress.consumed % max(1, len(self))}
-
-    def load_state_dict(self, state_dict: dict[str, int]) -> None:
-        """Skip the consumed batches at the next iteration."""
-        self.progress.skip = int(state_dict.get("consumed", 0))
-
-
-class FixedEvalDataset(Dataset):
-    """One item: DVAR's evaluation batch. Fixed parts are drawn once; resampled parts are redrawn per access.
-
-    Both draws use generators owned by this dataset, never the global RNG, so evaluating cannot change training.
-    """
-
-    def __init__(
-        self, datamodule: ConceptDataModule, spec: EvalBatchSpec, resample: Sequence[str], concept: int = 0
-    ) -> None:
-        self.dm, self.spec, self.resample, self.concept = datamodule, spec, set(resample), concept
-        generator = torch.Generator().manual_seed(datamodule.eval_seed)
-        self.fixed = datamodule.draw_eval_parts(spec, generator, EVAL_PARTS, concept=concept)
-        if len(datamodule.concept_images) > 1:
-            self.fixed["concept"] = datamodule.concept_names[concept]  # logged as dvar_loss/<name>
-        self.resample_generator = torch.Generator().manual_seed(datamodule.eval_seed + 1)
-        # Keys under which the module may cache what only depends on fixed parts (latents; text states). They
-        # digest those parts, so that one module fitted on another concept, seed or resolution misses the cache.
-        if not {"images", "latents"} & self.resample:
-            self.fixed["latents_cache_key"] = content_key(self.fixed["pixel_values"], self.fixed["latent_noise"])
-        if "captions" not in self.resample:
-            self.fixed["text_cache_key"] = content_key(self.fixed["caption"])
-
-    def __len__(self) -> int:
-        return 1
-
-    def __getitem__(self, index: int) -> dict[str, Any]:
-        if not self.resample:
-            return dict(self.fixed)
-        redrawn = self.dm.draw_eval_parts(
-            self.spec, self.resample_generator, tuple(self.resample), fixed=self.fixed, concept=self.concept
-        )
-        return {**self.fixed, **redrawn}
-
-
 # The data module's placeholder when none is given: replaced by the attached module's at setup.
 DEFAULT_PLACEHOLDER = "<concept>"
 
 
-class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
+class ConceptDataModule(FixedEvalBatchData, PriorPreservationData, L.LightningDataModule):
     """Concept images with prompt templates, shared by every personalization method.
 
     Args:
@@ -331,7 +152,7 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         self.save_hyperparameters(ignore=["seed"])
         self.save_hyperparameters({"data_seed": seed})
         self.alpha_background = parse_background(alpha_background)
-        self.instance_data_dir = instance_data_dir = _resolve_instance_dir(instance_data_dir)
+        self.instance_data_dir = instance_data_dir = resolve_instance_dir(instance_data_dir)
         unknown = sorted(set(resample or ()) - set(EVAL_PARTS))
         if unknown:
             raise UserInputError(f"--data.resample: unknown part(s) {unknown}; choose from {list(EVAL_PARTS)}")
@@ -350,7 +171,7 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             self.concept_images = [self.read_images(instance_data_dir, "--data.instance_data_dir")]
         else:
             self.concept_images = [
-                self.read_images(_resolve_instance_dir(c.instance_data_dir), f"--data.concepts[{i}].instance_data_dir")
+                self.read_images(resolve_instance_dir(c.instance_data_dir), f"--data.concepts[{i}].instance_data_dir")
                 for i, c in enumerate(self.concept_specs)
             ]
         self.images = self.concept_images[0]
@@ -439,6 +260,10 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         spec = self.concept_specs[index]
         return concept_phrase(spec.placeholder_token, spec.class_noun)
 
+    def caption(self, template: int, concept: int = 0) -> str:
+        """Template number ``template`` with concept ``concept``'s words (what DVAR's fixed batch captions are)."""
+        return format_prompt(self.templates[template], self.concept_phrase(concept))
+
     def train_dataset(self) -> Dataset:
         """The training dataset (a pure function of the seed and the index): concepts in turn, class images added."""
         parts: list[Dataset] = []
@@ -499,35 +324,6 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
             self._progress.consumed += 1
         return batch
 
-    def eval_batch_spec(self) -> EvalBatchSpec:
-        """Ask the attached LightningModule for the latent shape and the number of timesteps."""
-        module = self.trainer.lightning_module if self.trainer is not None else None
-        if module is None or not hasattr(module, "eval_batch_spec"):
-            raise RuntimeError("ConceptDataModule.val_dataloader needs a module with eval_batch_spec(); "
-                               "call build_eval_dataset(spec) yourself when using the data module alone")
-        return module.eval_batch_spec()
-
-    def build_eval_dataset(self, spec: EvalBatchSpec, concept: int = 0) -> FixedEvalDataset:
-        """The one-item dataset holding DVAR's evaluation batch (of concept ``concept``)."""
-        dataset = FixedEvalDataset(self, spec, self.resample, concept)
-        if concept in self._restored_resample_states:  # a resumed run redraws where the uninterrupted one was
-            dataset.resample_generator.set_state(self._restored_resample_states.pop(concept))
-        self._eval_datasets[concept] = dataset
-        return dataset
-
-    def state_dict(self) -> dict[str, Any]:
-        """The generator states of the resampled evaluation parts (saved in checkpoints; empty without ``resample``).
-
-        Every rank draws the same resampled parts, so rank 0's states serve all ranks.
-        """
-        if not self.resample:
-            return {}
-        return {"resample_states": {i: d.resample_generator.get_state() for i, d in self._eval_datasets.items()}}
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Continue the resampled evaluation parts from a checkpoint (applied when the datasets are built)."""
-        self._restored_resample_states = dict(state_dict.get("resample_states", {}))
-
     def val_dataloader(self) -> EVAL_DATALOADERS:
         """DVAR's fixed evaluation batch, served whole (``batch_size=None``); one loader per concept, or one loader
         of every concept's batch for a module that evaluates them together (``evaluates_concepts_together``: a
@@ -543,87 +339,6 @@ class ConceptDataModule(PriorPreservationData, L.LightningDataModule):
         loaders = [DataLoader(dataset, batch_size=None, num_workers=0) for dataset in datasets]
         return loaders[0] if len(loaders) == 1 else loaders
 
-    def draw_eval_parts(
-        self,
-        spec: EvalBatchSpec,
-        generator: torch.Generator,
-        parts: Sequence[str],
-        fixed: dict[str, Any] | None = None,
-        concept: int = 0,
-    ) -> dict[str, Any]:
-        """Draw the named parts of the evaluation batch from ``generator`` (PAPER.md, "DVAR").
-
-        Fixed images are the first ``eval_batch_size`` concept images (cycling), each with one augmentation;
-        captions take templates in order, one per slot; latents are a fixed standard-normal draw for the VAE's
-        reparameterisation; timesteps are distinct (``randperm(T)[:B]``). When ``fixed`` is given, the parts are
-        being *resampled*: images and captions are then drawn at random, and timesteps uniformly. ``concept``
-        picks the concept's images and prompt words (the fixed batch stays instance-only).
-        """
-        images, phrase = self.concept_images[concept], self.concept_phrase(concept)
-        size, resample = self.eval_batch_size, fixed is not None
-        side = self.hparams.resolution // spec.latent_downsample
-        latent_shape = (size, spec.latent_channels, side, side)
-        out: dict[str, Any] = {}
-        # Draw in a fixed order regardless of `parts`, so the fixed batch never depends on the resample setting.
-        if "images" in parts:
-            seeds = torch.randint(0, 2**31 - 1, (size,), generator=generator).tolist()
-            indices = torch.randint(0, len(images), (size,), generator=generator).tolist() if resample else list(
-                range(size)
-            )
-            samples = [images.sample(i, np.random.default_rng(s)) for i, s in zip(indices, seeds)]
-            out["pixel_values"] = torch.stack([s["pixel_values"] for s in samples])
-            out["original_size"] = torch.stack([s["original_size"] for s in samples])
-            out["crop_top_left"] = torch.stack([s["crop_top_left"] for s in samples])
-        if "captions" in parts:
-            if resample:
-                picks = torch.randint(0, len(self.templates), (size,), generator=generator).tolist()
-            else:
-                picks = [i % len(self.templates) for i in range(size)]
-            out["caption"] = [format_prompt(self.templates[i], phrase) for i in picks]
-        if "latents" in parts:
-            out["latent_noise"] = torch.randn(latent_shape, generator=generator)
-        if "noise" in parts:
-            out["noise"] = torch.randn(latent_shape, generator=generator)
-        if "timesteps" in parts and spec.noise_levels is not None:
-            out["timesteps"] = spec.noise_levels(size, generator=generator, latent_size=(side, side), resample=resample)
-        elif "timesteps" in parts:
-            if resample:
-                out["timesteps"] = torch.randint(0, spec.num_train_timesteps, (size,), generator=generator)
-            else:
-                out["timesteps"] = distinct_timesteps(size, spec.num_train_timesteps, generator=generator)
-        return out
-
-
-def collate_with_token_ids(
-    items: list[dict[str, Any]], tokenize: Callable[[list[str]], dict[str, torch.Tensor]] | None = None
-) -> dict[str, Any]:
-    """``default_collate``, plus the captions' token ids from ``tokenize`` (class captions' as ``class_<key>``).
-
-    Tokenizing here, in the loader (its workers, when it has some), takes it off the training step.
-    """
-    batch = default_collate(items)
-    if tokenize is not None:
-        batch.update(tokenize(batch["caption"]))
-        if "class_caption" in batch:
-            batch.update({f"class_{key}": ids for key, ids in tokenize(batch["class_caption"]).items()})
-    return batch
-
-
-def content_key(*parts: Any) -> str:
-    """A digest of ``parts`` (tensors, arrays, or values with a faithful ``repr``), to key a cache by its inputs."""
-    digest = hashlib.sha1()
-    for part in parts:
-        if torch.is_tensor(part):
-            part = part.detach().cpu().contiguous()
-            digest.update(f"tensor{part.dtype}{tuple(part.shape)}".encode())
-            digest.update(part.reshape(-1).view(torch.uint8).numpy().tobytes())
-        elif isinstance(part, np.ndarray):
-            digest.update(f"array{part.dtype}{part.shape}".encode())
-            digest.update(np.ascontiguousarray(part).tobytes())
-        else:
-            digest.update(repr(part).encode())
-    return digest.hexdigest()
-
 
 def check_concept_images(init_args: Mapping[str, Any]) -> None:
     """Open every concept image that these ``ConceptDataModule`` arguments name, without building anything.
@@ -635,10 +350,10 @@ def check_concept_images(init_args: Mapping[str, Any]) -> None:
     background = parse_background(init_args.get("alpha_background") or "white")
     concepts = init_args.get("concepts")
     if concepts is not None:
-        folders = [(_resolve_instance_dir(spec.instance_data_dir), f"--data.concepts[{i}].instance_data_dir")
+        folders = [(resolve_instance_dir(spec.instance_data_dir), f"--data.concepts[{i}].instance_data_dir")
                    for i, spec in enumerate(parse_concepts(concepts))]
     else:
-        folders = [(_resolve_instance_dir(init_args.get("instance_data_dir") or "embedded"), "--data.instance_data_dir")]
+        folders = [(resolve_instance_dir(init_args.get("instance_data_dir") or "embedded"), "--data.instance_data_dir")]
     for folder, argument in folders:
         for file in list_image_files(folder, argument):
             convert_to_rgb(open_image(file), background, file)
@@ -658,35 +373,3 @@ def check_data_config(data: Any) -> None:
     if isinstance(cls, type) and issubclass(cls, ConceptDataModule):
         init_args = getattr(data, "init_args", None) if not isinstance(data, Mapping) else data.get("init_args")
         check_concept_images(init_args or {})
-
-
-def _resolve_instance_dir(folder: str) -> str:
-    """``"embedded"`` -> the example concept shipped with the package (``"embedded:cat-toy"``: the other one);
-    ``"world:7"`` -> held-out concept 7 of the embedded world (``"world:7@5"``: drawn with seed 5, default 2024)."""
-    from lightning_custom.components import EMBEDDED_CONCEPTS, embedded_concept_path
-
-    if folder == "embedded":
-        return embedded_concept_path()
-    if folder.startswith("embedded:") and folder.split(":", 1)[1] in EMBEDDED_CONCEPTS:
-        return embedded_concept_path(folder.split(":", 1)[1])
-    match = re.fullmatch(r"world:(\d+)(?:@(\d+))?", folder)
-    if match:
-        return str(world_concept_dir(int(match.group(1)), int(match.group(2) or WORLD_CONCEPT_SEED)))
-    return folder
-
-
-WORLD_CONCEPT_SEED = 2024  # the seed of lightning_custom.world's held-out concepts (the studies' too)
-
-
-def world_concept_dir(index: int, seed: int = WORLD_CONCEPT_SEED) -> Path:
-    """The images of held-out world concept ``index`` (drawn with ``seed``), rendered once into the cache."""
-    from lightning_custom.data.class_images import default_cache_root
-    from lightning_custom.io import atomic_path
-    from lightning_custom.world.concepts import make_concept
-
-    concept = make_concept(index, seed)
-    folder = default_cache_root().parent / "world_concepts" / f"seed{seed}" / concept.name
-    if not folder.is_dir():
-        with atomic_path(folder) as partial:
-            concept.write_images(partial)
-    return folder

@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
+from functools import cached_property
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 from PIL import Image, ImageColor, ImageOps, UnidentifiedImageError
 
+from lightning_custom.dvar.eval_batch import content_key
 from lightning_custom.errors import UserInputError
 
 log = logging.getLogger(__name__)
@@ -183,3 +187,54 @@ def to_tensor(image: Image.Image, top: int, left: int, resolution: int, flip: bo
         image = image.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1).contiguous()
+
+
+class ConceptImages:
+    """Concept images decoded and resized once, with a deterministic augmentation per (seed, index)."""
+
+    def __init__(
+        self, folder: str, resolution: int, center_crop: bool, random_flip: bool, argument: str,
+        files: Sequence[Path] | None = None, background: BackgroundColour = WHITE,
+    ) -> None:
+        self.files = list(files) if files is not None else list_image_files(folder, argument)
+        self.resolution = resolution
+        self.center_crop = center_crop
+        self.random_flip = random_flip
+        self.images: list[Image.Image] = []
+        self.original_sizes: list[tuple[int, int]] = []
+        composited, small = 0, []
+        for file in self.files:
+            image, conversion = convert_to_rgb(open_image(file), background, file)
+            composited += conversion == "alpha"
+            if is_small(image.size, resolution):
+                small.append((file, image.size))
+            self.original_sizes.append((image.height, image.width))
+            self.images.append(resize_shorter_side(image, resolution))
+        warn_small_images(folder, small, len(self.files), resolution)
+        if composited:
+            log.info("%s: %d of %d images have transparency; composited onto the background %s "
+                     "(--data.alpha_background)", folder, composited, len(self.files), "#%02x%02x%02x" % background)
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    @cached_property
+    def content_ids(self) -> list[str]:
+        """A digest of each resized image's pixels: names what it is, whichever file (or file version) it came from."""
+        return [content_key(image.size, image.mode, np.asarray(image)) for image in self.images]
+
+    def sample(self, index: int, rng: np.random.Generator) -> dict[str, Any]:
+        """Image ``index`` with a crop and flip drawn from ``rng``, plus its SDXL micro-conditioning sizes."""
+        image = self.images[index % len(self.images)]
+        top, left = crop_box(image.size, self.resolution, self.center_crop, rng)
+        flip = bool(self.random_flip and rng.random() < 0.5)
+        return {
+            "pixel_values": to_tensor(image, top, left, self.resolution, flip),
+            "original_size": torch.tensor(self.original_sizes[index % len(self.images)]),
+            # The crop in the frame the model sees: a mirrored crop starts at width - left - resolution (as the
+            # crop of the flipped image in diffusers' SDXL training examples).
+            "crop_top_left": torch.tensor((top, image.width - left - self.resolution if flip else left)),
+            # Names this exact augmented image by content, so the module can cache its VAE latent distribution
+            # (a new concept, or a file edited in place, gets new keys).
+            "latent_key": f"{self.content_ids[index % len(self.images)]}|{top}|{left}|{int(flip)}|{self.resolution}",
+        }

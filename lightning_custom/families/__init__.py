@@ -98,14 +98,14 @@ def load_model(
     """Load a model of any family from a hub id, a folder, ``embedded[:name]`` or ``random:<arch>``, frozen.
 
     ``quantize_denoiser`` (``"8bit"``, ``"4bit"``) loads the UNet / transformer quantized by bitsandbytes
-    (:func:`lightning_custom.components.denoiser_quantization`).
+    (:func:`lightning_custom.families.components.denoiser_quantization`).
 
     The family is read from the checkpoint itself (:func:`detect_family`). A folder without a ``transformer``, or a
     hub id whose model index cannot be read, goes down the Stable Diffusion path, whose loader tells SD from SDXL
     by the UNet and gives the one-line errors for a wrong path.
     """
-    from lightning_custom.architectures import build_random_components, is_random_architecture
-    from lightning_custom.components import freeze, resolve_model_path, torch_dtype
+    from lightning_custom.synthetic.architectures import build_random_components, is_random_architecture
+    from lightning_custom.families.components import freeze, resolve_model_path, torch_dtype
 
     dtype = torch_dtype(weight_dtype)
     if is_random_architecture(name_or_path):
@@ -119,7 +119,7 @@ def load_model(
         if family.name == "sdxl":
             components["vae"].to(torch.float32)  # the stock SDXL VAE overflows in fp16
         return ModelParts(family(components["scheduler"], options), components)
-    from lightning_custom.components import denoiser_quantization
+    from lightning_custom.families.components import denoiser_quantization
 
     source = resolve_model_path(name_or_path)
     family = family_for_source(source, revision)

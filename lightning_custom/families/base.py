@@ -22,12 +22,39 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar
+from contextlib import AbstractContextManager
+from typing import Any, ClassVar, Protocol
 
 import torch
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_custom.methods.base import PersonalizationModule
+
+class FamilyHost(Protocol):
+    """What a family needs from the LightningModule it trains in, written down so that the families import
+    nothing from ``methods/`` (:class:`~lightning_custom.methods.base.PersonalizationModule` is the one host).
+
+    Attributes:
+        device: where the batch and the module's weights are.
+        alphas_cumprod: the DDPM schedule's cumulative alphas (SD / SDXL only).
+        unet: the SD / SDXL denoiser; ``None`` on a flow model.
+        transformer: the FLUX / SD3 denoiser; ``None`` on SD / SDXL.
+        text_encoder: the first (CLIP) text encoder.
+        text_encoder_2: SDXL's second CLIP encoder, FLUX's T5 (``None`` where there is none).
+        text_encoder_3: SD3's T5 encoder (``None`` where there is none, or dropped).
+    """
+
+    device: torch.device
+    alphas_cumprod: torch.Tensor
+    unet: Any
+    transformer: Any
+    text_encoder: Any
+    text_encoder_2: Any
+    text_encoder_3: Any
+
+    def frozen_half_precision(self, name: str) -> AbstractContextManager[None]:
+        """Run the frozen component ``name`` in its half-precision copy where the module keeps one."""
+
+    def module_dtype(self, name: str) -> torch.dtype:
+        """The dtype the component ``name``'s inputs must have."""
 
 
 @dataclass(frozen=True)
@@ -53,7 +80,7 @@ class FlowMatchingOptions:
     resolution_shift: bool = True
 
     def density_kwargs(self) -> dict[str, Any]:
-        """The sigma-density arguments of :func:`lightning_custom.flow_matching.sample_sigmas` (and of
+        """The sigma-density arguments of :func:`lightning_custom.objectives.flow_matching.sample_sigmas` (and of
         ``fixed_evaluation_sigmas``): training and DVAR's fixed batch draw from the same density."""
         return {"weighting_scheme": self.weighting_scheme, "logit_mean": self.logit_mean,
                 "logit_std": self.logit_std, "mode_scale": self.mode_scale}
@@ -111,6 +138,11 @@ class ModelFamily(ABC):
     supports_custom_diffusion: ClassVar[bool] = False
     #: Whether the noise levels are flow sigmas (else DDPM timesteps).
     is_flow: ClassVar[bool] = False
+    #: Sampling's guidance scale when neither the call nor the model folder gives one (``None``: 7.5, SD's).
+    default_guidance_scale: ClassVar[float | None] = None
+    #: Latents per side that one denoiser token covers (``None``: read from the denoiser's config by
+    #: :func:`denoiser_latent_patch`).
+    latent_patch: ClassVar[int | None] = None
 
     def __init__(self, scheduler: Any, options: FlowMatchingOptions | None = None) -> None:
         self.scheduler = scheduler
@@ -132,13 +164,13 @@ class ModelFamily(ABC):
 
     # ---------------------------------------------------------------------------------------------- text
     @abstractmethod
-    def encode_text(self, model: PersonalizationModule, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_text(self, model: FamilyHost, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The text conditioning from one token-id tensor per present text encoder (in :attr:`text_encoder_names`
         order, absent optional ones skipped): a dict of tensors the denoiser's keyword arguments are built from."""
 
     @abstractmethod
     def denoiser_kwargs(
-        self, model: PersonalizationModule, text: dict[str, torch.Tensor], batch: dict[str, Any]
+        self, model: FamilyHost, text: dict[str, torch.Tensor], batch: dict[str, Any]
     ) -> dict[str, Any]:
         """The denoiser's conditioning keyword arguments (besides the noised sample and the noise level)."""
 
@@ -150,7 +182,7 @@ class ModelFamily(ABC):
 
     def scale_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents to the denoiser's input scale: ``(z - shift_factor) * scaling_factor``."""
-        from lightning_custom.diffusion import scale_latents
+        from lightning_custom.objectives.diffusion import scale_latents
 
         config = vae.config
         return scale_latents(latents, config.scaling_factor, getattr(config, "shift_factor", None))
@@ -174,7 +206,7 @@ class ModelFamily(ABC):
     # ----------------------------------------------------------------------------------------------- loss
     @abstractmethod
     def denoising_loss(
-        self, model: PersonalizationModule, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
+        self, model: FamilyHost, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
         conditioning: dict[str, Any], reduction: str = "mean",
     ) -> torch.Tensor:
         """The (weighted) regression loss of the denoiser on ``latents`` noised to ``levels`` with ``noise``.
@@ -223,3 +255,26 @@ def matches_flow_denoiser(model_index: dict[str, Any], denoiser_config: dict[str
         return False
     scheduler = model_index.get("scheduler")
     return not scheduler or scheduler[-1] in (None, "FlowMatchEulerDiscreteScheduler")
+
+
+def denoiser_latent_patch(module: Any) -> int:
+    """Latents per side that one denoiser token covers: 2 for FLUX (2x2 packing) and SD3 (``patch_size`` 2), else 1.
+
+    Read from the model family's ``latent_patch`` where it has one; otherwise from the denoiser's config: its
+    ``patch_size`` times the packing that its input channels imply (FLUX's ``in_channels`` is 4x the VAE's latent
+    channels, one token per 2x2 latents). UNets have neither, so 1.
+    """
+    family_patch = getattr(getattr(module, "family", None), "latent_patch", None)
+    if isinstance(family_patch, int):
+        return family_patch
+    config = getattr(getattr(module, "denoiser", None), "config", None)
+    vae_config = getattr(getattr(module, "vae", None), "config", None)
+    if config is None or vae_config is None:
+        return 1
+    patch = int(getattr(config, "patch_size", None) or 1)
+    in_channels, latent_channels = getattr(config, "in_channels", None), getattr(vae_config, "latent_channels", None)
+    if isinstance(in_channels, int) and isinstance(latent_channels, int) and in_channels % latent_channels == 0:
+        packing = int(round((in_channels // latent_channels) ** 0.5))
+        if packing > 1 and packing * packing * latent_channels == in_channels:
+            patch *= packing
+    return patch

@@ -3,7 +3,7 @@
 Everything follows diffusers' own FLUX code: ``FluxPipeline.encode_prompt`` for the text states, and
 ``examples/dreambooth/train_dreambooth_lora_flux.py`` for the objective (2x2 latent packing, ``timestep = sigma``,
 the guidance input of FLUX.1-dev, velocity target ``noise - x``, ``compute_loss_weighting_for_sd3``). The math lives
-in :mod:`lightning_custom.flow_matching`; this module wires it to the components.
+in :mod:`lightning_custom.objectives.flow_matching`; this module wires it to the components.
 
 Unlike SD3, FLUX cannot encode a prompt without T5 (its transformer reads only T5's states as the text sequence),
 so a checkpoint without ``text_encoder_2`` is refused with a one-line error.
@@ -13,16 +13,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from lightning_custom import flow_matching as fm
+from lightning_custom.objectives import flow_matching as fm
 from lightning_custom.errors import UserInputError
-from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts, matches_flow_denoiser
+from lightning_custom.families.base import (
+    FamilyHost,
+    FlowMatchingOptions,
+    ModelFamily,
+    ModelParts,
+    matches_flow_denoiser,
+)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_custom.methods.base import PersonalizationModule
 
 __all__ = ["FluxFamily", "FLUX_LORA_TARGETS", "T5_MAX_SEQUENCE_LENGTH"]
 
@@ -54,6 +58,8 @@ class FluxFamily(ModelFamily):
     lora_targets: ClassVar[tuple[str, ...]] = FLUX_LORA_TARGETS
     supports_custom_diffusion: ClassVar[bool] = False
     is_flow: ClassVar[bool] = True
+    #: ``FluxPipeline``'s default: the value of FLUX.1-dev's distilled guidance input.
+    default_guidance_scale: ClassVar[float | None] = 3.5
 
     # ------------------------------------------------------------------------------------------ detection
     @classmethod
@@ -78,7 +84,7 @@ class FluxFamily(ModelFamily):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, FluxTransformer2DModel
         from transformers import AutoTokenizer, CLIPTextModel, CLIPTokenizer, T5EncoderModel
 
-        from lightning_custom.components import freeze, load_component, load_vae
+        from lightning_custom.families.components import freeze, load_component, load_vae
 
         _require_t5(source, revision)
         common = {"revision": revision}
@@ -110,7 +116,7 @@ class FluxFamily(ModelFamily):
             return min(T5_MAX_SEQUENCE_LENGTH, tokenizer.model_max_length)
         return tokenizer.model_max_length
 
-    def encode_text(self, model: PersonalizationModule, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_text(self, model: FamilyHost, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """CLIP-L's pooled output and T5's last hidden state, as ``FluxPipeline.encode_prompt``.
 
         Args:
@@ -130,7 +136,7 @@ class FluxFamily(ModelFamily):
         return {"pooled_projections": clip_out.pooler_output, "encoder_hidden_states": t5_states}
 
     def denoiser_kwargs(
-        self, model: PersonalizationModule, text: dict[str, torch.Tensor], batch: dict[str, Any]
+        self, model: FamilyHost, text: dict[str, torch.Tensor], batch: dict[str, Any]
     ) -> dict[str, Any]:
         """``encoder_hidden_states``, ``pooled_projections``, ``txt_ids`` (zeros) and, for FLUX.1-dev, ``guidance``."""
         states = text["encoder_hidden_states"]
@@ -168,7 +174,7 @@ class FluxFamily(ModelFamily):
 
     # ----------------------------------------------------------------------------------------------- loss
     def denoising_loss(
-        self, model: PersonalizationModule, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
+        self, model: FamilyHost, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
         conditioning: dict[str, Any], reduction: str = "mean",
     ) -> torch.Tensor:
         """Weighted velocity MSE of the transformer on packed ``x_t = (1 - s) x + s noise`` (diffusers' FLUX script).
@@ -227,7 +233,7 @@ class FluxFamily(ModelFamily):
         """
         from diffusers import FluxPipeline
 
-        from lightning_custom.io import atomic_path
+        from lightning_custom.runtime.io import atomic_path
 
         unknown = sorted(set(layers) - {"transformer", "text_encoder"})
         if unknown:

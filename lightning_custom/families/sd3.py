@@ -8,7 +8,7 @@ projections side by side. T5 is optional (diffusers runs SD3 without it, on zero
 The objective is that of diffusers' ``examples/dreambooth/train_dreambooth_lora_sd3.py`` without
 ``--precondition_outputs``: ``x_t = (1 - sigma) x + sigma * noise``, the target ``noise - x``, the transformer
 conditioned on the timestep ``1000 * sigma``; sigmas come from the scheduler's statically shifted schedule
-(``shift=3.0``) by the density of ``weighting_scheme`` (:mod:`lightning_custom.flow_matching`). SD3 has no
+(``shift=3.0``) by the density of ``weighting_scheme`` (:mod:`lightning_custom.objectives.flow_matching`). SD3 has no
 resolution-dependent shift. Nothing here depends on the transformer's size: SD3.5 Medium's dual-attention and
 QK-norm layers and SD3.5 Large use the same classes and code.
 """
@@ -17,16 +17,20 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 
-from lightning_custom import flow_matching
-from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts, matches_flow_denoiser
+from lightning_custom.objectives import flow_matching
+from lightning_custom.families.base import (
+    FamilyHost,
+    FlowMatchingOptions,
+    ModelFamily,
+    ModelParts,
+    matches_flow_denoiser,
+)
 
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_custom.methods.base import PersonalizationModule
 
 __all__ = ["LORA_COMPONENTS", "SD3Family", "T5_MAX_SEQUENCE_LENGTH", "peft_lora_keys"]
 
@@ -56,6 +60,7 @@ class SD3Family(ModelFamily):
     )
     supports_custom_diffusion: ClassVar[bool] = False
     is_flow: ClassVar[bool] = True
+    default_guidance_scale: ClassVar[float | None] = 7.0  # ``StableDiffusion3Pipeline``'s default
 
     # ------------------------------------------------------------------------------------------ detection
     @classmethod
@@ -78,7 +83,7 @@ class SD3Family(ModelFamily):
         from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, SD3Transformer2DModel
         from transformers import AutoTokenizer, CLIPTextModelWithProjection, CLIPTokenizer, T5EncoderModel
 
-        from lightning_custom.components import freeze, load_component, load_vae, resolve_model_path
+        from lightning_custom.families.components import freeze, load_component, load_vae, resolve_model_path
         from lightning_custom.families import read_model_configs
 
         source = resolve_model_path(source)
@@ -116,7 +121,7 @@ class SD3Family(ModelFamily):
         return tokenizer.model_max_length
 
     def encode_text(
-        self, model: PersonalizationModule, input_ids: Sequence[torch.Tensor]
+        self, model: FamilyHost, input_ids: Sequence[torch.Tensor]
     ) -> dict[str, torch.Tensor]:
         """``StableDiffusion3Pipeline.encode_prompt`` (``clip_skip=None``) on token ids.
 
@@ -151,7 +156,7 @@ class SD3Family(ModelFamily):
         }
 
     def denoiser_kwargs(
-        self, model: PersonalizationModule, text: dict[str, torch.Tensor], batch: dict[str, Any]
+        self, model: FamilyHost, text: dict[str, torch.Tensor], batch: dict[str, Any]
     ) -> dict[str, Any]:
         """``encoder_hidden_states`` and ``pooled_projections`` (SD3 has no size or guidance conditioning)."""
         return {"encoder_hidden_states": text["encoder_hidden_states"],
@@ -182,7 +187,7 @@ class SD3Family(ModelFamily):
 
     # ----------------------------------------------------------------------------------------------- loss
     def denoising_loss(
-        self, model: PersonalizationModule, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
+        self, model: FamilyHost, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
         conditioning: dict[str, Any], reduction: str = "mean",
     ) -> torch.Tensor:
         """Weighted velocity MSE of the transformer (diffusers' SD3 script, no preconditioning).
@@ -247,7 +252,7 @@ class SD3Family(ModelFamily):
         """
         from diffusers import StableDiffusion3Pipeline
 
-        from lightning_custom.io import atomic_path
+        from lightning_custom.runtime.io import atomic_path
 
         unknown = sorted(set(layers) - set(LORA_COMPONENTS))
         if unknown or not layers:

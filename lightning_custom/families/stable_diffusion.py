@@ -8,22 +8,19 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import Any, ClassVar
 
 import torch
 
-from lightning_custom import sdxl
-from lightning_custom.diffusion import (
+from lightning_custom.objectives import sdxl
+from lightning_custom.objectives.diffusion import (
     add_noise,
     diffusion_mse,
     diffusion_target,
     distinct_timesteps,
     sample_timesteps,
 )
-from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, ModelParts
-
-if TYPE_CHECKING:  # pragma: no cover
-    from lightning_custom.methods.base import PersonalizationModule
+from lightning_custom.families.base import FamilyHost, FlowMatchingOptions, ModelFamily, ModelParts
 
 
 class StableDiffusionFamily(ModelFamily):
@@ -45,8 +42,8 @@ class StableDiffusionFamily(ModelFamily):
         dtype: torch.dtype = torch.float32, vae_name_or_path: str | None = None,
         options: FlowMatchingOptions | None = None,
     ) -> ModelParts:
-        """SD / SDXL parts through :func:`lightning_custom.components.load_components` (SDXL is told by its UNet)."""
-        from lightning_custom.components import load_components
+        """SD / SDXL parts through :func:`lightning_custom.families.components.load_components` (SDXL is told by its UNet)."""
+        from lightning_custom.families.components import load_components
         from lightning_custom.families import torch_dtype_name
 
         parts = load_components(source, revision=revision, variant=variant, weight_dtype=torch_dtype_name(dtype),
@@ -54,13 +51,13 @@ class StableDiffusionFamily(ModelFamily):
         return sd_model_parts(parts, options)
 
     # ------------------------------------------------------------------------------------------------ text
-    def encode_text(self, model: PersonalizationModule, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_text(self, model: FamilyHost, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """The CLIP text encoder's last hidden states (the UNet's cross-attention context)."""
         with model.frozen_half_precision("text_encoder"):
             return {"encoder_hidden_states": model.text_encoder(input_ids[0])[0]}
 
     def denoiser_kwargs(
-        self, model: PersonalizationModule, text: dict[str, torch.Tensor], batch: dict[str, Any]
+        self, model: FamilyHost, text: dict[str, torch.Tensor], batch: dict[str, Any]
     ) -> dict[str, Any]:
         """``encoder_hidden_states`` only."""
         return {"encoder_hidden_states": text["encoder_hidden_states"]}
@@ -91,7 +88,7 @@ class StableDiffusionFamily(ModelFamily):
 
     # ------------------------------------------------------------------------------------------------ loss
     def denoising_loss(
-        self, model: PersonalizationModule, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
+        self, model: FamilyHost, latents: torch.Tensor, noise: torch.Tensor, levels: torch.Tensor,
         conditioning: dict[str, Any], reduction: str = "mean",
     ) -> torch.Tensor:
         """MSE between the UNet's prediction on the noised latents and the prediction type's target."""
@@ -107,7 +104,7 @@ class StableDiffusionFamily(ModelFamily):
     # -------------------------------------------------------------------------------------------- pipeline
     def pipeline(self, parts: Any, scheduler: Any | None = None) -> Any:
         """``StableDiffusionPipeline`` (no safety checker) around the live components."""
-        from lightning_custom.components import assemble_pipeline
+        from lightning_custom.families.components import assemble_pipeline
 
         return assemble_pipeline(parts, scheduler if scheduler is not None else self.scheduler)
 
@@ -116,7 +113,7 @@ class StableDiffusionFamily(ModelFamily):
         """``StableDiffusion(XL)Pipeline.save_lora_weights`` with each part's layers and adapter metadata."""
         import diffusers
 
-        from lightning_custom.io import atomic_path
+        from lightning_custom.runtime.io import atomic_path
 
         kwargs: dict[str, Any] = {}
         for part, weights in layers.items():
@@ -142,14 +139,14 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
         return (denoiser_config.get("_class_name") == "UNet2DConditionModel"
                 and denoiser_config.get("addition_embed_type") == "text_time")
 
-    def encode_text(self, model: PersonalizationModule, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    def encode_text(self, model: FamilyHost, input_ids: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
         """Both encoders' penultimate hidden states, concatenated, and the second one's pooled projection."""
         with model.frozen_half_precision("text_encoder"):
             hidden, pooled = sdxl.encode_prompts([model.text_encoder, model.text_encoder_2], input_ids)
         return {"encoder_hidden_states": hidden, "text_embeds": pooled}
 
     def denoiser_kwargs(
-        self, model: PersonalizationModule, text: dict[str, torch.Tensor], batch: dict[str, Any]
+        self, model: FamilyHost, text: dict[str, torch.Tensor], batch: dict[str, Any]
     ) -> dict[str, Any]:
         """Hidden states plus ``added_cond_kwargs`` (pooled text, per-sample time ids from the batch's sizes)."""
         return sdxl.unet_kwargs(text, batch["original_size"], batch["crop_top_left"],
@@ -157,7 +154,7 @@ class StableDiffusionXLFamily(StableDiffusionFamily):
 
 
 def sd_model_parts(parts: Any, options: FlowMatchingOptions | None = None) -> ModelParts:
-    """Wrap :class:`~lightning_custom.components.StableDiffusionComponents` as :class:`ModelParts`."""
+    """Wrap :class:`~lightning_custom.families.components.StableDiffusionComponents` as :class:`ModelParts`."""
     family = StableDiffusionXLFamily if parts.is_sdxl else StableDiffusionFamily
     components = {"tokenizer": parts.tokenizer, "text_encoder": parts.text_encoder, "tokenizer_2": parts.tokenizer_2,
                   "text_encoder_2": parts.text_encoder_2, "vae": parts.vae, "unet": parts.unet,

@@ -11,44 +11,24 @@ from typing import Any, Literal
 
 import lightning as L
 import torch
-from lightning.pytorch.utilities import rank_zero_warn
 from torch import nn
 
-from lightning_custom.components import WeightDtype, match_frozen_weights_to_precision
-from lightning_custom.data.concept import EvalBatchSpec
-from lightning_custom.diffusion import sample_latents, scale_learning_rate
-from lightning_custom.errors import UserInputError
-from lightning_custom.ranges import check_ranges
+from lightning_custom.families.components import WeightDtype
+from lightning_custom.dvar.eval_batch import EvalBatchSpec
+from lightning_custom.objectives.diffusion import scale_learning_rate
+from lightning_custom.runtime.ranges import check_ranges, check_resolution
 from lightning_custom.families import FlowMatchingOptions, ModelFamily, ModelParts, load_model
-from lightning_custom.flow_matching import WeightingScheme
-from lightning_custom.methods.tokens import CaptionTokenizer, batch_input_ids, tokenize_captions
+from lightning_custom.objectives.flow_matching import WeightingScheme
+from lightning_custom.methods.checkpointing import CheckpointedTraining
+from lightning_custom.methods.encoding import FrozenEncoding
+from lightning_custom.methods.tokens import batch_input_ids
+from lightning_custom.runtime.optimizers import adamw_8bit, fused_adamw_applies
+from lightning_custom.runtime.precision import autocast_off_for, match_frozen_weights_to_precision
 
 log = logging.getLogger(__name__)
 
-_RNG_KEY = "lightning_custom_train_rng"
-_HALF_DTYPES = (torch.float16, torch.bfloat16)
 
-
-def adamw_8bit(params: list[nn.Parameter], **kwargs: Any) -> torch.optim.Optimizer:
-    """bitsandbytes' 8-bit AdamW (optimizer states in 8 bits), with a one-line error where it is missing."""
-    try:
-        import bitsandbytes as bnb
-    except ImportError as err:
-        raise UserInputError("--model.optimizer adamw_8bit needs bitsandbytes: pip install bitsandbytes") from err
-    return bnb.optim.AdamW8bit(params, **kwargs)
-
-
-def fused_adamw_applies(params: list[torch.Tensor], *, clips_gradients: bool) -> bool:
-    """Whether to use AdamW's fused kernel, which updates every parameter in one launch.
-
-    It needs every parameter on CUDA in fp32. It also unscales fp16 gradients itself, so Lightning's mixed
-    precision refuses to clip gradients before it ("does not allow for gradient clipping"): clipped runs use the
-    foreach implementation instead.
-    """
-    return bool(params) and not clips_gradients and all(p.is_cuda and p.dtype == torch.float32 for p in params)
-
-
-class PersonalizationModule(L.LightningModule, ABC):
+class PersonalizationModule(CheckpointedTraining, FrozenEncoding, L.LightningModule, ABC):
     """Base class of every personalization method.
 
     Subclasses implement :meth:`configure_trainable` (unfreeze what they train) and :meth:`export_artifacts`
@@ -280,51 +260,6 @@ class PersonalizationModule(L.LightningModule, ABC):
         """Parameters the optimizer updates."""
         return [p for p in self.parameters() if p.requires_grad]
 
-    # --------------------------------------------------------------------------------------------- encoding
-    def prepare_captions(self, captions: list[str]) -> list[str]:
-        """Hook to rewrite captions before tokenizing (e.g. expand a multi-vector placeholder)."""
-        return captions
-
-    def tokenize(self, captions: list[str], tokenizer: Any = None) -> torch.Tensor:
-        """Token ids padded to the pipeline's length for ``tokenizer`` (default the first), as pipelines do."""
-        tokenizer = self.tokenizer if tokenizer is None else tokenizer
-        return tokenize_captions(tokenizer, self.prepare_captions(list(captions)),
-                                 self.token_max_length(tokenizer)).to(self.device)
-
-    def token_max_length(self, tokenizer: Any) -> int:
-        """The padded caption length of ``tokenizer`` (CLIP 77; T5 256 for SD3, 512 for FLUX)."""
-        names = self.family.present_tokenizers(self)
-        name = next((n for n in names if getattr(self, n) is tokenizer), names[0])
-        return self.family.tokenizer_max_length(name, tokenizer)
-
-    def caption_tokenizer(self) -> CaptionTokenizer:
-        """What the data loader's collate calls to tokenize the batch's captions (``input_ids``, ``input_ids_2``).
-
-        Tokenizing in the loader (in its workers, when it has some) takes it off the training step; the data
-        module asks for this at setup. Captions go through :meth:`prepare_captions` first.
-        """
-        return CaptionTokenizer(self.tokenizers, self.prepare_captions,
-                                [self.token_max_length(tokenizer) for tokenizer in self.tokenizers])
-
-    def encode_prompt(self, captions: list[str]) -> torch.Tensor:
-        """Text-encoder hidden states for ``captions`` (the UNet's cross-attention context).
-
-        For SDXL, both encoders' penultimate hidden states, concatenated (as ``StableDiffusionXLPipeline``).
-        """
-        return self.encode_text(captions)["encoder_hidden_states"]
-
-    def encode_text(
-        self, captions: list[str], input_ids: list[torch.Tensor] | None = None
-    ) -> dict[str, torch.Tensor]:
-        """The text part of the denoiser's conditioning (the family's: SD ``encoder_hidden_states``, SDXL adds the
-        pooled ``text_embeds``, FLUX and SD3 their prompt and pooled embeddings).
-
-        ``input_ids`` (one tensor per text encoder, e.g. from the data loader) spares tokenizing ``captions``.
-        """
-        if input_ids is None:
-            input_ids = [self.tokenize(captions, tokenizer) for tokenizer in self.tokenizers]
-        return self.family.encode_text(self, [ids.to(self.device) for ids in input_ids])
-
     def unet_conditioning(self, batch: dict[str, Any], text: dict[str, torch.Tensor] | None = None) -> dict[str, Any]:
         """Keyword arguments of the denoiser besides the sample and the noise level (the family's).
 
@@ -336,75 +271,6 @@ class PersonalizationModule(L.LightningModule, ABC):
             text = self.cached_text_states(batch) if self.caches_text_states() else self.encode_text(
                 batch["caption"], batch_input_ids(batch))
         return self.family.denoiser_kwargs(self, text, batch)
-
-    def caches_text_states(self) -> bool:
-        """Whether training reuses text states (``cache_text_states``; never while the text path trains)."""
-        wanted = self.hparams.get("cache_text_states")
-        wanted = self.family.is_flow if wanted is None else wanted
-        if not wanted:
-            return False
-        if self._text_path_trains_in_fit is None:  # walking every parameter each step would cost ms on FLUX
-            return not self.text_path_trains
-        return not self._text_path_trains_in_fit
-
-    def cached_text_states(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """The batch's text states, each caption encoded alone on first sight and then reused.
-
-        Keyed by the caption text: every caption of a run is one of the templates with the concept's words, so the
-        cache holds a few dozen entries.
-        """
-        captions = list(batch["caption"])
-        missing = list(dict.fromkeys(c for c in captions if c not in self._text_cache))
-        for caption in missing:
-            with torch.no_grad():
-                states = self.encode_text([caption])
-            self._text_cache[caption] = {k: v.detach() for k, v in states.items()}
-        rows = [self._text_cache[c] for c in captions]
-        return {key: torch.cat([row[key] for row in rows]) for key in rows[0]}
-
-    def encode_latents(
-        self,
-        pixel_values: torch.Tensor,
-        standard_normal: torch.Tensor | None = None,
-        cache_keys: list[str] | None = None,
-    ) -> torch.Tensor:
-        """VAE latents, scaled: ``(mean + std * eps) * scaling_factor``.
-
-        ``standard_normal`` fixes ``eps`` (DVAR's fixed latents); otherwise it is drawn from the training generator.
-        With ``cache_keys`` (one name per augmented image), each image's latent distribution is encoded once, alone,
-        and reused: the VAE is frozen, and encoding one image at a time makes the cached values independent of
-        which images happen to share a batch.
-        """
-        with torch.no_grad():
-            if cache_keys is not None:
-                mean, std = self._cached_latent_distribution(pixel_values, cache_keys)
-            else:
-                with self.frozen_half_precision("vae"):
-                    dist = self.vae.encode(pixel_values.to(self.module_dtype("vae"))).latent_dist
-                mean, std = dist.mean.float(), dist.std.float()
-            if standard_normal is None:
-                standard_normal = torch.randn(mean.shape, generator=self.generator, device=self.device)
-            latents = sample_latents(mean, std, standard_normal)
-        return self.family.scale_latents(self.vae, latents)
-
-    def _cached_latent_distribution(
-        self, pixel_values: torch.Tensor, keys: list[str]
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        for index, key in enumerate(keys):
-            if key not in self._latent_cache:
-                with self.frozen_half_precision("vae"):
-                    dist = self.vae.encode(pixel_values[index : index + 1].to(self.module_dtype("vae"))).latent_dist
-                self._latent_cache[key] = (dist.mean.float()[0], dist.std.float()[0])
-        pairs = [self._latent_cache[key] for key in keys]
-        return torch.stack([m for m, _ in pairs]).to(self.device), torch.stack([s for _, s in pairs]).to(self.device)
-
-    def _eval_cached(self, kind: str, key: str | None, compute) -> Any:
-        """``compute()`` once per ``(kind, key)`` when evaluation caching is on and ``key`` is given."""
-        if key is None or not self.hparams.cache_eval_batch:
-            return compute()
-        if (kind, key) not in self._eval_cache:
-            self._eval_cache[(kind, key)] = compute()
-        return self._eval_cache[(kind, key)]
 
     # ----------------------------------------------------------------------------------------------- losses
     def denoising_loss(
@@ -512,22 +378,9 @@ class PersonalizationModule(L.LightningModule, ABC):
         """Whether gradients are clipped before the optimizer step (the trainer's ``gradient_clip_val``)."""
         return self._trainer is not None and bool(self.trainer.gradient_clip_val)
 
-    @property
-    def generator(self) -> torch.Generator:
-        """The training RNG: seeded per rank, saved in checkpoints, never shared with DVAR's fixed batch."""
-        if self._generator is None or self._generator.device != self.device:
-            self._generator = torch.Generator(device=self.device)
-            self._generator.manual_seed(self.hparams.seed + self.global_rank)
-            if self._pending_rng_state is not None:
-                state = rank_generator_state(self._pending_rng_state, self.global_rank)
-                if state is not None:
-                    self._generator.set_state(state)
-                self._pending_rng_state = None
-        return self._generator
-
     def setup(self, stage: str) -> None:
         """Hold the frozen weights in a dtype the trainer's precision runs on its device (float16 on a CPU does not;
-        see :func:`~lightning_custom.components.match_frozen_weights_to_precision`)."""
+        see :func:`~lightning_custom.runtime.precision.match_frozen_weights_to_precision`)."""
         if self._trainer is not None:
             device_type = self.trainer.strategy.root_device.type
             if match_frozen_weights_to_precision(self, self.trainer.precision, device_type):
@@ -544,118 +397,3 @@ class PersonalizationModule(L.LightningModule, ABC):
         if not isinstance(sample_size, int) or not blocks:
             return None
         return sample_size * 2 ** (len(blocks) - 1)
-
-    def generator_states(self) -> list[torch.Tensor]:
-        """Every rank's training-RNG state, indexed by global rank (call it on all ranks: under DDP it gathers).
-
-        Each rank draws its own noise, timesteps and VAE samples, so an exact resume needs each rank's state back.
-        """
-        state = self.generator.get_state()
-        if self._trainer is None or self.trainer.world_size == 1:
-            return [state]
-        # Gathered on the module's device: NCCL only moves CUDA tensors. Each row is copied out of the gathered
-        # stack: Generator.set_state reads from the start of the storage, so a row view crashes or restores garbage.
-        return [row.cpu().clone() for row in self.all_gather(state.to(self.device))]
-
-    def on_fit_start(self) -> None:
-        """Start each fit with empty latent caches (a notebook may fit one module on several concepts).
-
-        The cache keys name the images and draws they came from, so this is for memory, and for a VAE or text
-        encoder swapped between fits.
-        """
-        self._latent_cache.clear()
-        self._eval_cache.clear()
-        self._text_cache.clear()
-        self._text_path_trains_in_fit = self.text_path_trains
-
-    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Keep only trainable weights (a checkpoint of a full SD model per save would be GBs) and each rank's RNG.
-
-        Lightning calls this on every rank (only rank 0 writes the file), so the ranks' RNG states are gathered.
-        """
-        trainable = self.trained_weight_names()
-        checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if k in trainable}
-        checkpoint[_RNG_KEY] = self.generator_states()
-
-    def trained_weight_names(self) -> set[str]:
-        """The names of the weights this run trains, as its checkpoints store them."""
-        from lightning_custom.strategies import plain_parameter_name  # FSDP prefixes the wrapped blocks' names
-
-        return {plain_parameter_name(name) for name, p in self.named_parameters() if p.requires_grad}
-
-    def check_checkpoint_weights(self, saved: Any) -> None:
-        """Refuse, in one line, a checkpoint that lacks weights this run trains.
-
-        Checkpoints leave the frozen model out, so ``strict_loading`` is off, and Lightning would resume from such a
-        checkpoint (another method's, another model's) silently with the base weights: a run calling itself resumed
-        that is not.
-
-        Args:
-            saved: the checkpoint's ``state_dict`` (or its keys).
-        """
-        trained = self.trained_weight_names()
-        missing = sorted(trained - set(saved))
-        if missing:
-            where = getattr(self._trainer, "ckpt_path", None) if self._trainer is not None else None
-            raise UserInputError(f"--ckpt_path {where}: the checkpoint lacks {len(missing)} of the {len(trained)} "
-                                 f"weights this run trains (e.g. {missing[0]}); it was saved by another method, "
-                                 "model or setting")
-
-    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
-        """Check the checkpoint holds every trained weight, and restore the training RNG so a resumed run draws the
-        same noise as an uninterrupted one, on every rank."""
-        if "state_dict" in checkpoint:  # FSDP has taken it out already: its strategy checks it (strategies.py)
-            self.check_checkpoint_weights(checkpoint["state_dict"])
-        if _RNG_KEY in checkpoint:
-            states = checkpoint[_RNG_KEY]
-            saved = 1 if torch.is_tensor(states) else len(states)
-            world_size = self.trainer.world_size if self._trainer is not None else 1
-            if saved != world_size:
-                rank_zero_warn(f"the checkpoint holds the training RNG of {saved} process(es) and this run has "
-                               f"{world_size}: the resumed run will not repeat the uninterrupted one exactly")
-            self._pending_rng_state = states
-            self._generator = None
-
-
-RESOLUTION_LIMIT = 4  # x the model's own size: beyond, a step costs (limit^2)x more and the model sees nothing it knows
-
-
-def check_resolution(resolution: int | None, native: int | None, model: str) -> None:
-    """Refuse a training resolution far above the model's own (``RESOLUTION_LIMIT`` x) in one line, before the
-    first step (2048 px on the 32 px embedded model sat at step 0 for minutes); warn above 2x."""
-    if not resolution or not native:
-        return
-    if resolution > RESOLUTION_LIMIT * native:
-        raise UserInputError(
-            f"--data.resolution: {resolution} px is {resolution / native:.0f}x the {native} px that {model} was made "
-            f"for (its config's sample size); train at {native} px (or up to {RESOLUTION_LIMIT * native})")
-    if resolution > 2 * native:
-        log.warning("--data.resolution: %d px is %.1fx the %d px that %s was made for; each step costs about "
-                    "%.0fx more than at its own size", resolution, resolution / native, native, model,
-                    (resolution / native) ** 2)
-
-
-def autocast_off_for(dtype: torch.dtype, device: torch.device) -> contextlib.AbstractContextManager:
-    """``torch.autocast(enabled=False)`` when autocast is on and ``dtype`` is fp16/bf16; a no-op otherwise.
-
-    A frozen model held in half precision gains nothing from autocast: its matmuls and convolutions already run in
-    half precision, and autocast only adds casts and upcasts every norm's output to fp32, which doubles the bytes
-    the elementwise ops after it move (SD 1.5 at CUDA's cast rules: 4095 ops per step inside autocast, 3389 outside;
-    ``benchmarks/throughput.py --profile-ops``). diffusers' examples keep their fp16 UNet outside autocast too. The
-    caller casts the inputs to ``dtype``; fp32 trainables inside (LoRA, Custom Diffusion's K/V) cast their own
-    input and output, so their gradients stay fp32.
-    """
-    if dtype in _HALF_DTYPES and torch.is_autocast_enabled(device.type):
-        return torch.autocast(device.type, enabled=False)
-    return contextlib.nullcontext()
-
-
-def rank_generator_state(states: torch.Tensor | list[torch.Tensor], rank: int) -> torch.Tensor | None:
-    """Rank ``rank``'s saved RNG state: ``states`` is one per rank (a bare tensor: rank 0's, older checkpoints).
-
-    ``None`` (keep the fresh seed) for a rank the checkpoint has no state for: resuming on more processes than
-    were saved cannot be exact, but giving that rank another rank's state would repeat that rank's noise.
-    """
-    states = [states] if torch.is_tensor(states) else list(states)
-    return states[rank] if rank < len(states) else None
-

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from lightning_custom.errors import UserInputError
-from lightning_custom.io import atomic_path
+from lightning_custom.runtime.io import atomic_path
 from lightning_custom.methods.finetuning import FineTuningModule
 
 WEIGHT_NAME = "pytorch_custom_diffusion_weights.bin"

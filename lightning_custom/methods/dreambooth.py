@@ -14,9 +14,9 @@ from typing import Any
 
 import torch
 
-from lightning_custom.components import resolve_model_path
+from lightning_custom.families.components import resolve_model_path
 from lightning_custom.errors import UserInputError
-from lightning_custom.io import atomic_path
+from lightning_custom.runtime.io import atomic_path
 from lightning_custom.methods.finetuning import FineTuningModule
 from lightning_custom.methods.lora import TEXT_ENCODER_TARGETS, add_lora, lora_dropout_disabled, save_lora
 
@@ -74,7 +74,7 @@ class DreamBooth(FineTuningModule):
 
     def fsdp_blocks(self) -> set[type[torch.nn.Module]]:
         """The denoiser's repeated block classes: the unit FSDP shards and gathers (``auto_wrap_policy``)."""
-        from lightning_custom.strategies import repeated_block_classes
+        from lightning_custom.runtime.strategies import repeated_block_classes
 
         return repeated_block_classes(self.denoiser)
 
@@ -108,7 +108,7 @@ class DreamBooth(FineTuningModule):
     @staticmethod
     def load_into_pipeline(pipe: Any, run_dir: str | Path) -> Any:
         """The run's exported pipeline, in ``pipe``'s dtype and device and with ``pipe``'s scheduler."""
-        from lightning_custom.components import pipeline_class_of
+        from lightning_custom.families.components import pipeline_class_of
 
         folder = Path(run_dir) / PIPELINE_FOLDER
         cls = pipeline_class_of(folder)

@@ -15,20 +15,10 @@ import torch
 from safetensors import safe_open
 
 from lightning_custom.data.class_images import merge_class_batch
-from lightning_custom.diffusion import prior_preservation_loss
+from lightning_custom.objectives.diffusion import prior_preservation_loss
 from lightning_custom.methods.base import PersonalizationModule
-from lightning_custom.methods.tokens import (
-    EmbeddingSlot,
-    SDXL_EMBEDDING_KEYS,
-    T5_EMBEDDING_KEY,
-    TOKEN_METADATA_KEY,
-    TokenVectors,
-    learn_new_tokens,
-    load_token_files,
-    split_tokens,
-    token_slots,
-    write_token_files,
-)
+from lightning_custom.methods.tokens import TokenVectors, learn_new_tokens, split_tokens
+from lightning_custom.methods.token_files import EmbeddingSlot, SDXL_EMBEDDING_KEYS, T5_EMBEDDING_KEY, TOKEN_METADATA_KEY, load_token_files, token_slots, write_token_files
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
 _SAFE_FILE_NAME = re.compile(r"^[A-Za-z0-9<>_.+-]+$")

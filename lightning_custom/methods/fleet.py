@@ -12,7 +12,7 @@ up to the last bits a batched matmul rounds differently (a relative 1e-6 on the 
 A concept that stops (:meth:`TextualInversionFleet.freeze_concept`) keeps its vectors from then on: they leave the
 optimizer's work (no gradient: AdamW skips them) and its samples leave the batch, so the steps get cheaper.
 
-The per-concept stops live in ``lightning_custom.callbacks.fleet_stops`` (used by ``DVAREarlyStopping``).
+The per-concept stops live in ``lightning_custom.dvar.fleet_stops`` (used by ``DVAREarlyStopping``).
 """
 
 from __future__ import annotations
@@ -25,16 +25,10 @@ import torch
 from torch import nn
 
 from lightning_custom.data.concepts_list import ConceptSpec, parse_concepts
-from lightning_custom.methods.base import rank_generator_state
+from lightning_custom.runtime.rng import rank_generator_state
 from lightning_custom.methods.textual_inversion import LEARNED_EMBEDS, TextualInversion
-from lightning_custom.methods.tokens import (
-    CaptionTokenizer,
-    embedding_state,
-    expand_placeholder,
-    learn_new_token,
-    token_slots,
-    write_token_files,
-)
+from lightning_custom.methods.tokens import CaptionTokenizer, expand_placeholder, learn_new_token
+from lightning_custom.methods.token_files import embedding_state, token_slots, write_token_files
 
 
 FLEET_RNG_KEY = "lightning_custom_fleet_rng"

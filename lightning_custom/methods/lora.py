@@ -11,9 +11,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from lightning_custom.components import cast_trainable_to_fp32
+from lightning_custom.runtime.precision import cast_trainable_to_fp32
 from lightning_custom.errors import UserInputError
-from lightning_custom.ranges import check_value
+from lightning_custom.runtime.ranges import check_value
 
 UNET_TARGETS = ("to_k", "to_q", "to_v", "to_out.0")
 TEXT_ENCODER_TARGETS = ("q_proj", "k_proj", "v_proj", "out_proj")

@@ -13,19 +13,8 @@ from typing import Any
 import torch
 
 from lightning_custom.methods.base import PersonalizationModule
-from lightning_custom.methods.tokens import (
-    CaptionTokenizer,
-    EmbeddingSlot,
-    TokenVectors,
-    embedding_state,
-    expand_placeholder,
-    expander,
-    learn_new_token,
-    load_token_files,
-    token_slots,
-    tokenize_captions,
-    write_token_files,
-)
+from lightning_custom.methods.tokens import CaptionTokenizer, TokenVectors, expand_placeholder, expander, learn_new_token, tokenize_captions
+from lightning_custom.methods.token_files import EmbeddingSlot, embedding_state, load_token_files, token_slots, write_token_files
 
 LEARNED_EMBEDS = "learned_embeds.safetensors"
 

@@ -14,7 +14,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from lightning_custom.world.render import Attributes, caption, training_combinations, vocabulary
+from lightning_custom.synthetic.world_render import Attributes, caption, training_combinations, vocabulary
 
 IMAGE_SIZE = 32
 MAX_TOKENS = 32
@@ -28,7 +28,7 @@ def staging_model_path() -> str:
 
 def build_world_tokenizer() -> Any:
     """The offline CLIP tokenizer with every world word (and the template words) as one token, 32 tokens long."""
-    from lightning_custom.offline_tokenizers import build_clip_tokenizer
+    from lightning_custom.synthetic.offline_tokenizers import build_clip_tokenizer
 
     tokenizer = build_clip_tokenizer(vocabulary())
     tokenizer.model_max_length = MAX_TOKENS
@@ -78,7 +78,7 @@ def build_world_scheduler() -> Any:
     """Stable Diffusion 1.x's DDPM training schedule (epsilon prediction)."""
     from diffusers import DDPMScheduler
 
-    from lightning_custom.architectures import SCHEDULER
+    from lightning_custom.synthetic.architectures import SCHEDULER
 
     return DDPMScheduler(**SCHEDULER, prediction_type="epsilon")
 
@@ -100,7 +100,7 @@ def load_world_pipeline(name_or_path: str = "embedded") -> Any:
     safety checker and no progress bar, as :func:`attribute_bar` and the quickstart's grid sample it."""
     from diffusers import DDIMScheduler, StableDiffusionPipeline
 
-    from lightning_custom.components import resolve_model_path
+    from lightning_custom.families.components import resolve_model_path
 
     pipe = StableDiffusionPipeline.from_pretrained(resolve_model_path(name_or_path), safety_checker=None,
                                                    requires_safety_checker=False)
@@ -126,8 +126,8 @@ def attribute_bar(pipe: Any, encoder: Any, n: int = 64, *, steps: int = 25, guid
     The guidance scale 2.5 was chosen on other prompts (``seed=7``, 256 samples: 2.0 -> 0.926, 2.5 -> 0.953,
     3.0 -> 0.934, 4.0 -> 0.914, 6.0 -> 0.879, 7.5 -> 0.840 of samples all right): strong guidance distorts
     this small model's shapes. The default ``seed=123`` prompts are the reported ones."""
-    from lightning_custom.sampling import generate
-    from lightning_custom.world.encoder import attribute_accuracy, judge
+    from lightning_custom.inference.sampling import generate
+    from lightning_custom.synthetic.world_encoder import attribute_accuracy, judge
 
     pairs = bar_prompts(n, seed)
     images = generate(pipe, [p for p, _ in pairs], [seed + i for i in range(n)], guidance_scale=guidance_scale,

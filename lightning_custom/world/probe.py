@@ -9,10 +9,8 @@ variant's quality at its stop step from this series. Sampling forks the RNG, so 
 
 from __future__ import annotations
 
-import sys
 import time
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import lightning as L
 from lightning.pytorch.callbacks import Callback
@@ -31,7 +29,7 @@ class WorldProbe(Callback):
         eval_backgrounds: the background each evaluation prompt asks for (prompt fidelity's target).
         train_prompt: the template the encoder-based early stopping rule scores (as CLIP early stopping does).
         num_images: images per training prompt check, and per evaluation prompt.
-        encoder: folder of a saved :class:`~lightning_custom.world.encoder.WorldEncoder` (default: shipped one).
+        encoder: folder of a saved :class:`~lightning_custom.synthetic.world_encoder.WorldEncoder` (default: shipped one).
         num_inference_steps: DDIM steps per sample.
         guidance_scale: classifier-free guidance scale.
         seed: image ``i`` uses seed ``seed + i`` at every check, so only the weights change the scores.
@@ -68,7 +66,7 @@ class WorldProbe(Callback):
     def prepare(self, datamodule: Any) -> None:
         """Load the encoder and the concept images (what :meth:`scores` compares samples with)."""
         from lightning_custom.data.images import load_rgb_image
-        from lightning_custom.world.encoder import WorldEncoder
+        from lightning_custom.synthetic.world_encoder import WorldEncoder
 
         self._encoder = WorldEncoder.load(self.encoder_path)
         files = getattr(getattr(datamodule, "images", None), "files", None)
@@ -88,8 +86,9 @@ class WorldProbe(Callback):
         import numpy as np
 
         from lightning_custom.data.templates import format_prompt
-        from lightning_custom.sampling import generate, pipeline_from_module
-        from lightning_custom.world.encoder import identity_similarity, judge
+        from lightning_custom.inference.pipelines import pipeline_from_module
+        from lightning_custom.inference.sampling import generate
+        from lightning_custom.synthetic.world_encoder import identity_similarity, judge
 
         first = self.seed if seed is None else seed
         n = self.num_images
@@ -188,7 +187,7 @@ class TrainableSnapshots(Callback):
 
         from safetensors.torch import save_file
 
-        from lightning_custom.io import atomic_path
+        from lightning_custom.runtime.io import atomic_path
 
         if getattr(pl_module, "trains_a_fleet", False):
             if "{concept}" not in self.dirpath:
@@ -238,24 +237,22 @@ def snapshot_steps(dirpath: str | Any) -> list[int]:
     return sorted(int(f.name[5:11]) for f in folder.glob("step-*.safetensors")) if folder.is_dir() else []
 
 
-def rebuild_run(config_file: str | Any) -> tuple[WorldProbe, Any, str, set[str]]:
-    """The run's :class:`WorldProbe` (prepared), freshly built module (its weights before the first step), concept
-    phrase and trainable parameter names, from the run's config (as ``fit --config`` reads it)."""
-    from lightning_custom.cli import PersonalizationCLI
-    from lightning_custom.data.concept import ConceptDataModule
-    from lightning_custom.methods.base import PersonalizationModule
+class RebuiltRun(Protocol):
+    """A run built from its config but not fitted: what :func:`lightning_custom.cli.rebuild_run` returns (the
+    world takes it from the caller rather than import the CLI, which sits above it)."""
 
-    saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv holds the caller's arguments
-    try:
-        cli = PersonalizationCLI(PersonalizationModule, ConceptDataModule, subclass_mode_model=True,
-                                 subclass_mode_data=True, seed_everything_default=59, run=False,
-                                 args=["--config", str(config_file)])
-    finally:
-        sys.argv = saved
-    probes = [c for c in cli.trainer.callbacks if isinstance(c, WorldProbe)]
+    model: L.LightningModule
+    datamodule: L.LightningDataModule
+    trainer: L.Trainer
+
+
+def prepared_probe(run: RebuiltRun) -> tuple[WorldProbe, Any, str, set[str]]:
+    """The run's :class:`WorldProbe` (prepared), freshly built module (its weights before the first step), concept
+    phrase and trainable parameter names."""
+    probes = [c for c in run.trainer.callbacks if isinstance(c, WorldProbe)]
     if not probes:
-        raise UserInputError(f"{config_file}: the run's config has no WorldProbe callback to score with")
-    probe, module, data = probes[0], cli.model, cli.datamodule
+        raise UserInputError("the run's config has no WorldProbe callback to score with")
+    probe, module, data = probes[0], run.model, run.datamodule
     probe.prepare(data)
     phrase = getattr(data, "phrase", None) or module.placeholder_token
     return probe, module, phrase, {name for name, p in module.named_parameters() if p.requires_grad}
@@ -276,12 +273,12 @@ def load_snapshot(module: Any, snapshot_dir: str | Any, step: int, trainable: se
     module.load_state_dict(weights, strict=False)
 
 
-def probe_snapshots(config_file: str | Any, snapshot_dir: str | Any, steps: list[int],
+def probe_snapshots(run: RebuiltRun, snapshot_dir: str | Any, steps: list[int],
                     seeds: list[int] | None = None) -> dict[int, list[list[float]]]:
     """Score saved trainable weights with the run's own :class:`WorldProbe` settings, after the run.
 
-    The model, data module and probe are rebuilt from the run's config (``config_file``, as ``fit --config`` reads
-    it); for each step the snapshot's weights are loaded and sampled with each seed (default: the probe's own seed,
+    The model, data module and probe come rebuilt from the run's config (``run``: :func:`lightning_custom.cli.
+    rebuild_run`, which reads it as ``fit --config`` does); for each step the snapshot's weights are loaded and sampled with each seed (default: the probe's own seed,
     so the scores equal the live probe's at that step).
 
     Step 0 is the weights before training (the freshly built module), with or without a snapshot.
@@ -289,115 +286,10 @@ def probe_snapshots(config_file: str | Any, snapshot_dir: str | Any, steps: list
     Returns:
         ``{step: [[identity_train, identity_eval, fidelity] per seed]}``.
     """
-    probe, module, phrase, trainable = rebuild_run(config_file)
+    probe, module, phrase, trainable = prepared_probe(run)
     out: dict[int, list[list[float]]] = {}
     for step in sorted(steps):  # step 0 first: the freshly built module holds its weights
         if step:
             load_snapshot(module, snapshot_dir, step, trainable)
         out[step] = [probe.scores(module, phrase, seed) for seed in (seeds or [None])]
-    return out
-
-
-# ------------------------------------------------------------------------------------ a prompt fidelity that can fail
-# WorldProbe's prompt fidelity asks for the concept on another background. The background fills most of a 32 px
-# image and no concept image fixes it, so long training never hurts it (1.00 at every probe of the long runs). The
-# checks below ask for what training on the concept's images does fight against:
-# * "recolour": the concept in a palette colour it never has ("a photo of a blue <c000> on a green background"), the
-#   encoder's colour head must name the prompted colour. A token (or weights) that has absorbed the concept's own
-#   colour overrides the word: the world's analogue of CLIP-T falling as a run goes on (the paper's trade-off).
-# * "prior": describable objects WITHOUT the concept ("a photo of a red star on a blue background"), every head
-#   right. Fine-tuned weights (LoRA, Custom Diffusion, DreamBooth) can drift from the class prior; Textual
-#   Inversion's cannot (only the new token's embedding trains), which the measure shows as a constant.
-FIDELITY_GROUPS: tuple[str, ...] = ("recolour", "prior")
-
-
-@dataclass(frozen=True)
-class FidelityCheck:
-    """One prompt and what the encoder must see in its images.
-
-    Attributes:
-        group: ``"recolour"`` or ``"prior"`` (see :data:`FIDELITY_GROUPS`).
-        prompt: the prompt; ``{}`` stands for the concept phrase (a prior check has none).
-        targets: encoder head -> the label it must predict, e.g. ``{"colour": "blue", "background": "green"}``.
-    """
-
-    group: str
-    prompt: str
-    targets: dict[str, str]
-
-
-def fidelity_checks(concept: Any, recolour: int = 3, prior: int = 2) -> list[FidelityCheck]:
-    """Deterministic checks for a held-out :class:`~lightning_custom.world.concepts.Concept`.
-
-    Recolour: the palette colours farthest (RGB distance) from the concept's own colour(s), each on one of its
-    evaluation backgrounds whose name differs from the colour. Prior: describable objects (a vocabulary shape that
-    is not the concept's, a palette colour, an evaluation background), every head checked.
-    """
-    import numpy as np
-
-    from lightning_custom.world.render import COLOURS, SHAPES, rgb
-
-    own = [rgb(c) for c in (concept.attrs.colour, concept.attrs.second_colour) if c]
-    distance = {name: min(float(np.linalg.norm(np.subtract(value, o))) for o in own) for name, value in COLOURS.items()}
-    far = sorted((n for n in COLOURS if n not in (concept.attrs.colour, concept.attrs.second_colour)),
-                 key=lambda n: -distance[n])
-    backgrounds = list(concept.eval_backgrounds)
-    checks = []
-    for k in range(recolour):
-        background = backgrounds[k % len(backgrounds)]
-        colour = next(c for c in far if c != background and all(c != ch.targets["colour"] for ch in checks))
-        checks.append(FidelityCheck("recolour", f"a photo of a {colour} {{}} on a {background} background",
-                                    {"colour": colour, "background": background}))
-    shapes = [s for s in SHAPES if s != concept.attrs.shape]
-    for k in range(prior):
-        shape, background = shapes[(3 * k) % len(shapes)], backgrounds[(k + 1) % len(backgrounds)]
-        colour = next(c for c in far[k:] + far if c != background)
-        checks.append(FidelityCheck("prior", f"a photo of a {colour} {shape} on a {background} background",
-                                    {"shape": shape, "colour": colour, "background": background}))
-    return checks
-
-
-def fidelity_hits(labels: dict[str, list[str]], targets: list[dict[str, str]]) -> list[bool]:
-    """Per image: does the encoder's every targeted head name the target (``labels`` as in ``judge(...).labels``)."""
-    return [all(labels[head][i] == label for head, label in target.items()) for i, target in enumerate(targets)]
-
-
-def fidelity_scores(images: list, targets: list[dict[str, str]], groups: list[str], encoder: Any) -> dict[str, float]:
-    """The share of images that pass their check, per group (``nan`` for a group without images)."""
-    import numpy as np
-
-    from lightning_custom.world.encoder import judge
-
-    hits = fidelity_hits(judge(encoder, images).labels, targets)
-    return {g: float(np.mean([h for h, gi in zip(hits, groups) if gi == g])) if g in groups else float("nan")
-            for g in FIDELITY_GROUPS}
-
-
-def sample_fidelity(probe: WorldProbe, pl_module: L.LightningModule, phrase: str, checks: list[FidelityCheck],
-                    seed: int | None = None) -> dict[str, float]:
-    """Sample ``probe.num_images`` images per check with ``probe``'s sampler settings and score them by group."""
-    from lightning_custom.data.templates import format_prompt
-    from lightning_custom.sampling import generate, pipeline_from_module
-
-    n, first = probe.num_images, probe.seed if seed is None else seed
-    prompts = [format_prompt(c.prompt, phrase) if "{}" in c.prompt else c.prompt for c in checks for _ in range(n)]
-    size = probe._references[0].size[0]
-    was_training = pl_module.training
-    images = generate(pipeline_from_module(pl_module, "ddim"), prompts, [first + i for i in range(len(prompts))],
-                      height=size, width=size, guidance_scale=probe.guidance_scale,
-                      num_inference_steps=probe.num_inference_steps, batch_size=len(prompts))
-    pl_module.train(was_training)
-    return fidelity_scores(images, [c.targets for c in checks for _ in range(n)],
-                           [c.group for c in checks for _ in range(n)], probe._encoder)
-
-
-def fidelity_snapshots(config_file: str | Any, snapshot_dir: str | Any, steps: list[int],
-                       checks: list[FidelityCheck], seed: int | None = None) -> dict[int, dict[str, float]]:
-    """:func:`sample_fidelity` of saved trainable weights, after the run; step 0 is the weights before training."""
-    probe, module, phrase, trainable = rebuild_run(config_file)
-    out: dict[int, dict[str, float]] = {}
-    for step in sorted(steps):  # step 0 first: the freshly built module holds its weights
-        if step:
-            load_snapshot(module, snapshot_dir, step, trainable)
-        out[step] = sample_fidelity(probe, module, phrase, checks, seed)
     return out

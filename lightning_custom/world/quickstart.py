@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from lightning_custom.sampling import check_trained, read_summary
+from lightning_custom.runs.summary import check_trained, read_summary
 
 
 def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: list[str] | None = None,
@@ -29,7 +29,7 @@ def before_after(run_dir: str | Path, *, before_word: str = "shape", prompts: li
     Returns:
         ``{"identity_before", "identity_after", "grid", "prompts"}`` (``prompts``: the prompts of each side).
     """
-    from lightning_custom.evaluate import before_after_run, concept_images
+    from lightning_custom.inference.evaluate import before_after_run, concept_images
 
     run = Path(run_dir)
     summary = read_summary(run)

@@ -1,0 +1,1 @@
+"""After training: pipeline loading and sampling, evaluation and its metrics."""

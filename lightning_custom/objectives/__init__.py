@@ -1,0 +1,1 @@
+"""Pure training math, no Lightning: diffusion (epsilon / v prediction), flow matching, SDXL conditioning."""
