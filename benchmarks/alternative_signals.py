@@ -40,7 +40,7 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 BANDS = {"ldet_low": (0, 250), "ldet_mid": (250, 750), "ldet_high": (750, 1000)}
 SIGNALS = ("ldet", *BANDS, "heldout", "train_ma")
-EVERY = 40  # snapshot steps evaluated: every 40th step, plus the probed ones
+EVERY = 80  # snapshot steps evaluated: every 80th step, plus the probed ones
 TRAIN_MA = 8
 
 
@@ -149,7 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     from settings_table import load_runs
 
-    from lightning_custom.world.concepts import make_concept
+    from lightning_custom.synthetic.world_concepts import make_concept
 
     rows_file = args.results / "alternative_signals.jsonl"
     done = {(r["setting"], r["concept"]) for r in map(json.loads, rows_file.read_text().splitlines())
@@ -183,7 +183,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def t90(steps: list[int], values: list[float], max_step: int) -> int:
     """The first step where the causal 4-value moving average has made 90% of its total change (start to min)."""
-    from lightning_custom import dvar
+    from lightning_custom.dvar import rule as dvar
 
     smooth = np.array(dvar.moving_average(values, 4))
     drop = smooth[0] - smooth.min()
@@ -194,8 +194,8 @@ def t90(steps: list[int], values: list[float], max_step: int) -> int:
 
 def analyse(rows: list[dict], runs: list) -> dict[str, dict]:
     """Per signal: each run's t90 and Spearman with identity; across runs the log-log correlation with the oracle."""
-    from lightning_custom import dvar
-    from lightning_custom.calibrate import spearman
+    from lightning_custom.dvar import rule as dvar
+    from lightning_custom.dvar.statistics import spearman
 
     by_key = {(r.setting, r.concept): r for r in runs}
     out: dict[str, dict] = {}

@@ -77,8 +77,8 @@ def measure_run(config_file: Path, snapshot_dir: Path, step: int, concept, image
 def ceiling_scores(concept, images: int, groups: int) -> list[float]:
     """The instrument's ceiling: per probe, the discriminator's score of fresh renders of the concept itself (as a
     model that learned it perfectly would draw it), ``images`` per prompt over the probe's 5 prompts."""
-    from lightning_custom.world.encoder import WorldEncoder
-    from lightning_custom.world.identity import ConceptDiscriminator, concept_renders
+    from lightning_custom.synthetic.world_encoder import WorldEncoder
+    from lightning_custom.synthetic.world_identity import ConceptDiscriminator, concept_renders
 
     discriminator = ConceptDiscriminator(WorldEncoder.load(), concept)
     return [discriminator.score(concept_renders(concept, 5 * images, seed=500 + group)) for group in range(groups)]

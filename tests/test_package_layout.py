@@ -156,3 +156,13 @@ def test_old_module_paths_still_import(old):
     from lightning_custom._moved import MOVED
 
     assert importlib.import_module(old) is importlib.import_module(MOVED[old])
+
+
+def test_names_that_left_a_module_still_import_from_it():
+    """methods/tokens.py's token-file names moved to token_files.py; a user's old import still finds them."""
+    from lightning_custom.methods import token_files, tokens
+
+    for name in tokens._MOVED_TO_TOKEN_FILES:
+        assert getattr(tokens, name) is getattr(token_files, name)
+    with pytest.raises(AttributeError):
+        tokens.no_such_name  # noqa: B018

@@ -241,3 +241,17 @@ def learn_new_tokens(
 def expander(placeholder_token: str, names: list[str]) -> Callable[[list[str]], list[str]]:
     """A picklable caption rewrite (for data-loader workers) writing ``placeholder_token`` out as ``names``."""
     return partial(expand_placeholder, placeholder_token=placeholder_token, names=names)
+
+
+# The token files' format moved to token_files.py, which imports this module; old imports of those names still work.
+_MOVED_TO_TOKEN_FILES = {"EmbeddingSlot", "embedding_slots", "embedding_state", "load_embeddings_file",
+                         "load_textual_inversion", "load_token_files", "pipeline_prompts", "sibling_file",
+                         "token_slots", "write_token_files"}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _MOVED_TO_TOKEN_FILES:
+        from lightning_custom.methods import token_files
+
+        return getattr(token_files, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
