@@ -21,9 +21,10 @@ def _families() -> list[type[ModelFamily]]:
     from lightning_custom.families.flux import FluxFamily
     from lightning_custom.families.sd3 import SD3Family
     from lightning_custom.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
+    from lightning_custom.families.z_image import ZImageFamily
 
     # Most specific first: SDXL's UNet is also a UNet2DConditionModel.
-    return [StableDiffusionXLFamily, StableDiffusionFamily, FluxFamily, SD3Family]
+    return [StableDiffusionXLFamily, StableDiffusionFamily, FluxFamily, SD3Family, ZImageFamily]
 
 
 class _Registry:
@@ -142,6 +143,23 @@ def family_for_source(source: str, revision: str | None = None) -> type[ModelFam
         return detect_family(source, revision)
     except UserInputError:
         return StableDiffusionFamily
+
+
+def embedded_family_model(name: str) -> Path | None:
+    """The folder of the embedded tiny model ``name`` that a family names in its ``embedded_models`` (built on
+    first use, :func:`lightning_custom.families.qwen_flow.build_embedded_model`); ``None`` when no family has it."""
+    from lightning_custom.families.qwen_flow import build_embedded_model
+
+    for family in FAMILIES:
+        save = getattr(family, "embedded_models", {}).get(name)
+        if save is not None:
+            return build_embedded_model(name, getattr(family, "embedded_version", "v1"), save)
+    return None
+
+
+def embedded_family_model_names() -> list[str]:
+    """The names of every family's ``embedded_models`` (``tiny-z-image``...)."""
+    return [name for family in FAMILIES for name in getattr(family, "embedded_models", {})]
 
 
 def _read_json(source: str, file: str, revision: str | None) -> dict[str, Any]:
