@@ -100,12 +100,13 @@ class ZImageFamily(QwenFlowFamily):
 
 
 # --------------------------------------------------------------------------------------------- tiny models
-def build_tiny_z_image_components(seed: int = 0, *, sample_size: int = 16, latent_channels: int = 4,
+def build_tiny_z_image_components(seed: int = 0, *, sample_size: int = 32, latent_channels: int = 4,
                                   text_width: int = 16) -> dict[str, Any]:
-    """Tiny random Z-Image components (the sizes of diffusers' ``ZImagePipeline`` test, a smaller VAE).
+    """Tiny random Z-Image components (the sizes of diffusers' ``ZImagePipeline`` test, a narrower VAE).
 
-    The VAE does not downsample (one block) and has ``latent_channels`` channels; the transformer (2 layers, 1
-    refiner layer, width 32) patchifies them 2x2; the Qwen3 text encoder has 2 layers of ``text_width`` (its
+    The VAE downsamples 8x like Z-Image's own (four blocks of width 4, so that ``ZImagePipeline``'s fixed default
+    of 1024 px is 4096 image tokens, affordable on a CPU) and has ``latent_channels`` channels; the transformer (2
+    layers, 1 refiner layer, width 32, RoPE tables for 256 tokens a side) patchifies them 2x2; the Qwen3 text encoder has 2 layers of ``text_width`` (its
     penultimate state is the caption feature, ``cap_feat_dim``) and an offline Qwen tokenizer.
     """
     from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
@@ -115,14 +116,15 @@ def build_tiny_z_image_components(seed: int = 0, *, sample_size: int = 16, laten
     transformer = ZImageTransformer2DModel(
         all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=32, n_layers=2,
         n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=text_width,
-        rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 4, 4], axes_lens=[256, 32, 32],
+        rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 4, 4], axes_lens=[512, 128, 128],
     ).eval()
     with torch.no_grad():  # initialised with torch.empty (diffusers' test fixes them the same way)
         transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
         transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
     torch.manual_seed(seed)
     vae = AutoencoderKL(
-        sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=(4,), layers_per_block=1,
+        sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
+        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
         latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
         shift_factor=0.1159, scaling_factor=0.3611,
     ).eval()
