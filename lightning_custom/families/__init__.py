@@ -20,12 +20,13 @@ __all__ = ["FAMILIES", "FlowMatchingOptions", "ModelFamily", "ModelParts", "dete
 def _families() -> list[type[ModelFamily]]:
     from lightning_custom.families.flux import FluxFamily
     from lightning_custom.families.flux2 import Flux2KleinFamily
+    from lightning_custom.families.qwen_image import QwenImageFamily
     from lightning_custom.families.sd3 import SD3Family
     from lightning_custom.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
     from lightning_custom.families.z_image import ZImageFamily
 
     # Most specific first: SDXL's UNet is also a UNet2DConditionModel.
-    return [StableDiffusionXLFamily, StableDiffusionFamily, FluxFamily, SD3Family, ZImageFamily, Flux2KleinFamily]
+    return [StableDiffusionXLFamily, StableDiffusionFamily, FluxFamily, SD3Family, ZImageFamily, Flux2KleinFamily, QwenImageFamily]
 
 
 class _Registry:

@@ -148,6 +148,12 @@ class ModelFamily(ABC):
         config = vae.config
         return config.latent_channels, 2 ** (len(config.block_out_channels) - 1)
 
+    def latent_distribution(self, vae: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of the VAE's latent distribution for images ``(B, 3, H, W)``, float32 ``(B, C, h, w)``
+        (a video VAE such as Qwen-Image's takes and gives one frame more: its family drops it)."""
+        dist = vae.encode(pixel_values).latent_dist
+        return dist.mean.float(), dist.std.float()
+
     def scale_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents to the denoiser's input scale: ``(z - shift_factor) * scaling_factor``."""
         from lightning_custom.diffusion import scale_latents

@@ -380,8 +380,7 @@ class PersonalizationModule(L.LightningModule, ABC):
                 mean, std = self._cached_latent_distribution(pixel_values, cache_keys)
             else:
                 with self.frozen_half_precision("vae"):
-                    dist = self.vae.encode(pixel_values.to(self.module_dtype("vae"))).latent_dist
-                mean, std = dist.mean.float(), dist.std.float()
+                    mean, std = self.family.latent_distribution(self.vae, pixel_values.to(self.module_dtype("vae")))
             if standard_normal is None:
                 standard_normal = torch.randn(mean.shape, generator=self.generator, device=self.device)
             latents = sample_latents(mean, std, standard_normal)
@@ -393,8 +392,9 @@ class PersonalizationModule(L.LightningModule, ABC):
         for index, key in enumerate(keys):
             if key not in self._latent_cache:
                 with self.frozen_half_precision("vae"):
-                    dist = self.vae.encode(pixel_values[index : index + 1].to(self.module_dtype("vae"))).latent_dist
-                self._latent_cache[key] = (dist.mean.float()[0], dist.std.float()[0])
+                    mean, std = self.family.latent_distribution(
+                        self.vae, pixel_values[index : index + 1].to(self.module_dtype("vae")))
+                self._latent_cache[key] = (mean[0], std[0])
         pairs = [self._latent_cache[key] for key in keys]
         return torch.stack([m for m, _ in pairs]).to(self.device), torch.stack([s for _, s in pairs]).to(self.device)
 
