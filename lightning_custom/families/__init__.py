@@ -88,8 +88,8 @@ def detect_family(source: str, revision: str | None = None) -> type[ModelFamily]
             return family
     raise UserInputError(
         f"--model.pretrained_model_name_or_path: {source} is a {index.get('_class_name', 'pipeline')} with a "
-        f"{denoiser_config.get('_class_name', 'denoiser')}; supported: {FAMILIES.names()} (Stable Diffusion 1.x/2.x, "
-        f"SDXL, FLUX.1, SD3/SD3.5)"
+        f"{denoiser_config.get('_class_name', 'denoiser')}; supported: "
+        f"{', '.join(f'{family.name} ({family.pipeline_class_name})' for family in FAMILIES)}"
     )
 
 
