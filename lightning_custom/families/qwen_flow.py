@@ -53,6 +53,14 @@ class QwenFlowFamily(ModelFamily):
     max_sequence_length: ClassVar[int] = 512
     #: ``embedded:<name>`` models of this family: name -> a function saving the tiny pipeline folder at a path.
     embedded_models: ClassVar[dict[str, Callable[[Path], Any]]] = {}
+    #: Why new tokens (Textual Inversion, ``train_token_embedding``) are refused at fit time, in one line: the stock
+    #: pipelines of these families have no ``load_textual_inversion``, so a learned token could not be used outside
+    #: this package (the Qwen text encoders themselves could take a new embedding row).
+    textual_inversion_refusal: ClassVar[str | None] = (
+        "new tokens (TextualInversion, train_token_embedding) are not supported on this family: its stock pipeline "
+        "has no load_textual_inversion to load them; use DreamBoothLoRA or DreamBooth with an existing word as the "
+        "identifier (placeholder_token: sks)"
+    )
     #: Bump when an embedded model's construction changes, so stale caches are not reused.
     embedded_version: ClassVar[str] = "v1"
 
