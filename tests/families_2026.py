@@ -53,9 +53,11 @@ def assert_stopped_by_dvar(summary: dict, root: Path, family: str) -> None:
 
 
 def assert_sample_equals_stock_pipeline(run: Path, pipeline_class, model_folder: str, prompt_template: str,
-                                        phrase: str, height: int, width: int, steps: int = 2) -> None:
-    """The package's ``sample`` of a LoRA run equals ``<Pipeline>.from_pretrained(base) + load_lora_weights(run)``
-    on the same prompt, seeds, steps and guidance (the pipeline's own default guidance)."""
+                                        phrase: str, height: int, width: int, steps: int = 2,
+                                        lora: bool = True) -> None:
+    """The package's ``sample`` of a run equals the stock pipeline on the same prompt, seeds, steps and guidance:
+    ``<Pipeline>.from_pretrained(model_folder) + load_lora_weights(run)`` for a LoRA run, or
+    ``<Pipeline>.from_pretrained(run / "pipeline")`` (``model_folder``) for full DreamBooth."""
     from lightning_custom.sampling import sample_run
 
     with one_thread():
@@ -63,7 +65,8 @@ def assert_sample_equals_stock_pipeline(run: Path, pipeline_class, model_folder:
                               batch_size=1, height=height, width=width, device="cpu", dtype="float32",
                               output_dir=run / "samples-test")
         pipe = pipeline_class.from_pretrained(model_folder, dtype=torch.float32)
-        pipe.load_lora_weights(str(run))
+        if lora:
+            pipe.load_lora_weights(str(run))
         pipe.set_progress_bar_config(disable=True)
         prompt = prompt_template.format(phrase)
         assert manifest["prompts"][0]["prompt"] == prompt
