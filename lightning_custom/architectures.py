@@ -127,14 +127,24 @@ def is_random_architecture(name_or_path: str) -> bool:
     return name_or_path.startswith(RANDOM_PREFIX)
 
 
+def _family_architectures() -> dict[str, tuple[Any, Any]]:
+    """``random:`` architectures that families name themselves (``random_architectures``): key -> (family, builder)."""
+    from lightning_custom.families import FAMILIES
+
+    return {key: (family, builder) for family in FAMILIES
+            for key, builder in getattr(family, "random_architectures", {}).items()}
+
+
 def architecture_names() -> list[str]:
-    """Every ``random:<name>`` architecture (Stable Diffusion and flow)."""
-    return [RANDOM_PREFIX + key for key in (*ARCHITECTURES, *FLOW_ARCHITECTURES)]
+    """Every ``random:<name>`` architecture (Stable Diffusion, flow, and those the families name)."""
+    return [RANDOM_PREFIX + key for key in (*ARCHITECTURES, *FLOW_ARCHITECTURES, *_family_architectures())]
 
 
 def architecture_family(name: str) -> str:
-    """The model family of a random architecture: ``"sd"``, ``"sdxl"``, ``"flux"`` or ``"sd3"``."""
+    """The model family of a random architecture: ``"sd"``, ``"sdxl"``, ``"flux"``, ``"sd3"``, ``"z_image"``..."""
     key = _architecture_key(name)
+    if key in _family_architectures():
+        return _family_architectures()[key][0].name
     if key in FLOW_ARCHITECTURES:
         return FLOW_ARCHITECTURES[key]["family"]
     return "sdxl" if key == "sdxl" else "sd"
@@ -144,7 +154,7 @@ def _architecture_key(name: str) -> str:
     from lightning_custom.errors import UserInputError
 
     key = name.removeprefix(RANDOM_PREFIX)
-    if key not in ARCHITECTURES and key not in FLOW_ARCHITECTURES:
+    if key not in ARCHITECTURES and key not in FLOW_ARCHITECTURES and key not in _family_architectures():
         raise UserInputError(f"--model.pretrained_model_name_or_path: unknown architecture {name!r}; "
                              f"choose from {architecture_names()}")
     return key
@@ -191,6 +201,9 @@ def build_random_components(
         fit the 49408-row vocabulary) and a word-level T5 tokenizer (ids fit T5's 32128 rows).
     """
     key = _architecture_key(name)
+    family_builders = _family_architectures()
+    if key in family_builders:
+        return family_builders[key][1](seed=seed, dtype=dtype, device=device)
     if key in FLOW_ARCHITECTURES:
         return _build_flow(FLOW_ARCHITECTURES[key], seed, dtype, _resolve_device(device, flow=True))
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -121,7 +121,7 @@ def load_model(
                 freeze(value)
         if family.name == "sdxl":
             components["vae"].to(torch.float32)  # the stock SDXL VAE overflows in fp16
-        return ModelParts(family(components["scheduler"], options), components)
+        return ModelParts(family.from_components(components, options), components)
     from lightning_custom.components import denoiser_quantization
 
     source = resolve_model_path(name_or_path)

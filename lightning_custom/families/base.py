@@ -112,9 +112,19 @@ class ModelFamily(ABC):
     #: Whether the noise levels are flow sigmas (else DDPM timesteps).
     is_flow: ClassVar[bool] = False
 
+    #: ``random:<name>`` architectures the family builds itself (name -> ``builder(seed, dtype, device)`` returning
+    #: the pipeline components), found by :mod:`lightning_custom.architectures` (issue 28: no list to extend there).
+    random_architectures: ClassVar[dict[str, Any]] = {}
+
     def __init__(self, scheduler: Any, options: FlowMatchingOptions | None = None) -> None:
         self.scheduler = scheduler
         self.options = options or FlowMatchingOptions()
+
+    @classmethod
+    def from_components(cls, components: dict[str, Any], options: FlowMatchingOptions | None = None) -> ModelFamily:
+        """The family of already built components (``random:`` architectures, :meth:`load`): by default just its
+        training scheduler; a family that prepares a tokenizer or reads the denoiser's config does it here."""
+        return cls(components["scheduler"], options)
 
     # ------------------------------------------------------------------------------------------ detection
     @classmethod

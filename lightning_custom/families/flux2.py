@@ -28,6 +28,7 @@ FLUX.2 [dev] (``Flux2Pipeline``, a Mistral text encoder) is not covered here: it
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -36,6 +37,7 @@ import torch
 from lightning_custom.families.base import FlowMatchingOptions, ModelParts
 from lightning_custom.families.qwen_flow import QwenFlowFamily
 from lightning_custom.families.qwen_text import build_qwen_tokenizer, chat_prompt, padding_mask, set_prompt_format
+from lightning_custom.families.random_2026 import build_random
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_custom.methods.base import PersonalizationModule
@@ -84,15 +86,20 @@ class Flux2KleinFamily(QwenFlowFamily):
 
     @classmethod
     def load(cls, source: str, **kwargs: Any) -> ModelParts:
-        """:meth:`QwenFlowFamily.load`, plus the pipeline's ``is_distilled`` flag from ``model_index.json`` and the
-        LoRA targets of the loaded transformer's single-stream blocks."""
+        """:meth:`QwenFlowFamily.load`, plus the pipeline's ``is_distilled`` flag from ``model_index.json``."""
         from lightning_custom.families import read_model_configs
 
         parts = super().load(source, **kwargs)
         index, _ = read_model_configs(source, kwargs.get("revision"))
         parts.family.is_distilled = bool(index.get("is_distilled", False))
-        parts.family.lora_targets = flux2_lora_targets(parts.transformer.config.num_single_layers)
         return parts
+
+    @classmethod
+    def from_components(cls, components: dict[str, Any], options: FlowMatchingOptions | None = None) -> Any:
+        """The family around built components, with the LoRA targets of their transformer's single blocks."""
+        family = super().from_components(components, options)
+        family.lora_targets = flux2_lora_targets(components["transformer"].config.num_single_layers)
+        return family
 
     def prepare_tokenizer(self, tokenizer: Any) -> None:
         """``Flux2KleinPipeline``'s prompt: one user message, chat template with ``enable_thinking=False``."""
@@ -221,3 +228,5 @@ def save_tiny_flux2(path: str | Path, seed: int = 0, is_distilled: bool = False,
 
 
 Flux2KleinFamily.embedded_models = {"tiny-flux2": save_tiny_flux2}
+Flux2KleinFamily.random_architectures = {name: partial(build_random, name)
+                                         for name in ("flux2-klein-4b", "flux2-klein-9b")}

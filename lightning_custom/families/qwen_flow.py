@@ -107,9 +107,14 @@ class QwenFlowFamily(ModelFamily):
         for module in components.values():
             if isinstance(module, torch.nn.Module):
                 freeze(module)
+        return ModelParts(cls.from_components(components, options), components=components)
+
+    @classmethod
+    def from_components(cls, components: dict[str, Any], options: FlowMatchingOptions | None = None) -> QwenFlowFamily:
+        """The family around built components, its prompt format attached to their tokenizer."""
         family = cls(components["scheduler"], options)
         family.prepare_tokenizer(components["tokenizer"])
-        return ModelParts(family, components=components)
+        return family
 
     def prepare_tokenizer(self, tokenizer: Any) -> None:
         """Attach the pipeline's prompt format to the tokenizer (:mod:`lightning_custom.families.qwen_text`)."""

@@ -26,6 +26,7 @@ back around the VAE and the transformer call; the loss, a mean over all elements
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -33,6 +34,7 @@ import torch
 
 from lightning_custom.families.qwen_flow import QwenFlowFamily
 from lightning_custom.families.qwen_text import build_qwen_tokenizer, padding_mask, set_prompt_format
+from lightning_custom.families.random_2026 import build_random
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_custom.methods.base import PersonalizationModule
@@ -214,3 +216,4 @@ def save_tiny_qwen_image(path: str | Path, seed: int = 0, **kwargs: Any) -> Path
 
 
 QwenImageFamily.embedded_models = {"tiny-qwen-image": save_tiny_qwen_image}
+QwenImageFamily.random_architectures = {"qwen-image": partial(build_random, "qwen-image")}

@@ -22,6 +22,7 @@ VAE's downsampling. ``embedded:tiny-z-image`` is a tiny random model in these cl
 from __future__ import annotations
 
 from collections.abc import Sequence
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -29,6 +30,7 @@ import torch
 
 from lightning_custom.families.qwen_flow import QwenFlowFamily
 from lightning_custom.families.qwen_text import build_qwen_tokenizer, chat_prompt, padding_mask, set_prompt_format
+from lightning_custom.families.random_2026 import build_random
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_custom.methods.base import PersonalizationModule
@@ -149,3 +151,4 @@ def save_tiny_z_image(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
 
 
 ZImageFamily.embedded_models = {"tiny-z-image": save_tiny_z_image}
+ZImageFamily.random_architectures = {"z-image": partial(build_random, "z-image")}
