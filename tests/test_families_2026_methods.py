@@ -69,3 +69,23 @@ def test_new_tokens_are_refused_in_one_line_at_fit_time(family, method, capsys, 
     line = run_expecting_one_error(capsys, args)
     assert line.startswith("error: --model.pretrained_model_name_or_path: ") and "load_textual_inversion" in line, line
     assert not root.exists() or not (root / "summary.json").exists()
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_real_model_lora_config_trains_on_the_tiny_model(family, tmp_path):
+    """``configs/<family>/dreambooth_lora.yaml`` (the diffusers script's settings, 4 accumulated micro-batches) runs
+    as shipped but for the model, the size, CPU precision and the optimizer (8-bit AdamW needs CUDA)."""
+    _, resolution = FAMILIES[family]
+    root = tmp_path / "run"
+    with one_thread():
+        main(["fit", "--config", str(ROOT / "configs" / family / "dreambooth_lora.yaml"),
+              "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false",
+              "--trainer.accelerator", "cpu", "--trainer.precision", "32-true", "--trainer.max_steps", "4",
+              "--model.init_args.pretrained_model_name_or_path", f"embedded:tiny-{family.replace('_', '-')}",
+              "--model.init_args.weight_dtype", "float32", "--model.init_args.optimizer", "adamw",
+              "--model.init_args.gradient_checkpointing", "false",
+              "--data.init_args.instance_data_dir", "embedded:cat-toy", "--data.init_args.resolution", str(resolution),
+              "--dvar.eval_every_n_steps", "2", "--dvar.window", "4", "--sample.every_n_steps", "0"])
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["model_family"] == family and summary["artifacts"] == ["pytorch_lora_weights.safetensors"]
+    assert summary["stop_step"] == 4 and summary["stopped_by"] in ("max_steps", "dvar")
