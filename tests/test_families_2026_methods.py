@@ -89,3 +89,34 @@ def test_real_model_lora_config_trains_on_the_tiny_model(family, tmp_path):
     summary = json.loads((root / "summary.json").read_text())
     assert summary["model_family"] == family and summary["artifacts"] == ["pytorch_lora_weights.safetensors"]
     assert summary["stop_step"] == 4 and summary["stopped_by"] in ("max_steps", "dvar")
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_custom_diffusion_is_refused_in_one_line(family, capsys, tmp_path):
+    """No UNet cross-attention to train: the check FLUX.1 and SD3 use (``supports_custom_diffusion``)."""
+    _, resolution = FAMILIES[family]
+    line = run_expecting_one_error(capsys, [
+        "fit", "--config", str(ROOT / "configs" / "quickstart_custom_diffusion.yaml"),
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.enable_progress_bar", "false",
+        "--model.init_args.pretrained_model_name_or_path", f"embedded:tiny-{family.replace('_', '-')}",
+        "--data.init_args.resolution", str(resolution),
+    ])
+    assert line.startswith("error: --model") and "Custom Diffusion" in line, line
+
+
+def test_every_cell_of_the_2026_support_table_names_an_existing_test():
+    import re
+
+    doc = (ROOT / "docs" / "families_2026.md").read_text()
+    table = doc[doc.index("| method | Z-Image | FLUX.2 [klein] | Qwen-Image |"):].split("\n\n")[0]
+    rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
+    assert len(rows) == 4
+    sources = {p.name: p.read_text() for p in (ROOT / "tests").glob("test_*.py")}
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")][1:]
+        assert len(cells) == 3
+        for cell in cells:
+            names = re.findall(r"`(test_\w+\.py)::(test_\w+)(?:\[[^\]]*\])?`", cell)
+            assert names, f"untested cell: {row}"
+            for file, test in names:
+                assert f"def {test}(" in sources.get(file, ""), f"{file}::{test}"
