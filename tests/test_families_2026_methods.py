@@ -120,3 +120,25 @@ def test_every_cell_of_the_2026_support_table_names_an_existing_test():
             assert names, f"untested cell: {row}"
             for file, test in names:
                 assert f"def {test}(" in sources.get(file, ""), f"{file}::{test}"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_live_samples_and_before_after_work(family, tmp_path):
+    """Live sample grids during the fit (the family's stock pipeline on the live weights) and ``before_after`` on
+    the finished LoRA run; ``summary.json`` records the grids."""
+    from lightning_custom.commands import before_after
+
+    _, resolution = FAMILIES[family]
+    root = tmp_path / "run"
+    with one_thread():
+        main(["fit", "--config", quickstart(family), "--trainer.default_root_dir", str(root),
+              "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "6",
+              "--sample.every_n_steps", "3", "--sample.num_inference_steps", "2", "--sample.images_per_prompt", "1",
+              "--sample.height", str(resolution), "--sample.width", str(resolution)])
+        summary = json.loads((root / "summary.json").read_text())
+        grids = summary["live_samples"]["grids"]
+        assert len(grids) >= 2 and all((root / grid["file"]).is_file() for grid in grids), grids
+        result = before_after(str(root), images_per_prompt=1, num_inference_steps=2, height=resolution,
+                              width=resolution)
+    assert Path(result["grid"]).is_file()
+    assert 0 <= result["identity_before"] <= 1 and 0 <= result["identity_after"] <= 1
