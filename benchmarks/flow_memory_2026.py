@@ -2,7 +2,7 @@
 
 Counted exactly as ``benchmarks/flow_memory.py`` counts FLUX.1 and SD3.5 (its functions are reused): parameter
 counts from the published architectures built on the meta device (``random:z-image``, ``random:flux2-klein-4b``,
-``random:flux2-klein-9b``, ``random:qwen-image``; :mod:`lightning_custom.families.random_2026`), saved activations
+``random:flux2-klein-9b``, ``random:qwen-image``; :mod:`lightning_custom.architectures_2026`), saved activations
 from one meta-device training forward with a fused attention kernel, per transformer block for gradient
 checkpointing. Textual Inversion is not estimated: these families refuse it (their stock pipelines cannot load a
 token). The text encoder (a Qwen model, bf16) takes FLUX.1's T5 slot: resident or precomputed-and-offloaded.
@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import flow_memory as fm  # noqa: E402
 
-from lightning_custom.families.random_2026 import ARCHITECTURES, build_random  # noqa: E402
+from lightning_custom.architectures_2026 import ARCHITECTURES, build_random  # noqa: E402
 
 TEXT_TOKENS = {"z-image": 64, "flux2-klein-4b": 512, "flux2-klein-9b": 512, "qwen-image": 64}
 METHODS = ("lora", "full")
@@ -74,9 +74,9 @@ def _inputs(name: str, transformer: torch.nn.Module, resolution: int, batch: int
 def measure(name: str, resolution: int = 1024, batch: int = 1, rank: int = 16) -> fm.ModelSizes:
     from peft import LoraConfig
 
-    from lightning_custom.families import FAMILIES
+    from lightning_custom.families import family_named
 
-    family = next(f for f in FAMILIES if name in getattr(f, "random_architectures", {}))
+    family = family_named(ARCHITECTURES[name]["family"])
     parts = build_random(name, dtype=torch.bfloat16, device="meta")
     transformer = parts["transformer"]
     targets = list(family.lora_targets)
@@ -109,7 +109,7 @@ def measure(name: str, resolution: int = 1024, batch: int = 1, rank: int = 16) -
 
 def markdown(models: list[fm.ModelSizes], resolution: int, batch: int, rank: int) -> str:
     rows = [row for row in fm.SETTING_ROWS if row[0] in METHODS]
-    lines = [f"# Estimated GPU memory, Z-Image / FLUX.2 [klein] / Qwen-Image personalization (issue 28, item 6)", "",
+    lines = ["# Estimated GPU memory, Z-Image / FLUX.2 [klein] / Qwen-Image personalization (issue 28, item 6)", "",
              f"**An estimate, not a measurement** (`python benchmarks/flow_memory_2026.py`, the method of "
              f"`benchmarks/flow_memory.py`): {resolution} px, batch {batch}, LoRA rank {rank} on the diffusers "
              "scripts' targets. Cells: estimated peak GiB (smallest of 24 / 48 / 80 GiB cards that holds it). "

@@ -49,7 +49,7 @@ else
     flow=(--device cuda --resolution 1024 --batch-size 1 --precision bf16-mixed --weight-dtype bfloat16 --steps 25
           --warmup 5 --dvar-every 5 --eval-batch-size 2 --gradient-checkpointing)
     flux_arch=random:flux sd3_arch=random:sd3
-    # issue 28: the published architectures (lightning_custom/families/random_2026.py); klein 9B and Qwen-Image
+    # issue 28: the published architectures (lightning_custom/architectures_2026.py); klein 9B and Qwen-Image
     # need the 8-bit base on an 80 GiB card only without gradient checkpointing (benchmarks/results/flow_memory_2026.md)
     archs_2026=(z_image=random:z-image flux2=random:flux2-klein-4b flux2_9b=random:flux2-klein-9b
                 qwen_image=random:qwen-image)

@@ -127,16 +127,15 @@ def is_random_architecture(name_or_path: str) -> bool:
     return name_or_path.startswith(RANDOM_PREFIX)
 
 
-def _family_architectures() -> dict[str, tuple[Any, Any]]:
-    """``random:`` architectures that families name themselves (``random_architectures``): key -> (family, builder)."""
-    from lightning_custom.families import FAMILIES
+def _family_architectures() -> dict[str, dict[str, Any]]:
+    """The 2026 families' ``random:`` architectures (:mod:`lightning_custom.architectures_2026`): key -> entry."""
+    from lightning_custom.architectures_2026 import ARCHITECTURES as ARCHITECTURES_2026
 
-    return {key: (family, builder) for family in FAMILIES
-            for key, builder in getattr(family, "random_architectures", {}).items()}
+    return ARCHITECTURES_2026
 
 
 def architecture_names() -> list[str]:
-    """Every ``random:<name>`` architecture (Stable Diffusion, flow, and those the families name)."""
+    """Every ``random:<name>`` architecture (Stable Diffusion, flow, and the 2026 families')."""
     return [RANDOM_PREFIX + key for key in (*ARCHITECTURES, *FLOW_ARCHITECTURES, *_family_architectures())]
 
 
@@ -144,7 +143,7 @@ def architecture_family(name: str) -> str:
     """The model family of a random architecture: ``"sd"``, ``"sdxl"``, ``"flux"``, ``"sd3"``, ``"z_image"``..."""
     key = _architecture_key(name)
     if key in _family_architectures():
-        return _family_architectures()[key][0].name
+        return _family_architectures()[key]["family"]
     if key in FLOW_ARCHITECTURES:
         return FLOW_ARCHITECTURES[key]["family"]
     return "sdxl" if key == "sdxl" else "sd"
@@ -201,9 +200,10 @@ def build_random_components(
         fit the 49408-row vocabulary) and a word-level T5 tokenizer (ids fit T5's 32128 rows).
     """
     key = _architecture_key(name)
-    family_builders = _family_architectures()
-    if key in family_builders:
-        return family_builders[key][1](seed=seed, dtype=dtype, device=device)
+    if key in _family_architectures():
+        from lightning_custom.architectures_2026 import build_random
+
+        return build_random(key, seed=seed, dtype=dtype, device=device)
     if key in FLOW_ARCHITECTURES:
         return _build_flow(FLOW_ARCHITECTURES[key], seed, dtype, _resolve_device(device, flow=True))
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel

@@ -71,7 +71,7 @@ def assert_sample_equals_stock_pipeline(run: Path, pipeline_class, model_folder:
         prompt = prompt_template.format(phrase)
         assert manifest["prompts"][0]["prompt"] == prompt
         for record in manifest["images"]:
-            stock = pipe(prompt=prompt, generator=torch.Generator().manual_seed(record["seed"]), height=height, width=width,
-                         num_inference_steps=steps, guidance_scale=manifest["guidance_scale"]).images[0]
+            stock = pipe(prompt=prompt, generator=torch.Generator().manual_seed(record["seed"]), height=height,
+                         width=width, num_inference_steps=steps, guidance_scale=manifest["guidance_scale"]).images[0]
             ours = Image.open(run / "samples-test" / record["file"])
             assert np.array_equal(np.asarray(ours.convert("RGB")), np.asarray(stock.convert("RGB"))), record

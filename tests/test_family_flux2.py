@@ -203,7 +203,8 @@ def test_save_lora_round_trips_through_flux2_klein_pipeline_load_lora_weights(fo
         for name, param in transformer.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    trained.family.save_lora(tmp_path, "pytorch_lora_weights.safetensors", {"transformer": lora_layers(transformer, peft_naming=True)},
+    trained.family.save_lora(tmp_path, "pytorch_lora_weights.safetensors",
+                             {"transformer": lora_layers(transformer, peft_naming=True)},
                              {"transformer": transformer.peft_config[ADAPTER].to_dict()})
     pipe = Flux2KleinPipeline.from_pretrained(str(folder))
     before = _transformer_output(pipe.transformer)

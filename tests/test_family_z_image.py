@@ -181,7 +181,8 @@ def test_save_lora_round_trips_through_z_image_pipeline_load_lora_weights(folder
         for name, param in transformer.named_parameters():
             if "lora_B" in name:
                 param.copy_(torch.randn(param.shape, generator=gen) * 0.1)
-    trained.family.save_lora(tmp_path, "pytorch_lora_weights.safetensors", {"transformer": lora_layers(transformer, peft_naming=True)},
+    trained.family.save_lora(tmp_path, "pytorch_lora_weights.safetensors",
+                             {"transformer": lora_layers(transformer, peft_naming=True)},
                              {"transformer": transformer.peft_config[ADAPTER].to_dict()})
     pipe = ZImagePipeline.from_pretrained(str(folder))
     before = _transformer_output(pipe.transformer)

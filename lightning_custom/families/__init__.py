@@ -26,7 +26,8 @@ def _families() -> list[type[ModelFamily]]:
     from lightning_custom.families.z_image import ZImageFamily
 
     # Most specific first: SDXL's UNet is also a UNet2DConditionModel.
-    return [StableDiffusionXLFamily, StableDiffusionFamily, FluxFamily, SD3Family, ZImageFamily, Flux2KleinFamily, QwenImageFamily]
+    return [StableDiffusionXLFamily, StableDiffusionFamily, FluxFamily, SD3Family, ZImageFamily, Flux2KleinFamily,
+            QwenImageFamily]
 
 
 class _Registry:
@@ -145,23 +146,6 @@ def family_for_source(source: str, revision: str | None = None) -> type[ModelFam
         return detect_family(source, revision)
     except UserInputError:
         return StableDiffusionFamily
-
-
-def embedded_family_model(name: str) -> Path | None:
-    """The folder of the embedded tiny model ``name`` that a family names in its ``embedded_models`` (built on
-    first use, :func:`lightning_custom.families.qwen_flow.build_embedded_model`); ``None`` when no family has it."""
-    from lightning_custom.families.qwen_flow import build_embedded_model
-
-    for family in FAMILIES:
-        save = getattr(family, "embedded_models", {}).get(name)
-        if save is not None:
-            return build_embedded_model(name, getattr(family, "embedded_version", "v1"), save)
-    return None
-
-
-def embedded_family_model_names() -> list[str]:
-    """The names of every family's ``embedded_models`` (``tiny-z-image``...)."""
-    return [name for family in FAMILIES for name in getattr(family, "embedded_models", {})]
 
 
 def _read_json(source: str, file: str, revision: str | None) -> dict[str, Any]:

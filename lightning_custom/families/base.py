@@ -112,10 +112,6 @@ class ModelFamily(ABC):
     #: Whether the noise levels are flow sigmas (else DDPM timesteps).
     is_flow: ClassVar[bool] = False
 
-    #: ``random:<name>`` architectures the family builds itself (name -> ``builder(seed, dtype, device)`` returning
-    #: the pipeline components), found by :mod:`lightning_custom.architectures` (issue 28: no list to extend there).
-    random_architectures: ClassVar[dict[str, Any]] = {}
-
     def __init__(self, scheduler: Any, options: FlowMatchingOptions | None = None) -> None:
         self.scheduler = scheduler
         self.options = options or FlowMatchingOptions()

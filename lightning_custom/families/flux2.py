@@ -28,16 +28,18 @@ FLUX.2 [dev] (``Flux2Pipeline``, a Mistral text encoder) is not covered here: it
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from lightning_custom.families.base import FlowMatchingOptions, ModelParts
 from lightning_custom.families.qwen_flow import QwenFlowFamily
-from lightning_custom.families.qwen_text import build_qwen_tokenizer, chat_prompt, padding_mask, set_prompt_format
-from lightning_custom.families.random_2026 import build_random
+from lightning_custom.families.qwen_text import chat_prompt, padding_mask, set_prompt_format
+from lightning_custom.toy_flow_2026 import (  # noqa: F401 - re-exported
+    FLUX2_SCHEDULER,
+    build_tiny_flux2_components,
+    save_tiny_flux2,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_custom.methods.base import PersonalizationModule
@@ -45,11 +47,6 @@ if TYPE_CHECKING:  # pragma: no cover
 __all__ = ["FLUX2_SCHEDULER", "Flux2KleinFamily", "build_tiny_flux2_components", "flux2_lora_targets",
            "save_tiny_flux2"]
 
-#: The scheduler config of black-forest-labs/FLUX.2-klein-4B (dynamic shifting).
-FLUX2_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": True, "base_shift": 0.5, "max_shift": 1.15,
-    "base_image_seq_len": 256, "max_image_seq_len": 4096, "time_shift_type": "exponential",
-}
 
 
 def flux2_lora_targets(num_single_layers: int = 24) -> tuple[str, ...]:
@@ -78,7 +75,6 @@ class Flux2KleinFamily(QwenFlowFamily):
     text_encoder_out_layers: ClassVar[tuple[int, ...]] = (9, 18, 27)
     #: ``Flux2KleinPipeline``'s guidance input for models with guidance embeddings (the script's ``--guidance_scale``).
     guidance_scale: ClassVar[float] = 3.5
-    embedded_models: ClassVar[dict[str, Any]] = {}  # filled below the builders
 
     def __init__(self, scheduler: Any, options: FlowMatchingOptions | None = None) -> None:
         super().__init__(scheduler, options)
@@ -176,57 +172,3 @@ class Flux2KleinFamily(QwenFlowFamily):
         pipe = super().pipeline(parts, scheduler)
         pipe.register_to_config(is_distilled=self.is_distilled)
         return pipe
-
-
-# --------------------------------------------------------------------------------------------- tiny models
-def build_tiny_flux2_components(seed: int = 0, *, sample_size: int = 32, latent_channels: int = 1,
-                                text_width: int = 8) -> dict[str, Any]:
-    """Tiny random FLUX.2 [klein] components (the sizes of diffusers' ``Flux2KleinPipeline`` test).
-
-    The VAE does not downsample and has ``latent_channels`` channels (4x after the 2x2 patchify, the transformer's
-    ``in_channels``), with non-trivial batch-norm statistics so that the normalization is exercised. The Qwen3 causal
-    LM has 28 layers of ``text_width`` (so that the pipeline's default layers 9, 18, 27 exist) and the offline Qwen
-    tokenizer; the transformer reads ``3 * text_width`` features per text token.
-    """
-    from diffusers import AutoencoderKLFlux2, FlowMatchEulerDiscreteScheduler, Flux2Transformer2DModel
-    from transformers import Qwen3Config, Qwen3ForCausalLM
-
-    torch.manual_seed(seed)
-    transformer = Flux2Transformer2DModel(
-        patch_size=1, in_channels=4 * latent_channels, num_layers=1, num_single_layers=1, attention_head_dim=16,
-        num_attention_heads=2, joint_attention_dim=3 * text_width, timestep_guidance_channels=256,
-        axes_dims_rope=(4, 4, 4, 4), guidance_embeds=False,
-    ).eval()
-    torch.manual_seed(seed)
-    vae = AutoencoderKLFlux2(
-        sample_size=sample_size, in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",),
-        up_block_types=("UpDecoderBlock2D",), block_out_channels=(4,), layers_per_block=1,
-        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-    ).eval()
-    with torch.no_grad():
-        vae.bn.running_mean.copy_(torch.linspace(-0.2, 0.2, vae.bn.running_mean.numel()))
-        vae.bn.running_var.copy_(torch.linspace(0.5, 2.0, vae.bn.running_var.numel()))
-    tokenizer = build_qwen_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = Qwen3ForCausalLM(Qwen3Config(
-        hidden_size=text_width, intermediate_size=16, num_hidden_layers=28, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=4, vocab_size=len(tokenizer), max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
-    )).eval()
-    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": FlowMatchEulerDiscreteScheduler(**FLUX2_SCHEDULER)}
-
-
-def save_tiny_flux2(path: str | Path, seed: int = 0, is_distilled: bool = False, **kwargs: Any) -> Path:
-    """:func:`build_tiny_flux2_components` saved as a ``Flux2KleinPipeline`` folder."""
-    from diffusers import Flux2KleinPipeline
-
-    path = Path(path)
-    pipe = Flux2KleinPipeline(**build_tiny_flux2_components(seed, **kwargs), is_distilled=is_distilled)
-    pipe.save_pretrained(path, safe_serialization=True)
-    return path
-
-
-Flux2KleinFamily.embedded_models = {"tiny-flux2": save_tiny_flux2}
-Flux2KleinFamily.random_architectures = {name: partial(build_random, name)
-                                         for name in ("flux2-klein-4b", "flux2-klein-9b")}

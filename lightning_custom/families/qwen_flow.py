@@ -9,17 +9,13 @@ at training time (the pipelines shift only at inference); the loss is ``compute_
 MSE against ``noise - x``. :class:`QwenFlowFamily` implements that once; a family module supplies the text states,
 the transformer call and its component classes.
 
-Each family also names its tiny offline model (``embedded:tiny-z-image``...) in :attr:`QwenFlowFamily.embedded_models`;
-:func:`lightning_custom.families.embedded_family_model` builds it on first use into the cache folder of the other
-embedded flow models (:func:`build_embedded_model`).
+Their tiny offline models (``embedded:tiny-z-image``...) are built by :mod:`lightning_custom.toy_flow_2026`, their
+``random:`` architectures by :mod:`lightning_custom.architectures_2026` (below the families, so that
+``components`` and ``architectures`` find them without an import cycle).
 """
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
@@ -32,7 +28,7 @@ from lightning_custom.families.base import FlowMatchingOptions, ModelFamily, Mod
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_custom.methods.base import PersonalizationModule
 
-__all__ = ["QwenFlowFamily", "build_embedded_model"]
+__all__ = ["QwenFlowFamily"]
 
 
 class QwenFlowFamily(ModelFamily):
@@ -51,8 +47,6 @@ class QwenFlowFamily(ModelFamily):
     text_encoder_class: ClassVar[str]
     #: The pipeline's ``max_sequence_length`` default (the tokens a caption is padded / truncated to).
     max_sequence_length: ClassVar[int] = 512
-    #: ``embedded:<name>`` models of this family: name -> a function saving the tiny pipeline folder at a path.
-    embedded_models: ClassVar[dict[str, Callable[[Path], Any]]] = {}
     #: Why new tokens (Textual Inversion, ``train_token_embedding``) are refused at fit time, in one line: the stock
     #: pipelines of these families have no ``load_textual_inversion``, so a learned token could not be used outside
     #: this package (the Qwen text encoders themselves could take a new embedding row).
@@ -61,8 +55,6 @@ class QwenFlowFamily(ModelFamily):
         "has no load_textual_inversion to load them; use DreamBoothLoRA or DreamBooth with an existing word as the "
         "identifier (placeholder_token: sks)"
     )
-    #: Bump when an embedded model's construction changes, so stale caches are not reused.
-    embedded_version: ClassVar[str] = "v1"
 
     # ------------------------------------------------------------------------------------------ detection
     @classmethod
@@ -203,30 +195,3 @@ class QwenFlowFamily(ModelFamily):
                 str(tmp.parent), weight_name=tmp.name, transformer_lora_layers=layers["transformer"],
                 transformer_lora_adapter_metadata=metadata.get("transformer"),
             )
-
-
-def build_embedded_model(name: str, version: str, save: Callable[[Path], Any]) -> Path:
-    """The folder of embedded tiny model ``name``, built by ``save(folder)`` on first use.
-
-    As :func:`lightning_custom.toy_flow.embedded_flow_model`: into ``<cache>/<name>-<version>``, written to a
-    temporary folder beside it and renamed, so a reader never sees half a model (a concurrent builder's folder wins);
-    the global RNG is left as it was.
-    """
-    from lightning_custom.toy_flow import embedded_flow_cache_dir
-
-    target = embedded_flow_cache_dir() / f"{name}-{version}"
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            save(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target

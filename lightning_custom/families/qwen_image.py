@@ -26,15 +26,17 @@ back around the VAE and the transformer call; the loss, a mean over all elements
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from lightning_custom.families.qwen_flow import QwenFlowFamily
-from lightning_custom.families.qwen_text import build_qwen_tokenizer, padding_mask, set_prompt_format
-from lightning_custom.families.random_2026 import build_random
+from lightning_custom.families.qwen_text import padding_mask, set_prompt_format
+from lightning_custom.toy_flow_2026 import (  # noqa: F401 - re-exported
+    QWEN_IMAGE_SCHEDULER,
+    build_tiny_qwen_image_components,
+    save_tiny_qwen_image,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_custom.methods.base import PersonalizationModule
@@ -50,12 +52,6 @@ PROMPT_TEMPLATE = (
 PROMPT_TEMPLATE_START = 34
 #: ``QwenImagePipeline.tokenizer_max_length``: prompt tokens after the template's.
 TOKENIZER_MAX_LENGTH = 1024
-#: The scheduler config of Qwen/Qwen-Image (dynamic exponential shifting).
-QWEN_IMAGE_SCHEDULER: dict[str, Any] = {
-    "num_train_timesteps": 1000, "shift": 1.0, "use_dynamic_shifting": True, "base_shift": 0.5,
-    "max_shift": 0.9, "base_image_seq_len": 256, "max_image_seq_len": 8192, "time_shift_type": "exponential",
-    "shift_terminal": 0.02,
-}
 
 
 def _template(caption: str) -> str:
@@ -78,7 +74,6 @@ class QwenImageFamily(QwenFlowFamily):
     #: ``QwenImagePipeline`` guides by ``true_cfg_scale`` with a negative prompt; ``guidance_scale`` only feeds
     #: guidance-distilled transformers. The package passes this value, which the stock model ignores (as diffusers).
     default_guidance_scale: ClassVar[float] = 4.0
-    embedded_models: ClassVar[dict[str, Any]] = {}  # filled below the builders
 
     def prepare_tokenizer(self, tokenizer: Any) -> None:
         """``QwenImagePipeline``'s prompt: the fixed system/user template around the caption."""
@@ -160,60 +155,3 @@ class QwenImageFamily(QwenFlowFamily):
                                            **kwargs)[0]
         # _unpack_latents takes pixel sizes and the VAE scale; scale 1 makes them the latent sizes
         return QwenImagePipeline._unpack_latents(prediction, height, width, 1).squeeze(2).float()
-
-
-# --------------------------------------------------------------------------------------------- tiny models
-def build_tiny_qwen_image_components(seed: int = 0, *, text_width: int = 16) -> dict[str, Any]:
-    """Tiny random Qwen-Image components (the sizes of diffusers' ``QwenImagePipeline`` test).
-
-    ``AutoencoderKLQwenImage`` with ``z_dim`` 4 and 4x spatial downsampling, non-trivial ``latents_mean`` /
-    ``latents_std`` (so that the normalization is exercised); a 2-layer ``QwenImageTransformer2DModel`` reading 2x2
-    packed latents (16 channels); a Qwen2.5-VL of 2 text layers of ``text_width`` and the offline Qwen tokenizer.
-    """
-    from diffusers import AutoencoderKLQwenImage, FlowMatchEulerDiscreteScheduler, QwenImageTransformer2DModel
-    from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
-
-    z_dim = 4
-    torch.manual_seed(seed)
-    transformer = QwenImageTransformer2DModel(
-        patch_size=2, in_channels=4 * z_dim, out_channels=z_dim, num_layers=2, attention_head_dim=16,
-        num_attention_heads=3, joint_attention_dim=text_width, guidance_embeds=False, axes_dims_rope=(8, 4, 4),
-    ).eval()
-    torch.manual_seed(seed)
-    vae = AutoencoderKLQwenImage(
-        base_dim=z_dim * 6, z_dim=z_dim, dim_mult=[1, 2, 4], num_res_blocks=1, temperal_downsample=[False, True],
-        latents_mean=[0.1, -0.1, 0.05, 0.0], latents_std=[1.5, 0.8, 1.2, 2.0],
-    ).eval()
-    tokenizer = build_qwen_tokenizer(model_max_length=TOKENIZER_MAX_LENGTH + PROMPT_TEMPLATE_START)
-    torch.manual_seed(seed)
-    config = Qwen2_5_VLConfig(
-        text_config={
-            "hidden_size": text_width, "intermediate_size": 16, "num_hidden_layers": 2, "num_attention_heads": 2,
-            "num_key_value_heads": 2, "vocab_size": len(tokenizer), "pad_token_id": tokenizer.pad_token_id,
-            "bos_token_id": tokenizer.pad_token_id, "eos_token_id": tokenizer.convert_tokens_to_ids("<|im_end|>"),
-            "rope_scaling": {"mrope_section": [1, 1, 2], "rope_type": "default", "type": "default"},
-            "rope_theta": 1000000.0,
-        },
-        vision_config={"depth": 1, "hidden_size": 16, "intermediate_size": 16, "num_heads": 2, "out_hidden_size": 16},
-        vocab_size=len(tokenizer), bos_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids("<|im_end|>"),
-        vision_start_token_id=tokenizer.convert_tokens_to_ids("<|vision_start|>"),
-        vision_end_token_id=tokenizer.convert_tokens_to_ids("<|vision_end|>"),
-        image_token_id=tokenizer.convert_tokens_to_ids("<|image_pad|>"),
-    )
-    text_encoder = Qwen2_5_VLForConditionalGeneration(config).eval()
-    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": FlowMatchEulerDiscreteScheduler(**QWEN_IMAGE_SCHEDULER)}
-
-
-def save_tiny_qwen_image(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
-    """:func:`build_tiny_qwen_image_components` saved as a ``QwenImagePipeline`` folder."""
-    from diffusers import QwenImagePipeline
-
-    path = Path(path)
-    QwenImagePipeline(**build_tiny_qwen_image_components(seed, **kwargs)).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-QwenImageFamily.embedded_models = {"tiny-qwen-image": save_tiny_qwen_image}
-QwenImageFamily.random_architectures = {"qwen-image": partial(build_random, "qwen-image")}

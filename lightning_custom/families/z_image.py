@@ -22,15 +22,17 @@ VAE's downsampling. ``embedded:tiny-z-image`` is a tiny random model in these cl
 from __future__ import annotations
 
 from collections.abc import Sequence
-from functools import partial
-from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 import torch
 
 from lightning_custom.families.qwen_flow import QwenFlowFamily
-from lightning_custom.families.qwen_text import build_qwen_tokenizer, chat_prompt, padding_mask, set_prompt_format
-from lightning_custom.families.random_2026 import build_random
+from lightning_custom.families.qwen_text import chat_prompt, padding_mask, set_prompt_format
+from lightning_custom.toy_flow_2026 import (  # noqa: F401 - re-exported
+    Z_IMAGE_SCHEDULER,
+    build_tiny_z_image_components,
+    save_tiny_z_image,
+)
 
 if TYPE_CHECKING:  # pragma: no cover
     from lightning_custom.methods.base import PersonalizationModule
@@ -40,8 +42,6 @@ __all__ = ["Z_IMAGE_LORA_TARGETS", "Z_IMAGE_SCHEDULER", "ZImageFamily", "build_t
 
 #: ``train_dreambooth_lora_z_image.py``'s default ``--lora_layers``.
 Z_IMAGE_LORA_TARGETS: tuple[str, ...] = ("to_k", "to_q", "to_v", "to_out.0")
-#: The scheduler config of Tongyi-MAI/Z-Image-Turbo (static shift 3, no dynamic shifting).
-Z_IMAGE_SCHEDULER: dict[str, Any] = {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}
 
 
 class ZImageFamily(QwenFlowFamily):
@@ -56,7 +56,6 @@ class ZImageFamily(QwenFlowFamily):
     default_guidance_scale: ClassVar[float] = 5.0
     #: One transformer token per 2x2 latents (the transformer's own patchify).
     latent_patch: ClassVar[int] = 2
-    embedded_models: ClassVar[dict[str, Any]] = {}  # filled below the builders
 
     def prepare_tokenizer(self, tokenizer: Any) -> None:
         """``ZImagePipeline``'s prompt: one user message, chat template with ``enable_thinking=True``."""
@@ -99,56 +98,3 @@ class ZImageFamily(QwenFlowFamily):
         with model.frozen_half_precision("transformer"):
             output = model.transformer(latents, normalized.to(dtype), captions, return_dict=False)[0]
         return -torch.stack(output, dim=0).squeeze(2)
-
-
-# --------------------------------------------------------------------------------------------- tiny models
-def build_tiny_z_image_components(seed: int = 0, *, sample_size: int = 32, latent_channels: int = 4,
-                                  text_width: int = 16) -> dict[str, Any]:
-    """Tiny random Z-Image components (the sizes of diffusers' ``ZImagePipeline`` test, a narrower VAE).
-
-    The VAE downsamples 8x like Z-Image's own (four blocks of width 4, so that ``ZImagePipeline``'s fixed default
-    of 1024 px is 4096 image tokens, affordable on a CPU) and has ``latent_channels`` channels; the transformer (2
-    layers, 1 refiner layer, width 32, RoPE tables for 256 tokens a side) patchifies them 2x2; the Qwen3 text encoder has 2 layers of ``text_width`` (its
-    penultimate state is the caption feature, ``cap_feat_dim``) and an offline Qwen tokenizer.
-    """
-    from diffusers import AutoencoderKL, FlowMatchEulerDiscreteScheduler, ZImageTransformer2DModel
-    from transformers import Qwen3Config, Qwen3Model
-
-    torch.manual_seed(seed)
-    transformer = ZImageTransformer2DModel(
-        all_patch_size=(2,), all_f_patch_size=(1,), in_channels=latent_channels, dim=32, n_layers=2,
-        n_refiner_layers=1, n_heads=2, n_kv_heads=2, norm_eps=1e-5, qk_norm=True, cap_feat_dim=text_width,
-        rope_theta=256.0, t_scale=1000.0, axes_dims=[8, 4, 4], axes_lens=[512, 128, 128],
-    ).eval()
-    with torch.no_grad():  # initialised with torch.empty (diffusers' test fixes them the same way)
-        transformer.x_pad_token.copy_(torch.ones_like(transformer.x_pad_token))
-        transformer.cap_pad_token.copy_(torch.ones_like(transformer.cap_pad_token))
-    torch.manual_seed(seed)
-    vae = AutoencoderKL(
-        sample_size=sample_size, in_channels=3, out_channels=3, block_out_channels=(4, 4, 4, 4), layers_per_block=1,
-        down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-        latent_channels=latent_channels, norm_num_groups=1, use_quant_conv=False, use_post_quant_conv=False,
-        shift_factor=0.1159, scaling_factor=0.3611,
-    ).eval()
-    tokenizer = build_qwen_tokenizer()
-    torch.manual_seed(seed)
-    text_encoder = Qwen3Model(Qwen3Config(
-        hidden_size=text_width, intermediate_size=16, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=2, head_dim=8, vocab_size=len(tokenizer), max_position_embeddings=512,
-        pad_token_id=tokenizer.pad_token_id,
-    )).eval()
-    return {"transformer": transformer, "vae": vae, "text_encoder": text_encoder, "tokenizer": tokenizer,
-            "scheduler": FlowMatchEulerDiscreteScheduler(**Z_IMAGE_SCHEDULER)}
-
-
-def save_tiny_z_image(path: str | Path, seed: int = 0, **kwargs: Any) -> Path:
-    """:func:`build_tiny_z_image_components` saved as a ``ZImagePipeline`` folder."""
-    from diffusers import ZImagePipeline
-
-    path = Path(path)
-    ZImagePipeline(**build_tiny_z_image_components(seed, **kwargs)).save_pretrained(path, safe_serialization=True)
-    return path
-
-
-ZImageFamily.embedded_models = {"tiny-z-image": save_tiny_z_image}
-ZImageFamily.random_architectures = {"z-image": partial(build_random, "z-image")}

@@ -1,7 +1,7 @@
 """Published architectures of the 2026 families with random weights (``random:z-image``, ``random:flux2-klein-4b``,
 ``random:flux2-klein-9b``, ``random:qwen-image``), for throughput and memory benchmarks without a download (issue 28,
-item 6). Each family module names its builders in ``random_architectures``; :mod:`lightning_custom.architectures`
-finds them there.
+item 6). Below the families and beside :mod:`lightning_custom.architectures`, which finds them in
+:data:`ARCHITECTURES` (no import cycle): a new family's architecture is one entry there.
 
 Configs (each checked against its source):
 
@@ -23,11 +23,31 @@ The counts above are what ``tests/test_families_2026_random.py`` asserts (built 
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from typing import Any
 
 import torch
 
-__all__ = ["QWEN25_VL_7B", "QWEN3_4B", "QWEN3_8B", "build_random"]
+__all__ = ["ARCHITECTURES", "QWEN25_VL_7B", "QWEN3_4B", "QWEN3_8B", "build_random"]
+
+
+@contextlib.contextmanager
+def _building(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
+    """Modules built in the block are created on ``device`` in ``dtype`` (``architectures._building``'s twin)."""
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with device:
+            yield
+    finally:
+        torch.set_default_dtype(previous)
+
+
+def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
+    if any(p.is_floating_point() and p.dtype != dtype for p in module.parameters()):
+        module.to(dtype)
+    return module
 
 QWEN3_4B: dict[str, Any] = dict(
     hidden_size=2560, intermediate_size=9728, num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8,
@@ -63,16 +83,19 @@ FLUX1_VAE: dict[str, Any] = dict(
 )
 
 ARCHITECTURES: dict[str, dict[str, Any]] = {
-    "z-image": {"pipeline": "ZImagePipeline", "transformer": ("ZImageTransformer2DModel", {}),
+    "z-image": {"family": "z_image", "pipeline": "ZImagePipeline", "transformer": ("ZImageTransformer2DModel", {}),
                 "vae": ("AutoencoderKL", FLUX1_VAE), "text_encoder": ("Qwen3Model", "Qwen3Config", QWEN3_4B),
                 "scheduler": {"num_train_timesteps": 1000, "shift": 3.0, "use_dynamic_shifting": False}},
-    "flux2-klein-4b": {"pipeline": "Flux2KleinPipeline", "transformer": ("Flux2Transformer2DModel", FLUX2_KLEIN_4B),
+    "flux2-klein-4b": {"family": "flux2", "pipeline": "Flux2KleinPipeline",
+                       "transformer": ("Flux2Transformer2DModel", FLUX2_KLEIN_4B),
                        "vae": ("AutoencoderKLFlux2", {}),
                        "text_encoder": ("Qwen3ForCausalLM", "Qwen3Config", QWEN3_4B), "scheduler": "flux2"},
-    "flux2-klein-9b": {"pipeline": "Flux2KleinPipeline", "transformer": ("Flux2Transformer2DModel", FLUX2_KLEIN_9B),
+    "flux2-klein-9b": {"family": "flux2", "pipeline": "Flux2KleinPipeline",
+                       "transformer": ("Flux2Transformer2DModel", FLUX2_KLEIN_9B),
                        "vae": ("AutoencoderKLFlux2", {}),
                        "text_encoder": ("Qwen3ForCausalLM", "Qwen3Config", QWEN3_8B), "scheduler": "flux2"},
-    "qwen-image": {"pipeline": "QwenImagePipeline", "transformer": ("QwenImageTransformer2DModel", {}),
+    "qwen-image": {"family": "qwen_image", "pipeline": "QwenImagePipeline",
+                   "transformer": ("QwenImageTransformer2DModel", {}),
                    "vae": ("AutoencoderKLQwenImage", {}),
                    "text_encoder": ("Qwen2_5_VLForConditionalGeneration", "Qwen2_5_VLConfig", QWEN25_VL_7B),
                    "scheduler": "qwen_image"},
@@ -89,8 +112,8 @@ def build_random(name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     import diffusers
     import transformers
 
-    from lightning_custom.architectures import _building, _in_dtype
-    from lightning_custom.families.qwen_text import build_qwen_tokenizer
+    from lightning_custom.offline_qwen_tokenizer import build_qwen_tokenizer
+    from lightning_custom.toy_flow_2026 import FLUX2_SCHEDULER, QWEN_IMAGE_SCHEDULER
 
     arch = ARCHITECTURES[name]
     device = torch.device(device if device is not None else ("cuda" if torch.cuda.is_available() else "cpu"))
@@ -107,9 +130,7 @@ def build_random(name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
         }
     components["tokenizer"] = build_qwen_tokenizer()
     scheduler = arch["scheduler"]
-    if scheduler == "flux2":
-        from lightning_custom.families.flux2 import FLUX2_SCHEDULER as scheduler
-    elif scheduler == "qwen_image":
-        from lightning_custom.families.qwen_image import QWEN_IMAGE_SCHEDULER as scheduler
+    if isinstance(scheduler, str):  # the family's published scheduler config, kept with its tiny model
+        scheduler = {"flux2": FLUX2_SCHEDULER, "qwen_image": QWEN_IMAGE_SCHEDULER}[scheduler]
     components["scheduler"] = diffusers.FlowMatchEulerDiscreteScheduler(**scheduler)
     return components
