@@ -1,5 +1,5 @@
 """The ``random:`` architectures of the 2026 families (issue 28, item 6): published configs, their parameter counts
-checked against the published sizes, found through the families (no list in ``architectures.py``)."""
+checked against the published sizes, found by ``architectures`` in ``architectures_2026``."""
 
 from __future__ import annotations
 
