@@ -142,3 +142,26 @@ def test_live_samples_and_before_after_work(family, tmp_path):
                               width=resolution)
     assert Path(result["grid"]).is_file()
     assert 0 <= result["identity_before"] <= 1 and 0 <= result["identity_after"] <= 1
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_full_dreambooth_with_fsdp_on_two_cpu_processes_exports_a_stock_pipeline(family, tmp_path):
+    """``--trainer.strategy fsdp`` (the transformer blocks as the unit: ZImageTransformerBlock, Flux2(Single)
+    TransformerBlock, QwenImageTransformerBlock) gathers the trained transformer into a stock ``pipeline/``."""
+    from lightning_custom.components import resolve_model_path
+
+    pipeline_name, _ = FAMILIES[family]
+    root = tmp_path / "run"
+    with one_thread():
+        main(["fit", "--config", quickstart(family), "--trainer.default_root_dir", str(root),
+              "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "4", "--trainer.devices", "2",
+              "--trainer.strategy", "fsdp", "--model.class_path", "lightning_custom.methods.DreamBooth",
+              "--model.init_args.learning_rate", "1e-3", "--dvar.eval_every_n_steps", "2", "--dvar.window", "8"])
+    summary = json.loads((root / "summary.json").read_text())
+    assert summary["model_family"] == family and summary["artifacts"] == ["pipeline"]
+    pipeline_class = getattr(diffusers, pipeline_name)
+    trained = pipeline_class.from_pretrained(str(root / "pipeline")).transformer.state_dict()
+    base = pipeline_class.from_pretrained(resolve_model_path(f"embedded:tiny-{family.replace('_', '-')}"))
+    base_state = base.transformer.state_dict()
+    assert trained.keys() == base_state.keys()
+    assert any(not torch.equal(value, base_state[key]) for key, value in trained.items()), "nothing trained"
