@@ -165,3 +165,36 @@ def test_full_dreambooth_with_fsdp_on_two_cpu_processes_exports_a_stock_pipeline
     base_state = base.transformer.state_dict()
     assert trained.keys() == base_state.keys()
     assert any(not torch.equal(value, base_state[key]) for key, value in trained.items()), "nothing trained"
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_dvar_fixed_sigmas_are_the_familys_and_never_move(family, tmp_path):
+    """DVAR's fixed batch carries B distinct sigmas drawn once from the family's training density (not a DDPM
+    schedule), identical at every evaluation and for a second module instance."""
+    import lightning as L
+
+    from lightning_custom.callbacks import DVAREarlyStopping
+    from lightning_custom.data import ConceptDataModule
+    from lightning_custom.methods import DreamBoothLoRA
+    from tests.conftest import trainer_kwargs
+    from tests.test_flow_methods import RecordSigmas
+
+    _, resolution = FAMILIES[family]
+    recorded = []
+    for run in ("a", "b"):
+        module = DreamBoothLoRA(pretrained_model_name_or_path=f"embedded:tiny-{family.replace('_', '-')}",
+                                placeholder_token="sks", rank=2, learning_rate=1e-3)
+        data = ConceptDataModule(instance_data_dir="embedded:cat-toy", placeholder_token="sks", class_noun="toy",
+                                 resolution=resolution, batch_size=2, eval_batch_size=4, repeats=10, seed=59)
+        recorder = RecordSigmas()
+        trainer = L.Trainer(max_steps=6, callbacks=[DVAREarlyStopping(window=100, threshold=0.15,
+                                                                      eval_every_n_steps=2), recorder],
+                            **trainer_kwargs(tmp_path / run))
+        with one_thread():
+            trainer.fit(module, datamodule=data)
+        recorded.append(recorder.sigmas)
+    first, second = recorded
+    assert len(first) == 3 and all(s == first[0] for s in first) and second == first
+    sigmas = torch.tensor(first[0])
+    assert len(set(sigmas.tolist())) == 4 and bool(((sigmas > 0) & (sigmas <= 1)).all())
+    assert set(sigmas.tolist()) <= set(module.family.scheduler.sigmas.tolist())  # the training schedule's values
