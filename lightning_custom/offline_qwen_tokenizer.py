@@ -27,7 +27,6 @@ _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</
                    "<|vision_start|>", "<|vision_end|>", "<|image_pad|>")
 
 
-
 @functools.lru_cache(maxsize=None)
 def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level BPE vocabulary in which each word, alone and after a space (``Ġword``), is one token."""

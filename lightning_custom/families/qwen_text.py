@@ -1,5 +1,6 @@
 """What the 2026 families (FLUX.2 [klein], Z-Image, Qwen-Image) share on the text side: a Qwen chat-template prompt,
-the attention mask of right-padded ids, and an offline Qwen2 byte-level BPE tokenizer for the tiny models.
+the attention mask of right-padded ids (and, re-exported, the offline Qwen tokenizer of
+:mod:`lightning_custom.offline_qwen_tokenizer`).
 
 Their pipelines do not tokenize the caption itself but a chat-formatted version of it (``ZImagePipeline`` and
 ``Flux2KleinPipeline`` through ``tokenizer.apply_chat_template``, ``QwenImagePipeline`` through a fixed template
@@ -31,6 +32,7 @@ __all__ = [
 
 #: The tokenizer attribute holding a family's prompt format (a picklable ``Callable[[str], str]``).
 PROMPT_FORMAT_ATTRIBUTE = "lightning_custom_prompt_format"
+
 
 def set_prompt_format(tokenizer: Any, prompt_format: Callable[[str], str] | None) -> Any:
     """Attach ``prompt_format`` (caption -> the text the pipeline tokenizes) to ``tokenizer``; returns it."""
