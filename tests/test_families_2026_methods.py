@@ -198,3 +198,14 @@ def test_dvar_fixed_sigmas_are_the_familys_and_never_move(family, tmp_path):
     sigmas = torch.tensor(first[0])
     assert len(set(sigmas.tolist())) == 4 and bool(((sigmas > 0) & (sigmas <= 1)).all())
     assert set(sigmas.tolist()) <= set(module.family.scheduler.sigmas.tolist())  # the training schedule's values
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_train_text_encoder_is_refused_in_one_line(family, capsys, tmp_path):
+    """The Qwen encoders never train (no LoRA slot, the scripts' choice): asking for it is an error, not a no-op."""
+    root = tmp_path / "run"
+    line = run_expecting_one_error(capsys, [
+        "fit", "--config", quickstart(family), "--trainer.default_root_dir", str(root),
+        "--trainer.enable_progress_bar", "false", "--model.init_args.train_text_encoder", "true"])
+    assert line == (f"error: --model.init_args.train_text_encoder: {family} models train no text encoder (diffusers' "
+                    "scripts never train it, and its pipeline's LoRA files have no slot for it); set it to false"), line

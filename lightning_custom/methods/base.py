@@ -217,7 +217,17 @@ class PersonalizationModule(L.LightningModule, ABC):
 
     @property
     def trainable_text_encoders(self) -> dict[str, nn.Module]:
-        """The text encoders ``train_text_encoder`` trains, by pipeline name (CLIP ones; never T5)."""
+        """The text encoders ``train_text_encoder`` trains, by pipeline name (CLIP ones; never T5).
+
+        Raises:
+            UserInputError: on a family that trains none (Z-Image, FLUX.2 [klein], Qwen-Image: their Qwen encoders
+                have no slot in the LoRA format and diffusers' scripts never train them), instead of training
+                nothing more in silence.
+        """
+        if not self.family.trainable_text_encoder_names:
+            raise UserInputError(f"--model.init_args.train_text_encoder: {self.family.name} models train no text "
+                                 f"encoder (diffusers' scripts never train it, and its pipeline's LoRA files have no "
+                                 f"slot for it); set it to false")
         return {name: getattr(self, name) for name in self.family.trainable_text_encoder_names
                 if getattr(self, name, None) is not None}
 
