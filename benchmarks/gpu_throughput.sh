@@ -39,6 +39,7 @@ if [[ "${GPU_THROUGHPUT_DRY_RUN:-0}" == "1" ]]; then
     flow=(--device cpu --resolution 32 --batch-size 1 --precision bf16-mixed --weight-dtype bfloat16 --steps 5
           --warmup 2 --dvar-every 2 --eval-batch-size 2 --gradient-checkpointing)
     flux_arch=embedded:tiny-flux sd3_arch=embedded:tiny-sd3
+    archs_2026=(z_image=embedded:tiny-z-image flux2=embedded:tiny-flux2 qwen_image=embedded:tiny-qwen-image)
 else
     suffix=""
     common=(--device cuda --arch random:sd15 --resolution 512 --batch-size 2 --precision 16-mixed
@@ -48,8 +49,12 @@ else
     flow=(--device cuda --resolution 1024 --batch-size 1 --precision bf16-mixed --weight-dtype bfloat16 --steps 25
           --warmup 5 --dvar-every 5 --eval-batch-size 2 --gradient-checkpointing)
     flux_arch=random:flux sd3_arch=random:sd3
+    # issue 28: the published architectures (lightning_custom/synthetic/architectures_2026.py); klein 9B and Qwen-Image
+    # need the 8-bit base on an 80 GiB card only without gradient checkpointing (benchmarks/results/flow_memory_2026.md)
+    archs_2026=(z_image=random:z-image flux2=random:flux2-klein-4b flux2_9b=random:flux2-klein-9b
+                qwen_image=random:qwen-image)
 fi
-only=${GPU_THROUGHPUT_ONLY:-sd,ttc,flow,fleet}
+only=${GPU_THROUGHPUT_ONLY:-sd,ttc,flow,flow2026,fleet}
 part() { [[ ",$only," == *",$1,"* ]]; }
 bench() {  # tag, then extra arguments
     local tag=$1; shift
@@ -76,6 +81,18 @@ flow_bench() {  # tag, arch
 if part flow; then
     flow_bench flux "$flux_arch"
     flow_bench sd3 "$sd3_arch"
+fi
+# Z-Image, FLUX.2 [klein], Qwen-Image (issue 28): DreamBooth-LoRA with "sks" (they refuse new tokens) and full
+# DreamBooth; a checkout without these families skips the rows.
+if part flow2026; then
+    for entry in "${archs_2026[@]}"; do
+        tag=${entry%%=*} arch=${entry#*=}
+        if ! python -c "import sys; from lightning_custom.synthetic.architectures import architecture_names as a; from lightning_custom.families.components import resolve_model_path as r; n = sys.argv[1]; sys.exit(0 if n in a() or not n.startswith('random:') and r(n) else 1)" "$arch" 2>/dev/null; then
+            echo "flow row $tag skipped: $arch is not known to this checkout" >&2; continue
+        fi
+        python benchmarks/throughput.py "${flow[@]}" --arch "$arch" --methods dreambooth_lora_sks,dreambooth \
+            --tag "flow2026_${tag}${suffix}"
+    done
 fi
 if part fleet; then
     fleet_initializer=()

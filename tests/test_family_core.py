@@ -21,10 +21,11 @@ def test_load_model_reads_the_family_from_the_checkpoint(name, family):
 
 def test_an_unknown_transformer_is_one_line(tmp_path):
     (tmp_path / "transformer").mkdir()
-    (tmp_path / "transformer" / "config.json").write_text('{"_class_name": "QwenImageTransformer2DModel"}')
+    (tmp_path / "transformer" / "config.json").write_text('{"_class_name": "HunyuanDiT2DModel"}')
     with pytest.raises(UserInputError) as err:
         detect_family(str(tmp_path))
-    assert "QwenImageTransformer2DModel" in str(err.value) and "\n" not in str(err.value)
+    assert "HunyuanDiT2DModel" in str(err.value) and "\n" not in str(err.value)
+    assert "z_image (ZImagePipeline)" in str(err.value)  # the families name themselves (issue 28)
 
 
 def lora_module(model: str, **kwargs) -> DreamBoothLoRA:

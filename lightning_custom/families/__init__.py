@@ -19,11 +19,15 @@ __all__ = ["FAMILIES", "FlowMatchingOptions", "ModelFamily", "ModelParts", "dete
 
 def _families() -> list[type[ModelFamily]]:
     from lightning_custom.families.flux import FluxFamily
+    from lightning_custom.families.flux2 import Flux2KleinFamily
+    from lightning_custom.families.qwen_image import QwenImageFamily
     from lightning_custom.families.sd3 import SD3Family
     from lightning_custom.families.stable_diffusion import StableDiffusionFamily, StableDiffusionXLFamily
+    from lightning_custom.families.z_image import ZImageFamily
 
     # Most specific first: SDXL's UNet is also a UNet2DConditionModel.
-    return [StableDiffusionXLFamily, StableDiffusionFamily, FluxFamily, SD3Family]
+    return [StableDiffusionXLFamily, StableDiffusionFamily, FluxFamily, SD3Family, ZImageFamily, Flux2KleinFamily,
+            QwenImageFamily]
 
 
 class _Registry:
@@ -85,8 +89,8 @@ def detect_family(source: str, revision: str | None = None) -> type[ModelFamily]
             return family
     raise UserInputError(
         f"--model.pretrained_model_name_or_path: {source} is a {index.get('_class_name', 'pipeline')} with a "
-        f"{denoiser_config.get('_class_name', 'denoiser')}; supported: {FAMILIES.names()} (Stable Diffusion 1.x/2.x, "
-        f"SDXL, FLUX.1, SD3/SD3.5)"
+        f"{denoiser_config.get('_class_name', 'denoiser')}; supported: "
+        f"{', '.join(f'{family.name} ({family.pipeline_class_name})' for family in FAMILIES)}"
     )
 
 
@@ -118,7 +122,7 @@ def load_model(
                 freeze(value)
         if family.name == "sdxl":
             components["vae"].to(torch.float32)  # the stock SDXL VAE overflows in fp16
-        return ModelParts(family(components["scheduler"], options), components)
+        return ModelParts(family.from_components(components, options), components)
     from lightning_custom.families.components import denoiser_quantization
 
     source = resolve_model_path(name_or_path)

@@ -40,6 +40,7 @@ class FamilyHost(Protocol):
         text_encoder: the first (CLIP) text encoder.
         text_encoder_2: SDXL's second CLIP encoder, FLUX's T5 (``None`` where there is none).
         text_encoder_3: SD3's T5 encoder (``None`` where there is none, or dropped).
+        tokenizer: the first tokenizer (the Qwen families read their prompt format and padding from it).
     """
 
     device: torch.device
@@ -49,6 +50,7 @@ class FamilyHost(Protocol):
     text_encoder: Any
     text_encoder_2: Any
     text_encoder_3: Any
+    tokenizer: Any
 
     def frozen_half_precision(self, name: str) -> AbstractContextManager[None]:
         """Run the frozen component ``name`` in its half-precision copy where the module keeps one."""
@@ -148,6 +150,12 @@ class ModelFamily(ABC):
         self.scheduler = scheduler
         self.options = options or FlowMatchingOptions()
 
+    @classmethod
+    def from_components(cls, components: dict[str, Any], options: FlowMatchingOptions | None = None) -> ModelFamily:
+        """The family of already built components (``random:`` architectures, :meth:`load`): by default just its
+        training scheduler; a family that prepares a tokenizer or reads the denoiser's config does it here."""
+        return cls(components["scheduler"], options)
+
     # ------------------------------------------------------------------------------------------ detection
     @classmethod
     @abstractmethod
@@ -179,6 +187,12 @@ class ModelFamily(ABC):
         """``(latent channels, downsampling factor)`` of the VAE (before any packing)."""
         config = vae.config
         return config.latent_channels, 2 ** (len(config.block_out_channels) - 1)
+
+    def latent_distribution(self, vae: Any, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mean, std)`` of the VAE's latent distribution for images ``(B, 3, H, W)``, float32 ``(B, C, h, w)``
+        (a video VAE such as Qwen-Image's takes and gives one frame more: its family drops it)."""
+        dist = vae.encode(pixel_values).latent_dist
+        return dist.mean.float(), dist.std.float()
 
     def scale_latents(self, vae: Any, latents: torch.Tensor) -> torch.Tensor:
         """VAE latents to the denoiser's input scale: ``(z - shift_factor) * scaling_factor``."""

@@ -49,8 +49,14 @@ def resolve_model_path(name_or_path: str) -> str:
     if name_or_path.startswith("embedded:"):
         name = name_or_path.split(":", 1)[1]
         if name not in EMBEDDED_MODELS:
+            from lightning_custom.synthetic.toy_flow_2026 import EMBEDDED_BUILDERS, embedded_model
+
+            built = embedded_model(name)  # Z-Image, FLUX.2 [klein], Qwen-Image (issue 28): their own table
+            if built is not None:
+                return str(built)
+            known = [*EMBEDDED_MODELS, *EMBEDDED_BUILDERS]
             raise UserInputError(f"--model.pretrained_model_name_or_path: unknown embedded model {name!r}; choose "
-                                 f"from {['embedded:' + n for n in EMBEDDED_MODELS]}")
+                                 f"from {['embedded:' + n for n in known]}")
         if name in BUILT_EMBEDDED_MODELS:
             from lightning_custom.synthetic.toy_flow import embedded_flow_model
 

@@ -186,27 +186,6 @@ class PersonalizationModule(CheckpointedTraining, FrozenEncoding, L.LightningMod
         return self.family.name == "sdxl"
 
     @property
-    def text_encoder_names(self) -> list[str]:
-        """Attribute names of the loaded text encoders, in the pipeline's order (an absent optional one skipped)."""
-        return self.family.present_text_encoders(self)
-
-    @property
-    def text_encoders(self) -> list[nn.Module]:
-        """The text encoder(s): one for SD 1.x / 2.x, two for SDXL and FLUX, two or three for SD3."""
-        return [getattr(self, name) for name in self.text_encoder_names]
-
-    @property
-    def trainable_text_encoders(self) -> dict[str, nn.Module]:
-        """The text encoders ``train_text_encoder`` trains, by pipeline name (CLIP ones; never T5)."""
-        return {name: getattr(self, name) for name in self.family.trainable_text_encoder_names
-                if getattr(self, name, None) is not None}
-
-    @property
-    def tokenizers(self) -> list[Any]:
-        """The tokenizer of each text encoder."""
-        return [getattr(self, name) for name in self.family.present_tokenizers(self)]
-
-    @property
     def text_path_trains(self) -> bool:
         """Whether anything outside the denoiser and VAE trains (text-encoder weights, LoRA or new token vectors)."""
         frozen_parts = (self.denoiser_name + ".", "vae.")

@@ -6,7 +6,9 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
 
+from lightning_custom.errors import UserInputError
 from lightning_custom.methods.tokens import CaptionTokenizer, tokenize_captions
 from lightning_custom.objectives.diffusion import sample_latents
 
@@ -16,6 +18,37 @@ class FrozenEncoding:
     VAE encoder, and their caches (training text states, training latent distributions, DVAR's fixed batch).
     Expects ``_latent_cache``, ``_eval_cache``, ``_text_cache`` and ``_text_path_trains_in_fit`` from ``__init__``.
     """
+
+    @property
+    def text_encoder_names(self) -> list[str]:
+        """Attribute names of the loaded text encoders, in the pipeline's order (an absent optional one skipped)."""
+        return self.family.present_text_encoders(self)
+
+    @property
+    def text_encoders(self) -> list[nn.Module]:
+        """The text encoder(s): one for SD 1.x / 2.x, two for SDXL and FLUX, two or three for SD3."""
+        return [getattr(self, name) for name in self.text_encoder_names]
+
+    @property
+    def trainable_text_encoders(self) -> dict[str, nn.Module]:
+        """The text encoders ``train_text_encoder`` trains, by pipeline name (CLIP ones; never T5).
+
+        Raises:
+            UserInputError: on a family that trains none (Z-Image, FLUX.2 [klein], Qwen-Image: their Qwen encoders
+                have no slot in the LoRA format and diffusers' scripts never train them), instead of training
+                nothing more in silence.
+        """
+        if not self.family.trainable_text_encoder_names:
+            raise UserInputError(f"--model.init_args.train_text_encoder: {self.family.name} models train no text "
+                                 f"encoder (diffusers' scripts never train it, and its pipeline's LoRA files have no "
+                                 f"slot for it); set it to false")
+        return {name: getattr(self, name) for name in self.family.trainable_text_encoder_names
+                if getattr(self, name, None) is not None}
+
+    @property
+    def tokenizers(self) -> list[Any]:
+        """The tokenizer of each text encoder."""
+        return [getattr(self, name) for name in self.family.present_tokenizers(self)]
 
     def prepare_captions(self, captions: list[str]) -> list[str]:
         """Hook to rewrite captions before tokenizing (e.g. expand a multi-vector placeholder)."""
@@ -115,8 +148,7 @@ class FrozenEncoding:
                 mean, std = self._cached_latent_distribution(pixel_values, cache_keys)
             else:
                 with self.frozen_half_precision("vae"):
-                    dist = self.vae.encode(pixel_values.to(self.module_dtype("vae"))).latent_dist
-                mean, std = dist.mean.float(), dist.std.float()
+                    mean, std = self.family.latent_distribution(self.vae, pixel_values.to(self.module_dtype("vae")))
             if standard_normal is None:
                 standard_normal = torch.randn(mean.shape, generator=self.generator, device=self.device)
             latents = sample_latents(mean, std, standard_normal)
@@ -128,8 +160,9 @@ class FrozenEncoding:
         for index, key in enumerate(keys):
             if key not in self._latent_cache:
                 with self.frozen_half_precision("vae"):
-                    dist = self.vae.encode(pixel_values[index : index + 1].to(self.module_dtype("vae"))).latent_dist
-                self._latent_cache[key] = (dist.mean.float()[0], dist.std.float()[0])
+                    mean, std = self.family.latent_distribution(
+                        self.vae, pixel_values[index : index + 1].to(self.module_dtype("vae")))
+                self._latent_cache[key] = (mean[0], std[0])
         pairs = [self._latent_cache[key] for key in keys]
         return torch.stack([m for m, _ in pairs]).to(self.device), torch.stack([s for _, s in pairs]).to(self.device)
 

@@ -71,8 +71,12 @@ def token_slots(family: Any, parts: Any, *, with_t5: bool, argument: str, source
 
     Raises:
         UserInputError: ``with_t5`` on a model without a T5 encoder (SD, SDXL, or SD3 saved without T5), naming
-            ``argument``.
+            ``argument``; or a family that names a ``textual_inversion_refusal`` (its stock pipeline cannot load a
+            new token: Z-Image, FLUX.2 [klein], Qwen-Image).
     """
+    refusal = getattr(family, "textual_inversion_refusal", None)  # a family whose stock pipeline cannot load tokens
+    if refusal:
+        raise UserInputError(f"--model.pretrained_model_name_or_path: {source}: {refusal}")
     slots = embedding_slots(family)
     if with_t5:
         t5 = next((slot for slot in slots if slot.is_t5), None)

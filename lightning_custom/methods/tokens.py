@@ -127,10 +127,15 @@ INPUT_ID_KEYS = ("input_ids", "input_ids_2", "input_ids_3")  # batch keys of the
 
 
 def tokenize_captions(tokenizer: Any, captions: Sequence[str], max_length: int | None = None) -> torch.Tensor:
-    """Token ids padded to ``max_length`` (default the tokenizer's max length), as pipelines do (a CPU tensor)."""
+    """Token ids padded to ``max_length`` (default the tokenizer's max length), as pipelines do (a CPU tensor).
+
+    A family whose pipeline tokenizes a formatted prompt (a chat template: FLUX.2, Z-Image, Qwen-Image) has attached
+    its format to the tokenizer (:func:`lightning_custom.families.qwen_text.format_prompts`)."""
+    from lightning_custom.families.qwen_text import format_prompts
+
     return tokenizer(
-        list(captions), padding="max_length", max_length=max_length or tokenizer.model_max_length, truncation=True,
-        return_tensors="pt",
+        format_prompts(tokenizer, captions), padding="max_length", max_length=max_length or tokenizer.model_max_length,
+        truncation=True, return_tensors="pt",
     ).input_ids
 
 

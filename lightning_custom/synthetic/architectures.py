@@ -127,14 +127,24 @@ def is_random_architecture(name_or_path: str) -> bool:
     return name_or_path.startswith(RANDOM_PREFIX)
 
 
+def _family_architectures() -> dict[str, dict[str, Any]]:
+    """The 2026 families' ``random:`` architectures (:mod:`~lightning_custom.synthetic.architectures_2026`):
+    key -> entry."""
+    from lightning_custom.synthetic.architectures_2026 import ARCHITECTURES as ARCHITECTURES_2026
+
+    return ARCHITECTURES_2026
+
+
 def architecture_names() -> list[str]:
-    """Every ``random:<name>`` architecture (Stable Diffusion and flow)."""
-    return [RANDOM_PREFIX + key for key in (*ARCHITECTURES, *FLOW_ARCHITECTURES)]
+    """Every ``random:<name>`` architecture (Stable Diffusion, flow, and the 2026 families')."""
+    return [RANDOM_PREFIX + key for key in (*ARCHITECTURES, *FLOW_ARCHITECTURES, *_family_architectures())]
 
 
 def architecture_family(name: str) -> str:
-    """The model family of a random architecture: ``"sd"``, ``"sdxl"``, ``"flux"`` or ``"sd3"``."""
+    """The model family of a random architecture: ``"sd"``, ``"sdxl"``, ``"flux"``, ``"sd3"``, ``"z_image"``..."""
     key = _architecture_key(name)
+    if key in _family_architectures():
+        return _family_architectures()[key]["family"]
     if key in FLOW_ARCHITECTURES:
         return FLOW_ARCHITECTURES[key]["family"]
     return "sdxl" if key == "sdxl" else "sd"
@@ -144,7 +154,7 @@ def _architecture_key(name: str) -> str:
     from lightning_custom.errors import UserInputError
 
     key = name.removeprefix(RANDOM_PREFIX)
-    if key not in ARCHITECTURES and key not in FLOW_ARCHITECTURES:
+    if key not in ARCHITECTURES and key not in FLOW_ARCHITECTURES and key not in _family_architectures():
         raise UserInputError(f"--model.pretrained_model_name_or_path: unknown architecture {name!r}; "
                              f"choose from {architecture_names()}")
     return key
@@ -191,6 +201,10 @@ def build_random_components(
         fit the 49408-row vocabulary) and a word-level T5 tokenizer (ids fit T5's 32128 rows).
     """
     key = _architecture_key(name)
+    if key in _family_architectures():
+        from lightning_custom.synthetic.architectures_2026 import build_random
+
+        return build_random(key, seed=seed, dtype=dtype, device=device)
     if key in FLOW_ARCHITECTURES:
         return _build_flow(FLOW_ARCHITECTURES[key], seed, dtype, _resolve_device(device, flow=True))
     from diffusers import AutoencoderKL, DDPMScheduler, UNet2DConditionModel
