@@ -64,13 +64,14 @@ def test_every_method_fits_through_the_cli_and_stops_by_dvar(family, method, con
 
 def test_every_support_table_cell_names_an_existing_test():
     readme = (ROOT / "README.md").read_text()
-    table = readme[readme.index("| method | SD 1.x | SD 2.x | SDXL | FLUX.1 | SD3.5 |"):].split("\n\n")[0]
+    table = readme[readme.index("| method | SD 1.x | SD 2.x | SDXL | FLUX.1 | SD3.5 | Z-Image | FLUX.2 [klein] | "
+                                "Qwen-Image |"):].split("\n\n")[0]
     rows = [line for line in table.splitlines()[2:] if line.startswith("|")]
     assert len(rows) == 4
     sources = {p.name: p.read_text() for p in (ROOT / "tests").glob("test_*.py")}
     for row in rows:
         cells = [c.strip() for c in row.strip("|").split("|")][1:]
-        assert len(cells) == 5
+        assert len(cells) == 8
         for cell in cells:
             names = re.findall(r"`(test_\w+\.py)::(test_\w+)(?:\[[^\]]*\])?`", cell)
             assert names, f"untested cell: {row}"
