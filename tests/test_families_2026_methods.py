@@ -153,13 +153,23 @@ def test_full_dreambooth_with_fsdp_on_two_cpu_processes_exports_a_stock_pipeline
     TransformerBlock, QwenImageTransformerBlock) gathers the trained transformer into a stock ``pipeline/``."""
     from lightning_custom.families.components import resolve_model_path
 
+    import os
+    import subprocess
+    import sys
+
     pipeline_name, _ = FAMILIES[family]
     root = tmp_path / "run"
-    with one_thread():
-        main(["fit", "--config", quickstart(family), "--trainer.default_root_dir", str(root),
-              "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "4", "--trainer.devices", "2",
-              "--trainer.strategy", "fsdp", "--model.class_path", "lightning_custom.methods.DreamBooth",
-              "--model.init_args.learning_rate", "1e-3", "--dvar.eval_every_n_steps", "2", "--dvar.window", "8"])
+    # A child process, as tests/test_fsdp.py runs it: Lightning starts the second rank by re-running this process's
+    # command line, which inside pytest would be the whole test selection rather than this one fit.
+    done = subprocess.run(
+        [sys.executable, "-m", "lightning_custom", "fit", "--config", quickstart(family),
+         "--trainer.default_root_dir", str(root), "--trainer.enable_progress_bar", "false", "--trainer.max_steps", "4",
+         "--trainer.devices", "2", "--trainer.strategy", "fsdp",
+         "--model.class_path", "lightning_custom.methods.DreamBooth", "--model.init_args.learning_rate", "1e-3",
+         "--dvar.eval_every_n_steps", "2", "--dvar.window", "8"],
+        cwd=ROOT, env={**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"}, capture_output=True, text=True,
+        timeout=900, check=False)
+    assert done.returncode == 0, done.stderr[-3000:]
     summary = json.loads((root / "summary.json").read_text())
     assert summary["model_family"] == family and summary["artifacts"] == ["pipeline"]
     pipeline_class = getattr(diffusers, pipeline_name)
