@@ -339,3 +339,22 @@ def test_ddp_training_loss_is_the_mean_over_ranks(tmp_path):
     history = read_summary(tmp_path)["train_loss_history"]
     assert [s for s, _ in history] == [1, 2, 3, 4]
     assert [v for _, v in history] == pytest.approx(expected, rel=1e-6)
+
+
+def test_summary_json_has_one_typed_record_and_an_undeclared_field_is_caught(tmp_path):
+    """runs/summary.py owns summary.json's fields: every stop kind the DVAR callback names is a declared
+    ``stopped_by`` value, and writing a field the record does not declare warns (an error in this test suite)."""
+    import typing
+    import warnings
+
+    from lightning_custom.dvar.callback import STOP_KINDS
+    from lightning_custom.runs.summary import (RunSummaryRecord, StoppedBy, UndeclaredSummaryField, read_summary,
+                                               write_summary)
+
+    assert set(STOP_KINDS) <= set(typing.get_args(StoppedBy))
+    write_summary(tmp_path / "summary.json", RunSummaryRecord(stop_step=3, stopped_by="dvar"))
+    assert read_summary(tmp_path) == {"stop_step": 3, "stopped_by": "dvar"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(UndeclaredSummaryField, match="stop_stepp"):
+            write_summary(tmp_path / "summary.json", {"stop_stepp": 3})

@@ -25,9 +25,9 @@ from lightning_custom.runtime.interrupts import (
     exit_code_of,
     stop_lightning_after_this_step,
 )
-from lightning_custom.runtime.io import publish, replace_path, staging_folder, write_json
+from lightning_custom.runtime.io import publish, replace_path, staging_folder
 from lightning_custom.dvar.report import REPORT_FILE
-from lightning_custom.runs.summary import SUMMARY_FILE
+from lightning_custom.runs.summary import SUMMARY_FILE, write_summary
 from lightning_custom.callbacks.summary_record import (
     synchronize_device,
     build_summary,
@@ -354,7 +354,7 @@ class RunSummary(Callback):
         # LiveSamples' grids (written during this run: an earlier run's are cleared before it starts).
         files |= {f"{SAMPLES_FOLDER}/{grid.name}" for grid in (out / SAMPLES_FOLDER).glob("*.png")}
         summary["files"] = sorted(files)
-        write_json(staging / SUMMARY_FILE, summary)
+        write_summary(staging / SUMMARY_FILE, summary)
 
     def _write_concept_summaries(self, summary: dict[str, Any], pl_module: L.LightningModule, dvar: Any,
                                  staging: Path) -> None:
@@ -374,7 +374,7 @@ class RunSummary(Callback):
                 except Exception as err:  # noqa: BLE001 - a plot must not cost the run its summary
                     log.warning("RunSummary: could not draw %s/%s: %s", spec.name, REPORT_FILE, err)
             own["files"] = sorted(p.name for p in folder.iterdir()) + [SUMMARY_FILE]
-            write_json(folder / SUMMARY_FILE, own)
+            write_summary(folder / SUMMARY_FILE, own)
             summary["concepts"].append({"name": spec.name, "folder": spec.name,
                                         **{k: own[k] for k in ("stop_step", "stopped_by", "stop_reason")}})
 

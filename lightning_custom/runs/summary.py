@@ -8,16 +8,111 @@ from __future__ import annotations
 
 import json
 import re
+import warnings
 from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal, TypedDict
 
 from lightning_custom.errors import UserInputError
+from lightning_custom.runtime.io import write_json
 
 SUMMARY_FILE = "summary.json"
 
+StoppedBy = Literal["dvar", "max_steps", "max_time", "max_epochs", "fixed_budget", "undertrained", "not_training",
+                    "diverged", "non_finite", "interrupted", "running", "clip"]
 
-def read_summary(run_dir: str | Path, argument: str = "run_dir") -> dict[str, Any]:
+
+class RunSummaryRecord(TypedDict, total=False):
+    """The fields of ``summary.json``: every key a run writes is declared here (a test fails on an undeclared one).
+
+    Readers get this type from :func:`read_summary`; the JSON stays a plain object, so older runs keep loading.
+    """
+
+    # what was trained, and on what
+    method: str  # the LightningModule's class name
+    method_class_path: str  # its import path (old paths keep importing: lightning_custom._moved)
+    pretrained_model_name_or_path: str
+    model: dict[str, Any]  # name_or_path, resolved_path, revision, variant, weights_fingerprint
+    model_family: str  # families registry name: sd, flux, sd3, ...
+    prediction_type: str
+    placeholder_token: str | None
+    initializer_token: str | None
+    class_noun: str | None
+    class_prompts: list[str]
+    prompt_templates: list[str]
+    with_prior_preservation: bool
+    instance_data_dir: str | None
+    learning_rate: float  # the effective rate (after scale_lr)
+    configured_learning_rate: float
+    scale_lr: bool | None
+    seed: int | None
+    seeds: dict[str, int]  # model, eval, data, seed_everything
+    versions: dict[str, str]  # lightning_custom, torch, diffusers, transformers, ...
+    # why and when it stopped (stop_reason is the same in words)
+    stop_step: int
+    max_steps: int
+    stopped_by: StoppedBy
+    stop_reason: str
+    resumed_at_step: int
+    resumed_from: str  # the checkpoint a resumed run started from
+    resume_checkpoint: str
+    signal_during_export: str
+    # DVAR's settings and series
+    dvar_window: int | None
+    dvar_threshold: float | None
+    dvar_eval_every_n_steps: int | None
+    dvar_history: list[list[float]]  # [[step, L_det], ...]
+    dvar_histories: dict[str, list[list[float]]]  # a fleet's, per concept
+    dvar_initial_trainable_norm: float
+    dvar_trainable_norm_history: list[list[float]]
+    dvar_seconds: float
+    dvar_share: float
+    train_loss_history: list[list[float]]
+    # cost
+    wall_seconds: float
+    seconds_per_step: float
+    steps_saved: int | None
+    seconds_saved: float | None
+    fleet_wall_seconds: float
+    # what it wrote
+    artifacts: list[str]
+    artifacts_withheld: str
+    files: list[str]
+    concepts: list[dict[str, Any]]  # a fleet's or a multi-concept run's: name, folder, token, ...
+    concept: str  # a fleet concept's own summary: its name
+    fleet_note: str
+    # the optional callbacks' fields (summary_fields())
+    live_report: dict[str, Any]
+    live_samples: dict[str, Any]
+    clip_best: float
+    clip_best_step: int
+    clip_history: list[list[float]]
+    clip_seconds: float
+    world_probe_every_n_steps: int
+    world_probe_history: list[list[float]]
+    world_probe_seconds: float
+
+
+class UndeclaredSummaryField(UserWarning):
+    """A run wrote a ``summary.json`` key that :class:`RunSummaryRecord` does not declare (the test suite makes this
+    an error, so a new field is declared, with its type, where readers look)."""
+
+
+def undeclared_fields(summary: dict[str, Any]) -> set[str]:
+    """Keys of ``summary`` that :class:`RunSummaryRecord` does not declare."""
+    return set(summary) - set(RunSummaryRecord.__annotations__)
+
+
+def write_summary(path: Path, summary: RunSummaryRecord) -> None:
+    """Write ``summary`` to ``path`` atomically, as strict JSON; warn on a field the record does not declare."""
+    extra = undeclared_fields(dict(summary))
+    if extra:
+        warnings.warn(f"{path}: summary fields not declared in RunSummaryRecord: {sorted(extra)}",
+                      UndeclaredSummaryField, stacklevel=2)
+    write_json(path, summary)
+
+
+def read_summary(run_dir: str | Path, argument: str = "run_dir") -> RunSummaryRecord:
     """The run's ``summary.json``, with a one-line error when the folder or the file is missing or broken."""
     run = Path(run_dir).expanduser()
     if not run.is_dir():
@@ -34,7 +129,7 @@ def read_summary(run_dir: str | Path, argument: str = "run_dir") -> dict[str, An
     return summary
 
 
-def read_summary_if_any(folder: Path) -> dict[str, Any] | None:
+def read_summary_if_any(folder: Path) -> RunSummaryRecord | None:
     """The folder's ``summary.json`` (``{}`` if unreadable), or ``None`` if there is none (no error: a run folder
     being checked before a fit may hold anything)."""
     path = folder / SUMMARY_FILE
@@ -100,7 +195,7 @@ def is_fleet_summary(path: Path) -> bool:
     return bool(fleet_folders(path))
 
 
-def check_trained(summary: dict[str, Any], run_dir: str | Path, argument: str = "run_dir") -> None:
+def check_trained(summary: RunSummaryRecord, run_dir: str | Path, argument: str = "run_dir") -> None:
     """Refuse a run that ended without its trained weights: an interrupted one, or one whose weights were withheld
     (non-finite values). Sampling it would silently show the base model.
 
