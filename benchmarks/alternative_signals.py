@@ -147,14 +147,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--concepts", type=int, default=None, help="at most this many concepts per setting")
     parser.add_argument("--table-only", action="store_true")
     args = parser.parse_args(argv)
-    from settings_table import load_runs
+    from settings_table import load_study
 
     from lightning_custom.synthetic.world_concepts import make_concept
 
     rows_file = args.results / "alternative_signals.jsonl"
     done = {(r["setting"], r["concept"]) for r in map(json.loads, rows_file.read_text().splitlines())
             } if rows_file.is_file() else set()
-    runs = load_runs(args.results)
+    runs = load_study(args.results)
     if not args.table_only:
         per_setting: dict[str, int] = {}
         for run in runs:

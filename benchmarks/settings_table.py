@@ -252,6 +252,19 @@ def loss_informativeness(run: Run) -> dict[str, float]:
     return {"spearman": rho, "loss_t90": t90, "identity_t90": run.oracle}
 
 
+def load_study(results: Path, instrument: Path = ROOT / "benchmarks" / "results" / "instrument") -> list[Run]:
+    """The study's runs, with the probe schedule (the oracle's steps) and its method's measured probe SD set."""
+    from settings_study import PROBE_SCHEDULE
+
+    SCHEDULE.update(PROBE_SCHEDULE)
+    runs = load_runs(results)
+    methods = {r.meta.get("method", "textual_inversion") for r in runs}
+    sd = measured_probe_sd(instrument / "instrument_runs.jsonl", methods.pop()) if len(methods) == 1 else None
+    if sd is not None:
+        PROBE_SD["sd"] = sd
+    return runs
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--results", type=Path, default=ROOT / "benchmarks" / "results" / "settings_study")
@@ -261,14 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--probe-stops", action="store_true", help="probe every chosen rule's stop steps first "
                         "(from the work folder's snapshots), so that quality is read at the exact stop step")
     args = parser.parse_args(argv)
-    from settings_study import PROBE_SCHEDULE
-
-    SCHEDULE.update(PROBE_SCHEDULE)
-    runs = load_runs(args.results)
-    methods = {r.meta.get("method", "textual_inversion") for r in runs}
-    sd = measured_probe_sd(args.instrument / "instrument_runs.jsonl", methods.pop()) if len(methods) == 1 else None
-    if sd is not None:
-        PROBE_SD["sd"] = sd
+    runs = load_study(args.results, args.instrument)
     result = study(runs)
     if args.probe_stops:
         probe_stops(args, runs, result)
