@@ -126,9 +126,9 @@ def test_every_cell_of_the_2026_support_table_names_an_existing_test():
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))
-def test_live_samples_and_before_after_work(family, tmp_path):
-    """Live sample grids during the fit (the family's stock pipeline on the live weights) and ``before_after`` on
-    the finished LoRA run; ``summary.json`` records the grids."""
+def test_live_samples_before_after_and_evaluate_work(family, tmp_path):
+    """Live sample grids during the fit (the family's stock pipeline on the live weights), ``before_after`` and
+    ``evaluate`` on the finished LoRA run; ``summary.json`` records the grids."""
     from lightning_custom.commands import before_after
 
     _, resolution = FAMILIES[family]
@@ -143,8 +143,14 @@ def test_live_samples_and_before_after_work(family, tmp_path):
         assert len(grids) >= 2 and all((root / grid["file"]).is_file() for grid in grids), grids
         result = before_after(str(root), images_per_prompt=1, num_inference_steps=2, height=resolution,
                               width=resolution)
+        scores = main(["evaluate", str(root), "--metrics", '["identity"]', "--prompts", "a photo of {}",
+                       "--images_per_prompt", "2", "--num_inference_steps", "2", "--height", str(resolution),
+                       "--width", str(resolution), "--device", "cpu", "--output", str(tmp_path / "metrics.json")])
     assert Path(result["grid"]).is_file()
     assert 0 <= result["identity_before"] <= 1 and 0 <= result["identity_after"] <= 1
+    # evaluate scores the run's own samples with the offline identity measure and writes what it returns
+    assert 0 <= scores["identity"] <= 1 and len(scores["per_image"]) == 2 * scores["num_prompts"]
+    assert json.loads((tmp_path / "metrics.json").read_text())["identity"] == scores["identity"]
 
 
 @pytest.mark.parametrize("family", list(FAMILIES))

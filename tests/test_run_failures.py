@@ -17,7 +17,7 @@ from lightning.pytorch.callbacks import Callback
 from safetensors.torch import load_file
 
 from lightning_custom.callbacks import DVAREarlyStopping, RunSummary
-from lightning_custom.callbacks import summary as summary_module
+from lightning_custom.runs import summary as summary_module  # owns the summary.json write
 from lightning_custom.runs.final_files import LAST_HEALTHY_FOLDER, TRAINED_WEIGHTS_FILE, UNWRITTEN_FOLDER
 from lightning_custom.cli import main
 from lightning_custom.data import ConceptDataModule

@@ -76,7 +76,9 @@ class RunSummaryRecord(TypedDict, total=False):
     fleet_wall_seconds: float
     # what it wrote
     artifacts: list[str]
-    artifacts_withheld: str
+    artifacts_withheld: str  # why a failed run exported nothing
+    artifacts_step: int  # a failed run's artifacts: the step of its last healthy weights
+    artifacts_note: str  # where those weights are and why not under the usual name
     files: list[str]
     concepts: list[dict[str, Any]]  # a fleet's or a multi-concept run's: name, folder, token, ...
     concept: str  # a fleet concept's own summary: its name
