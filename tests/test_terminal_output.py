@@ -9,7 +9,6 @@ import sys
 from pathlib import Path
 
 import lightning as L
-import pytest
 
 from lightning_custom.callbacks import DVAREarlyStopping
 from lightning_custom.callbacks.progress import (
