@@ -23,8 +23,6 @@ The counts above are what ``tests/test_families_2026_random.py`` asserts (built 
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Iterator
 from typing import Any
 
 import torch
@@ -32,16 +30,6 @@ import torch
 __all__ = ["ARCHITECTURES", "QWEN25_VL_7B", "QWEN3_4B", "QWEN3_8B", "build_random"]
 
 
-@contextlib.contextmanager
-def _building(device: torch.device, dtype: torch.dtype) -> Iterator[None]:
-    """Modules built in the block are created on ``device`` in ``dtype`` (``architectures._building``'s twin)."""
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        with device:
-            yield
-    finally:
-        torch.set_default_dtype(previous)
 
 
 def _in_dtype(module: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -112,6 +100,7 @@ def build_random(name: str, seed: int = 0, dtype: torch.dtype = torch.float32,
     import diffusers
     import transformers
 
+    from lightning_custom.synthetic.architectures import _building  # imports this module lazily: no cycle
     from lightning_custom.synthetic.offline_qwen_tokenizer import build_qwen_tokenizer
     from lightning_custom.synthetic.toy_flow_2026 import FLUX2_SCHEDULER, QWEN_IMAGE_SCHEDULER
 

@@ -30,7 +30,7 @@ _SPECIAL_TOKENS = ("<|endoftext|>", "<|im_start|>", "<|im_end|>", "<think>", "</
 @functools.lru_cache(maxsize=None)
 def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """A byte-level BPE vocabulary in which each word, alone and after a space (``Ġword``), is one token."""
-    from lightning_custom.synthetic.offline_tokenizers import _bpe, bytes_to_unicode
+    from lightning_custom.synthetic.offline_tokenizers import bytes_to_unicode, merge_into_one_token
 
     b2u = bytes_to_unicode()
     vocab_list = list(b2u.values())
@@ -39,17 +39,7 @@ def _vocab_and_merges(words: tuple[str, ...]) -> tuple[dict[str, int], list[tupl
     ranks: dict[tuple[str, str], int] = {}
     pieces_of = [w for word in words for w in (word, " " + word)]
     for word in sorted(pieces_of, key=lambda w: (-len(w), w)):
-        pieces = _bpe([b2u[b] for b in word.encode("utf-8")], ranks)
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            if pair not in ranks:
-                ranks[pair] = len(merges)
-                merges.append(pair)
-            merged = pieces[0] + pieces[1]
-            if merged not in vocab_set:
-                vocab_set.add(merged)
-                vocab_list.append(merged)
-            pieces = [merged, *pieces[2:]]
+        merge_into_one_token([b2u[b] for b in word.encode("utf-8")], vocab_list, vocab_set, merges, ranks)
     return {token: i for i, token in enumerate(vocab_list)}, merges
 
 

@@ -101,6 +101,23 @@ def build_clip_tokenizer(extra_words: Sequence[str] = ()) -> Any:
     return tokenizer
 
 
+def merge_into_one_token(symbols: list[str], vocab_list: list[str], vocab_set: set[str],
+                         merges: list[tuple[str, str]], ranks: dict[tuple[str, str], int]) -> None:
+    """Append the merges (and their tokens) that make ``symbols`` one BPE token, left to right. New merges are
+    appended, so the words made single tokens before never change."""
+    pieces = _bpe(symbols, ranks)
+    while len(pieces) > 1:
+        pair = (pieces[0], pieces[1])
+        if pair not in ranks:
+            ranks[pair] = len(merges)
+            merges.append(pair)
+        merged = pieces[0] + pieces[1]
+        if merged not in vocab_set:
+            vocab_set.add(merged)
+            vocab_list.append(merged)
+        pieces = [merged, *pieces[2:]]
+
+
 def _clip_vocab_and_merges(words: Sequence[str]) -> tuple[dict[str, int], list[tuple[str, str]]]:
     """Builds a CLIP-style vocab and merge list making each of ``words`` a single token."""
     b2u = bytes_to_unicode()
@@ -112,17 +129,7 @@ def _clip_vocab_and_merges(words: Sequence[str]) -> tuple[dict[str, int], list[t
     for word in sorted(words, key=lambda w: (-len(w), w)):
         symbols = [b2u[b] for b in word.encode("utf-8")]
         symbols[-1] += "</w>"
-        pieces = _bpe(symbols, ranks)  # new merges are appended, so earlier words never change
-        while len(pieces) > 1:
-            pair = (pieces[0], pieces[1])
-            if pair not in ranks:
-                ranks[pair] = len(merges)
-                merges.append(pair)
-            merged = pieces[0] + pieces[1]
-            if merged not in vocab_set:
-                vocab_set.add(merged)
-                vocab_list.append(merged)
-            pieces = [merged, *pieces[2:]]
+        merge_into_one_token(symbols, vocab_list, vocab_set, merges, ranks)
     vocab_list += [BOS_TOKEN, EOS_TOKEN]
     return {tok: i for i, tok in enumerate(vocab_list)}, merges
 
