@@ -17,6 +17,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -238,21 +239,35 @@ def embedded_flow_model(name: str) -> Path:
     if name not in _EMBEDDED_FLOW_BUILDERS:
         raise UserInputError(f"--model.pretrained_model_name_or_path: unknown embedded flow model {name!r}; choose "
                              f"from {['embedded:' + n for n in _EMBEDDED_FLOW_BUILDERS]}")
-    target = embedded_flow_cache_dir() / f"{name}-{EMBEDDED_FLOW_VERSION}"
+    builder = _EMBEDDED_FLOW_BUILDERS[name]
+
+    def save(folder: Path) -> None:
+        if builder == "flux":
+            save_tiny_flux(folder, seed=0, with_t5=True, guidance_embeds=True)
+        else:
+            save_tiny_sd3(folder, seed=0, with_t5=True)
+
+    return build_embedded_model(name, EMBEDDED_FLOW_VERSION, save)
+
+
+def build_embedded_model(name: str, version: str, save: Callable[[Path], Any]) -> Path:
+    """The folder of embedded tiny model ``name``, built by ``save(folder)`` on first use.
+
+    Into ``<cache>/<name>-<version>`` (:func:`embedded_flow_cache_dir`), written to a temporary folder beside it and
+    renamed, so a reader never sees half a model (when a concurrent builder renamed first, its folder is used); the
+    global RNG is left as it was (the builders seed it).
+    """
+    target = embedded_flow_cache_dir() / f"{name}-{version}"
     if (target / "model_index.json").is_file():
         return target
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
     try:
-        with torch.random.fork_rng(devices=[]):  # the builders seed the global RNG; leave the caller's alone
-            if _EMBEDDED_FLOW_BUILDERS[name] == "flux":
-                save_tiny_flux(tmp, seed=0, with_t5=True, guidance_embeds=True)
-            else:
-                save_tiny_sd3(tmp, seed=0, with_t5=True)
+        with torch.random.fork_rng(devices=[]):
+            save(tmp)
         try:
             os.rename(tmp, target)
         except OSError:
-            # Lost the race to a concurrent builder (the target now exists and is not empty): use its folder.
             if not (target / "model_index.json").is_file():
                 raise
     finally:

@@ -10,9 +10,6 @@ upward import): a new family's tiny model is one entry in :data:`EMBEDDED_BUILDE
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -20,6 +17,7 @@ from typing import Any
 import torch
 
 from lightning_custom.synthetic.offline_qwen_tokenizer import build_qwen_tokenizer
+from lightning_custom.synthetic.toy_flow import build_embedded_model
 
 __all__ = ["EMBEDDED_BUILDERS", "EMBEDDED_VERSION", "FLUX2_SCHEDULER", "QWEN_IMAGE_SCHEDULER", "Z_IMAGE_SCHEDULER",
            "build_embedded_model", "build_tiny_flux2_components", "build_tiny_qwen_image_components",
@@ -205,30 +203,3 @@ def embedded_model(name: str) -> Path | None:
     """The folder of embedded model ``name`` (built on first use), or ``None`` when it is not one of these."""
     save = EMBEDDED_BUILDERS.get(name)
     return None if save is None else build_embedded_model(name, EMBEDDED_VERSION, save)
-
-
-def build_embedded_model(name: str, version: str, save: Callable[[Path], Any]) -> Path:
-    """The folder of embedded tiny model ``name``, built by ``save(folder)`` on first use.
-
-    As :func:`lightning_custom.synthetic.toy_flow.embedded_flow_model`: into ``<cache>/<name>-<version>``, written to a
-    temporary folder beside it and renamed, so a reader never sees half a model (a concurrent builder's folder wins);
-    the global RNG is left as it was.
-    """
-    from lightning_custom.synthetic.toy_flow import embedded_flow_cache_dir
-
-    target = embedded_flow_cache_dir() / f"{name}-{version}"
-    if (target / "model_index.json").is_file():
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent))
-    try:
-        with torch.random.fork_rng(devices=[]):
-            save(tmp)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not (target / "model_index.json").is_file():
-                raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return target
