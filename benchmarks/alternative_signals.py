@@ -30,6 +30,7 @@ import argparse
 import json
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -47,26 +48,15 @@ TRAIN_MA = 8
 def build(config_file: Path, instance_dir: Path | None = None):
     """The run's module (weights before the first step) and its data module, set up as ``fit`` sets them up,
     optionally on another image folder (the held-out image)."""
-    import lightning as L
+    from lightning_custom.cli import rebuild_run
 
-    from lightning_custom.cli import PersonalizationCLI
-    from lightning_custom.data.concept import ConceptDataModule
-    from lightning_custom.methods.base import PersonalizationModule
-
-    args = ["--config", str(config_file), "--trainer.callbacks=[]"]
+    overrides = ["--trainer.callbacks=[]"]  # no probe or snapshots: only the losses are computed here
     if instance_dir is not None:
-        args += ["--data.init_args.instance_data_dir", str(instance_dir)]
-    saved, sys.argv = sys.argv, sys.argv[:1]
-    try:
-        cli = PersonalizationCLI(PersonalizationModule, ConceptDataModule, subclass_mode_model=True,
-                                 subclass_mode_data=True, seed_everything_default=59, run=False, args=args)
-    finally:
-        sys.argv = saved
-    module, data = cli.model, cli.datamodule
-    trainer = L.Trainer(accelerator="cpu", devices=1, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False)
-    trainer.strategy.connect(module)
-    module.trainer = trainer  # eval_batch_spec and setup read the module through the trainer
+        overrides += ["--data.init_args.instance_data_dir", str(instance_dir)]
+    run = rebuild_run(config_file, overrides)
+    module, data, trainer = run.model, run.datamodule, run.trainer
+    trainer.strategy.connect(module)  # eval_batch_spec and setup read the module through the trainer
+    module.trainer = trainer
     data.trainer = trainer
     data.setup("fit")
     return module, data
@@ -110,8 +100,8 @@ def measure_run(config_file: Path, snapshot_dir: Path, steps: list[int], concept
     trainable = {name for name, p in module.named_parameters() if p.requires_grad}
     with tempfile.TemporaryDirectory() as tmp:  # one image the run never saw: the concept's next seed
         heldout = with_images(concept, images + 1)
-        heldout = type(concept)(**{**heldout.__dict__, "image_seeds": heldout.image_seeds[-1:],
-                                   "image_backgrounds": heldout.image_backgrounds[-1:]})
+        heldout = replace(heldout, image_seeds=heldout.image_seeds[-1:],
+                          image_backgrounds=heldout.image_backgrounds[-1:])
         heldout.write_images(Path(tmp))
         _, heldout_data = build(config_file, Path(tmp))
     spec_seed = 59
@@ -120,6 +110,7 @@ def measure_run(config_file: Path, snapshot_dir: Path, steps: list[int], concept
     loader = data.train_dataloader()
     train_rng = torch.Generator().manual_seed(1234)
     module.eval()
+    module._generator = train_rng  # the training draws come from the module's generator
     rows: dict[str, list[float]] = {s: [] for s in SIGNALS}
     train_batches = iter(loader)
     for step in steps:
@@ -134,7 +125,6 @@ def measure_run(config_file: Path, snapshot_dir: Path, steps: list[int], concept
             except StopIteration:
                 train_batches = iter(loader)
                 batch = next(train_batches)
-            module._generator = train_rng  # the training draws come from the module's generator
             rows["train_ma"].append(float(module.training_loss(batch)))
     return rows
 

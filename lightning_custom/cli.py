@@ -284,15 +284,16 @@ def main(args: Sequence[str] | None = None) -> PersonalizationCLI | None:
     return cli
 
 
-def rebuild_run(config_file: str | Path) -> PersonalizationCLI:
+def rebuild_run(config_file: str | Path, overrides: Sequence[str] = ()) -> PersonalizationCLI:
     """The run of ``config_file`` built as ``fit --config`` builds it (model, data module, trainer and callbacks,
     the model's weights before the first step), without fitting: for scoring a run's saved snapshots afterwards
-    (:func:`lightning_custom.world.probe.probe_snapshots`)."""
+    (:func:`lightning_custom.world.probe.probe_snapshots`). ``overrides``: more command-line arguments, applied
+    after the config (``["--trainer.callbacks=[]"]``)."""
     saved, sys.argv = sys.argv, sys.argv[:1]  # LightningCLI warns when sys.argv holds the caller's arguments
     try:
         return PersonalizationCLI(PersonalizationModule, ConceptDataModule, subclass_mode_model=True,
                                   subclass_mode_data=True, seed_everything_default=59, run=False,
-                                  args=["--config", str(config_file)])
+                                  args=["--config", str(config_file), *overrides])
     finally:
         sys.argv = saved
 
